@@ -1,0 +1,374 @@
+"""The two input files, ``model.yaml`` and ``cluster.yaml``, as pydantic v2 schemas.
+
+Validated once, at the edge: :func:`load_model_config` and :func:`load_cluster_config` turn any
+problem into a one-line :class:`~llmc.errors.ConfigError` naming the file, the field path and the
+fix. Past this module the compiler sees frozen objects only; the cluster is resolved into plain
+frozen dataclasses (:class:`Device`, :class:`Cluster`) with the catalog's figures merged in.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmc.catalog import GpuSku, load_catalog, lookup, suggest
+from llmc.errors import ConfigError, InputError
+
+API_VERSION = "llmc/v1"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- model.yaml
+
+
+class ModelSource(_Strict):
+    path: str = Field(
+        description="A local Hugging Face model directory (config.json, *.safetensors, tokenizer) "
+        "or a single .gguf file; relative paths are relative to model.yaml. Never fetched from a hub."
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32",
+        description="Dtype the weights are loaded in for calibration and evaluation. "
+        "float32 on CPU hosts.",
+    )
+
+
+class TextData(_Strict):
+    path: str = Field(description="A local UTF-8 text file; relative to model.yaml.")
+    seq_len: int = Field(256, ge=16, le=8192, description="Tokens per window.")
+    windows: int = Field(
+        32,
+        ge=1,
+        le=100_000,
+        description="Number of windows. Calibration draws them at seeded random offsets; "
+        "evaluation takes the first N non-overlapping windows.",
+    )
+
+
+class Quantization(_Strict):
+    method: Literal["rtn", "none"] = Field(
+        "rtn", description="Weight quantizer. 'rtn': group-wise round-to-nearest; 'none': keep float."
+    )
+    bits: Literal[4, 8] = Field(4, description="Weight bit-width.")
+    group_size: int = Field(
+        128,
+        description="Input columns sharing one scale; -1 for one scale per output channel. "
+        "Must divide every quantized layer's input size.",
+    )
+    symmetric: bool = Field(
+        True,
+        description="Symmetric codes with zero point 0 (what TensorRT's int4/int8 weight-only path "
+        "runs natively); false adds an integer zero point per group.",
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="fnmatch patterns of linear module names kept in float "
+        "(e.g. 'lm_head', 'model.layers.0.*').",
+    )
+
+    @model_validator(mode="after")
+    def _group(self):
+        if self.group_size != -1 and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
+            raise ValueError("group_size must be -1 or a power of two >= 8 (e.g. 32, 64, 128)")
+        return self
+
+
+class Quality(_Strict):
+    max_perplexity_increase_pct: float = Field(
+        10.0,
+        gt=0,
+        description="Largest allowed relative increase of held-out perplexity over the unmodified "
+        "model, in percent; the compile fails with exit 6 past it.",
+    )
+
+
+class Workload(_Strict):
+    batch: int = Field(1, ge=1, le=4096, description="Concurrent sequences served.")
+    prompt_tokens: int = Field(512, ge=1, description="Prompt length per sequence.")
+    generated_tokens: int = Field(128, ge=1, description="Tokens generated per sequence.")
+
+
+class ExportCheck(_Strict):
+    prompt: str = Field(
+        "The State of the Union is",
+        description="Prompt whose greedy continuation ONNX Runtime must reproduce.",
+    )
+    new_tokens: int = Field(16, ge=1, le=256, description="Greedy tokens compared.")
+
+
+class ModelConfig(_Strict):
+    apiVersion: Literal["llmc/v1"] = Field(description="Schema version; 'llmc/v1'.")
+    kind: Literal["Model"] = Field(description="Always 'Model'.")
+    model: ModelSource = Field(description="Where the weights come from.")
+    calibration: TextData = Field(description="Calibration text (seeded random windows).")
+    evaluation: TextData = Field(
+        description="Held-out text for perplexity (non-overlapping windows)."
+    )
+    quantization: Quantization = Field(
+        default_factory=Quantization, description="Weight quantization."
+    )
+    quality: Quality = Field(default_factory=Quality, description="Quality target.")
+    workload: Workload = Field(default_factory=Workload, description="Serving workload to plan for.")
+    check: ExportCheck = Field(
+        default_factory=ExportCheck, description="The exported pipeline's token check."
+    )
+    seed: int = Field(0, ge=0, description="Seed for calibration sampling and the solver.")
+
+
+# --------------------------------------------------------------------------- cluster.yaml
+
+
+class SkuFigures(_Strict):
+    """Catalog figures; in an override every field is optional."""
+
+    memory_gib: float | None = Field(None, gt=0, description="Device memory, GiB.")
+    fp16_tflops: float | None = Field(None, gt=0, description="Dense FP16 tensor TFLOP/s.")
+    bf16_tflops: float | None = Field(None, gt=0, description="Dense BF16 tensor TFLOP/s.")
+    int8_tops: float | None = Field(None, gt=0, description="Dense INT8 tensor TOP/s.")
+    fp8_tflops: float | None = Field(None, gt=0, description="Dense FP8 tensor TFLOP/s.")
+    memory_bandwidth_gbs: float | None = Field(None, gt=0, description="Memory bandwidth, GB/s.")
+    compute_capability: str | None = Field(
+        None, pattern=r"^\d+\.\d+$", description="CUDA compute capability, e.g. '8.0'."
+    )
+    nvlink_gbs: float | None = Field(None, gt=0, description="Per-GPU NVLink bandwidth, GB/s.")
+    pcie_gbs: float | None = Field(None, gt=0, description="Host link bandwidth, GB/s.")
+
+
+class CustomSku(SkuFigures):
+    name: str = Field(description="Name of a SKU the catalog lacks; used in gpus[].sku.")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        needed = ("memory_gib", "fp16_tflops", "memory_bandwidth_gbs", "compute_capability")
+        missing = [f for f in needed if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"a custom SKU needs {', '.join(missing)}")
+        return self
+
+
+class GpuGroup(_Strict):
+    sku: str = Field(description="Catalog SKU name or alias (see `llmc schema --catalog`).")
+    count: int = Field(1, ge=1, le=64, description="How many of this SKU in the node.")
+    overrides: SkuFigures = Field(
+        default_factory=SkuFigures,
+        description="Figures that replace the catalog's for these devices (e.g. memory_gib after "
+        "a MIG split, measured bandwidth).",
+    )
+
+
+class Node(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="Node name (DNS label).")
+    gpus: list[GpuGroup] = Field(min_length=1, description="GPU groups in this node.")
+    link: Literal["nvlink", "pcie"] = Field(
+        "pcie", description="Link between GPUs inside this node."
+    )
+
+
+class Network(_Strict):
+    bandwidth_gbs: float = Field(
+        12.5, gt=0, description="Inter-node bandwidth per link, GB/s (12.5 = 100 Gb/s Ethernet)."
+    )
+
+
+class ClusterConfig(_Strict):
+    apiVersion: Literal["llmc/v1"] = Field(description="Schema version; 'llmc/v1'.")
+    kind: Literal["Cluster"] = Field(description="Always 'Cluster'.")
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="Cluster name (DNS label).")
+    nodes: list[Node] = Field(min_length=1, description="Nodes, in pipeline order.")
+    network: Network = Field(default_factory=Network, description="Links between nodes.")
+    skus: list[CustomSku] = Field(
+        default_factory=list, description="SKUs the catalog lacks, declared in full."
+    )
+    memory_reserve_gib: float = Field(
+        1.0, ge=0, description="Memory kept free per device for the runtime (CUDA context, workspace)."
+    )
+
+
+# --------------------------------------------------------------------------- resolved cluster
+
+
+@dataclass(frozen=True)
+class Device:
+    """One GPU, with its figures resolved (catalog + overrides), in pipeline order."""
+
+    name: str  # "<node>/gpu<k>"
+    node: str
+    sku: GpuSku
+    link_to_next_bytes_s: float | None  # None for the last device
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    devices: tuple[Device, ...]
+    memory_reserve_bytes: int
+
+
+def _apply(sku: GpuSku, figures: SkuFigures, name: str | None = None) -> GpuSku:
+    from dataclasses import replace
+
+    changes = {}
+    if name is not None:
+        changes["name"] = name
+    scale = {
+        "memory_gib": ("memory_bytes", 2**30),
+        "fp16_tflops": ("fp16_flops", 1e12),
+        "bf16_tflops": ("bf16_flops", 1e12),
+        "int8_tops": ("int8_ops", 1e12),
+        "fp8_tflops": ("fp8_flops", 1e12),
+        "memory_bandwidth_gbs": ("memory_bandwidth", 1e9),
+        "nvlink_gbs": ("nvlink_bandwidth", 1e9),
+        "pcie_gbs": ("pcie_bandwidth", 1e9),
+    }
+    for field, value in figures.model_dump(exclude_none=True).items():
+        if field == "compute_capability":
+            changes["compute_capability"] = value
+        else:
+            target, unit = scale[field]
+            changes[target] = int(value * unit) if target == "memory_bytes" else value * unit
+    return replace(sku, **changes)
+
+
+def resolve_cluster(config: ClusterConfig, file: str) -> Cluster:
+    """Merge catalog figures, custom SKUs and overrides into devices in pipeline order."""
+    catalog = load_catalog()
+    custom = {}
+    for i, entry in enumerate(config.skus):
+        if lookup(entry.name, catalog) is not None:
+            raise ConfigError(
+                file, f"skus[{i}].name", f"'{entry.name}' is already in the catalog; use overrides instead"
+            )
+        base = GpuSku(
+            name=entry.name, memory_bytes=0, fp16_flops=0.0, bf16_flops=None, int8_ops=None,
+            fp8_flops=None, memory_bandwidth=0.0, compute_capability="0.0",
+            interconnect="custom", nvlink_bandwidth=None, pcie_bandwidth=32e9, aliases=(),
+        )
+        custom[entry.name.lower()] = _apply(base, entry)
+
+    devices: list[tuple[str, str, GpuSku, str]] = []
+    for n, node in enumerate(config.nodes):
+        for g, group in enumerate(node.gpus):
+            sku = custom.get(group.sku.lower()) or lookup(group.sku, catalog)
+            if sku is None:
+                names = list(catalog) + [c.name for c in config.skus]
+                hint = suggest(group.sku, catalog) or next(
+                    iter(difflib.get_close_matches(group.sku, names, n=1)), None
+                )
+                fix = f"did you mean '{hint}'?" if hint else "declare it under 'skus:' with its figures"
+                raise ConfigError(file, f"nodes[{n}].gpus[{g}].sku", f"unknown SKU '{group.sku}' ({fix})")
+            sku = _apply(sku, group.overrides)
+            for _ in range(group.count):
+                k = sum(1 for d in devices if d[1] == node.name)
+                devices.append((f"{node.name}/gpu{k}", node.name, sku, node.link))
+
+    resolved = []
+    for i, (name, node, sku, link) in enumerate(devices):
+        if i + 1 == len(devices):
+            bw = None
+        elif devices[i + 1][1] != node:
+            bw = config.network.bandwidth_gbs * 1e9
+        elif link == "nvlink":
+            bw = min(sku.nvlink_bandwidth or sku.pcie_bandwidth, devices[i + 1][2].nvlink_bandwidth or devices[i + 1][2].pcie_bandwidth)
+        else:
+            bw = min(sku.pcie_bandwidth, devices[i + 1][2].pcie_bandwidth)
+        resolved.append(Device(name=name, node=node, sku=sku, link_to_next_bytes_s=bw))
+    if len({n.name for n in config.nodes}) != len(config.nodes):
+        seen = set()
+        for n, node in enumerate(config.nodes):
+            if node.name in seen:
+                raise ConfigError(file, f"nodes[{n}].name", f"duplicate node name '{node.name}'")
+            seen.add(node.name)
+    return Cluster(
+        name=config.name,
+        devices=tuple(resolved),
+        memory_reserve_bytes=int(config.memory_reserve_gib * 2**30),
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _field_path(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "YAML"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(str(path), where, f"invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "", "expected a mapping with apiVersion, kind, ...")
+    return data
+
+
+def _validate(schema: type[BaseModel], data: dict, file: str, kind: str):
+    if data.get("apiVersion") not in (None, API_VERSION):
+        raise ConfigError(file, "apiVersion", f"unsupported '{data['apiVersion']}' (use '{API_VERSION}')")
+    if "kind" in data and data["kind"] != kind:
+        raise ConfigError(file, "kind", f"expected '{kind}', got '{data['kind']}' (swapped files?)")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        # One line, first error only: follow-on errors are usually consequences of the first.
+        err = e.errors()[0]
+        field = _field_path(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = schema
+            msg = "unknown field (check the spelling; `llmc schema` lists the fields)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if "input" in err and err["type"] not in ("missing", "extra_forbidden") and not isinstance(err["input"], (dict, list)):
+            msg += f" (got {err['input']!r})"
+        raise ConfigError(file, field, msg) from None
+
+
+def load_model_config(path: str | Path) -> tuple[ModelConfig, Path]:
+    """Parse and validate model.yaml; returns the config and the directory paths resolve against."""
+    path = Path(path)
+    config = _validate(ModelConfig, _read_yaml(path), str(path), "Model")
+    base = path.resolve().parent
+    for field, rel in (
+        ("model.path", config.model.path),
+        ("calibration.path", config.calibration.path),
+        ("evaluation.path", config.evaluation.path),
+    ):
+        if not (base / rel).exists():
+            raise ConfigError(str(path), field, f"'{rel}' does not exist (relative to {base})")
+    return config, base
+
+
+def load_cluster_config(path: str | Path) -> tuple[ClusterConfig, Cluster]:
+    path = Path(path)
+    config = _validate(ClusterConfig, _read_yaml(path), str(path), "Cluster")
+    return config, resolve_cluster(config, str(path))
+
+
+def json_schemas() -> dict:
+    """JSON Schema of both files, for editors (`llmc schema`)."""
+    return {
+        "model.yaml": ModelConfig.model_json_schema(),
+        "cluster.yaml": ClusterConfig.model_json_schema(),
+    }

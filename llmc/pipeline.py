@@ -1,0 +1,260 @@
+"""Passes, the context they run in, the cached runner, and the one place the order is decided.
+
+Caching: each pass's output (its new ``Program`` plus the files it wrote) lives in
+``<cache>/<pass-name>-<key>/`` where the key hashes the pass's options (files by content), the
+input program and the tool versions. A pass runs in a temporary directory renamed into place
+only when it succeeds, so an interrupted compile resumes at the first pass without an entry.
+Files are referred to by *references* (``"<entry>/<file>"``) relative to the cache root, which
+keeps programs, and therefore keys, independent of where the cache lives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+from pydantic import TypeAdapter
+
+from llmc.errors import LlmcError, PassError
+from llmc.ir import Program
+
+log = logging.getLogger("llmc")
+T = TypeVar("T")
+
+_PROGRAM = TypeAdapter(Program)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    program: Program
+    summary: str = ""  # one line for the log: what the pass did, with its key number
+
+
+class Pass:
+    """A compiler pass: a frozen dataclass whose fields are its options.
+
+    Subclasses set ``name`` (unique, kebab-case) and implement ``run``. ``requires`` and
+    ``ensures`` raise ``ValueError`` with a sentence naming the missing state and the pass that
+    provides it; the runner checks them when verifying (always in tests).
+    """
+
+    name: ClassVar[str]
+
+    def requires(self, program: Program) -> None:
+        """Raise if ``program`` lacks what ``run`` needs."""
+
+    def ensures(self, program: Program) -> None:
+        """Raise if ``program`` (this pass's output) lacks what it promises."""
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may use besides the program; nothing ambient."""
+
+    cache_root: Path
+    workdir: Path  # this pass's own directory (temporary until the pass succeeds)
+    entry: str  # the name ``workdir`` will have under ``cache_root``
+    seed: int
+    cluster: object | None = None  # llmc.config.Cluster
+    show_progress: bool = True
+    _models: dict = field(default_factory=dict)
+
+    def ref(self, filename: str) -> str:
+        """Reference to a file this pass writes into ``workdir``."""
+        return f"{self.entry}/{filename}"
+
+    def path(self, ref: str) -> Path:
+        """Resolve a reference made by an earlier pass."""
+        return self.cache_root / ref
+
+    def progress(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+        """Iterate with a progress bar on stderr (quiet when not showing progress)."""
+        if not self.show_progress:
+            yield from items
+            return
+        from rich.console import Console
+        from rich.progress import track
+
+        yield from track(
+            items, description=f"  {description}", total=total, console=Console(stderr=True),
+            transient=True,
+        )
+
+
+# --------------------------------------------------------------------------- cache keys
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file (or a directory's files), memoised per (path, size, mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _file_digest(path)
+    return _DIGESTS[key]
+
+
+def _option_value(value):
+    if isinstance(value, Path):
+        return {"sha256": content_digest(value)}
+    if isinstance(value, (tuple, list)):
+        return [_option_value(v) for v in value]
+    return value
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the tools whose behaviour shapes pass outputs (recorded in the receipt)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for dist in ("llmc", "torch", "transformers", "onnx", "onnxruntime", "ortools", "gguf", "tensorrt-rtx-cu13"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def cache_key(p: Pass, program: Program, seed: int, versions: dict[str, str]) -> str:
+    options = {f.name: _option_value(getattr(p, f.name)) for f in dataclasses.fields(p)}
+    payload = json.dumps(
+        {
+            "pass": p.name,
+            "options": options,
+            "program": _PROGRAM.dump_python(program, mode="json"),
+            "seed": seed,
+            "versions": versions,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------- runner
+
+
+@dataclass(frozen=True)
+class PassTiming:
+    name: str
+    seconds: float
+    cached: bool
+    summary: str
+
+
+@dataclass
+class PipelineRun:
+    program: Program
+    timings: list[PassTiming]
+
+
+def run_pipeline(
+    passes: list[Pass],
+    *,
+    cache_root: Path,
+    seed: int,
+    cluster=None,
+    verify: bool = False,
+    show_progress: bool = True,
+    print_after: str | None = None,
+    program: Program | None = None,
+) -> PipelineRun:
+    """Run ``passes`` in order with caching; failures become ``PassError`` with the history."""
+    from llmc.ir import dump_program
+
+    cache_root.mkdir(parents=True, exist_ok=True)
+    versions = tool_versions()
+    program = program or Program()
+    history: list[str] = []
+    timings: list[PassTiming] = []
+    models: dict = {}
+    for p in passes:
+        key = cache_key(p, program, seed, versions)
+        entry = f"{p.name}-{key}"
+        final = cache_root / entry
+        start = time.perf_counter()
+        if (final / "program.json").is_file():
+            program = _PROGRAM.validate_json((final / "program.json").read_text())
+            summary = json.loads((final / "summary.json").read_text())["summary"]
+            timings.append(PassTiming(p.name, time.perf_counter() - start, True, summary))
+            log.info("%-14s cached   %s", p.name, summary)
+            history.append(p.name)
+            continue
+        work = cache_root / f".tmp-{entry}-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        ctx = PassContext(
+            cache_root=cache_root, workdir=work, entry=entry, seed=seed, cluster=cluster,
+            show_progress=show_progress, _models=models,
+        )
+        try:
+            if verify:
+                p.requires(program)
+            result = p.run(program, ctx)
+            if verify:
+                p.ensures(result.program)
+                verify_program(result.program)
+        except (LlmcError, Exception) as e:
+            shutil.rmtree(work, ignore_errors=True)
+            if isinstance(e, PassError):
+                raise
+            raise PassError(p.name, history, e) from e
+        program = result.program
+        (work / "program.json").write_text(_PROGRAM.dump_json(program, indent=1).decode())
+        (work / "summary.json").write_text(json.dumps({"summary": result.summary}))
+        shutil.rmtree(final, ignore_errors=True)
+        work.rename(final)
+        seconds = time.perf_counter() - start
+        timings.append(PassTiming(p.name, seconds, False, result.summary))
+        log.info("%-14s %6.1fs  %s", p.name, seconds, result.summary)
+        history.append(p.name)
+        if print_after in (p.name, "all"):
+            print(f"# --- program after '{p.name}'\n{dump_program(program)}")
+    return PipelineRun(program, timings)
+
+
+def verify_program(program: Program) -> None:
+    """Invariants every program satisfies, whatever passes ran. Raises ``ValueError``."""
+    if program.model is not None and len(program.layers) != program.model.num_layers:
+        raise ValueError(f"layer table has {len(program.layers)} layers, model has {program.model.num_layers}")
+    if program.plan is not None:
+        stages = program.plan.stages
+        if not stages or stages[0].layer_start != 0 or stages[-1].layer_end != len(program.layers):
+            raise ValueError("plan stages do not cover all layers")
+        for a, b in zip(stages, stages[1:]):
+            if a.layer_end != b.layer_start:
+                raise ValueError(f"stages {a.index} and {b.index} are not contiguous")
+        for s in stages:
+            if s.memory.total > s.memory.capacity:
+                raise ValueError(f"stage {s.index} needs {s.memory.total} bytes > {s.memory.capacity}")
+    names = [a.path for a in program.artifacts]
+    if len(names) != len(set(names)):
+        raise ValueError("two artifacts share an output path")
+    modules = [q.module for q in program.quantization]
+    if len(modules) != len(set(modules)):
+        raise ValueError("a module has two quantization decisions")

@@ -1,0 +1,1 @@
+"""Compiler passes, one module per pass (installed as ``llmc.passes``)."""

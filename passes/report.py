@@ -1,0 +1,111 @@
+"""`report`: ``plan.json`` (the source of truth) and the Markdown plan report.
+
+Every figure sits under ``predicted`` (cost model) or ``measured`` (this compile) so nobody
+mistakes one for the other.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+
+from llmc.ir import Artifact, Program
+from llmc.pipeline import Pass, PassContext, PassResult
+from llmc.passes.manifests import template_environment
+
+
+def plan_document(program: Program, cluster_name: str, workload: dict) -> dict:
+    """The JSON-ready plan: model, compression, stages, predictions and measurements."""
+    model = program.model
+    plan = program.plan
+    quantized = {q.module for q in program.quantization}
+    linears = [lin.name for layer in program.layers for lin in layer.linears]
+    if program.quantization:
+        q = program.quantization[0]
+        summary = (
+            f"{q.method} int{q.bits}, "
+            f"{'per-channel' if q.group_size == -1 else f'group {q.group_size}'}, "
+            f"{'symmetric' if q.symmetric else 'asymmetric'}"
+        )
+    else:
+        summary = "none (float weights)"
+    doc = {
+        "apiVersion": "llmc/v1",
+        "kind": "Plan",
+        "cluster": cluster_name,
+        "model": {k: v for k, v in asdict(model).items() if k != "checkpoint"},
+        "workload": workload,
+        "quantization": {
+            "summary": summary,
+            "modules": len(quantized),
+            "linears": len(linears),
+            "kept_float": sorted({"lm_head"} | {n for n in linears if n not in quantized})
+            if program.quantization else [],
+            "decisions": [asdict(q) for q in program.quantization],
+        },
+        "stages": [asdict(s) for s in plan.stages] if plan else [],
+        "unused_devices": list(plan.unused_devices) if plan else [],
+        "predicted": {
+            "source": "roofline cost model over the device catalog",
+            "solver_status": plan.solver_status,
+            "slowest_stage_s": plan.objective_s,
+            "best_bound_s": plan.best_bound_s,
+            "batch_latency_s": plan.predicted_batch_latency_s,
+            "tokens_per_s": plan.predicted_tokens_per_s,
+            "weight_bits": plan.weight_bits,
+        } if plan else {},
+        "measured": [asdict(m) for m in program.measurements],
+    }
+    return doc
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 10 else f"{s:.2f} s"
+
+
+def render_markdown(doc: dict) -> str:
+    env = template_environment()
+    env.filters.update(gib=_gib, ms=_ms)
+
+    class View(dict):
+        __getattr__ = dict.__getitem__
+
+    def view(value):
+        if isinstance(value, dict):
+            return View({k: view(v) for k, v in value.items()})
+        if isinstance(value, list):
+            return [view(v) for v in value]
+        return value
+
+    plan = view({**doc, **doc.get("predicted", {}), "measured": doc["measured"]})
+    for stage in plan["stages"]:
+        stage["memory"]["total"] = sum(v for k, v in stage["memory"].items() if k != "capacity")
+    return env.get_template("report.md.j2").render(plan=plan)
+
+
+@dataclass(frozen=True)
+class ReportPass(Pass):
+    name = "report"
+    batch: int
+    prompt_tokens: int
+    generated_tokens: int
+
+    def requires(self, program: Program) -> None:
+        if program.plan is None:
+            raise ValueError("report needs a plan; run 'plan' first")
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        workload = dict(batch=self.batch, prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens)
+        doc = plan_document(program, ctx.cluster.name, workload)
+        (ctx.workdir / "plan.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        (ctx.workdir / "report.md").write_text(render_markdown(doc))
+        kept = tuple(a for a in program.artifacts if a.kind != "report")
+        artifacts = (
+            Artifact(path="plan.json", ref=ctx.ref("plan.json"), kind="report"),
+            Artifact(path="report.md", ref=ctx.ref("report.md"), kind="report"),
+        )
+        return PassResult(replace(program, artifacts=kept + artifacts), "plan.json, report.md")

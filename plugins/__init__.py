@@ -1,0 +1,1 @@
+"""TensorRT plugins for quantized GEMMs (installed as ``llmc.plugins``)."""
