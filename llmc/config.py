@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmc.catalog import GpuSku, load_catalog, lookup, suggest
 from llmc.errors import ConfigError, InputError
@@ -74,10 +74,17 @@ class Quantization(_Strict):
         "(e.g. 'lm_head', 'model.layers.0.*').",
     )
 
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, value: int) -> int:
+        if value != -1 and (value < 8 or value & (value - 1)):
+            raise ValueError("must be -1 or a power of two >= 8 (e.g. 32, 64, 128)")
+        return value
+
     @model_validator(mode="after")
-    def _group(self):
-        if self.group_size != -1 and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
-            raise ValueError("group_size must be -1 or a power of two >= 8 (e.g. 32, 64, 128)")
+    def _asymmetric_8bit(self):
+        if self.bits == 8 and not self.symmetric:
+            raise ValueError("8-bit asymmetric is not supported; use symmetric: true (int8 is near-lossless)")
         return self
 
 
@@ -220,15 +227,15 @@ def _apply(sku: GpuSku, figures: SkuFigures, name: str | None = None) -> GpuSku:
         changes["name"] = name
     scale = {
         "memory_gib": ("memory_bytes", 2**30),
-        "fp16_tflops": ("fp16_flops", 1e12),
-        "bf16_tflops": ("bf16_flops", 1e12),
-        "int8_tops": ("int8_ops", 1e12),
-        "fp8_tflops": ("fp8_flops", 1e12),
-        "memory_bandwidth_gbs": ("memory_bandwidth", 1e9),
-        "nvlink_gbs": ("nvlink_bandwidth", 1e9),
-        "pcie_gbs": ("pcie_bandwidth", 1e9),
+        "fp16_tflops": ("fp16_flops_per_s", 1e12),
+        "bf16_tflops": ("bf16_flops_per_s", 1e12),
+        "int8_tops": ("int8_ops_per_s", 1e12),
+        "fp8_tflops": ("fp8_flops_per_s", 1e12),
+        "memory_bandwidth_gbs": ("memory_bandwidth_bytes_per_s", 1e9),
+        "nvlink_gbs": ("nvlink_bytes_per_s", 1e9),
+        "pcie_gbs": ("pcie_bytes_per_s", 1e9),
     }
-    for field, value in figures.model_dump(exclude_none=True).items():
+    for field, value in figures.model_dump(exclude_none=True, exclude={"name"}).items():
         if field == "compute_capability":
             changes["compute_capability"] = value
         else:
@@ -247,9 +254,10 @@ def resolve_cluster(config: ClusterConfig, file: str) -> Cluster:
                 file, f"skus[{i}].name", f"'{entry.name}' is already in the catalog; use overrides instead"
             )
         base = GpuSku(
-            name=entry.name, memory_bytes=0, fp16_flops=0.0, bf16_flops=None, int8_ops=None,
-            fp8_flops=None, memory_bandwidth=0.0, compute_capability="0.0",
-            interconnect="custom", nvlink_bandwidth=None, pcie_bandwidth=32e9, aliases=(),
+            name=entry.name, memory_bytes=0, fp16_flops_per_s=0.0, bf16_flops_per_s=None,
+            int8_ops_per_s=None, fp8_flops_per_s=None, memory_bandwidth_bytes_per_s=0.0,
+            compute_capability="0.0", interconnect="custom", nvlink_bytes_per_s=None,
+            pcie_bytes_per_s=32e9, aliases=(),
         )
         custom[entry.name.lower()] = _apply(base, entry)
 
@@ -269,16 +277,21 @@ def resolve_cluster(config: ClusterConfig, file: str) -> Cluster:
                 k = sum(1 for d in devices if d[1] == node.name)
                 devices.append((f"{node.name}/gpu{k}", node.name, sku, node.link))
 
+    def one_way(sku: GpuSku, link: str) -> float:
+        # The catalog quotes NVLink over both directions and PCIe per direction; a pipeline
+        # hand-off uses one direction.
+        if link == "nvlink" and sku.nvlink_bytes_per_s:
+            return sku.nvlink_bytes_per_s / 2
+        return sku.pcie_bytes_per_s
+
     resolved = []
     for i, (name, node, sku, link) in enumerate(devices):
         if i + 1 == len(devices):
             bw = None
         elif devices[i + 1][1] != node:
             bw = config.network.bandwidth_gbs * 1e9
-        elif link == "nvlink":
-            bw = min(sku.nvlink_bandwidth or sku.pcie_bandwidth, devices[i + 1][2].nvlink_bandwidth or devices[i + 1][2].pcie_bandwidth)
         else:
-            bw = min(sku.pcie_bandwidth, devices[i + 1][2].pcie_bandwidth)
+            bw = min(one_way(sku, link), one_way(devices[i + 1][2], link))
         resolved.append(Device(name=name, node=node, sku=sku, link_to_next_bytes_s=bw))
     if len({n.name for n in config.nodes}) != len(config.nodes):
         seen = set()

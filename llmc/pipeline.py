@@ -258,3 +258,56 @@ def verify_program(program: Program) -> None:
     modules = [q.module for q in program.quantization]
     if len(modules) != len(set(modules)):
         raise ValueError("a module has two quantization decisions")
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
+    """The passes for ``model`` (a validated ModelConfig), in order.
+
+    ``through="plan"`` is ``llmc plan``: nothing that changes or exports weights.
+    """
+    from llmc.passes.calibrate import CalibratePass
+    from llmc.passes.evaluate import EvaluatePass
+    from llmc.passes.export import ExportPass
+    from llmc.passes.ingest import IngestPass
+    from llmc.passes.manifests import ManifestsPass
+    from llmc.passes.plan import PlanPass
+    from llmc.passes.quantize_rtn import RtnQuantizePass
+    from llmc.passes.report import ReportPass
+
+    q = model.quantization
+    w = model.workload
+    workload = dict(batch=w.batch, prompt_tokens=w.prompt_tokens, generated_tokens=w.generated_tokens)
+    quantized = q.method != "none"
+    plan = PlanPass(
+        weight_bits=q.bits if quantized else 16, group_size=q.group_size, symmetric=q.symmetric,
+        **workload,
+    )
+    passes: list[Pass] = [IngestPass(source=base / model.model.path, dtype=model.model.dtype)]
+    if through == "plan":
+        return passes + [plan, ReportPass(**workload)]
+    # Calibration data before anything data-aware (quantizers, sensitivity).
+    passes.append(
+        CalibratePass(text=base / model.calibration.path, seq_len=model.calibration.seq_len,
+                      windows=model.calibration.windows)
+    )
+    # The plan precedes quantization: it decides which bit-width each layer can afford.
+    passes.append(plan)
+    if quantized:
+        passes.append(
+            RtnQuantizePass(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, ignore=tuple(q.ignore))
+        )
+    # After quantization, so the compressed model is measured against the reference.
+    passes.append(
+        EvaluatePass(text=base / model.evaluation.path, seq_len=model.evaluation.seq_len,
+                     windows=model.evaluation.windows,
+                     max_increase_pct=model.quality.max_perplexity_increase_pct)
+    )
+    # Export needs the plan's stages and the quantized weights.
+    passes.append(ExportPass(prompt=model.check.prompt, new_tokens=model.check.new_tokens))
+    # Manifests carry the exported graphs' hashes; the report lists every artifact and measurement.
+    passes.append(ManifestsPass(**workload))
+    passes.append(ReportPass(**workload))
+    return passes

@@ -54,3 +54,41 @@ def tiny_qwen2(seed: int = 0, **overrides):
     fields.update(overrides)
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(**fields)).eval()
+
+
+TINY_TEXT = (
+    "the quick brown fox jumps over the lazy dog. a stitch in time saves nine. "
+    "all that glitters is not gold. the early bird catches the worm. "
+) * 40
+
+
+def tiny_tokenizer(text: str = TINY_TEXT, vocab_size: int = 128):
+    """A byte-level BPE tokenizer trained in-process on ``text``, as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:0],
+        show_progress=False,
+    )
+    tok.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def write_tiny_model_dir(path, seed: int = 0, **overrides):
+    """A complete local Hugging Face model directory (safetensors + tokenizer) at ``path``."""
+    from pathlib import Path
+
+    path = Path(path)
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(seed=seed, vocab_size=max(128, len(tokenizer)), **overrides)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
