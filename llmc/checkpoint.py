@@ -15,8 +15,10 @@ _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 def load_hf_model(path: Path, dtype: str):
     """A Hugging Face causal LM from a local safetensors directory: no hub, no pickle, no remote code."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()  # llmc shows its own progress
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=getattr(torch, _DTYPES[dtype]),

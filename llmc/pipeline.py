@@ -268,13 +268,8 @@ def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
 
     ``through="plan"`` is ``llmc plan``: nothing that changes or exports weights.
     """
-    from llmc.passes.calibrate import CalibratePass
-    from llmc.passes.evaluate import EvaluatePass
-    from llmc.passes.export import ExportPass
     from llmc.passes.ingest import IngestPass
-    from llmc.passes.manifests import ManifestsPass
     from llmc.passes.plan import PlanPass
-    from llmc.passes.quantize_rtn import RtnQuantizePass
     from llmc.passes.report import ReportPass
 
     q = model.quantization
@@ -288,6 +283,13 @@ def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
     passes: list[Pass] = [IngestPass(source=base / model.model.path, dtype=model.model.dtype)]
     if through == "plan":
         return passes + [plan, ReportPass(**workload)]
+
+    from llmc.passes.calibrate import CalibratePass
+    from llmc.passes.evaluate import EvaluatePass
+    from llmc.passes.export import ExportPass
+    from llmc.passes.manifests import ManifestsPass
+    from llmc.passes.quantize_rtn import RtnQuantizePass
+
     # Calibration data before anything data-aware (quantizers, sensitivity).
     passes.append(
         CalibratePass(text=base / model.calibration.path, seq_len=model.calibration.seq_len,

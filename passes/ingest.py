@@ -57,9 +57,12 @@ def _load_source(source: Path, dtype: str):
     import json
 
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmc.checkpoint import load_hf_model, load_tokenizer
+
+    transformers.utils.logging.disable_progress_bar()  # llmc shows its own progress
 
     if source.is_file() and source.suffix == ".gguf":
         kwargs = dict(gguf_file=source.name, local_files_only=True, trust_remote_code=False)

@@ -15,10 +15,12 @@ from llmc.pipeline import Pass, PassContext, PassResult
 
 def template_environment():
     """The one jinja2 environment: package templates, StrictUndefined, stable output."""
+    from importlib import resources
+
     import jinja2
 
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("llmc", "templates"),
+        loader=jinja2.FileSystemLoader(str(resources.files("llmc.templates"))),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,

@@ -27,6 +27,8 @@ def plan_document(program: Program, cluster_name: str, workload: dict) -> dict:
             f"{'per-channel' if q.group_size == -1 else f'group {q.group_size}'}, "
             f"{'symmetric' if q.symmetric else 'asymmetric'}"
         )
+    elif plan is not None and plan.weight_bits < 16:
+        summary = f"int{plan.weight_bits} planned (not applied: `llmc plan` changes no weights)"
     else:
         summary = "none (float weights)"
     doc = {
@@ -81,7 +83,7 @@ def render_markdown(doc: dict) -> str:
             return [view(v) for v in value]
         return value
 
-    plan = view({**doc, **doc.get("predicted", {}), "measured": doc["measured"]})
+    plan = view(doc)
     for stage in plan["stages"]:
         stage["memory"]["total"] = sum(v for k, v in stage["memory"].items() if k != "capacity")
     return env.get_template("report.md.j2").render(plan=plan)
