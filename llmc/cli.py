@@ -153,8 +153,8 @@ def compile_(model_yaml, cluster_yaml, output, cache_dir, print_after, quiet, as
     model, cluster, run = _run(model_yaml, cluster_yaml, cache_dir, "report", quiet, as_json, print_after)
     receipt = {
         "llmc": __version__,
-        "command": ["llmc", "compile", *sys.argv[sys.argv.index("compile") + 1 :]]
-        if "compile" in sys.argv else ["llmc", "compile"],
+        "command": ["llmc", "compile", str(model_yaml), str(cluster_yaml), "-o", str(output),
+                    "--cache-dir", str(cache_dir)],
         "inputs": {
             str(model_yaml): content_digest(model_yaml),
             str(cluster_yaml): content_digest(cluster_yaml),

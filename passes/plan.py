@@ -404,9 +404,11 @@ def max_feasible_batch(instance: PartitionInstance) -> int:
 
 
 def _size(num_bytes: float) -> str:
-    if num_bytes >= 2**30:
-        return f"{num_bytes / 2**30:.1f} GiB"
-    return f"{num_bytes / 2**20:.1f} MiB"
+    # Three significant digits, so "needs" and "holds" never print as the same number.
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.3g} {unit}"
+    return f"{num_bytes:.0f} B"
 
 
 def _binding_reason(

@@ -1,0 +1,155 @@
+"""`llmc compile` / `plan` / `inspect` as a user runs them, on the tiny local model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from llmc.artifacts import verify_sums
+from llmc.cli import cli
+
+
+def llmc(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def compile_(configs, out, cache, *extra):
+    return llmc("compile", *configs, "-o", out, "--cache-dir", cache, *extra)
+
+
+EXPECTED_FILES = {
+    "SHA256SUMS", "receipt.json", "plan.json", "report.md",
+    "manifests/box-a-gpu0.yaml", "manifests/box-a-gpu1.yaml",
+}
+
+
+def test_compile_writes_the_documented_layout(configs, tmp_path):
+    out = tmp_path / "out"
+    result = compile_(configs, out, tmp_path / "cache", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert EXPECTED_FILES <= files
+    assert set(doc["files"]) == files
+    plan = json.loads((out / "plan.json").read_text())
+    graphs = {f"stages/stage_{s['index']}.onnx" for s in plan["stages"]}
+    assert graphs <= files
+    measured = {m["name"]: m["value"] for m in plan["measured"]}
+    assert measured["export.greedy_tokens_match"] == 1.0
+    assert measured["perplexity.compressed"] > 0 and measured["perplexity.reference"] > 0
+    assert [p["name"] for p in doc["passes"]] == [
+        "ingest", "calibrate", "plan", "quantize-rtn", "evaluate", "export", "manifests", "report"
+    ]
+    receipt = json.loads((out / "receipt.json").read_text())
+    assert receipt["command"][:2] == ["llmc", "compile"] and receipt["seed"] == 0
+    assert verify_sums(out) == []
+    inspected = llmc("inspect", out)
+    assert inspected.exit_code == 0 and "all match SHA256SUMS" in inspected.stdout
+
+
+def test_identical_inputs_give_identical_bytes(configs, tmp_path):
+    import shutil
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert compile_(configs, out, cache).exit_code == 0
+    first = (out / "SHA256SUMS").read_text()
+    shutil.rmtree(cache)  # recompute everything, not a cache replay
+    assert compile_(configs, out, cache).exit_code == 0
+    assert (out / "SHA256SUMS").read_text() == first
+
+
+def test_inspect_notices_a_changed_file(configs, tmp_path):
+    out = tmp_path / "out"
+    assert compile_(configs, out, tmp_path / "cache").exit_code == 0
+    with (out / "report.md").open("a") as fh:
+        fh.write("edited\n")
+    result = llmc("inspect", out)
+    assert result.exit_code == 6 and "report.md" in result.stderr
+
+
+def test_a_failed_compile_leaves_the_previous_build_intact(configs, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert compile_(configs, out, cache).exit_code == 0
+    before = (out / "SHA256SUMS").read_text()
+    model, _ = configs
+    model.write_text(model.read_text().replace("max_perplexity_increase_pct: 50", "max_perplexity_increase_pct: 0.0001")
+                     .replace("bits: 4", "bits: 4\n  group_size: 64").replace("  group_size: 32\n", ""))
+    result = compile_(configs, out, cache)
+    assert result.exit_code == 6, result.output
+    assert "quality target" in result.stderr and "(in 'evaluate' after [ingest, calibrate, plan, quantize-rtn])" in result.stderr
+    assert (out / "SHA256SUMS").read_text() == before and verify_sums(out) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_build(configs, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    result = compile_(configs, precious, tmp_path / "cache")
+    assert result.exit_code == 2 and "refusing to replace it" in result.stderr
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_infeasible_cluster_exits_3_with_the_numbers(configs):
+    model, cluster = configs
+    cluster.write_text(
+        "apiVersion: llmc/v1\nkind: Cluster\nname: tiny\nmemory_reserve_gib: 0\n"
+        "nodes:\n  - name: n0\n    gpus:\n      - {sku: pico, count: 2}\n"
+        "skus:\n  - {name: pico, memory_gib: 0.00001, fp16_tflops: 1, memory_bandwidth_gbs: 10, compute_capability: '8.0'}\n"
+    )
+    result = llmc("plan", model, cluster, "--cache-dir", model.parent / "cache")
+    assert result.exit_code == 3, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert "KiB" in line or "MiB" in line, line
+
+
+def test_workload_that_does_not_fit_exits_4_with_the_largest_batch(configs):
+    model, cluster = configs
+    model.write_text(model.read_text().replace("batch: 2", "batch: 4096").replace("prompt_tokens: 64", "prompt_tokens: 100000"))
+    result = llmc("plan", model, cluster, "--cache-dir", model.parent / "cache", "--json")
+    assert result.exit_code == 4, result.output
+    error = json.loads(result.stdout)
+    assert error["exit_code"] == 4 and "at most batch" in error["message"]
+
+
+def test_plan_prints_the_report_without_changing_weights(configs):
+    model, cluster = configs
+    result = llmc("plan", model, cluster, "--cache-dir", model.parent / "cache")
+    assert result.exit_code == 0, result.output
+    assert "| 0 | box-a/gpu0 |" in result.stdout and "Nothing measured" in result.stdout
+
+
+def test_a_killed_compile_keeps_the_old_build_and_the_next_run_resumes(configs, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert compile_(configs, out, cache).exit_code == 0
+    before = (out / "SHA256SUMS").read_text()
+    model, cluster = configs
+    model.write_text(model.read_text().replace("bits: 4", "bits: 8"))
+    command = [sys.executable, "-m", "llmc.cli", "compile", str(model), str(cluster), "-o", str(out),
+               "--cache-dir", str(cache), "--json"]
+    existing = {p.name for p in cache.iterdir()}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    # Kill as soon as the new quantization is cached: evaluate and export are still ahead.
+    while not any(p.name.startswith("quantize-rtn-") and p.name not in existing for p in cache.iterdir()):
+        assert process.poll() is None, "compile ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert (out / "SHA256SUMS").read_text() == before and verify_sums(out) == []
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    passes = {p["name"]: p["cached"] for p in json.loads(resumed.stdout)["passes"]}
+    assert passes["ingest"] and passes["calibrate"] and passes["plan"] and passes["quantize-rtn"]
+    assert not passes["evaluate"] and not passes["export"]
+    assert (out / "SHA256SUMS").read_text() != before and verify_sums(out) == []
