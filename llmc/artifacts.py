@@ -1,6 +1,6 @@
 """The output directory: fixed layout, written aside and moved into place at once.
 
-Layout (documented in docs/output.md)::
+Layout (documented in the README)::
 
     OUT/
       plan.json            the source of truth: model, decisions, plan, measurements

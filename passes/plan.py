@@ -456,7 +456,7 @@ def _check_fits(instance: PartitionInstance, costs: CostTable) -> None:
     if _greedy_split(capacities, weights_only)[0] < len(instance.layers):
         needed, held, reason = _binding_reason(instance, weights_only, "the weights")
         raise ModelDoesNotFit(
-            f"The model does not fit these devices: {reason}; add devices or lower weight_bits.",
+            f"The model does not fit these devices: {reason}; add devices or lower quantization.bits in model.yaml.",
             needed, held, reason,
         )
     full = _memory(instance, costs, with_workload=True)

@@ -66,7 +66,7 @@ def _gib(n: int) -> str:
 
 
 def _ms(s: float) -> str:
-    return f"{s * 1e3:.2f} ms" if s < 10 else f"{s:.2f} s"
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
 
 
 def render_markdown(doc: dict) -> str:
