@@ -122,7 +122,8 @@ def content_digest(path: Path) -> str:
 
 def _option_value(value):
     if isinstance(value, Path):
-        return {"sha256": content_digest(value)}
+        # A missing path keys by name so the pass itself runs and reports it as an input error.
+        return {"sha256": content_digest(value)} if value.exists() else {"missing": str(value)}
     if isinstance(value, (tuple, list)):
         return [_option_value(v) for v in value]
     return value
@@ -179,12 +180,16 @@ def run_pipeline(
     cache_root: Path,
     seed: int,
     cluster=None,
-    verify: bool = False,
+    verify: bool = True,
     show_progress: bool = True,
     print_after: str | None = None,
     program: Program | None = None,
 ) -> PipelineRun:
-    """Run ``passes`` in order with caching; failures become ``PassError`` with the history."""
+    """Run ``passes`` in order with caching; failures become ``PassError`` with the history.
+
+    ``verify`` checks each pass's ``requires``/``ensures`` and the program's invariants between
+    passes; they are cheap, so compiles keep it on.
+    """
     from llmc.ir import dump_program
 
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -263,11 +268,26 @@ def verify_program(program: Program) -> None:
 # --------------------------------------------------------------------------- the pipeline
 
 
+def _require_extras(modules: tuple[str, ...]) -> None:
+    from importlib.util import find_spec
+
+    from llmc.errors import ToolchainError
+
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        raise ToolchainError(
+            f"this command needs {', '.join(missing)}: install llmc with its extras, "
+            "e.g. pip install torch==2.13.0 -e \".[torch,onnx]\" (see README)"
+        )
+
+
 def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
     """The passes for ``model`` (a validated ModelConfig), in order.
 
     ``through="plan"`` is ``llmc plan``: nothing that changes or exports weights.
     """
+    _require_extras(("torch", "transformers", "safetensors") if through == "plan"
+                    else ("torch", "transformers", "safetensors", "onnx", "onnxruntime"))
     from llmc.passes.ingest import IngestPass
     from llmc.passes.plan import PlanPass
     from llmc.passes.report import ReportPass

@@ -26,10 +26,10 @@ def sample_windows(tokens, seq_len: int, windows: int, seed: int):
     """``windows`` windows of ``seq_len`` tokens at seeded random offsets: [windows, seq_len]."""
     import torch
 
-    if tokens.numel() < seq_len + 1:
+    if tokens.numel() < seq_len:
         raise ValueError(f"text has {tokens.numel()} tokens, fewer than one window of {seq_len}")
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seq_len, (windows,), generator=generator)
+    starts = torch.randint(0, tokens.numel() - seq_len + 1, (windows,), generator=generator)
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
 
 

@@ -93,3 +93,18 @@ def test_schema_lists_descriptions():
     schemas = json.loads(result.stdout)
     props = schemas["cluster.yaml"]["$defs"]["GpuGroup"]["properties"]
     assert all("description" in p for p in props.values())
+
+
+def test_validate_imports_no_heavy_packages(configs):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from llmc.cli import cli; "
+        f"cli(['validate', {str(configs[0])!r}, {str(configs[1])!r}], standalone_mode=False); "
+        "heavy = [m for m in ('torch', 'transformers', 'onnx', 'onnxruntime') if m in sys.modules]; "
+        "print('HEAVY', heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
