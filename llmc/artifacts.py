@@ -6,11 +6,15 @@ Layout (documented in the README)::
       plan.json            the source of truth: model, decisions, plan, measurements
       report.md            the plan report for people and CI summaries
       stages/stage_<k>.onnx
+      engines/<sku>-sm<cc>-<flavor><version>/stage_<k>.engine, stage_<k>.json
       manifests/<node>-gpu<k>.yaml
       receipt.json         input hashes, tool versions, command, seed
       SHA256SUMS           every other file, sorted
 
-Nothing here carries a timestamp or a duration, so identical inputs give identical bytes.
+Nothing here carries a timestamp or a duration, so identical inputs give identical bytes, with
+one measured exception: TensorRT engines are not byte-reproducible (see ``llmc.tensorrt``), so
+``engines/`` (the engines and the metadata that quotes their sha256) is left out of that
+promise; :func:`reproducible_sums` is SHA256SUMS without them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from llmc.ir import Program
 
 RECEIPT = "receipt.json"
 SUMS = "SHA256SUMS"
+NOT_REPRODUCIBLE = ("engines/",)  # path prefixes whose bytes differ between identical builds
 
 
 def sha256_file(path: Path) -> str:
@@ -88,3 +93,9 @@ def verify_sums(out: Path) -> list[str]:
         if not path.is_file() or sha256_file(path) != digest:
             bad.append(name)
     return bad
+
+
+def reproducible_sums(out: Path) -> str:
+    """SHA256SUMS without the files that are not byte-reproducible (TensorRT engines)."""
+    lines = (out / SUMS).read_text().splitlines(keepends=True)
+    return "".join(line for line in lines if not line.split("  ", 1)[1].startswith(NOT_REPRODUCIBLE))

@@ -62,3 +62,30 @@ def load_model(program, ctx, quantized: bool = True):
                     weight.copy_(packed.dequantize().to(weight.dtype))
         ctx._models[key] = model
     return ctx._models[key]
+
+
+def save_quantized(program, ctx, packed: dict, decisions: list):
+    """``program`` with ``packed`` weights and ``decisions`` added to those of earlier quantize passes.
+
+    Quantize passes compose (each claims the linears of its method), so a pass keeps what an
+    earlier one decided and writes the union to ``weights.safetensors`` in its own workdir.
+    """
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    tensors = {}
+    if program.quantized_weights is not None:
+        for name, earlier in load_packed(ctx.path(program.quantized_weights)).items():
+            tensors.update(earlier.to_tensors(name))
+    for name, linear in packed.items():
+        tensors.update(linear.to_tensors(name))
+    save_file(tensors, ctx.workdir / "weights.safetensors")
+    order = {lin.name: i for i, lin in enumerate(lin for layer in program.layers for lin in layer.linears)}
+    return replace(
+        program,
+        quantization=tuple(
+            sorted(program.quantization + tuple(decisions), key=lambda d: (order.get(d.module, len(order)), d.module))
+        ),
+        quantized_weights=ctx.ref("weights.safetensors"),
+    )

@@ -53,38 +53,146 @@ class TextData(_Strict):
     )
 
 
-class Quantization(_Strict):
-    method: Literal["rtn", "none"] = Field(
-        "rtn", description="Weight quantizer. 'rtn': group-wise round-to-nearest; 'none': keep float."
+# Weight quantizers. "none" keeps float; every other method is a quantize pass that
+# build_pipeline adds when the rules use it (extend both together).
+QuantMethod = Literal["none", "rtn", "gptq"]
+QuantBits = Literal[2, 3, 4, 8]
+
+
+class FieldPathError(ValueError):
+    """A validator's error about a nested field: ``path`` is appended to the validator's location."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(message)
+
+
+def _check_group_size(value: int | None) -> int | None:
+    if value is not None and value != -1 and (value < 8 or value & (value - 1)):
+        raise ValueError("must be -1 or a power of two >= 8 (e.g. 32, 64, 128)")
+    return value
+
+
+_ASYMMETRIC_8BIT = "8-bit asymmetric is not supported; use symmetric: true (int8 is near-lossless)"
+
+
+class GptqOptions(_Strict):
+    damp: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="Dampening added to the Hessian's diagonal, as a fraction of its mean diagonal. "
+        "Raised tenfold (up to 10x the mean) while the Cholesky factorisation fails; the value used "
+        "is logged per layer.",
     )
-    bits: Literal[4, 8] = Field(4, description="Weight bit-width.")
+    act_order: bool = Field(
+        False,
+        description="Quantize columns in decreasing order of the Hessian's diagonal (activation "
+        "order). Groups stay static (fitted on the original column order), so inference needs "
+        "no g_idx.",
+    )
+    block_size: int = Field(
+        128,
+        ge=8,
+        le=4096,
+        description="Columns per lazy batch: errors propagate inside the batch column by column and "
+        "to all later columns once per batch. A power of two; affects speed only, up to rounding.",
+    )
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError("must be a power of two (e.g. 64, 128)")
+        return value
+
+
+class QuantOverride(_Strict):
+    match: str = Field(
+        min_length=1,
+        description="fnmatch pattern of linear module names this override applies to, e.g. "
+        "'model.layers.[0-3].mlp.down_proj' or '*.v_proj'. The first matching override wins.",
+    )
+    method: QuantMethod | None = Field(None, description="Replaces quantization.method ('none' keeps float).")
+    bits: QuantBits | None = Field(None, description="Replaces quantization.bits.")
+    group_size: int | None = Field(None, description="Replaces quantization.group_size.")
+    symmetric: bool | None = Field(None, description="Replaces quantization.symmetric.")
+
+    _group = field_validator("group_size")(_check_group_size)
+
+    @model_validator(mode="after")
+    def _sets_something(self):
+        if all(getattr(self, f) is None for f in ("method", "bits", "group_size", "symmetric")):
+            raise ValueError("sets nothing; give at least one of method, bits, group_size, symmetric")
+        return self
+
+
+class Quantization(_Strict):
+    """Which linears are quantized, and how (resolution: llmc.schemes.resolve_schemes).
+
+    A linear that matches ``ignore`` or no pattern of ``targets`` stays float; otherwise the
+    first override whose ``match`` matches sets its fields over the defaults below; otherwise
+    the defaults apply.
+    """
+
+    method: QuantMethod = Field(
+        "rtn",
+        description="Default weight quantizer. 'rtn': group-wise round-to-nearest; 'gptq': GPTQ, "
+        "block by block on the calibration windows; 'none': keep float.",
+    )
+    bits: QuantBits = Field(
+        4, description="Default weight bit-width: 2, 3, 4 or 8 (ONNX export handles 4 and 8)."
+    )
     group_size: int = Field(
         128,
-        description="Input columns sharing one scale; -1 for one scale per output channel. "
+        description="Default input columns sharing one scale; -1 for one scale per output channel. "
         "Must divide every quantized layer's input size.",
     )
     symmetric: bool = Field(
         True,
-        description="Symmetric codes with zero point 0 (what TensorRT's int4/int8 weight-only path "
-        "runs natively); false adds an integer zero point per group.",
+        description="Default: symmetric codes with zero point 0 (what TensorRT's int4/int8 "
+        "weight-only path runs natively); false adds an integer zero point per group.",
+    )
+    targets: list[str] = Field(
+        default_factory=lambda: ["model.layers.*"],
+        min_length=1,
+        description="fnmatch patterns of the linear module names to quantize (default: every "
+        "decoder-layer linear). A pattern that matches no linear fails the compile (exit 2).",
     )
     ignore: list[str] = Field(
         default_factory=lambda: ["lm_head"],
-        description="fnmatch patterns of linear module names kept in float "
+        description="fnmatch patterns of linear module names kept in float, even when targeted "
         "(e.g. 'lm_head', 'model.layers.0.*').",
     )
+    gptq: GptqOptions = Field(default_factory=GptqOptions, description="GPTQ options (method: gptq).")
+    overrides: list[QuantOverride] = Field(
+        default_factory=list,
+        description="Per-module exceptions, first match wins, e.g. {match: 'model.layers.[0-3].mlp."
+        "down_proj', bits: 8}. A match that selects no linear fails the compile (exit 2).",
+    )
 
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, value: int) -> int:
-        if value != -1 and (value < 8 or value & (value - 1)):
-            raise ValueError("must be -1 or a power of two >= 8 (e.g. 32, 64, 128)")
-        return value
+    _group = field_validator("group_size")(_check_group_size)
 
     @model_validator(mode="after")
-    def _asymmetric_8bit(self):
-        if self.bits == 8 and not self.symmetric:
-            raise ValueError("8-bit asymmetric is not supported; use symmetric: true (int8 is near-lossless)")
+    def _schemes_exist(self):
+        if self.method != "none" and self.bits == 8 and not self.symmetric:
+            raise ValueError(_ASYMMETRIC_8BIT)
+        seen: dict[str, int] = {}
+        for i, override in enumerate(self.overrides):
+            if override.match in seen:
+                raise FieldPathError(
+                    f"overrides[{i}].match",
+                    f"same pattern as overrides[{seen[override.match]}], which always wins; merge them",
+                )
+            seen[override.match] = i
+            method = override.method or self.method
+            bits = override.bits or self.bits
+            symmetric = self.symmetric if override.symmetric is None else override.symmetric
+            if method != "none" and bits == 8 and not symmetric:
+                raise FieldPathError(
+                    f"overrides[{i}]",
+                    "resolves to 8-bit asymmetric, which is not supported; set symmetric: true in it",
+                )
         return self
 
 
@@ -353,6 +461,9 @@ def _validate(schema: type[BaseModel], data: dict, file: str, kind: str):
             msg = "required field is missing"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, FieldPathError):
+            field = f"{field}.{cause.path}" if field else cause.path
         if "input" in err and err["type"] not in ("missing", "extra_forbidden") and not isinstance(err["input"], (dict, list)):
             msg += f" (got {err['input']!r})"
         raise ConfigError(file, field, msg) from None

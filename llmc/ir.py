@@ -79,6 +79,16 @@ class QuantDecision:
 
 
 @dataclass(frozen=True)
+class SparsityDecision:
+    """A linear whose weight is N:M sparse along the input dimension: at most ``n`` nonzeros in
+    every ``m`` consecutive input columns of an output row (2:4 is what sparse tensor cores run)."""
+
+    module: str
+    n: int
+    m: int
+
+
+@dataclass(frozen=True)
 class Measurement:
     """A number that was measured (never predicted), with its protocol."""
 
@@ -131,6 +141,23 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class EngineBuild:
+    """The TensorRT engine of one stage for one device type: built here, or skipped with the
+    command that builds it on a host that can (``OUT`` stands for the build directory)."""
+
+    stage: int
+    sku: str
+    compute_capability: str  # the target, "8.0"
+    status: str  # "built" or "skipped"
+    path: str | None  # "engines/<sku>-sm<cc>-<flavor><version>/stage_<k>.engine"; None when skipped
+    flavor: str | None  # "tensorrt_rtx 1.7.1.116"; None when skipped
+    plugins: tuple[str, ...]  # "llmc::IntNLinear v1 x56", one per plugin type inside
+    sparse_weights: bool  # TensorRT's sparse-weights flag (the stage holds N:M sparse linears)
+    reason: str  # why it was skipped; "" when built
+    command: str  # "llmc build-engines OUT --device H100-80G"
+
+
+@dataclass(frozen=True)
 class Artifact:
     """A file that goes into the output directory."""
 
@@ -147,9 +174,11 @@ class Program:
     evaluation: TextWindows | None = None
     quantization: tuple[QuantDecision, ...] = ()
     quantized_weights: str | None = None  # cache reference to packed weights (safetensors)
+    sparsity: tuple[SparsityDecision, ...] = ()
     plan: Plan | None = None
     measurements: tuple[Measurement, ...] = ()
     artifacts: tuple[Artifact, ...] = field(default_factory=tuple)
+    engines: tuple[EngineBuild, ...] = ()
 
     def measurement(self, name: str) -> Measurement | None:
         return next((m for m in self.measurements if m.name == name), None)

@@ -126,6 +126,9 @@ def _option_value(value):
         return {"sha256": content_digest(value)} if value.exists() else {"missing": str(value)}
     if isinstance(value, (tuple, list)):
         return [_option_value(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # Structured options (e.g. llmc.schemes.Override) key by their fields.
+        return {f.name: _option_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return value
 
 
@@ -134,7 +137,8 @@ def tool_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for dist in ("llmc", "torch", "transformers", "onnx", "onnxruntime", "ortools", "gguf", "tensorrt-rtx-cu13"):
+    for dist in ("llmc", "torch", "transformers", "onnx", "onnxruntime", "ortools", "gguf", "tensorrt-rtx-cu13",
+                 "tensorrt", "tensorrt-cu13", "tensorrt-cu12"):
         try:
             found[dist] = version(dist)
         except PackageNotFoundError:
@@ -277,7 +281,7 @@ def _require_extras(modules: tuple[str, ...]) -> None:
     if missing:
         raise ToolchainError(
             f"this command needs {', '.join(missing)}: install llmc with its extras, "
-            "e.g. pip install torch==2.13.0 -e \".[torch,onnx]\" (see README)"
+            "e.g. pip install torch==2.13.0 -e \".[torch,onnx,deploy]\" (see README)"
         )
 
 
@@ -287,7 +291,8 @@ def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
     ``through="plan"`` is ``llmc plan``: nothing that changes or exports weights.
     """
     _require_extras(("torch", "transformers", "safetensors") if through == "plan"
-                    else ("torch", "transformers", "safetensors", "onnx", "onnxruntime"))
+                    else ("torch", "transformers", "safetensors", "onnx", "onnxruntime",
+                          "kubernetes_validate", "jsonschema", "yamllint"))
     from llmc.passes.ingest import IngestPass
     from llmc.passes.plan import PlanPass
     from llmc.passes.report import ReportPass
@@ -304,11 +309,14 @@ def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
     if through == "plan":
         return passes + [plan, ReportPass(**workload)]
 
+    from llmc.passes.build_engines import BuildEnginesPass
     from llmc.passes.calibrate import CalibratePass
     from llmc.passes.evaluate import EvaluatePass
     from llmc.passes.export import ExportPass
     from llmc.passes.manifests import ManifestsPass
+    from llmc.passes.quantize_gptq import GptqQuantizePass
     from llmc.passes.quantize_rtn import RtnQuantizePass
+    from llmc.schemes import methods_used, rules_from_config
 
     # Calibration data before anything data-aware (quantizers, sensitivity).
     passes.append(
@@ -317,10 +325,15 @@ def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
     )
     # The plan precedes quantization: it decides which bit-width each layer can afford.
     passes.append(plan)
-    if quantized:
-        passes.append(
-            RtnQuantizePass(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, ignore=tuple(q.ignore))
-        )
+    # One pass per method the rules use; each quantizes the linears resolved to its method
+    # (llmc.schemes) and keeps the earlier passes' decisions. RTN first: GPTQ then calibrates
+    # each block on the already-rounded layers too.
+    rules = rules_from_config(q)
+    if "rtn" in methods_used(rules):
+        passes.append(RtnQuantizePass(**vars(rules)))
+    if "gptq" in methods_used(rules):
+        passes.append(GptqQuantizePass(**vars(rules), damp=q.gptq.damp, act_order=q.gptq.act_order,
+                                       block_size=q.gptq.block_size))
     # After quantization, so the compressed model is measured against the reference.
     passes.append(
         EvaluatePass(text=base / model.evaluation.path, seq_len=model.evaluation.seq_len,
@@ -329,7 +342,10 @@ def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
     )
     # Export needs the plan's stages and the quantized weights.
     passes.append(ExportPass(prompt=model.check.prompt, new_tokens=model.check.new_tokens))
+    # Engines are built from the graphs the export's ONNX Runtime check just passed; manifests
+    # then name each device's engine (or the command that builds it on a host that can).
+    passes.append(BuildEnginesPass(**workload))
     # Manifests carry the exported graphs' hashes; the report lists every artifact and measurement.
-    passes.append(ManifestsPass(**workload))
+    passes.append(ManifestsPass(**workload, check_prompt=model.check.prompt, check_tokens=model.check.new_tokens))
     passes.append(ReportPass(**workload))
     return passes

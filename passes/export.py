@@ -1,9 +1,17 @@
 """`export`: one ONNX graph per pipeline stage of a Llama-family decoder, with a KV cache.
 
 The graphs are written node by node with ``onnx.helper`` rather than traced, so that names are
-ours and stable (later passes splice TensorRT plugin nodes in by name) and quantized weights
-stay packed as integer initializers behind a ``DequantizeLinear``. Standard ONNX ops only,
-opset 21, float32 activations.
+ours and stable and quantized weights stay packed as integer initializers. Opset 21, float32
+activations. A quantized linear is lowered by its format (:func:`linear_lowering`):
+
+1. symmetric int8, int4, and int3/int2 (whose codes fit int4 exactly): ``DequantizeLinear``
+   (zero point 0, blocks along the input dimension) + ``MatMul``, which TensorRT runs natively
+   with the weights packed;
+2. asymmetric int2/3/4: an ``llmc.IntNLinear`` node, the TensorRT plugin of
+   :mod:`llmc.plugins.intn_linear_plugin` (TensorRT rejects a non-zero int4 zero point), its
+   weights in the Triton kernel's bit-plane layout (int3 in a 4-bit plane). The model carries
+   the op's ONNX function body, which ONNX Runtime inlines, so the file the engines are built
+   from is the file the checker runs.
 
 Stage interface (layers ``[layer_start, layer_end)``):
 
@@ -163,6 +171,7 @@ class _GraphBuilder:
     def __init__(self):
         self.nodes = []
         self.initializers = []
+        self.custom_ops = set()  # (domain, op_type) of the plugin nodes
         self._initializer_values = {}
         self._names = set()
 
@@ -174,6 +183,8 @@ class _GraphBuilder:
         if name in self._names:
             raise RuntimeError(f"duplicate node name {name}")
         self._names.add(name)
+        if attrs.get("domain"):
+            self.custom_ops.add((attrs["domain"], op_type))
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
@@ -265,7 +276,12 @@ def build_stage_graph(
     graph = helper.make_graph(
         g.nodes, f"{spec.model_type}_layers_{layer_start}_{layer_end}", inputs, outputs, g.initializers
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="llmc")
+    from llmc.plugins.trt_plugins import onnx_functions
+
+    opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in sorted({d for d, _ in g.custom_ops})]
+    model = helper.make_model(
+        graph, opset_imports=opsets, producer_name="llmc", functions=onnx_functions(g.custom_ops)
+    )
     model.ir_version = IR_VERSION
     return model
 
@@ -384,41 +400,80 @@ def _rms_norm(g, x, module: str, weights, eps: float) -> str:
     return g.op("Mul", [normalized, weight], f"{module}/scaled")
 
 
+def linear_lowering(packed) -> str:
+    """How a quantized linear is exported (rules 1-2 of the module docstring): "dq" or "plugin"."""
+    if packed.bits not in (2, 3, 4, 8):
+        raise NotImplementedError(
+            f"{packed.bits}-bit weights cannot be exported to ONNX (2, 3, 4 and 8 bits are supported)"
+        )
+    return "plugin" if not packed.symmetric and packed.bits <= 4 else "dq"
+
+
 def _linear(g, x, module: str, weights, quantized, output: str | None = None) -> str:
     """x @ W.T (+ bias), W stored transposed [in, out] so the graph is a plain MatMul."""
-    if module in quantized:
-        weight_t = _dequantized_weight(g, module, quantized[module])
-    else:
-        weight_t = g.initializer(f"{module}.weight_T", _float32(weights[f"{module}.weight"]).T)
     bias = weights.get(f"{module}.bias")
     outputs = [output] if output and bias is None else None
-    y = g.op("MatMul", [x, weight_t], f"{module}/MatMul", outputs=outputs)
+    packed = quantized.get(module)
+    if packed is not None and _lowering(module, packed) == "plugin":
+        y = _plugin_linear(g, x, module, packed, outputs)
+    else:
+        if packed is not None:
+            weight_t = _dequantized_weight(g, module, packed)
+        else:
+            weight_t = g.initializer(f"{module}.weight_T", _float32(weights[f"{module}.weight"]).T)
+        y = g.op("MatMul", [x, weight_t], f"{module}/MatMul", outputs=outputs)
     if bias is not None:
         bias_name = g.initializer(f"{module}.bias", _float32(bias))
         y = g.op("Add", [y, bias_name], f"{module}/bias", outputs=[output] if output else None)
     return y
 
 
-def _dequantized_weight(g, module: str, packed) -> str:
-    """Packed integer weight [in, out] -> DequantizeLinear blocked along the input dimension."""
-    import ml_dtypes
+def _lowering(module: str, packed) -> str:
+    try:
+        return linear_lowering(packed)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"{module}: {e}") from None
 
-    if packed.bits not in (4, 8):
-        raise NotImplementedError(
-            f"{module}: {packed.bits}-bit weights cannot be exported to ONNX yet (4 and 8 bits are supported)"
-        )
+
+def _check_groups(module: str, packed) -> None:
     out_features, in_features = packed.q.shape
-    groups = in_features // packed.group_size
-    if in_features % packed.group_size or tuple(packed.scale.shape) != (out_features, groups):
+    if in_features % packed.group_size or tuple(packed.scale.shape) != (out_features, in_features // packed.group_size):
         raise ValueError(
             f"{module}: scale {tuple(packed.scale.shape)} does not fit weight {tuple(packed.q.shape)} "
             f"in groups of {packed.group_size}"
         )
+
+
+def _plugin_linear(g, x, module: str, packed, outputs) -> str:
+    """Asymmetric codes -> ``llmc.IntNLinear`` (rule 2): the kernels' bit plane, scales and zero points."""
+    from llmc.plugins import intn_linear_plugin as plugin
+
+    _check_groups(module, packed)
+    try:
+        planes, scale, zero = plugin.node_inputs(packed)
+    except ValueError as e:
+        raise ValueError(f"{module}: {e}") from None
+    inputs = [
+        x,
+        g.initializer(f"{module}.planes", planes),
+        g.initializer(f"{module}.scale_T", scale),
+        g.initializer(f"{module}.zero_T", zero),
+    ]
+    return g.op(plugin.NAME, inputs, f"{module}/{plugin.NAME}", outputs=outputs, domain=plugin.NAMESPACE,
+                **plugin.node_attributes(packed.bits, packed.group_size))
+
+
+def _dequantized_weight(g, module: str, packed) -> str:
+    """Packed integer weight [in, out] -> DequantizeLinear blocked along the input dimension (rule 1)."""
+    import ml_dtypes
+
+    _check_groups(module, packed)
     if packed.symmetric:
-        code_type = {4: ml_dtypes.int4, 8: np.int8}[packed.bits]
+        # int2/int3 codes lie inside int4's range: the int4 container keeps them exact.
+        code_type = ml_dtypes.int4 if packed.bits <= 4 else np.int8
         low, high = -(2 ** (packed.bits - 1)), 2 ** (packed.bits - 1) - 1
     else:
-        code_type = {4: ml_dtypes.uint4, 8: np.uint8}[packed.bits]
+        code_type = np.uint8
         low, high = 0, 2**packed.bits - 1
 
     def codes(tensor, what):
@@ -428,7 +483,7 @@ def _dequantized_weight(g, module: str, packed) -> str:
             values = values & 0xFF
         if values.min() < low or values.max() > high:
             raise ValueError(f"{module}: {what} codes outside [{low}, {high}] for {packed.bits}-bit")
-        # Transposed to [in, out] like the float weights; ml_dtypes int4/uint4 arrays make
+        # Transposed to [in, out] like the float weights; ml_dtypes int4 arrays make
         # onnx pack two codes per byte.
         return np.ascontiguousarray(values.T).astype(code_type)
 

@@ -111,23 +111,22 @@ def _nonzero_scale(scale: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the pass
 
-from dataclasses import dataclass, replace  # noqa: E402
-from fnmatch import fnmatchcase  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
-from llmc.errors import InputError  # noqa: E402
 from llmc.ir import Program, QuantDecision  # noqa: E402
 from llmc.pipeline import Pass, PassContext, PassResult  # noqa: E402
+from llmc.schemes import QuantizationRules, describe, effective_group, resolve_schemes  # noqa: E402
 
 
 @dataclass(frozen=True)
-class RtnQuantizePass(Pass):
-    """Quantize every decoder linear not matched by ``ignore`` with :func:`rtn_quantize`."""
+class RtnQuantizePass(Pass, QuantizationRules):
+    """Quantize the linears whose scheme (:func:`llmc.schemes.resolve_schemes`) is 'rtn'.
+
+    The options are the quantization rules; linears resolved to another method are left to
+    that method's pass (see ``build_pipeline``), whose decisions this pass keeps.
+    """
 
     name = "quantize-rtn"
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = True
-    ignore: tuple[str, ...] = ("lm_head",)
 
     def requires(self, program: Program) -> None:
         if program.model is None:
@@ -138,40 +137,24 @@ class RtnQuantizePass(Pass):
             raise ValueError("quantize-rtn wrote no packed weights")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        from safetensors.torch import save_file
+        from llmc.checkpoint import load_model, save_quantized
 
-        from llmc.checkpoint import load_model
-
+        linears = [lin for layer in program.layers for lin in layer.linears]
+        schemes = resolve_schemes([lin.name for lin in linears], self)
+        targets = [(lin, schemes[lin.name]) for lin in linears if schemes[lin.name] and schemes[lin.name].method == "rtn"]
+        groups = {lin.name: effective_group(scheme, lin.in_features, lin.name) for lin, scheme in targets}
         model = load_model(program, ctx, quantized=False)
         modules = dict(model.named_modules())
-        targets = [
-            lin for layer in program.layers for lin in layer.linears
-            if not any(fnmatchcase(lin.name, pattern) for pattern in self.ignore)
-        ]
-        tensors: dict[str, torch.Tensor] = {}
-        decisions = []
+        packed, decisions = {}, []
         error = norm = 0.0
-        for lin in ctx.progress(targets, f"rtn int{self.bits}", total=len(targets)):
-            group = lin.in_features if self.group_size == -1 else self.group_size
-            if lin.in_features % group:
-                raise InputError(
-                    f"quantization.group_size {self.group_size} does not divide the input size "
-                    f"{lin.in_features} of {lin.name}; use a divisor of {lin.in_features} or -1"
-                )
+        for lin, scheme in ctx.progress(targets, "rtn", total=len(targets)):
             weight = modules[lin.name].weight.detach().float()
-            packed = rtn_quantize(weight, self.bits, group, self.symmetric)
-            error += (packed.dequantize() - weight).pow(2).sum().item()
+            packed[lin.name] = rtn_quantize(weight, scheme.bits, groups[lin.name], scheme.symmetric)
+            error += (packed[lin.name].dequantize() - weight).pow(2).sum().item()
             norm += weight.pow(2).sum().item()
-            tensors.update(packed.to_tensors(lin.name))
-            decisions.append(QuantDecision(lin.name, "rtn", self.bits, group, self.symmetric))
-        save_file(tensors, ctx.workdir / "weights.safetensors")
-        layout = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+            decisions.append(QuantDecision(lin.name, "rtn", scheme.bits, groups[lin.name], scheme.symmetric))
+        relative = (error / norm) ** 0.5 if norm else 0.0
         return PassResult(
-            replace(
-                program,
-                quantization=tuple(decisions),
-                quantized_weights=ctx.ref("weights.safetensors"),
-            ),
-            f"{len(decisions)} linears int{self.bits} {layout} "
-            f"{'sym' if self.symmetric else 'asym'}, relative weight error {(error / norm) ** 0.5:.4f}",
+            save_quantized(program, ctx, packed, decisions),
+            f"{len(decisions)} linears {describe(s for _, s in targets)}, relative weight error {relative:.4f}",
         )

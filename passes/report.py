@@ -57,6 +57,9 @@ def plan_document(program: Program, cluster_name: str, workload: dict) -> dict:
             "weight_bits": plan.weight_bits,
         } if plan else {},
         "measured": [asdict(m) for m in program.measurements],
+        # TensorRT engines per stage and device type: built, or skipped with the command that
+        # builds them on a host that can (see passes/build_engines.py).
+        "engines": [asdict(e) for e in program.engines],
     }
     return doc
 
@@ -105,9 +108,13 @@ class ReportPass(Pass):
         doc = plan_document(program, ctx.cluster.name, workload)
         (ctx.workdir / "plan.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         (ctx.workdir / "report.md").write_text(render_markdown(doc))
+        from llmc.passes.report_html import render_html
+
+        (ctx.workdir / "report.html").write_text(render_html(doc, reserve=ctx.cluster.memory_reserve_bytes))
         kept = tuple(a for a in program.artifacts if a.kind != "report")
         artifacts = (
             Artifact(path="plan.json", ref=ctx.ref("plan.json"), kind="report"),
             Artifact(path="report.md", ref=ctx.ref("report.md"), kind="report"),
+            Artifact(path="report.html", ref=ctx.ref("report.html"), kind="report"),
         )
-        return PassResult(replace(program, artifacts=kept + artifacts), "plan.json, report.md")
+        return PassResult(replace(program, artifacts=kept + artifacts), "plan.json, report.md, report.html")

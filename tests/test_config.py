@@ -43,6 +43,28 @@ CASES = [
     ("cluster", "name: test-lab", "name: test-lab\nskus:\n  - name: X9000\n    memory_gib: 10", "skus[0]", "needs fp16_tflops"),
     ("model", "kind: Model", "kind: Model\nkind: [", "line", "invalid YAML"),
     ("cluster", "name: test-lab\n", "", "name", "required field is missing"),
+    # quantization: methods, GPTQ options and per-module overrides
+    ("model", "  method: rtn", "  method: awq", "quantization.method", "'none', 'rtn' or 'gptq'"),
+    ("model", "  symmetric: true\n", "  symmetric: true\n  targets: []\n", "quantization.targets", "at least 1 item"),
+    ("model", "  symmetric: true\n", "  symmetric: true\n  gptq: {block_size: 100}\n", "quantization.gptq.block_size", "power of two"),
+    ("model", "  symmetric: true\n", "  symmetric: true\n  gptq: {damp: 0}\n", "quantization.gptq.damp", "greater than 0"),
+    ("model", "  symmetric: true\n", "  symmetric: true\n  gptq: {act_order: maybe}\n", "quantization.gptq.act_order", "boolean"),
+    ("model", "  symmetric: true\n", "  symmetric: true\n  overrides:\n    - {match: '*.down_proj', bits: 5}\n",
+     "quantization.overrides[0].bits", "2, 3, 4 or 8"),
+    ("model", "  symmetric: true\n", "  symmetric: true\n  overrides:\n    - {match: '*.down_proj'}\n",
+     "quantization.overrides[0]", "sets nothing"),
+    ("model", "  symmetric: true\n", "  symmetric: true\n  overrides:\n    - {match: '*.down_proj', group_size: 12}\n",
+     "quantization.overrides[0].group_size", "power of two"),
+    ("model", "  symmetric: true\n", "  symmetric: true\n  overrides:\n    - {match: '*.down_proj', bitz: 8}\n",
+     "quantization.overrides[0].bitz", "unknown field"),
+    ("model", "  symmetric: true\n", "  symmetric: true\n  overrides:\n    - {match: '*.o_proj', bits: 8}\n    - {match: '*.o_proj', bits: 3}\n",
+     "quantization.overrides[1].match", "same pattern as overrides[0]"),
+    ("model", "  symmetric: true\n", "  symmetric: false\n  overrides:\n    - {match: '*.o_proj', bits: 3}\n    - {match: '*.down_proj', bits: 8}\n",
+     "quantization.overrides[1]", "resolves to 8-bit asymmetric"),
+    ("model", "  symmetric: true\n", "  symmetric: true\n  overrides:\n    - {match: '', bits: 8}\n",
+     "quantization.overrides[0].match", "at least 1 character"),
+    ("model", "  bits: 4\n  group_size: 32\n  symmetric: true\n", "  bits: 8\n  group_size: 32\n  symmetric: false\n",
+     "quantization", "8-bit asymmetric is not supported"),
 ]
 
 
@@ -108,3 +130,25 @@ def test_validate_imports_no_heavy_packages(configs):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
+
+
+def test_quantization_rules_with_overrides_validate(configs):
+    from llmc.config import load_model_config
+    from llmc.schemes import Override, resolve_schemes, rules_from_config
+
+    model, cluster = configs
+    model.write_text(model.read_text().replace("  method: rtn\n", "  method: gptq\n").replace(
+        "  symmetric: true\n",
+        "  symmetric: true\n  gptq: {act_order: true, damp: 0.02}\n  ignore: [lm_head, '*.v_proj']\n"
+        "  overrides:\n    - {match: 'model.layers.0.*', method: rtn, bits: 8, group_size: -1}\n"
+        "    - {match: '*.down_proj', bits: 3, symmetric: false}\n",
+    ))
+    assert validate(model, cluster).exit_code == 0
+    rules = rules_from_config(load_model_config(model)[0].quantization)
+    assert rules.method == "gptq" and rules.overrides[1] == Override("*.down_proj", None, 3, None, False)
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj",
+             "model.layers.1.self_attn.q_proj"]
+    schemes = resolve_schemes(names, rules)
+    assert [(s.method, s.bits, s.group_size, s.symmetric) if s else None for s in schemes.values()] == [
+        ("rtn", 8, -1, True), ("gptq", 3, 32, False), None, ("gptq", 4, 32, True)
+    ]

@@ -170,18 +170,46 @@ def test_int4_weights_cost_half_a_byte_each():
     assert saved >= weights * (3.5 - 4 / 32) - 512 * len(quantized)
 
 
-def test_asymmetric_weights_export_as_uint4_with_zero_points():
+def test_asymmetric_weights_export_as_intn_plugin_nodes_carrying_their_function():
     model = tiny_llama()
-    stage = build_stages(model, [(0, 4)], quantize_all_linears(model, symmetric=False))[0]
-    types_by_suffix = {t.name.rsplit(".", 1)[1]: t.data_type for t in stage.graph.initializer if "_proj." in t.name}
-    assert types_by_suffix["qweight_T"] == types_by_suffix["zero_T"] == onnx.TensorProto.UINT4
+    quantized = quantize_all_linears(model, symmetric=False)
+    stage = build_stages(model, [(0, 4)], quantized)[0]
+    onnx.checker.check_model(stage, full_check=True)
+    plugin_nodes = [n for n in stage.graph.node if n.domain == "llmc"]
+    assert {n.op_type for n in plugin_nodes} == {"IntNLinear"} and len(plugin_nodes) == len(quantized)
+    assert not any(n.op_type == "DequantizeLinear" for n in stage.graph.node)
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in plugin_nodes[0].attribute}
+    assert attributes == {"bits": 4, "width": 4, "group_size": 32, "plugin_version": b"1", "plugin_namespace": b"llmc"}
+    # The ONNX Runtime equivalent travels in the file: one function body per plugin op.
+    assert [(f.domain, f.name) for f in stage.functions] == [("llmc", "IntNLinear")]
+    assert ("llmc", 1) in [(o.domain, o.version) for o in stage.opset_import]
+    # Codes stay packed: one int32 word holds eight 4-bit codes (the Triton kernel's bit plane).
+    planes = {t.name: t for t in stage.graph.initializer if t.name.endswith(".planes")}
+    assert len(planes) == len(quantized)
+    for name, tensor in planes.items():
+        out_features, in_features = quantized[name.removesuffix(".planes")].q.shape
+        assert tensor.data_type == onnx.TensorProto.INT32 and list(tensor.dims) == [in_features // 8, out_features]
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_int3_codes_export_exactly_in_the_int4_container(symmetric):
+    model = tiny_llama()
+    quantized = quantize_all_linears(model, bits=3, group_size=32, symmetric=symmetric)
+    stage = build_stages(model, [(0, 4)], quantized)[0]
+    ops = {n.op_type for n in stage.graph.node}
+    assert ("IntNLinear" in ops) != symmetric and ("DequantizeLinear" in ops) == symmetric
+    reference = with_dequantized_weights(tiny_llama, quantized)
+    ids = prompt()
+    result = run_stages_greedy([stage], ids, NEW_TOKENS)
+    comparison = compare_with_reference(result, hf_greedy_reference(reference, ids, NEW_TOKENS))
+    assert comparison.tokens_equal and comparison.max_abs_logits_diff < LOGITS_TOLERANCE, comparison
 
 
 def test_unsupported_bits_raise_naming_the_module():
     model = tiny_llama()
     name = "model.layers.0.mlp.down_proj"
-    packed = quantize_rtn(model.get_submodule(name).weight.detach(), bits=3, group_size=32, symmetric=True)
-    with pytest.raises(NotImplementedError, match=rf"{name}: 3-bit"):
+    packed = quantize_rtn(model.get_submodule(name).weight.detach(), bits=5, group_size=32, symmetric=True)
+    with pytest.raises(NotImplementedError, match=rf"{name}: 5-bit"):
         build_stages(model, [(0, 4)], {name: packed})
 
 
@@ -216,7 +244,7 @@ def test_chunk_after_a_cached_prefix_matches_a_full_forward(model):
     np.testing.assert_allclose(chunk_logits, expected, atol=LOGITS_TOLERANCE, rtol=0)
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["int4_symmetric", "uint4_asymmetric"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["int4_symmetric", "int4_asymmetric_plugin"])
 @pytest.mark.parametrize("maker", sorted(MAKERS))
 def test_quantized_stages_match_dequantized_hf(maker, symmetric):
     quantized = quantize_all_linears(MAKERS[maker](), bits=4, group_size=32, symmetric=symmetric)

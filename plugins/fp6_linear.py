@@ -1,0 +1,458 @@
+"""FP6 (e3m2, e2m3) and FP4 (e2m1) weight-only linear, ``y = x @ W.T``, decoding W on the fly.
+
+Weights come from :func:`llmc.passes.fpx.fpx_quantize` (an :class:`~llmc.passes.fpx.FpxLinear`)
+through :func:`pack_fpx`: codes as bit planes (``llmc.passes.bitplanes``: FP6 as its 4+2 split,
+FP4 as one 4-bit plane) and float16 scales ``[K / group, N]`` (a per-channel scale is one group of
+K). The math every path computes:
+
+    W[n, k] = scale[g, n] * decode(code[n, k]),  g = k // group,
+
+and :func:`fpx_reference` is that formula in float32 torch, the yardstick of the tests.
+
+Decoding (rules referred to in the code):
+
+1. A code's bits are moved to where a float32 keeps them: exponent field at bit 23 upward,
+   mantissa just below, sign at bit 31. Because both formats treat exponent field 0 as
+   subnormal the same way, the float32 read from those bits is ``V * 2^(bias - 127)`` exactly,
+   subnormal codes included, for every code ``V`` decodes to (e3m2: ``V * 2^-124``). No table,
+   no conversion instruction; FP6 takes a shift of the 4-bit plane, a rotate of the 2-bit plane
+   and two logic operations (see ``llmc.passes.bitplanes`` rule 4), FP4 two shifts and two.
+2. Decode rows (``M == 1``): CUDA cores. The decoded weight may be a float32 subnormal, which
+   FFMA multiplies exactly (Triton emits no FTZ); ``x`` carries ``2^64`` so that no product is
+   subnormal, and the result ``2^(127 - bias - 64)`` and the scale.
+3. Other rows: tensor cores. The decoded float32 times ``2^(127 - bias)`` is ``V`` exactly;
+   times the scale it becomes the float16 operand of ``tl.dot`` (float32 accumulation).
+4. Split-K as in ``llmc.plugins.splitk``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmc.passes.bitplanes import default_tile, pack_fp_codes, unpack_fp_codes
+from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
+from llmc.plugins.splitk import Split, choose_split, counters, finish_split, require_triton, sm_count, triton
+
+if triton is not None:
+    import triton.language as tl
+
+KERNEL_FORMATS = ("e3m2", "e2m3", "e2m1")
+
+
+@dataclass(frozen=True)
+class FpxWeights:
+    """Kernel-ready FP6/FP4 weights of a [N, K] linear (see the module docstring)."""
+
+    planes: tuple[torch.Tensor, ...]  # int32: FP6 [K / 8, N] and [K / 16, N]; FP4 [K / 8, N]
+    scale: torch.Tensor  # float16 [K / group, N]
+    fmt: FpFormat
+    group_size: int  # also the bit planes' tile
+    in_features: int
+    out_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.planes, self.scale))
+
+    def to(self, device) -> FpxWeights:
+        return FpxWeights(tuple(p.to(device) for p in self.planes), self.scale.to(device), self.fmt,
+                          self.group_size, self.in_features, self.out_features)
+
+
+def pack_fpx(weights: FpxLinear, scale_dtype: torch.dtype = torch.float16) -> FpxWeights:
+    """Bit planes and scales of ``weights`` in the kernels' layout.
+
+    Quantize with ``fpx_quantize(..., scale_dtype=torch.float16)`` so the codes were chosen for
+    the float16 scales the kernels read.
+    """
+    if weights.fmt.name not in KERNEL_FORMATS:
+        raise ValueError(f"pack_fpx: no kernel for {weights.fmt.name} (kernels: {KERNEL_FORMATS})")
+    out_features, in_features = weights.codes.shape
+    planes = pack_fp_codes(weights.codes, weights.fmt.bits, weights.fmt.mantissa_bits, weights.group_size)
+    return FpxWeights(planes, weights.scale.t().contiguous().to(scale_dtype), weights.fmt,
+                      weights.group_size, in_features, out_features)
+
+
+def fpx_tile(in_features: int, group_size: int | None) -> int:
+    """The group size a per-channel weight is packed with: a power-of-two tile of K (16 to 256)."""
+    if group_size not in (None, -1):
+        return group_size
+    return default_tile(in_features, 16)
+
+
+def fpx_dequantize_reference(w: FpxWeights) -> torch.Tensor:
+    """The float32 weight [N, K] the kernels compute with (module docstring formula)."""
+    codes = unpack_fp_codes(w.planes, w.fmt.bits, w.fmt.mantissa_bits, w.group_size)
+    scale = w.scale.float().t().repeat_interleave(w.group_size, dim=1)
+    return fpx_decode(codes, w.fmt) * scale
+
+
+def fpx_reference(x: torch.Tensor, w: FpxWeights) -> torch.Tensor:
+    """``x @ W.T`` in float32 (on the weights' device), returned in ``x``'s dtype and device."""
+    weight = fpx_dequantize_reference(w)
+    y = x.detach().to(device=weight.device, dtype=torch.float32) @ weight.t()
+    return y.to(device=x.device, dtype=x.dtype)
+
+
+# --------------------------------------------------------------------------- Triton
+
+if triton is not None:
+    from llmc.plugins.splitk import _contiguous
+
+    _X_SCALE = tl.constexpr(2.0**64)
+
+    @triton.jit
+    def _shift(v, amount: tl.constexpr):
+        if amount >= 0:
+            return v << amount
+        else:
+            return v >> (-amount)
+
+    @triton.jit
+    def _rotate(v, amount: tl.constexpr):
+        # ptxas turns this into IMAD.SHL (FMA pipe) + SHF and folds the OR into the next LOP3:
+        # fewer integer-pipe operations than one funnel shift (SHF.L.W), measured in SASS.
+        if amount % 32 == 0:
+            return v
+        else:
+            return (v << (amount % 32)) | (v >> (32 - amount % 32))
+
+    @triton.jit
+    def _fp6_bits(high, low, i: tl.constexpr, second_half: tl.constexpr, M: tl.constexpr):
+        """float32 bits of field ``i`` of ``high`` (uint32) with its partner in ``low`` (rule 1)."""
+        # The 4-bit field holds magnitude bits 4..1: they go to bits 24-M .. 27-M.
+        top = _shift(high, 24 - M - 4 * i) & (0xF << (24 - M))
+        # Field 2i (first half of a tile) or 2i+1 of the 2-bit plane: its low bit sits at
+        # bitplanes.fp6_low_positions (4*(f//2) + f%2 for e3m2, 2f for e2m3) and the sign 8+M above.
+        f: tl.constexpr = 2 * i + second_half
+        if M == 2:
+            p: tl.constexpr = 4 * (f // 2) + f % 2
+        else:
+            p: tl.constexpr = 2 * f
+        rest = _rotate(low, 23 - M - p) & ((1 << 31) | (1 << (23 - M)))
+        return (top | rest).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fp4_bits(words, i: tl.constexpr, M: tl.constexpr):
+        """float32 bits of 4-bit field ``i`` of ``words`` (uint32), e2m1 (rule 1)."""
+        magnitude = _shift(words, 23 - M - 4 * i) & (0x7 << (23 - M))
+        sign = _shift(words, 28 - 4 * i) & (1 << 31)
+        return (magnitude | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fp6_gemv_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
+                         N, K, stride_ym, rows_per_split, n_split,
+                         M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        # One row of the 2-bit plane covers 16 weights: the row j of each tile half of the 4-bit
+        # plane (tile rows j and j + GROUP/16), 8 fields each.
+        LOW_ROWS: tl.constexpr = GROUP // 16
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        row_begin = pid_k * rows_per_split
+        acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+        for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
+            rows = r0 + tl.arange(0, BLOCK_W)
+            row_ok = rows < K // 16
+            ok = row_ok[:, None] & n_ok[None, :]
+            tile = rows // LOW_ROWS
+            j = rows % LOW_ROWS
+            high_rows = tile * (2 * LOW_ROWS) + j
+            low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            k0 = _contiguous(tile * GROUP + j, BLOCK_W, LOW_ROWS)
+            dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+            for i in tl.static_range(8):
+                xa = tl.load(x_ptr + k0 + i * (GROUP // 8), mask=row_ok, other=0.0).to(tl.float32) * _X_SCALE
+                xb = tl.load(x_ptr + k0 + i * (GROUP // 8) + LOW_ROWS, mask=row_ok, other=0.0).to(tl.float32) * _X_SCALE
+                dot += _fp6_bits(high_a, low, i, 0, M) * xa[:, None]
+                dot += _fp6_bits(high_b, low, i, 1, M) * xb[:, None]
+            acc += dot * scale
+        # Rule 2: undo 2^(bias - 127) of the decode and 2^64 of x.
+        part = (tl.sum(acc, axis=0) * (2.0 ** (127 - BIAS - 64)))[None, :]
+        finish_split(part, y_ptr, part_ptr, count_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym,
+                     pid_n, pid_k, n_split)
+
+    @triton.jit
+    def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
+                         N, K, stride_ym, rows_per_split, n_split,
+                         M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        ROWS_PER_TILE: tl.constexpr = GROUP // 8
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        row_begin = pid_k * rows_per_split
+        acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+        for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
+            rows = r0 + tl.arange(0, BLOCK_W)
+            row_ok = rows < K // 8
+            ok = row_ok[:, None] & n_ok[None, :]
+            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            tile = rows // ROWS_PER_TILE
+            k0 = _contiguous(tile * GROUP + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
+            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+            for i in tl.static_range(8):
+                xv = tl.load(x_ptr + k0 + i * ROWS_PER_TILE, mask=row_ok, other=0.0).to(tl.float32) * _X_SCALE
+                dot += _fp4_bits(words, i, M) * xv[:, None]
+            acc += dot * scale
+        part = (tl.sum(acc, axis=0) * (2.0 ** (127 - BIAS - 64)))[None, :]
+        finish_split(part, y_ptr, part_ptr, count_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym,
+                     pid_n, pid_k, n_split)
+
+    @triton.jit
+    def _fp6_gemm_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
+                         M_ROWS, N, K, stride_xm, stride_ym, rows_per_split, n_split,
+                         M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        # Rows of the 2-bit plane, each with its two rows of the 4-bit plane, as in the GEMV.
+        LOW_ROWS: tl.constexpr = GROUP // 16
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M_ROWS
+        n_ok = offs_n < N
+        row_begin = pid_k * rows_per_split
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
+            rows = r0 + tl.arange(0, BLOCK_W)
+            row_ok = rows < K // 16
+            ok = row_ok[:, None] & n_ok[None, :]
+            tile = rows // LOW_ROWS
+            j = rows % LOW_ROWS
+            high_rows = tile * (2 * LOW_ROWS) + j
+            low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            # Rule 3: V = decoded float32 * 2^(127 - bias), exact; the scale rides along.
+            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            scale = scale * (2.0 ** (127 - BIAS))
+            k0 = _contiguous(tile * GROUP + j, BLOCK_W, LOW_ROWS)
+            x_mask = m_ok[:, None] & row_ok[None, :]
+            for i in tl.static_range(8):
+                wa = (_fp6_bits(high_a, low, i, 0, M) * scale).to(x_ptr.dtype.element_ty)
+                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * (GROUP // 8))[None, :], mask=x_mask, other=0.0)
+                acc = tl.dot(xa, wa, acc)
+                wb = (_fp6_bits(high_b, low, i, 1, M) * scale).to(x_ptr.dtype.element_ty)
+                xb = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * (GROUP // 8) + LOW_ROWS)[None, :], mask=x_mask, other=0.0)
+                acc = tl.dot(xb, wb, acc)
+        n_blocks = tl.num_programs(0)
+        finish_split(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, M_ROWS, N, stride_ym,
+                     pid_m * n_blocks + pid_n, pid_k, n_split)
+
+    @triton.jit
+    def _fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
+                         M_ROWS, N, K, stride_xm, stride_ym, rows_per_split, n_split,
+                         M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        ROWS_PER_TILE: tl.constexpr = GROUP // 8
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M_ROWS
+        n_ok = offs_n < N
+        row_begin = pid_k * rows_per_split
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
+            rows = r0 + tl.arange(0, BLOCK_W)
+            row_ok = rows < K // 8
+            ok = row_ok[:, None] & n_ok[None, :]
+            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            tile = rows // ROWS_PER_TILE
+            k0 = _contiguous(tile * GROUP + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
+            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            scale = scale * (2.0 ** (127 - BIAS))
+            for i in tl.static_range(8):
+                w = (_fp4_bits(words, i, M) * scale).to(x_ptr.dtype.element_ty)
+                xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * ROWS_PER_TILE)[None, :],
+                             mask=m_ok[:, None] & row_ok[None, :], other=0.0)
+                acc = tl.dot(xk, w, acc)
+        n_blocks = tl.num_programs(0)
+        finish_split(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, M_ROWS, N, stride_ym,
+                     pid_m * n_blocks + pid_n, pid_k, n_split)
+
+    @triton.jit
+    def _fpx_dequantize_kernel(hi_ptr, lo_ptr, s_ptr, out_ptr, N, K,
+                               BITS: tl.constexpr, M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        # W.T as float16 [K, N] (coalesced stores along N) for dequantize-then-matmul. Rows are
+        # rows of the 2-bit plane for FP6 (16 weights), of the 4-bit plane for FP4 (8 weights).
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        n_ok = offs_n[None, :] < N
+        if BITS == 6:
+            LOW_ROWS: tl.constexpr = GROUP // 16
+            ok = (rows[:, None] < K // 16) & n_ok
+            tile = rows // LOW_ROWS
+            j = rows % LOW_ROWS
+            high_rows = tile * (2 * LOW_ROWS) + j
+            low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            scale = scale * (2.0 ** (127 - BIAS))
+            k0 = tile * GROUP + j
+            for i in tl.static_range(8):
+                wa = (_fp6_bits(high_a, low, i, 0, M) * scale).to(tl.float16)
+                tl.store(out_ptr + (k0 + i * (GROUP // 8))[:, None] * N + offs_n[None, :], wa, mask=ok)
+                wb = (_fp6_bits(high_b, low, i, 1, M) * scale).to(tl.float16)
+                tl.store(out_ptr + (k0 + i * (GROUP // 8) + LOW_ROWS)[:, None] * N + offs_n[None, :], wb, mask=ok)
+        else:
+            ROWS_PER_TILE: tl.constexpr = GROUP // 8
+            ok = (rows[:, None] < K // 8) & n_ok
+            tile = rows // ROWS_PER_TILE
+            k0 = tile * GROUP + rows % ROWS_PER_TILE
+            words = tl.load(hi_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            scale = scale * (2.0 ** (127 - BIAS))
+            for i in tl.static_range(8):
+                w = (_fp4_bits(words, i, M) * scale).to(tl.float16)
+                tl.store(out_ptr + (k0 + i * ROWS_PER_TILE)[:, None] * N + offs_n[None, :], w, mask=ok)
+
+
+@dataclass(frozen=True)
+class FpxConfig:
+    """Block shape and split of one launch; :func:`fpx_config` picks it from the shape."""
+
+    block_m: int
+    block_n: int
+    block_w: int
+    num_warps: int
+    num_stages: int
+    split: Split
+
+
+def fpx_config(m: int, w: FpxWeights, sms: int, *, gemv_block_n: int = 256,
+               gemv_programs_per_sm: int = 2) -> FpxConfig:
+    """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md)."""
+    if m == 1:
+        # FP6 GEMV rows are rows of the 2-bit plane (16 weights each); FP4 rows hold 8.
+        weights_per_row = 16 if w.fmt.bits == 6 else 8
+        block_w = 8 if w.fmt.bits == 6 else 16
+        rows = w.in_features // weights_per_row
+        blocks = -(-w.out_features // gemv_block_n)
+        return FpxConfig(1, gemv_block_n, block_w, 4, 1,
+                         choose_split(blocks, rows, block_w, gemv_programs_per_sm * sms))
+    if m <= 16:
+        block_m, block_n, block_w, warps, stages = 16, 64, 16, 4, 3
+    elif m <= 128:
+        block_m, block_n, block_w, warps, stages = 64, 128, 16, 4, 3
+    else:
+        block_m, block_n, block_w, warps, stages = 128, 128, 16, 8, 3
+    blocks = -(-w.out_features // block_n) * -(-m // block_m)
+    rows = w.in_features // (16 if w.fmt.bits == 6 else 8)
+    return FpxConfig(block_m, block_n, block_w, warps, stages, choose_split(blocks, rows, block_w, 2 * sms))
+
+
+def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T`` for float16/bfloat16 ``x`` [..., K] on a CUDA device, in ``x``'s dtype.
+
+    ``out``, if given, is a contiguous [rows, N] tensor of ``x``'s dtype to write into.
+    """
+    require_triton()
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"fpx_linear: x has {x.shape[-1]} features, the weight takes {w.in_features}")
+    x2 = x.reshape(-1, w.in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n, k = x2.shape[0], w.out_features, w.in_features
+    config = config or fpx_config(m, w, sm_count(x.device))
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    split = config.split
+    grid_n = -(-n // config.block_n)
+    grid_m = -(-m // config.block_m)
+    part = torch.empty(split.split if split.split > 1 else 1, m, n, dtype=torch.float32, device=x.device)
+    count = counters(x.device, grid_n * grid_m)
+    fmt = w.fmt
+    common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, GROUP=w.group_size, BLOCK_N=config.block_n,
+                  BLOCK_W=config.block_w, num_warps=config.num_warps, num_stages=config.num_stages)
+    low = w.planes[1] if fmt.bits == 6 else w.planes[0]
+    if config.block_m == 1 and fmt.bits == 6:
+        _fp6_gemv_kernel[(grid_n, split.split)](
+            x2, w.planes[0], low, w.scale, y, part, count, n, k, y.stride(0),
+            split.rows_per_split, split.split, **common)
+    elif config.block_m == 1:
+        _fp4_gemv_kernel[(grid_n, split.split)](
+            x2, w.planes[0], w.scale, y, part, count, n, k, y.stride(0),
+            split.rows_per_split, split.split, **common)
+    elif fmt.bits == 6:
+        _fp6_gemm_kernel[(grid_n, grid_m, split.split)](
+            x2, w.planes[0], low, w.scale, y, part, count, m, n, k, x2.stride(0), y.stride(0),
+            split.rows_per_split, split.split, BLOCK_M=config.block_m, **common)
+    else:
+        _fp4_gemm_kernel[(grid_n, grid_m, split.split)](
+            x2, w.planes[0], w.scale, y, part, count, m, n, k, x2.stride(0), y.stride(0),
+            split.rows_per_split, split.split, BLOCK_M=config.block_m, **common)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def fpx_dequantize(w: FpxWeights, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The weight [N, K] in ``dtype`` on the GPU, by a Triton kernel (dequantize-then-matmul).
+
+    Returned as the transposed view of a [K, N] tensor, which cuBLAS reads as it is.
+    """
+    require_triton()
+    out = torch.empty(w.in_features, w.out_features, dtype=torch.float16, device=w.planes[0].device)
+    block_n, block_w = 64, 16
+    rows = w.in_features // (16 if w.fmt.bits == 6 else 8)
+    grid = (-(-w.out_features // block_n), -(-rows // block_w))
+    low = w.planes[1] if w.fmt.bits == 6 else w.planes[0]
+    _fpx_dequantize_kernel[grid](w.planes[0], low, w.scale, out, w.out_features, w.in_features,
+                                 BITS=w.fmt.bits, M=w.fmt.mantissa_bits, BIAS=w.fmt.bias, GROUP=w.group_size,
+                                 BLOCK_N=block_n, BLOCK_W=block_w)
+    return (out if dtype == torch.float16 else out.to(dtype)).t()
+
+
+def fpx_format(name: str) -> FpFormat:
+    if name not in KERNEL_FORMATS:
+        raise ValueError(f"no kernel for FP format {name!r} (kernels: {', '.join(KERNEL_FORMATS)})")
+    return FORMATS[name]
+
+
+
+def kernel_variants() -> list:
+    """The kernels :func:`fpx_linear` and :func:`fpx_dequantize` launch, for ``llmc.plugins.aot``."""
+    from llmc.plugins.aot import KernelVariant
+
+    out = dict(y_ptr="*fp16", part_ptr="*fp32", count_ptr="*i32")
+    sizes = dict(N="i32", K="i32", stride_ym="i32", rows_per_split="i32", n_split="i32")
+    gemm_sizes = dict(M_ROWS="i32", N="i32", K="i32", stride_xm="i32", stride_ym="i32",
+                      rows_per_split="i32", n_split="i32")
+    variants = []
+    for name, group in (("e3m2", 256), ("e2m3", 128), ("e2m1", 256)):
+        fmt = FORMATS[name]
+        common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, GROUP=group)
+        if fmt.bits == 6:
+            weights = dict(x_ptr="*fp16", hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16")
+            gemv, gemm, block_w = _fp6_gemv_kernel, _fp6_gemm_kernel, 8
+        else:
+            weights = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16")
+            gemv, gemm, block_w = _fp4_gemv_kernel, _fp4_gemm_kernel, 16
+        pointers = {**weights, **out}
+        aligned = (*pointers, "N", "K", "stride_ym", "rows_per_split")
+        variants.append(KernelVariant(f"fpx-gemv-{name}", gemv, {**pointers, **sizes},
+                                      {**common, "BLOCK_N": 256, "BLOCK_W": block_w}, 4, 1, aligned))
+        for block_m, block_n, warps in ((16, 64, 4), (128, 128, 8)):
+            variants.append(KernelVariant(
+                f"fpx-gemm{block_m}-{name}", gemm, {**pointers, **gemm_sizes},
+                {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_W": 16}, warps, 3,
+                (*aligned, "stride_xm")))
+        variants.append(KernelVariant(
+            f"fpx-dequantize-{name}", _fpx_dequantize_kernel,
+            dict(hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16", out_ptr="*fp16", N="i32", K="i32"),
+            dict(BITS=fmt.bits, **common, BLOCK_N=64, BLOCK_W=16), 4, 1,
+            ("hi_ptr", "lo_ptr", "s_ptr", "out_ptr", "N", "K")))
+    return variants

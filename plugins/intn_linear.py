@@ -1,0 +1,342 @@
+"""Group-wise int-N weight-only linear, ``y = x @ W.T``, dequantizing W on the fly (Triton).
+
+Weights come from a :class:`~llmc.packed.PackedLinear` (RTN or GPTQ, symmetric or asymmetric)
+through :func:`pack_intn`: codes as bit planes (``llmc.passes.bitplanes``, tile = group size),
+float16 scales and zero points ``[K / group, N]``. The math every path computes:
+
+    W[n, k] = scale[g, n] * (u[n, k] - zero[g, n]),  g = k // group,
+
+``u`` the unsigned code (a symmetric code ``q`` is stored as ``u = q + 2^(b-1)`` with zero
+``2^(b-1)``). :func:`intn_reference` is that formula in float32 torch, the yardstick of the tests.
+
+Kernels (rules referred to in the code):
+
+1. Decode rows (``M == 1``): CUDA cores, float32. A field at bit offset ``o < 16`` of a word,
+   masked in place and read as a float32, is the subnormal ``u * 2^(o - 149)``, exactly; fields at
+   ``o >= 16`` come from the word shifted right by 16 once per word. One integer AND and one FFMA
+   per weight: ``x`` (shared by every row of words) carries the ``2^(149 - o)``, split between a
+   ``2^(100 - o)`` on ``x`` and a ``2^49`` on the result so that no product is subnormal; the zero
+   point enters once per word as ``zero * sum(x)``. No int-to-float conversion (a quarter-rate
+   instruction), and no FTZ: Triton's float32 arithmetic keeps subnormals (no ``.ftz`` in its PTX).
+2. Other rows: tensor cores. A field becomes the float16 ``1024 + u`` by OR-ing 0x6400; minus
+   ``1024 + zero``, times the scale, it is a float16 operand of ``tl.dot`` with float32
+   accumulation.
+3. Both split K when the output alone gives too few programs (``llmc.plugins.splitk``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmc.packed import PackedLinear
+from llmc.passes.bitplanes import INT_PLANE_WIDTHS, fields_per_word, pack_int_codes, unpack_int_codes
+from llmc.plugins.splitk import Split, choose_split, counters, finish_split, require_triton, sm_count, triton
+
+if triton is not None:
+    import triton.language as tl
+
+KERNEL_BITS = (2, 4, 8)  # one bit plane each; int3's two planes are packed but not yet a kernel
+
+
+@dataclass(frozen=True)
+class IntNWeights:
+    """Kernel-ready int-N weights of a [N, K] linear (see the module docstring)."""
+
+    planes: tuple[torch.Tensor, ...]  # int32 [K / F, N] each
+    scale: torch.Tensor  # float16 [K / group, N]
+    zero: torch.Tensor  # float16 [K / group, N]: 2^(b-1) everywhere when symmetric
+    bits: int
+    group_size: int
+    symmetric: bool
+    in_features: int
+    out_features: int
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (*self.planes, self.scale) + (() if self.symmetric else (self.zero,))
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device) -> IntNWeights:
+        return IntNWeights(
+            tuple(p.to(device) for p in self.planes), self.scale.to(device), self.zero.to(device),
+            self.bits, self.group_size, self.symmetric, self.in_features, self.out_features,
+        )
+
+
+def pack_intn(packed: PackedLinear, scale_dtype: torch.dtype = torch.float16) -> IntNWeights:
+    """Bit planes, scales and zero points of ``packed`` in the kernels' layout."""
+    if packed.bits not in INT_PLANE_WIDTHS:
+        raise ValueError(f"pack_intn: {packed.bits}-bit codes are not packed (use 2, 3, 4 or 8)")
+    out_features, in_features = packed.q.shape
+    offset = 1 << (packed.bits - 1)
+    if packed.symmetric:
+        unsigned = packed.q.to(torch.int64) + offset
+        zero = torch.full_like(packed.scale, float(offset))
+    else:
+        unsigned = packed.q.to(torch.int64)
+        zero = packed.zero.to(torch.float32)
+    planes = pack_int_codes(unsigned, packed.bits, packed.group_size)
+    return IntNWeights(
+        planes=planes,
+        scale=packed.scale.t().contiguous().to(scale_dtype),
+        zero=zero.t().contiguous().to(scale_dtype),
+        bits=packed.bits,
+        group_size=packed.group_size,
+        symmetric=packed.symmetric,
+        in_features=in_features,
+        out_features=out_features,
+    )
+
+
+def intn_dequantize_reference(w: IntNWeights) -> torch.Tensor:
+    """The float32 weight [N, K] the kernels compute with (module docstring formula)."""
+    u = unpack_int_codes(w.planes, w.bits, w.group_size).to(torch.float32)
+    scale = w.scale.float().t().repeat_interleave(w.group_size, dim=1)
+    zero = w.zero.float().t().repeat_interleave(w.group_size, dim=1)
+    return scale * (u - zero)
+
+
+def intn_reference(x: torch.Tensor, w: IntNWeights) -> torch.Tensor:
+    """``x @ W.T`` in float32 (on the weights' device), returned in ``x``'s dtype and device."""
+    weight = intn_dequantize_reference(w)
+    y = x.detach().to(device=weight.device, dtype=torch.float32) @ weight.t()
+    return y.to(device=x.device, dtype=x.dtype)
+
+
+# --------------------------------------------------------------------------- Triton
+
+if triton is not None:
+    from llmc.plugins.splitk import _contiguous
+
+    # Rule 1: x is scaled by 2^(100 - o), so u * 2^(o - 149) times it is u * x * 2^-49, normal.
+    _X_SCALE = tl.constexpr(2.0**100)
+    _PRODUCT_SCALE = tl.constexpr(2.0**-49)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
+             N, K, stride_ym, rows_per_split, n_split,
+             WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        FIELDS: tl.constexpr = 32 // WIDTH
+        ROWS_PER_TILE: tl.constexpr = GROUP // FIELDS
+        MASK: tl.constexpr = (1 << WIDTH) - 1
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        row_begin = pid_k * rows_per_split
+        row_end = K // FIELDS
+        acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+        for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
+            rows = r0 + tl.arange(0, BLOCK_W)
+            row_ok = rows < row_end
+            ok = row_ok[:, None] & n_ok[None, :]
+            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
+            high = words >> 16
+            tile = rows // ROWS_PER_TILE
+            k0 = _contiguous(tile * GROUP + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
+            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+            x_sum = tl.zeros([BLOCK_W], dtype=tl.float32)
+            for i in tl.static_range(FIELDS):
+                # Rule 1: the masked field, read as float32, is u * 2^(o - 149).
+                o = (WIDTH * i) % 16
+                source = words if WIDTH * i < 16 else high
+                v = (source & (MASK << o)).to(tl.float32, bitcast=True)
+                xv = tl.load(x_ptr + k0 + i * ROWS_PER_TILE, mask=row_ok, other=0.0).to(tl.float32)
+                x_sum += xv
+                dot += v * (xv * (_X_SCALE / (1 << o)))[:, None]
+            # Products are u * x * 2^-49; the zero point's share takes the same factor.
+            x_sum = x_sum * _PRODUCT_SCALE
+            if SYMMETRIC:
+                dot -= ZERO * x_sum[:, None]
+            else:
+                zero = tl.load(z_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+                dot -= zero * x_sum[:, None]
+            acc += dot * scale
+        part = (tl.sum(acc, axis=0) * (1.0 / _PRODUCT_SCALE))[None, :]
+        offs_m = tl.arange(0, 1)
+        finish_split(part, y_ptr, part_ptr, count_ptr, offs_m, offs_n, 1, N, stride_ym, pid_n, pid_k, n_split)
+
+    @triton.jit
+    def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
+             M, N, K, stride_xm, stride_ym, rows_per_split, n_split,
+             WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        FIELDS: tl.constexpr = 32 // WIDTH
+        ROWS_PER_TILE: tl.constexpr = GROUP // FIELDS
+        MASK: tl.constexpr = (1 << WIDTH) - 1
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        row_begin = pid_k * rows_per_split
+        row_end = K // FIELDS
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
+            rows = r0 + tl.arange(0, BLOCK_W)
+            row_ok = rows < row_end
+            ok = row_ok[:, None] & n_ok[None, :]
+            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
+            tile = rows // ROWS_PER_TILE
+            k0 = _contiguous(tile * GROUP + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
+            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+            if SYMMETRIC:
+                offset = 1024.0 + ZERO
+            else:
+                offset = 1024.0 + tl.load(z_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+            for i in tl.static_range(FIELDS):
+                # Rule 2: float16 1024 + u from one mask-and-or.
+                bits16 = (((words >> (WIDTH * i)) & MASK) | 0x6400).to(tl.int16)
+                w = ((bits16.to(tl.float16, bitcast=True) - offset) * scale).to(x_ptr.dtype.element_ty)
+                xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * ROWS_PER_TILE)[None, :],
+                             mask=m_ok[:, None] & row_ok[None, :], other=0.0)
+                acc = tl.dot(xk, w, acc)
+        n_blocks = tl.num_programs(0)
+        finish_split(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, stride_ym,
+               pid_m * n_blocks + pid_n, pid_k, n_split)
+
+    @triton.jit
+    def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
+                   WIDTH: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        # W.T as float16 [K, N] (coalesced stores along N) for dequantize-then-matmul.
+        FIELDS: tl.constexpr = 32 // WIDTH
+        ROWS_PER_TILE: tl.constexpr = GROUP // FIELDS
+        MASK: tl.constexpr = (1 << WIDTH) - 1
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        ok = (rows[:, None] < K // FIELDS) & (offs_n[None, :] < N)
+        words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
+        tile = rows // ROWS_PER_TILE
+        k0 = _contiguous(tile * GROUP + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
+        scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+        offset = 1024.0 + tl.load(z_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+        for i in tl.static_range(FIELDS):
+            bits16 = (((words >> (WIDTH * i)) & MASK) | 0x6400).to(tl.int16)
+            w = ((bits16.to(tl.float16, bitcast=True) - offset) * scale).to(tl.float16)
+            tl.store(out_ptr + (k0 + i * ROWS_PER_TILE)[:, None] * N + offs_n[None, :], w, mask=ok)
+
+
+
+
+@dataclass(frozen=True)
+class IntNConfig:
+    """Block shape and split of one launch; :func:`intn_config` picks it from the shape."""
+
+    block_m: int
+    block_n: int
+    block_w: int
+    num_warps: int
+    num_stages: int
+    split: Split
+
+
+def intn_config(m: int, w: IntNWeights, sms: int, *, gemv_block_n: int = 256,
+                gemv_programs_per_sm: int = 2) -> IntNConfig:
+    """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md)."""
+    word_rows = w.in_features // fields_per_word(_width(w.bits))
+    if m == 1:
+        block_w = 16
+        blocks = -(-w.out_features // gemv_block_n)
+        split = choose_split(blocks, word_rows, block_w, gemv_programs_per_sm * sms)
+        return IntNConfig(1, gemv_block_n, block_w, 4, 1, split)
+    if m <= 16:
+        block_m, block_n, block_w, warps, stages = 16, 64, 16, 4, 3
+    elif m <= 128:
+        block_m, block_n, block_w, warps, stages = 64, 128, 16, 4, 3
+    else:
+        block_m, block_n, block_w, warps, stages = 128, 128, 16, 8, 3
+    blocks = -(-w.out_features // block_n) * -(-m // block_m)
+    return IntNConfig(block_m, block_n, block_w, warps, stages,
+                      choose_split(blocks, word_rows, block_w, 2 * sms))
+
+
+def _width(bits: int) -> int:
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"intn_linear: no kernel for {bits}-bit weights (kernels: {KERNEL_BITS})")
+    return INT_PLANE_WIDTHS[bits][0]
+
+
+def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T`` for float16/bfloat16 ``x`` [..., K] on a CUDA device, in ``x``'s dtype.
+
+    ``out``, if given, is a contiguous [rows, N] tensor of ``x``'s dtype to write into.
+    """
+    width = _width(w.bits)
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"intn_linear: x has {x.shape[-1]} features, the weight takes {w.in_features}")
+    x2 = x.reshape(-1, w.in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n, k = x2.shape[0], w.out_features, w.in_features
+    config = config or intn_config(m, w, sm_count(x.device))
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    split = config.split
+    grid_n = -(-n // config.block_n)
+    grid_m = -(-m // config.block_m)
+    part = torch.empty(split.split if split.split > 1 else 1, m, n, dtype=torch.float32, device=x.device)
+    count = counters(x.device, grid_n * grid_m)
+    require_triton()
+    common = dict(WIDTH=width, GROUP=w.group_size, SYMMETRIC=w.symmetric, ZERO=float(1 << (w.bits - 1)),
+                  BLOCK_N=config.block_n, BLOCK_W=config.block_w, num_warps=config.num_warps,
+                  num_stages=config.num_stages)
+    if config.block_m == 1:
+        _gemv_kernel[(grid_n, split.split)](
+            x2, w.planes[0], w.scale, w.zero, y, part, count, n, k, y.stride(0),
+            split.rows_per_split, split.split, **common)
+    else:
+        _gemm_kernel[(grid_n, grid_m, split.split)](
+            x2, w.planes[0], w.scale, w.zero, y, part, count, m, n, k, x2.stride(0), y.stride(0),
+            split.rows_per_split, split.split, BLOCK_M=config.block_m, **common)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def intn_dequantize(w: IntNWeights, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The weight [N, K] in ``dtype`` on the GPU, by a Triton kernel (dequantize-then-matmul).
+
+    Returned as the transposed view of a [K, N] tensor, which cuBLAS reads as it is.
+    """
+    width = _width(w.bits)
+    out = torch.empty(w.in_features, w.out_features, dtype=torch.float16, device=w.planes[0].device)
+    block_n, block_w = 64, 16
+    word_rows = w.in_features // fields_per_word(width)
+    grid = (-(-w.out_features // block_n), -(-word_rows // block_w))
+    _dequantize_kernel[grid](w.planes[0], w.scale, w.zero, out, w.out_features, w.in_features,
+                                   WIDTH=width, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_W=block_w)
+    return (out if dtype == torch.float16 else out.to(dtype)).t()
+
+
+def kernel_variants() -> list:
+    """The kernels :func:`intn_linear` and :func:`intn_dequantize` launch, for ``llmc.plugins.aot``."""
+    from llmc.plugins.aot import KernelVariant
+
+    pointers = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", y_ptr="*fp16",
+                    part_ptr="*fp32", count_ptr="*i32")
+    aligned = (*pointers, "N", "K", "stride_ym", "rows_per_split")
+    variants = []
+    for bits, symmetric, group in ((4, True, 128), (4, False, 32), (8, True, 128)):
+        tag = f"int{bits}-{'sym' if symmetric else 'asym'}-g{group}"
+        common = dict(WIDTH=INT_PLANE_WIDTHS[bits][0], GROUP=group, SYMMETRIC=symmetric, ZERO=float(1 << (bits - 1)))
+        variants.append(KernelVariant(
+            f"intn-gemv-{tag}", _gemv_kernel,
+            {**pointers, "N": "i32", "K": "i32", "stride_ym": "i32", "rows_per_split": "i32", "n_split": "i32"},
+            {**common, "BLOCK_N": 256, "BLOCK_W": 16}, 4, 1, aligned))
+        for block_m, block_n, warps in ((16, 64, 4), (128, 128, 8)):
+            variants.append(KernelVariant(
+                f"intn-gemm{block_m}-{tag}", _gemm_kernel,
+                {**pointers, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32",
+                 "rows_per_split": "i32", "n_split": "i32"},
+                {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_W": 16}, warps, 3,
+                (*aligned, "stride_xm")))
+    variants.append(KernelVariant(
+        "intn-dequantize-int4-g128", _dequantize_kernel,
+        dict(w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", out_ptr="*fp16", N="i32", K="i32"),
+        dict(WIDTH=4, GROUP=128, BLOCK_N=64, BLOCK_W=16), 4, 1,
+        ("w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K")))
+    return variants
