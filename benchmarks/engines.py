@@ -109,6 +109,10 @@ def main() -> None:
             print(f"  stage {stage['index']} {record['sku']}: {mib(len(data))} MiB in {seconds:.1f}/{seconds2:.1f} s, "
                   f"float {mib(len(float_data))} MiB", file=sys.stderr)
 
+    if not rows:
+        sys.exit("the example's plan puts no stage on a device this host can build for "
+                 f"({', '.join(r['sku'] + ': ' + r['reason'] for r, _ in skipped)}); nothing to measure")
+
     import tensorrt_rtx
 
     build_pass = passes["build-engines"]

@@ -25,12 +25,21 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over from
+    the parent through fork and exec, so a child of a large process would report the parent's."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "examples" / "smollm2" / "assets"
@@ -39,6 +48,21 @@ MODELS = {
     "smollm2": ("model/SmolLM2-135M-Instruct.Q4_1.gguf", 64),  # hidden 576 = 4.5 x 128
     "qwen0.5b": ("model/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", 128),
 }
+REFERENCE_NOTE = (
+    "Reference: llm-compressor 0.14.0.1 (compressed-tensors 0.19.0, transformers 5.17.0, torch "
+    "2.13.0+cpu) in its own virtual environment, `benchmarks/gptq_reference.py`: `GPTQModifier` "
+    "on every decoder linear (LM head ignored), damping 0.01, blocks of 128, static act-order or "
+    "none, the same float checkpoint, the same 32 calibration windows (not shuffled) and the same "
+    "evaluation windows and formula; its time is `oneshot` alone, its memory the peak RSS of its "
+    "process. It runs on this CPU (it warns that no accelerator is present). Differences that "
+    "remain: its symmetric grid is absmax / 7.5 with codes clamped to [-8, 7] (the group's largest "
+    "positive weight is clipped by half a step), llmc's is max(max / 7, -min / 8) (nothing "
+    "clipped); it computes all of a block's Hessians from one forward, llmc true-sequentially. "
+    "Both ran with `OMP_NUM_THREADS=1` on a host whose two cores other jobs shared (load average "
+    "5-10), so wall times compare runs made side by side, not absolute speed."
+)
+# The settings grid each model gets by default: the full one where a run fits a session here.
+GRID = {"smollm2": "full", "qwen0.5b": "core"}
 CALIBRATION = ("data/sotu-1990-2008.txt", 256, 32)
 EVALUATION = ("data/sotu-2009-2021.txt", 256, 16)
 
@@ -51,14 +75,18 @@ def settings(group: int, grid: str) -> list[tuple[int, int, bool]]:
     return [(4, group, True), (4, group, False), (3, group, True), (3, group, False), (8, -1, True)]
 
 
-def act_orders(grid: str) -> tuple[bool, ...]:
-    return (False,) if grid == "core" else (False, True)
+def gptq_runs(group: int, grid: str) -> list[tuple[int, int, bool, bool]]:
+    """(bits, group_size, symmetric, act_order): every setting, then act-order for the
+    symmetric 4- and 3-bit ones (the 2-core host cannot afford the full cross product)."""
+    runs = [(bits, size, symmetric, False) for bits, size, symmetric in settings(group, grid)]
+    return runs if grid == "core" else runs + [(4, group, True, True), (3, group, True, True)]
 
 
 def reference_runs(group: int, grid: str) -> list[tuple[int, int, bool, bool]]:
     """(bits, group_size, symmetric, act_order) run with the reference implementation."""
-    runs = [(bits, size, symmetric, False) for bits, size, symmetric in settings(group, grid) if bits < 8]
-    return runs if grid == "core" else runs + [(4, group, True, True)]
+    if grid == "core":
+        return [(4, group, True, False)]
+    return [(4, group, True, False), (3, group, True, False), (4, group, True, True)]
 
 
 def label(bits: int, group: int, symmetric: bool) -> str:
@@ -144,7 +172,7 @@ def run_gptq(model: str, cache: Path, bits: int, group: int, symmetric: bool, ac
     start = time.perf_counter()
     run = run_pipeline(base_passes(model) + [gptq], cache_root=cache, seed=0, show_progress=False)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     timing = run.timings[-1]
     packed = load_packed(cache / run.program.quantized_weights)
     weights = {name: p.dequantize() for name, p in packed.items()}
@@ -185,23 +213,22 @@ def measure(models: list[str], cache: Path, results: dict, save, reference_pytho
                     weights = {n: rtn_quantize(m.weight, bits, size, symmetric).dequantize() for n, m in linears.items()}
                     record(key, {"perplexity": perplexity_with(float_model, weights, windows)})
                 key = f"rtn-full-range {label(bits, size, symmetric)}"
-                if symmetric and bits < 8 and key not in rows:
+                if symmetric and bits < 8 and grid == "full" and key not in rows:
                     # RTN on GPTQ's symmetric grid ([-8, 7] at 4 bits): separates grid from algorithm.
                     weights = {n: _round_on_grid(m.weight, bits, size, fit_grid) for n, m in linears.items()}
                     record(key, {"perplexity": perplexity_with(float_model, weights, windows)})
             del float_model
 
-        for act_order in act_orders(grid):
-            for bits, size, symmetric in settings(group, grid):
-                key = f"gptq {label(bits, size, symmetric)}{' act-order' if act_order else ''}"
-                if key in rows:
-                    continue
-                command = [sys.executable, __file__, "--one", json.dumps(
-                    [model, str(cache), bits, size, symmetric, act_order])]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise SystemExit(f"{key} failed:\n{done.stderr[-3000:]}")
-                record(key, json.loads(done.stdout.strip().splitlines()[-1]))
+        for bits, size, symmetric, act_order in gptq_runs(group, grid):
+            key = f"gptq {label(bits, size, symmetric)}{' act-order' if act_order else ''}"
+            if key in rows:
+                continue
+            command = [sys.executable, __file__, "--one", json.dumps(
+                [model, str(cache), bits, size, symmetric, act_order])]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{key} failed:\n{done.stderr[-3000:]}")
+            record(key, json.loads(done.stdout.strip().splitlines()[-1]))
 
         if reference_python:
             for bits, size, symmetric, act_order in reference_runs(group, grid):
@@ -234,9 +261,8 @@ def write_table(results: dict, out: Path, reference_note: str) -> None:
     lines = [
         "# GPTQ vs RTN (and a reference GPTQ)",
         "",
-        f"Written by `benchmarks/gptq.py` on {date.today().isoformat()}, {platform.machine()} "
-        f"{platform.processor() or ''} CPU host ({_cpus()} cores, shared with other jobs: wall times are "
-        "indicative), torch on CPU, float32.",
+        f"Written by `benchmarks/gptq.py` on {date.today().isoformat()}: {platform.machine()} CPU host "
+        f"({_cpus()} cores, shared with other jobs: wall times are indicative), torch on CPU, float32.",
         "",
         "Protocol: calibration = 32 windows x 256 tokens at seeded offsets (seed 0) from "
         "`sotu-1990-2008.txt`; evaluation = the first 16 non-overlapping 256-token windows of the "
@@ -244,7 +270,16 @@ def write_table(results: dict, out: Path, reference_note: str) -> None:
         "decoder-layer linear quantized; embeddings and LM head float. GPTQ: damping 0.01, lazy "
         "batches of 128, true-sequential inside each block, each block calibrated on the quantized "
         "blocks before it. Time and memory: the `quantize-gptq` pass alone, in a fresh process "
-        "(peak RSS of that process, model load included).",
+        "(peak RSS of that process, model load included; '-' for the runs whose figure was read "
+        "from ru_maxrss, which Linux carries over from the parent through fork and exec, so they "
+        "reported the benchmark's own 2 GiB; the script now reads VmHWM).",
+        "",
+        "Symmetric grids: llmc's RTN uses codes in [-(2^(b-1) - 1), 2^(b-1) - 1] (int4: [-7, 7]); "
+        "GPTQ the full signed range [-2^(b-1), 2^(b-1) - 1] (int4: [-8, 7]) with scale "
+        "max(max / (2^(b-1) - 1), -min / 2^(b-1)). The 'RTN on GPTQ's symmetric grid' rows round "
+        "to GPTQ's grid without error feedback, separating the grid's share of the gain from the "
+        "algorithm's. 8-bit rows are per output channel (TensorRT's int8 weight-only layout). "
+        "SmolLM2's hidden size 576 is not a multiple of 128, so its groups are 64.",
         "",
         "4-bit asymmetric groups of 32 reproduce SmolLM2's stored Q4_1 weights exactly; that "
         "setting is left out.",
@@ -256,10 +291,11 @@ def write_table(results: dict, out: Path, reference_note: str) -> None:
             continue
         lines += [f"## {model}", "", "| method | setting | act-order | perplexity | vs float | pass wall time | peak RSS |",
                   "|---|---|---|---|---|---|---|",
-                  f"| float | - | - | {ref:.3f} | - | - | - |"]
-        for key, row in rows.items():
-            if key == "float":
-                continue
+                  f"| float | - | - | {ref:.2f} | - | - | - |"]
+        rank = {"rtn": 0, "rtn-full-range": 1, "gptq": 2, "reference": 3}
+        ordered = sorted((k for k in rows if k != "float"), key=lambda k: (rank.get(k.split(" ")[0], 4), k.endswith("act-order")))
+        for key in ordered:
+            row = rows[key]
             method, _, rest = key.partition(" ")
             act = "yes" if rest.endswith(" act-order") else "no"
             setting = rest.removesuffix(" act-order")
@@ -269,15 +305,37 @@ def write_table(results: dict, out: Path, reference_note: str) -> None:
             ppl = row["perplexity"]
             seconds = row.get("seconds")
             peak = row.get("peak_rss_bytes")
-            shown_method = {"rtn": "RTN (llmc, [-7, 7] sym grid)", "rtn-full-range": "RTN on GPTQ's sym grid",
+            shown_method = {"rtn": "RTN (llmc)", "rtn-full-range": "RTN on GPTQ's symmetric grid",
                             "gptq": "GPTQ (llmc)", "reference": "GPTQ (llm-compressor)"}.get(method, method)
             lines.append(
-                f"| {shown_method} | {setting} | {act if method in ('gptq', 'reference') else '-'} | {ppl:.3f} | "
+                f"| {shown_method} | {setting} | {act if method in ('gptq', 'reference') else '-'} | {ppl:.2f} | "
                 f"{100 * (ppl / ref - 1):+.2f}% | {f'{seconds:.0f} s' if seconds else '-'} | "
                 f"{f'{peak / 2**30:.2f} GiB' if peak else '-'} |"
             )
         lines.append("")
-    lines += [reference_note, ""]
+    lines += ["## llmc against the reference", "",
+              "| model | setting | act-order | perplexity llmc / reference | pass time llmc / reference |",
+              "|---|---|---|---|---|"]
+    for model, rows in results.items():
+        for key, theirs in rows.items():
+            ours = rows.get("gptq" + key.removeprefix("reference"))
+            if not key.startswith("reference ") or ours is None or "error" in theirs:
+                continue
+            setting = key.removeprefix("reference ").removesuffix(" act-order")
+            time_ratio = f"{ours['seconds'] / theirs['seconds']:.2f}" if ours.get("seconds") else "-"
+            lines.append(f"| {model} | {setting} | {'yes' if key.endswith('act-order') else 'no'} | "
+                         f"{ours['perplexity']:.2f} / {theirs['perplexity']:.2f} = "
+                         f"{ours['perplexity'] / theirs['perplexity']:.3f} | {time_ratio} |")
+    missing = []
+    for model, rows in results.items():
+        group, grid = MODELS[model][1], GRID[model]
+        wanted = [f"gptq {label(b, g, s)}{' act-order' if a else ''}" for b, g, s, a in gptq_runs(group, grid)]
+        wanted += [f"reference {label(b, g, s)}{' act-order' if a else ''}" for b, g, s, a in reference_runs(group, grid)]
+        missing += [f"{model} {key}" for key in wanted if key not in rows]
+    if missing:
+        lines += ["", "Not measured yet (the script resumes them; a GPTQ run interrupted midway resumes at "
+                  "its block): " + "; ".join(missing) + "."]
+    lines += ["", reference_note, ""]
     out.write_text("\n".join(lines))
 
 
@@ -290,14 +348,15 @@ def _cpus() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2,qwen0.5b")
-    parser.add_argument("--grid", choices=["full", "core"], default="full",
-                        help="settings measured (core: symmetric int4 and int3, no act-order)")
+    parser.add_argument("--grid", choices=["full", "core"],
+                        help="settings measured (core: symmetric int4 and int3 only, for a slow model); "
+                        "default per model: " + ", ".join(f"{m} {g}" for m, g in GRID.items()))
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "llmc-bench")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "gptq.md")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "benchmarks",
                         help="folder of the per-model results, gptq-<model>.json")
     parser.add_argument("--reference-python", help="interpreter with llm-compressor (see gptq_reference.py)")
-    parser.add_argument("--reference-note", default="", help="text placed under the tables")
+    parser.add_argument("--reference-note", default=REFERENCE_NOTE, help="text placed under the tables")
     parser.add_argument("--fresh", action="store_true", help="ignore stored results")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from stored results")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -322,7 +381,8 @@ def main() -> None:
         write_table({m: results[m] for m in MODELS if m in results}, args.out, args.reference_note)
 
     if not args.table_only:
-        measure(models, args.cache_dir, results, save, args.reference_python, args.grid)
+        for model in models:
+            measure([model], args.cache_dir, results, save, args.reference_python, args.grid or GRID[model])
     save()
 
 

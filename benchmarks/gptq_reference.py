@@ -19,10 +19,19 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import sys
 import time
 
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over from
+    the parent through fork and exec, so a child of a large process would report the parent's."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 def main() -> None:
     import torch
@@ -57,7 +66,7 @@ def main() -> None:
         max_seq_length=calibration.shape[1], shuffle_calibration_samples=False,
     )
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
 
     windows = load_file(args["evaluation"])["tokens"]
     total, count = 0.0, 0

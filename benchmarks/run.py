@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--build", type=Path, help="A compiled build of examples/smollm2 (default: compile one).")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "run.md")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         build = args.build
         if build is None:
@@ -110,6 +111,7 @@ def main() -> None:
             print(f"micro-batch size {size}: {doc['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
         baseline_tps, baseline_s = sequential_baseline(build, prompts)
         plan = json.loads((build / "plan.json").read_text())
+    load_after = os.getloadavg()[0]
 
     import onnxruntime
     import torch
@@ -120,7 +122,10 @@ def main() -> None:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()}-core CPU, {platform.system()}; onnxruntime "
         f"{onnxruntime.__version__} (CPU), torch {torch.__version__} (gloo). Date: {date.today()}.",
-        "Script: `python benchmarks/run.py` (examples/smollm2: SmolLM2-135M-Instruct, RTN int4 g32, on the",
+        f"Load average (1 min) {load_before:.1f} before the runs and {load_after:.1f} after: the cores were",
+        "shared with other jobs whenever it is above 0 plus the runs' own three processes.",
+        f"Script: `python benchmarks/run.py` (examples/smollm2: SmolLM2-135M-Instruct, "
+        f"{plan['quantization']['summary']}, on the",
         f"A100 + L4 + H100 example plan: {stages}).",
         "",
         "Protocol: every run is `llmc run BUILD --json` as a subprocess: one process per stage on this",

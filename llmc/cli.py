@@ -390,9 +390,11 @@ def run(build_dir, prompts, prompts_file, new_tokens, micro_batch_size, threads,
 @_with_run_options
 @click.option("--prompts-json", type=click.Path(path_type=Path), hidden=True)
 @click.option("--result", "result_path", type=click.Path(path_type=Path), help="Stage 0 writes the result JSON here.")
+@click.option("--rank-stages", metavar="LIST",
+              help="Comma-separated stage of each rank (default: stage = RANK); the torchrun launcher sets it.")
 @_handles_errors
 def run_stage(build_dir, prompts, prompts_file, new_tokens, micro_batch_size, threads, timeout_s, device,
-              prompts_json, result_path):
+              prompts_json, result_path, rank_stages):
     """One pipeline stage of BUILD_DIR (what the launch manifests start).
 
     Reads the torchrun environment: RANK (the stage index), WORLD_SIZE (the number of stages),
@@ -403,8 +405,15 @@ def run_stage(build_dir, prompts, prompts_file, new_tokens, micro_batch_size, th
 
     from llmc.run import check_against_references, format_result, stage_worker, verify
 
+    from llmc.errors import InputError
+
+    stages = None
+    if rank_stages:
+        if not all(p.strip().isdigit() for p in rank_stages.split(",")):
+            raise InputError(f"--rank-stages {rank_stages!r}: expected stage numbers, e.g. 0,2,1")
+        stages = tuple(int(p) for p in rank_stages.split(","))
     result = stage_worker(build_dir, _read_prompts(prompts, prompts_file, prompts_json) or None, new_tokens,
-                          micro_batch_size, threads, None, timeout_s, device)
+                          micro_batch_size, threads, None, timeout_s, device, stages)
     if result is None:
         return
     check_against_references(build_dir, result, threads)

@@ -89,6 +89,18 @@ class SparsityDecision:
 
 
 @dataclass(frozen=True)
+class Pruning:
+    """What a prune pass did. ``Program.model.checkpoint`` then holds the pruned weights; after
+    structured pruning its linears are smaller (the layer table has their shapes, the checkpoint's
+    config.json the per-layer head and MLP counts, see ``llmc.checkpoint``)."""
+
+    method: str  # "magnitude", "wanda", "sparsegpt", "structured"
+    unpruned_checkpoint: str  # cache reference to the checkpoint before pruning: the quality reference
+    modules: int  # linears pruned (unstructured) or resized (structured)
+    removed_fraction: float  # of those linears' weights: zeroed, or removed with their rows/columns
+
+
+@dataclass(frozen=True)
 class Measurement:
     """A number that was measured (never predicted), with its protocol."""
 
@@ -106,6 +118,7 @@ class StageMemory:
     lm_head: int
     activations: int
     capacity: int  # usable bytes after the runtime reserve
+    reserve: int = 0  # the runtime reserve, outside capacity
 
     @property
     def total(self) -> int:
@@ -114,6 +127,8 @@ class StageMemory:
 
 @dataclass(frozen=True)
 class Stage:
+    """One pipeline stage. Predicted times are for the whole batch, split in micro-batches."""
+
     index: int
     device: str  # "node0/gpu1"
     sku: str
@@ -123,21 +138,87 @@ class Stage:
     holds_embedding: bool
     holds_lm_head: bool
     memory: StageMemory
-    predicted_prefill_s: float  # whole batch prompt, this stage's layers
-    predicted_decode_s: float  # one generated token for the whole batch
+    layer_bits: tuple[int, ...]  # bit-width of each layer in the range (16: float)
+    predicted_prefill_s: float  # busy time in the prefill: every prefill micro-batch, this stage's work
+    predicted_decode_s: float  # busy time per generated token: every decode micro-batch
     predicted_transfer_s: float  # activations to the next stage, prefill + all decode steps
+    cost_source: str  # "roofline" or "profile <file>"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A simple plan computed beside the real one, costed by the same model."""
+
+    name: str  # "even-split" or "memory-greedy"
+    description: str
+    bits: int | None  # the uniform bit-width; None when no uniform width fits
+    stages: tuple[str, ...]  # "box-a/gpu0: layers 0-9", in pipeline order
+    prefill_micro_batch_size: int | None
+    decode_micro_batch_size: int | None
+    batch_latency_s: float | None  # None: it does not fit
+    tokens_per_s: float | None
+    plan_speedup: float | None  # the plan's throughput over this baseline's
+
+
+@dataclass(frozen=True)
+class WhatIf:
+    """The plan re-solved with one more GPU of a SKU in the inventory."""
+
+    sku: str
+    node: str  # where it was added
+    solver_status: str
+    tokens_per_s: float
+    speedup: float  # over the plan
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why the plan is what it is."""
+
+    binding: tuple[str, ...]  # the constraints at their limit, one sentence each
+    prefill_bottleneck: str  # the slowest pipeline unit in prefill (a stage or a link)
+    decode_bottleneck: str
+    decode_bound: str  # "round trip" (one micro-batch's pass) or "slowest unit" (x micro-batches)
+    bubble_prefill: float  # idle fraction of the stages' time in the prefill
+    bubble_decode: float
+    bubble: float  # over the whole batch
+    what_if: tuple[WhatIf, ...]
 
 
 @dataclass(frozen=True)
 class Plan:
-    stages: tuple[Stage, ...]
-    weight_bits: int
-    solver_status: str  # "OPTIMAL" or "FEASIBLE"
-    objective_s: float  # slowest stage's time for one batch (prefill + decode + transfer)
-    best_bound_s: float
-    predicted_batch_latency_s: float  # one batch through all stages, one micro-batch
-    predicted_tokens_per_s: float
+    stages: tuple[Stage, ...]  # pipeline order
+    layer_bits: tuple[int, ...]  # per decoder layer
+    weight_bits: int  # the most common of layer_bits
+    prefill_micro_batch_size: int
+    prefill_micro_batches: int
+    decode_micro_batch_size: int
+    decode_micro_batches: int
+    solver_status: str  # "OPTIMAL" or "FEASIBLE" (search limit reached; see gap)
+    search: str  # the formulation and the device orders it covered
+    best_bound_s: float  # proven lower bound of the batch latency
+    gap: float  # (latency - bound) / latency
+    predicted_prefill_s: float  # the batch's prefill through the pipeline
+    predicted_decode_s: float  # every decode step of the batch
+    predicted_batch_latency_s: float  # the objective: prefill + decode
+    predicted_tokens_per_s: float  # generated tokens of the batch over its latency
+    quality_indicator: str  # where omega came from
+    quality_used: float | None  # sum of omega over the layers; None without a quality constraint
+    quality_budget: float | None
+    cost_source: str  # "roofline" or "roofline; profile <file> for ..."
     unused_devices: tuple[str, ...]
+    baselines: tuple[Baseline, ...] = ()
+    explanation: Explanation | None = None
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """omega(layer, bits): the quality cost of storing each decoder layer at each bit-width
+    (larger: more quality lost), for the planner's budget sum omega <= Q."""
+
+    indicator: str  # e.g. "llm-pq-variance", "hessian-trace"
+    bits: tuple[int, ...]  # the bit-widths costed, ascending
+    omega: tuple[tuple[float, ...], ...]  # [layer][k]: omega of the layer at bits[k]
 
 
 @dataclass(frozen=True)
@@ -175,6 +256,8 @@ class Program:
     quantization: tuple[QuantDecision, ...] = ()
     quantized_weights: str | None = None  # cache reference to packed weights (safetensors)
     sparsity: tuple[SparsityDecision, ...] = ()
+    pruning: Pruning | None = None
+    sensitivity: Sensitivity | None = None
     plan: Plan | None = None
     measurements: tuple[Measurement, ...] = ()
     artifacts: tuple[Artifact, ...] = field(default_factory=tuple)

@@ -290,22 +290,24 @@ def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
 
     ``through="plan"`` is ``llmc plan``: nothing that changes or exports weights.
     """
-    _require_extras(("torch", "transformers", "safetensors") if through == "plan"
+    from llmc.passes.ingest_config import IngestConfigPass, is_config_only
+
+    # `llmc plan` of a config.json without weights needs no torch (plan before download).
+    config_only = through == "plan" and is_config_only(base / model.model.path)
+    _require_extras(() if config_only else ("torch", "transformers", "safetensors") if through == "plan"
                     else ("torch", "transformers", "safetensors", "onnx", "onnxruntime",
                           "kubernetes_validate", "jsonschema", "yamllint"))
     from llmc.passes.ingest import IngestPass
-    from llmc.passes.plan import PlanPass
+    from llmc.passes.plan import plan_pass_from_config
     from llmc.passes.report import ReportPass
 
     q = model.quantization
     w = model.workload
     workload = dict(batch=w.batch, prompt_tokens=w.prompt_tokens, generated_tokens=w.generated_tokens)
-    quantized = q.method != "none"
-    plan = PlanPass(
-        weight_bits=q.bits if quantized else 16, group_size=q.group_size, symmetric=q.symmetric,
-        **workload,
-    )
-    passes: list[Pass] = [IngestPass(source=base / model.model.path, dtype=model.model.dtype)]
+    plan = plan_pass_from_config(model, base, compiling=through != "plan")
+    source = base / model.model.path
+    passes: list[Pass] = [IngestConfigPass(source=source, dtype=model.model.dtype) if config_only
+                          else IngestPass(source=source, dtype=model.model.dtype)]
     if through == "plan":
         return passes + [plan, ReportPass(**workload)]
 
@@ -314,6 +316,7 @@ def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
     from llmc.passes.evaluate import EvaluatePass
     from llmc.passes.export import ExportPass
     from llmc.passes.manifests import ManifestsPass
+    from llmc.passes.fpx import FpxQuantizePass
     from llmc.passes.quantize_gptq import GptqQuantizePass
     from llmc.passes.quantize_rtn import RtnQuantizePass
     from llmc.schemes import methods_used, rules_from_config
@@ -323,14 +326,22 @@ def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
         CalibratePass(text=base / model.calibration.path, seq_len=model.calibration.seq_len,
                       windows=model.calibration.windows)
     )
+    rules = rules_from_config(q)
+    # Pruning reads the calibration windows and changes the weights and shapes that the plan
+    # and the quantizers see, so it runs between them. Unstructured methods quantize the pruned
+    # linears whose scheme is GPTQ jointly (GPTQ's own pass would fill the zeros back in).
+    if model.pruning.method != "none":
+        passes.append(prune_pass(model.pruning, rules if "gptq" in methods_used(rules) else None, q))
     # The plan precedes quantization: it decides which bit-width each layer can afford.
     passes.append(plan)
     # One pass per method the rules use; each quantizes the linears resolved to its method
     # (llmc.schemes) and keeps the earlier passes' decisions. RTN first: GPTQ then calibrates
     # each block on the already-rounded layers too.
-    rules = rules_from_config(q)
     if "rtn" in methods_used(rules):
         passes.append(RtnQuantizePass(**vars(rules)))
+    # FPx rounds without data, like RTN, so it also runs before GPTQ.
+    if "fpx" in methods_used(rules):
+        passes.append(FpxQuantizePass(**vars(rules)))
     if "gptq" in methods_used(rules):
         passes.append(GptqQuantizePass(**vars(rules), damp=q.gptq.damp, act_order=q.gptq.act_order,
                                        block_size=q.gptq.block_size))
@@ -349,3 +360,22 @@ def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
     passes.append(ManifestsPass(**workload, check_prompt=model.check.prompt, check_tokens=model.check.new_tokens))
     passes.append(ReportPass(**workload))
     return passes
+
+
+def prune_pass(pruning, joint, quantization) -> Pass:
+    """The prune pass of a validated ``pruning`` section (method not 'none'); ``joint``: the
+    quantization rules when some linears are GPTQ-quantized, for joint quantization."""
+    from llmc.passes.prune_sparsegpt import SparseGptPrunePass
+    from llmc.passes.prune_structured import StructuredPrunePass
+    from llmc.passes.prune_wanda import MagnitudePrunePass, WandaPrunePass
+    from llmc.pruning import pruning_rules_from_config
+
+    if pruning.method == "structured":
+        # Pruned widths must still split into whole quantization groups.
+        groups = [quantization.group_size] + [o.group_size for o in quantization.overrides if o.group_size]
+        align = max([pruning.structured.align] + ([g for g in groups if g > 0] if quantization.method != "none" else []))
+        return StructuredPrunePass(ratio=pruning.ratio, targets=tuple(pruning.targets), ignore=tuple(pruning.ignore),
+                                   align=align, bias_compensation=pruning.structured.bias_compensation)
+    cls = {"magnitude": MagnitudePrunePass, "wanda": WandaPrunePass, "sparsegpt": SparseGptPrunePass}[pruning.method]
+    return cls(**vars(pruning_rules_from_config(pruning)), quantization=joint, damp=pruning.sparsegpt.damp,
+               block_size=pruning.sparsegpt.block_size)

@@ -69,7 +69,7 @@ class Job:
 
 @dataclass
 class StageTimes:
-    rank: int
+    stage: int
     busy_s: float = 0.0  # ONNX Runtime time
     wait_s: float = 0.0  # blocked in receives
 
@@ -189,8 +189,13 @@ def stage_worker(
     result_path: Path | None,
     timeout_s: float = 600.0,
     device: str = "cpu",
+    rank_stages: tuple[int, ...] | None = None,
 ) -> RunResult | None:
-    """Run this process's stage; stage 0 returns (and writes) the result, the others None."""
+    """Run this process's stage; stage 0 returns (and writes) the result, the others None.
+
+    ``rank_stages[r]`` is the stage rank ``r`` runs (default: the stage is the rank). torchrun
+    numbers ranks node by node, and the plan may visit a node more than once.
+    """
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -200,26 +205,32 @@ def stage_worker(
     stages = len(doc["stages"])
     if world != stages:
         raise InputError(f"{build}: the plan has {stages} stages but WORLD_SIZE is {world}; start one process per stage")
+    rank_stages = tuple(rank_stages) if rank_stages else tuple(range(world))
+    if sorted(rank_stages) != list(range(world)):
+        raise InputError(f"--rank-stages {','.join(map(str, rank_stages))} must list each of the {world} stages once")
+    rank_of = {stage: r for r, stage in enumerate(rank_stages)}
+    stage = rank_stages[rank]
+    driver = rank_of[0]  # stage 0 tokenises, collects the tokens and reports
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     try:
         job_box: list = [None]
         texts: list[str] = []
-        if rank == 0:
+        if stage == 0:
             tokenizer = load_build_tokenizer(build)
             reference = read_reference(build)
             texts, ids = _prompts_and_ids(tokenizer, prompts, reference)
             new_tokens = new_tokens or (reference["new_tokens"] if reference else 16)
             job_box[0] = make_job(ids, new_tokens, micro_batch_size, doc["model"])
-        dist.broadcast_object_list(job_box, src=0)
+        dist.broadcast_object_list(job_box, src=driver)
         job: Job = job_box[0]
-        session = open_session(build / stage_graph(rank), threads, device)
+        session = open_session(build / stage_graph(stage), threads, device)
         dist.barrier()  # sessions are open everywhere: time the pipeline, not the loading
         start = time.perf_counter()
-        tokens, times, first_token_s = _run_schedule(session, job, rank, world)
+        tokens, times, first_token_s = _run_schedule(session, job, stage, world, rank_of)
         wall = time.perf_counter() - start
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object(times, gathered, dst=0)
-        if rank != 0:
+        gathered = [None] * world if stage == 0 else None
+        dist.gather_object(times, gathered, dst=driver)
+        if stage != 0:
             return None
         result = _result(build, job, texts, tokens, wall, first_token_s, gathered, world)
         if result_path is not None:
@@ -237,13 +248,13 @@ def _prompts_and_ids(tokenizer, prompts: list[str] | None, reference: dict | Non
     return list(prompts), [list(tokenizer(p)["input_ids"]) for p in prompts]
 
 
-def _run_schedule(session, job: Job, rank: int, world: int):
+def _run_schedule(session, job: Job, stage: int, world: int, rank_of: dict[int, int]):
     """Rules 2-4 for one stage. Stage 0 returns the tokens [micro-batch][step] -> ids."""
     import torch
     import torch.distributed as dist
 
-    first, last = rank == 0, rank == world - 1
-    times = StageTimes(rank)
+    first, last = stage == 0, stage == world - 1
+    times = StageTimes(stage)
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
     caches = [_empty_cache(session, mb.batch) for mb in job.micro_batches]
@@ -276,12 +287,12 @@ def _run_schedule(session, job: Job, rank: int, world: int):
                     feeds["input_ids"] = np.asarray(mb.input_ids, dtype=np.int64)
                 else:
                     if not last:  # the previous step's token comes back from the last stage
-                        tokens[m].append(receive((mb.batch,), torch.int64, world - 1))
+                        tokens[m].append(receive((mb.batch,), torch.int64, rank_of[world - 1]))
                         if first_token_s is None:
                             first_token_s = time.perf_counter() - start
                     feeds["input_ids"] = tokens[m][-1][:, None].astype(np.int64)
             else:
-                feeds["hidden_states_in"] = receive((mb.batch, seq, job.hidden_size), torch.float32, rank - 1)
+                feeds["hidden_states_in"] = receive((mb.batch, seq, job.hidden_size), torch.float32, rank_of[stage - 1])
             feeds.update(caches[m])
             t = time.perf_counter()
             outputs = dict(zip(output_names, session.run(output_names, {n: feeds[n] for n in input_names})))
@@ -296,12 +307,12 @@ def _run_schedule(session, job: Job, rank: int, world: int):
                     if first_token_s is None:
                         first_token_s = time.perf_counter() - start
                 else:
-                    send(next_ids, 0)
+                    send(next_ids, rank_of[0])
             else:
-                send(outputs["hidden_states_out"], rank + 1)
+                send(outputs["hidden_states_out"], rank_of[stage + 1])
     if first and not last:  # the last step's tokens are still on their way
         for m, mb in enumerate(job.micro_batches):
-            tokens[m].append(receive((mb.batch,), torch.int64, world - 1))
+            tokens[m].append(receive((mb.batch,), torch.int64, rank_of[world - 1]))
             if first_token_s is None:
                 first_token_s = time.perf_counter() - start
     for work, _ in pending:
@@ -326,7 +337,7 @@ def _result(build, job, texts, tokens, wall, first_token_s, times, world) -> Run
         for row, prompt in enumerate(mb.prompts):
             per_prompt[prompt] = [int(t) for t in stacked[row]]
     generated = sum(len(t) for t in per_prompt)
-    busy = [t.busy_s for t in sorted(times, key=lambda t: t.rank)]
+    busy = [t.busy_s for t in sorted(times, key=lambda t: t.stage)]
     return RunResult(
         prompts=texts,
         tokens=per_prompt,

@@ -29,11 +29,8 @@ from llmc.errors import ToolchainError
 
 log = logging.getLogger("llmc")
 
-# Import name, short tag for directory names, pip distributions that provide it.
-_FLAVORS = (
-    ("tensorrt", "trt", ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")),
-    ("tensorrt_rtx", "trtrtx", ("tensorrt-rtx-cu13", "tensorrt-rtx-cu12")),
-)
+# Import name and the short tag engine directories carry, full TensorRT first.
+_FLAVORS = (("tensorrt", "trt"), ("tensorrt_rtx", "trtrtx"))
 PLUGIN_LAYER = "PLUGIN_V3"
 
 
@@ -53,7 +50,7 @@ class Flavor:
 
 
 def compute_capability_name(cc: str) -> str:
-    """"8.0" -> "sm80"."""
+    """Compute capability "8.0" -> "sm80"."""
     return "sm" + cc.replace(".", "")
 
 
@@ -76,7 +73,7 @@ def _local_gpu_capabilities() -> tuple[str, ...]:
 def installed_flavors() -> list[Flavor]:
     """The flavours that import here, full TensorRT first."""
     found = []
-    for name, tag, _ in _FLAVORS:
+    for name, tag in _FLAVORS:
         try:
             module = importlib.import_module(name)
         except ImportError:

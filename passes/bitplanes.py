@@ -21,8 +21,8 @@ to by the kernels in ``llmc.plugins``):
    lowest magnitude bit with the sign in the 2-bit plane, where the two bits of a field sit
    ``8 + M`` bits apart (mod 32; M the mantissa width). One rotate then puts both where a
    float32 holds them (lowest magnitude bit at ``23 - M``, sign at 31), and one mask-and-or
-   with the shifted nibble gives the float32's bits: 4 integer operations per weight, against 6
-   for adjacent bits (measured in SASS, see docs/benchmarks/kernels.md).
+   with the shifted nibble gives the float32's bits: a shift, a rotate and two logic operations
+   per weight, where adjacent bits would need a second shift and mask for the sign.
 
 ``unpack_*`` inverts ``pack_*`` exactly; the tests round-trip every layout.
 """

@@ -11,9 +11,10 @@ Rules, referred to by number:
 3. llmc's plugins are registered before parsing; every plugin node must become a plugin layer.
 4. Two optimization profiles from the workload: ``prefill`` (up to the batch and the prompt, with
    an optional cached prefix) and ``decode`` (one token, a past of up to prompt + generated - 1).
-5. A stage holding N:M sparse linears (``program.sparsity``) gets TensorRT's sparse-weights flag,
-   after checking that the exported weights really have the pattern; TensorRT's sparse kernels
-   take 2:4 only, so other patterns build dense.
+5. A stage holding linears marked 2:4 sparse (``program.sparsity``, from the prune passes) gets
+   TensorRT's sparse-weights flag when the exported weights still have the pattern (a warning
+   and a dense build otherwise). TensorRT's sparse kernels take 2:4 only: other N:M patterns
+   build dense.
 6. Engines land under ``engines/<sku>-sm<cc>-<flavor><version>/stage_<k>.engine`` with a
    ``stage_<k>.json`` beside each (target, TensorRT flavour and version, plugins, profiles, IO,
    sha256 of the engine and of its ONNX). Engines are not byte-reproducible
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +35,7 @@ import numpy as np
 from llmc.ir import Artifact, EngineBuild, Program
 from llmc.pipeline import Pass, PassContext, PassResult
 
+log = logging.getLogger("llmc")
 SPARSE_PATTERN = (2, 4)  # the N:M pattern TensorRT's sparse-weights flag accelerates
 
 
@@ -170,9 +173,23 @@ class BuildEnginesPass(Pass):
         if {(e.stage, e.sku) for e in program.engines} != targets:
             raise ValueError("build-engines did not account for every (stage, SKU)")
 
-    def run(self, program: Program, ctx: PassContext) -> PassResult:
+    @staticmethod
+    def _pattern_holds(onnx_path: Path, decisions, stage: int) -> bool:
+        """Rule 5: whether every linear marked 2:4 still is so in the exported graph (a later pass,
+        such as a quantizer without the mask, may have filled it in: then the stage builds dense)."""
         import onnx
 
+        model = onnx.load(str(onnx_path))
+        broken = [(d.module, n_m_violations(weight_nonzeros(model, d.module), d.n, d.m)) for d in decisions]
+        broken = [(module, bad) for module, bad in broken if bad]
+        if broken:
+            module, bad = broken[0]
+            log.warning("stage %d: %d linears marked 2:4 are not 2:4 in the exported graph (%s: %d groups of 4 "
+                        "inputs hold more than 2 nonzeros); building it without sparse weights",
+                        stage, len(broken), module, bad)
+        return not broken
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
         from llmc.tensorrt import choose_flavor, installed_flavors
 
         flavors = installed_flavors()
@@ -188,17 +205,9 @@ class BuildEnginesPass(Pass):
             stage = stages[0]
             cc = stage.compute_capability
             graph = graphs[f"stages/stage_{index}.onnx"]
-            decisions = [d for d in program.sparsity
-                         if stage.layer_start <= layers_of.get(d.module, -1) < stage.layer_end]
-            sparse = any((d.n, d.m) == SPARSE_PATTERN for d in decisions)
-            if decisions:  # rule 5
-                model = onnx.load(str(ctx.path(graph.ref)))
-                for d in decisions:
-                    bad = n_m_violations(weight_nonzeros(model, d.module), d.n, d.m)
-                    if bad:
-                        raise ValueError(f"{d.module} is marked {d.n}:{d.m} sparse but {bad} groups of {d.m} "
-                                         f"inputs hold more than {d.n} nonzeros in the exported weight")
-                del model
+            decisions = [d for d in program.sparsity if (d.n, d.m) == SPARSE_PATTERN
+                         and stage.layer_start <= layers_of.get(d.module, -1) < stage.layer_end]
+            sparse = bool(decisions) and self._pattern_holds(ctx.path(graph.ref), decisions, index)
             flavor, reason = choose_flavor(cc, flavors)  # rule 2
             if flavor is None:
                 records.append(EngineBuild(index, sku, cc, "skipped", None, None, (), sparse, reason,

@@ -62,7 +62,7 @@ class EvaluatePass(Pass):
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         from safetensors.torch import save_file
 
-        from llmc.checkpoint import load_model, load_tokenizer
+        from llmc.checkpoint import load_model, load_reference_model, load_tokenizer
 
         tokenizer = load_tokenizer(ctx.path(program.model.checkpoint))
         tokens = tokenize_text(tokenizer, read_text(self.text))
@@ -79,10 +79,11 @@ class EvaluatePass(Pass):
         def bar(label):
             return lambda items: ctx.progress(items, f"perplexity ({label})", total=len(items))
 
-        reference = perplexity(load_model(program, ctx, quantized=False), windows, bar("reference"))
+        # The reference is the model as ingested, before pruning too.
+        reference = perplexity(load_reference_model(program, ctx), windows, bar("reference"))
         measurements = [Measurement("perplexity.reference", round(reference, 4), "", protocol)]
         summary = f"reference ppl {reference:.3f}"
-        if program.quantized_weights is not None:
+        if program.quantized_weights is not None or program.pruning is not None:
             compressed = perplexity(load_model(program, ctx), windows, bar("compressed"))
             increase = 100 * (compressed / reference - 1)
             measurements.append(Measurement("perplexity.compressed", round(compressed, 4), "", protocol))
@@ -91,7 +92,7 @@ class EvaluatePass(Pass):
                 raise VerificationError(
                     f"perplexity rose {increase:.2f}% ({reference:.3f} -> {compressed:.3f}), past the "
                     f"quality target of {self.max_increase_pct}% (model.yaml quality.max_perplexity_increase_pct); "
-                    "use more bits or a smaller group_size"
+                    "use more bits or a smaller group_size" + (", or prune less" if program.pruning else "")
                 )
         info = TextWindows(
             source=self.text.name,

@@ -233,8 +233,6 @@ def build_stage_graph(
     quantized = quantized or {}
     first, last = layer_start == 0, layer_end == spec.num_hidden_layers
     g = _GraphBuilder()
-    kv_dims = ["batch", spec.num_key_value_heads, "past_seq", spec.head_dim]
-    present_dims = ["batch", spec.num_key_value_heads, "total_seq", spec.head_dim]
 
     inputs = []
     if first:
@@ -248,6 +246,9 @@ def build_stage_graph(
     inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]))
     outputs = []
     for i in range(layer_start, layer_end):
+        kv_heads = layer_heads(spec, weights, i)[1]
+        kv_dims = ["batch", kv_heads, "past_seq", spec.head_dim]
+        present_dims = ["batch", kv_heads, "total_seq", spec.head_dim]
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, kv_dims))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT, present_dims))
@@ -339,7 +340,8 @@ def _decoder_layer(g, spec, weights, quantized, i, hidden, cos, sin, allowed) ->
 
 def _attention(g, spec, weights, quantized, i, normed, cos, sin, allowed) -> str:
     attn = f"model.layers.{i}.self_attn"
-    heads, kv_heads, head_dim = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+    heads, kv_heads = layer_heads(spec, weights, i)
+    head_dim = spec.head_dim
 
     def split_heads(x, count, name):
         # [B, S, count * D] -> [B, count, S, D]; Reshape's 0 keeps batch and seq dynamic.
@@ -379,6 +381,14 @@ def _attention(g, spec, weights, quantized, i, normed, cos, sin, allowed) -> str
     return _linear(g, context, f"{attn}.o_proj", weights, quantized)
 
 
+def layer_heads(spec: DecoderSpec, weights, i: int) -> tuple[int, int]:
+    """Query and key/value heads of layer ``i``, from its projections' widths: structured pruning
+    (passes/prune_structured.py) leaves layers with fewer heads than the config's."""
+    attn = f"model.layers.{i}.self_attn"
+    return (weights[f"{attn}.q_proj.weight"].shape[0] // spec.head_dim,
+            weights[f"{attn}.k_proj.weight"].shape[0] // spec.head_dim)
+
+
 def _apply_rope(g, x, cos, sin, scope) -> str:
     """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x2, x1) over the head dim halves."""
     x1, x2 = g.op("Split", [x], f"{scope}/split", outputs=[f"{scope}/x1", f"{scope}/x2"], axis=-1, num_outputs=2)
@@ -402,6 +412,11 @@ def _rms_norm(g, x, module: str, weights, eps: float) -> str:
 
 def linear_lowering(packed) -> str:
     """How a quantized linear is exported (rules 1-2 of the module docstring): "dq" or "plugin"."""
+    if getattr(packed, "fmt", None) is not None:  # llmc.passes.fpx.FpxLinear
+        raise NotImplementedError(
+            f"{packed.fmt.name} floating-point weights have no ONNX lowering yet (their TensorRT plugin, "
+            "around llmc.plugins.fp6_linear, is a later issue); quantize exported linears with rtn or gptq"
+        )
     if packed.bits not in (2, 3, 4, 8):
         raise NotImplementedError(
             f"{packed.bits}-bit weights cannot be exported to ONNX (2, 3, 4 and 8 bits are supported)"

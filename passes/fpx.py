@@ -131,9 +131,40 @@ class FpxLinear:
     fmt: FpFormat
     group_size: int
 
+    symmetric = True  # sign-magnitude codes: no zero point (what export asks of every format)
+
+    @property
+    def bits(self) -> int:
+        return self.fmt.bits
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] these codes stand for."""
         return fpx_decode(self.codes, self.fmt) * self.scale.repeat_interleave(self.group_size, dim=1)
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Flat tensors for a safetensors file, the codes at ``fmt.bits`` bits per weight (the bit
+        planes of :mod:`llmc.passes.bitplanes`); inverse of :meth:`from_tensors`."""
+        from llmc.passes.bitplanes import default_tile, pack_fp_codes
+
+        in_features = self.codes.shape[1]
+        tile = self.group_size if self.group_size < in_features else default_tile(in_features, 16)
+        planes = pack_fp_codes(self.codes, self.fmt.bits, self.fmt.mantissa_bits, tile)
+        tensors = {f"{prefix}.fpx_plane{i}": plane.contiguous() for i, plane in enumerate(planes)}
+        tensors[f"{prefix}.fpx_scale"] = self.scale.contiguous()
+        tensors[f"{prefix}.fpx_meta"] = torch.tensor(
+            [self.fmt.exponent_bits, self.fmt.mantissa_bits, self.group_size, tile], dtype=torch.int32
+        )
+        return tensors
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> FpxLinear:
+        from llmc.passes.bitplanes import unpack_fp_codes
+
+        exponent_bits, mantissa_bits, group_size, tile = (int(v) for v in tensors[f"{prefix}.fpx_meta"].tolist())
+        fmt = next(f for f in FORMATS.values() if (f.exponent_bits, f.mantissa_bits) == (exponent_bits, mantissa_bits))
+        planes = tuple(tensors[f"{prefix}.fpx_plane{i}"] for i in range(2 if fmt.bits == 6 else 1))
+        codes = unpack_fp_codes(planes, fmt.bits, fmt.mantissa_bits, tile).to(torch.uint8)
+        return FpxLinear(codes, tensors[f"{prefix}.fpx_scale"], fmt, group_size)
 
 
 def fpx_quantize(
@@ -178,3 +209,72 @@ def fpx_quantize(
     scale = torch.where(absmax > 0, scale, torch.ones_like(scale))
     codes = fpx_encode(grouped / scale[..., None], fmt)
     return FpxLinear(codes.reshape(out_features, in_features), scale, fmt, group_size)
+
+
+# --------------------------------------------------------------------------- the pass
+
+from llmc.ir import Program, QuantDecision  # noqa: E402
+from llmc.pipeline import Pass, PassContext, PassResult  # noqa: E402
+from llmc.schemes import QuantizationRules, effective_group, resolve_schemes  # noqa: E402
+
+# ``quantization.bits`` of method 'fpx' picks the format: FP6 e3m2 (FP6-LLM's choice), the OCP
+# MX FP4, and FP8 e4m3 as torch.float8_e4m3fn.
+FORMAT_BY_BITS = {6: FP6_E3M2, 4: FP4_E2M1, 8: FP8_E4M3}
+
+
+@dataclass(frozen=True)
+class FpxQuantizePass(Pass, QuantizationRules):
+    """Quantize the linears whose scheme (:func:`llmc.schemes.resolve_schemes`) is 'fpx'.
+
+    The options are the quantization rules, as for ``quantize-rtn``; linears resolved to another
+    method are left to that method's pass, whose decisions this pass keeps. Scales are float16
+    (rule 5, what llmc's kernels read), so the weights evaluated are the weights the kernels run;
+    the file holds the codes at their own width (6 bits per FP6 weight).
+    """
+
+    name = "quantize-fpx"
+
+    def requires(self, program: Program) -> None:
+        if program.model is None:
+            raise ValueError("quantize-fpx needs a model; run 'ingest' first")
+
+    def ensures(self, program: Program) -> None:
+        if program.quantized_weights is None:
+            raise ValueError("quantize-fpx wrote no packed weights")
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        from llmc.checkpoint import load_model, save_quantized
+        from llmc.errors import InputError
+
+        linears = [lin for layer in program.layers for lin in layer.linears]
+        schemes = resolve_schemes([lin.name for lin in linears], self)
+        targets = [(lin, schemes[lin.name]) for lin in linears if schemes[lin.name] and schemes[lin.name].method == "fpx"]
+        groups = {}
+        for lin, scheme in targets:
+            group = effective_group(scheme, lin.in_features, lin.name)
+            if group % 16 or lin.in_features % 16:
+                raise InputError(
+                    f"model.yaml: quantization.group_size {scheme.group_size} for {lin.name}: FP weights are "
+                    "packed in tiles of a multiple of 16 inputs; use 16, 32, 64, 128 or -1"
+                )
+            groups[lin.name] = group
+        model = load_model(program, ctx, quantized=False)
+        modules = dict(model.named_modules())
+        packed, decisions, formats = {}, [], {}
+        error = norm = 0.0
+        for lin, scheme in ctx.progress(targets, "fpx", total=len(targets)):
+            fmt = FORMAT_BY_BITS[scheme.bits]
+            weight = modules[lin.name].weight.detach().float()
+            packed[lin.name] = fpx_quantize(weight, fmt, groups[lin.name], scale_dtype=torch.float16)
+            error += (packed[lin.name].dequantize() - weight).pow(2).sum().item()
+            norm += weight.pow(2).sum().item()
+            decisions.append(QuantDecision(lin.name, "fpx", scheme.bits, groups[lin.name], True))
+            layout = "per-channel" if groups[lin.name] == lin.in_features else f"g{groups[lin.name]}"
+            key = f"{fmt.name} {layout}"
+            formats[key] = formats.get(key, 0) + 1
+        relative = (error / norm) ** 0.5 if norm else 0.0
+        described = ", ".join(f"{k} x{n}" for k, n in sorted(formats.items(), key=lambda kv: -kv[1]))
+        return PassResult(
+            save_quantized(program, ctx, packed, decisions),
+            f"{len(decisions)} linears {described or 'none'}, relative weight error {relative:.4f}",
+        )

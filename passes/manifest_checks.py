@@ -240,6 +240,10 @@ def _check_slurm(path: str, text: str, view) -> None:
 
 
 def _check_shell(path: str, text: str, view) -> None:
+    # torchrun numbers ranks node by node; --rank-stages maps them back to the plan's stages.
+    order = ",".join(str(stage) for node in view.nodes for stage in node.stages)
+    if f"--rank-stages {order} " not in text:
+        _fail(path, "torchrun", f"does not pass --rank-stages {order}")
     for rank, node in enumerate(view.nodes):
         if not re.search(rf"^\s+{re.escape(node.name)}\)\n\s+node_rank={rank}\n\s+stages={len(node.stages)}$", text, re.M):
             _fail(path, f"node {node.name}", f"no case branch with node_rank={rank} and stages={len(node.stages)}")

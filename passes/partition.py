@@ -2,13 +2,14 @@
 
 An *assignment* is a pipeline: the used devices in order, a contiguous range of layers on each,
 a bit-width choice per layer, and the prefill and decode micro-batch sizes. Everything here is
-plain arithmetic on the cost model (passes/costs.py); the search lives in
-passes/partition_sat.py, the baselines and the explanation in passes/plan.py. The brute-force
-check in the tests evaluates assignments with these same tables.
+plain arithmetic on the cost model (passes/costs.py), the two baseline splits included; the
+search lives in passes/partition_model.py and passes/partition_sat.py, the explanation in
+passes/plan.py. The brute-force check in the tests recomputes plans from these same tables.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from llmc.errors import InfeasiblePlanError, PredictedOutOfMemoryError
@@ -38,10 +39,11 @@ from llmc.passes.costs import (
 class PlanInstance:
     """Everything the planner reads. Sizes in bytes, times in seconds, rates per second.
 
-    ``choices[l]`` lists the ways layer ``l`` may be stored, with the same bit-width labels in
-    the same (ascending) order for every layer. ``omega[l][c]`` is the quality cost of storing
-    layer ``l`` as choice ``c``; the plan keeps ``sum omega <= quality_budget``. Without
-    ``omega`` there is no quality constraint.
+    ``choices[l]`` lists the ways layer ``l`` may be stored, as many for every layer, in the
+    same order (ascending bits; a layer stored as ``quantization.overrides`` say has one choice
+    with its own label). ``omega[l][c]`` is the quality cost of storing layer ``l`` as choice
+    ``c``; the plan keeps ``sum omega <= quality_budget``. Without ``omega`` there is no quality
+    constraint.
     """
 
     devices: tuple[DeviceSpec, ...]  # the declared order, used by the baselines
@@ -64,9 +66,8 @@ class PlanInstance:
             raise ValueError("a plan needs at least one device and one layer")
         if len(self.choices) != len(self.layers):
             raise ValueError("one tuple of choices per layer")
-        labels = {tuple(c.bits for c in row) for row in self.choices}
-        if len(labels) != 1 or not next(iter(labels)):
-            raise ValueError("every layer needs the same, non-empty list of bit-width choices")
+        if len({len(row) for row in self.choices}) != 1 or not self.choices[0]:
+            raise ValueError("every layer needs as many bit-width choices, at least one")
         if not self.micro_batch_sizes or any(s < 1 for s in self.micro_batch_sizes):
             raise ValueError("micro_batch_sizes must be a non-empty list of sizes >= 1")
         if (self.omega is None) != (self.quality_budget is None):
@@ -80,6 +81,7 @@ class PlanInstance:
 
     @property
     def bits(self) -> tuple[int, ...]:
+        """The choices' bit-widths (of layer 0; every layer's when none has overrides)."""
         return tuple(c.bits for c in self.choices[0])
 
     @property
@@ -280,6 +282,65 @@ def best_micro_batches(instance: PlanInstance, tables: CostTables, order, ends, 
             if evaluation.feasible and (best is None or evaluation.latency_s < best[1].latency_s):
                 best = (assignment, evaluation)
     return best
+
+
+# ---------------------------------------------------------------------------------- baselines
+
+
+def heuristic_plans(instance: PlanInstance, tables: CostTables) -> list[tuple[str, int | None, tuple[Assignment, Evaluation] | None]]:
+    """The baselines (passes/plan.py reports them), each at the fewest uniform bits that fit
+    memory and the quality budget: (name, choice index, best assignment or None).
+
+    - "even-split": every device in declared order, layers split as evenly as possible.
+    - "memory-greedy": devices in declared order, each filled with as many layers as its memory
+      holds before the next one is used.
+    """
+    L, D = len(instance.layers), len(instance.devices)
+    order = tuple(range(D))
+    found = []
+    for name in ("even-split", "memory-greedy"):
+        best = (name, None, None)
+        for c in range(len(instance.bits)):
+            choice = (c,) * L
+            candidates = []
+            if name == "even-split":
+                used = min(D, L)
+                sizes = [L // used + (1 if k < L % used else 0) for k in range(used)]
+                candidates.append((order[:used], tuple(itertools.accumulate(sizes))))
+            else:
+                for p in range(len(instance.micro_batch_sizes)):
+                    split = _greedy_ends(instance, tables, c, p)
+                    if split is not None:
+                        candidates.append(split)
+            results = [r for o, e in dict.fromkeys(candidates) if (r := best_micro_batches(instance, tables, o, e, choice))]
+            if results:
+                best = (name, c, min(results, key=lambda r: r[1].latency_s))
+                break  # the fewest bits that fit
+        found.append(best)
+    return found
+
+
+def _greedy_ends(instance, tables, c, p):
+    """Fill devices in declared order, each with as many layers as fit (choice c, prefill option p)."""
+    L, kind, table = len(instance.layers), tables.kind, instance.table_bytes
+    order, ends, start = [], [], 0
+    for j, device in enumerate(instance.devices):
+        if start == L:
+            break
+        resident = tables.workspace[p] + (table if start == 0 else 0)
+        end = start
+        while end < L:
+            resident += tables.weight_bytes[kind[end]][c] + tables.kv_bytes[kind[end]]
+            # The LM head counts only where it must be: with the last layer.
+            head = table if end + 1 == L and not (start == 0 and instance.tied_embeddings) else 0
+            if resident + head > device.memory_bytes:
+                break
+            end += 1
+        if end > start:
+            order.append(j)
+            ends.append(end)
+            start = end
+    return (tuple(order), tuple(ends)) if start == L else None
 
 
 # ---------------------------------------------------------------------------------- errors

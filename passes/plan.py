@@ -1,758 +1,396 @@
-"""Pipeline partitioning for the ``plan`` pass: a roofline cost model and a CP-SAT split.
+"""`plan`: the device order, layer ranges, per-layer bit-widths and micro-batch sizes.
 
-The pure core: no torch, no file I/O. Given GPUs in pipeline order and the model's decoder
-layers, choose how many consecutive layers each GPU holds so that every GPU's memory holds its
-share and the slowest pipeline stage is as fast as possible. The rules, referred to by number:
+The glue between the program and the planner core (docs/planner.md):
 
-1. Layers go to the devices in the given order as contiguous ranges. A device may hold none
-   (it is unused and the activations travel past it); at least one device is used.
-2. The device holding layer 0 also holds the embedding; the device holding the last layer
-   holds the LM head. With ``tied_embeddings`` and both on one device, the matrix is resident
-   once; on two devices it is resident on both.
-3. Every used device keeps one activation workspace.
-4. A stage's time is its layers' prefill of the whole batch prompt, plus ``generated_tokens``
-   times its per-token decode step, plus sending its activations to the next used device.
-5. The objective is lexicographic: first the slowest stage's time, then the sum of stage times
-   (so among equally slow plans the one with less total work wins).
+1. The instance: devices from the resolved cluster (capacity minus the runtime reserve), the
+   hand-off links, one :class:`LayerShape` per decoder layer from the layer table, and per layer
+   the bit-width choices with their stored bytes as ``quantization`` resolves each linear
+   (``planner.bits`` replaces the width of every quantized linear; unset, the layer is stored as
+   configured).
+2. Quality: omega from ``planner.sensitivity``, else the program's sensitivity table, else
+   every layer equally sensitive, ``omega(b) = ((2^b0 - 1) / (2^b - 1))^2`` with ``b0`` the
+   configured width (LLM-PQ's indicator scales with the squared quantization step). The budget
+   is ``planner.quality_budget``, else the omega of every layer at ``b0``. With one choice per
+   layer and no table or budget there is no quality constraint.
+3. Solve (passes/partition_sat.py), then the baselines, and the explanation: binding limits,
+   bottlenecks, bubbles and, per SKU of the inventory, the plan with one more such GPU.
 """
 
 from __future__ import annotations
 
 import math
-import time
+from collections import Counter
 from dataclasses import dataclass, replace
+from pathlib import Path
 
-from ortools.sat.python import cp_model
+from llmc.errors import ConfigError
+from llmc.ir import Baseline, Explanation, Plan, Program, Stage, StageMemory, WhatIf
+from llmc.passes.costs import FP16_BYTES, DeviceSpec, LayerChoice, LayerShape, Links, MeasuredProfile, ProfilePoint
+from llmc.passes.costs import Workload as CostWorkload
+from llmc.passes.costs import bytes_per_weight
+from llmc.passes.partition import CostTables, PartitionNotSolved, PlanInstance, cost_tables, size_text
+from llmc.passes.partition import heuristic_plans
+from llmc.passes.partition_sat import Solution, solve_partition
+from llmc.pipeline import Pass, PassContext, PassResult
+from llmc.schemes import QuantizationRules, effective_group, resolve_schemes
 
-from llmc.errors import (
-    EXIT_INFEASIBLE,
-    EXIT_OUT_OF_MEMORY,
-    InfeasiblePlanError,
-    LlmcError,
-    PredictedOutOfMemoryError,
-)
-
-FP16_BYTES = 2
-# CP-SAT needs integer times. Scaling so that the slowest conceivable stage spans 1e9 ticks
-# keeps each layer's rounding below 1e-9 of the horizon whatever the model's size, where fixed
-# microseconds would erase a small model's decode step and fixed nanoseconds overflow big ones.
-_TICKS_PER_HORIZON = 10**9
-_MAX_BATCH_SEARCHED = 1 << 24
+MAX_DEFAULT_MICRO_BATCH_SIZES = 8
 
 
 # ---------------------------------------------------------------------------------- instance
 
 
-@dataclass(frozen=True)
-class DeviceSlot:
-    """One GPU in pipeline order. Rates are dense peaks; ``memory_bytes`` is what is usable."""
-
-    name: str
-    sku: str
-    memory_bytes: int
-    fp16_flops: float
-    int8_flops: float  # not used yet: weight-only quantization computes at the fp16 rate
-    memory_bandwidth: float
-    link_bandwidth_to_next: float | None = None  # bytes/s to the next slot; None for the last
-
-    def __post_init__(self):
-        if self.memory_bytes < 0:
-            raise ValueError(f"device {self.name}: memory_bytes must be >= 0")
-        for field in ("fp16_flops", "int8_flops", "memory_bandwidth"):
-            if not getattr(self, field) > 0:
-                raise ValueError(f"device {self.name}: {field} must be > 0")
-        if self.link_bandwidth_to_next is not None and not self.link_bandwidth_to_next > 0:
-            raise ValueError(f"device {self.name}: link_bandwidth_to_next must be > 0 or None")
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """One decoder layer: linear weights, FLOPs per token and fp16 K+V bytes per token."""
-
-    weight_params: int
-    flops_per_token: float
-    kv_bytes_per_token: int
-
-    @classmethod
-    def from_dims(
-        cls,
-        hidden_size: int,
-        intermediate_size: int,
-        num_attention_heads: int,
-        num_key_value_heads: int,
-        head_dim: int | None = None,
-    ) -> LayerShape:
-        """A Llama-style layer: q/k/v/o projections (GQA) and a gated MLP of three matrices.
-
-        FLOPs per token are 2 x params (one multiply-add per weight). The attention scores
-        (QK^T and AV, 4 x context x heads x head_dim per token) are left out: below a few
-        thousand tokens of context they are small next to the projections.
-        """
-        head_dim = head_dim or hidden_size // num_attention_heads
-        q_width = num_attention_heads * head_dim
-        kv_width = num_key_value_heads * head_dim
-        params = 2 * hidden_size * q_width + 2 * hidden_size * kv_width
-        params += 3 * hidden_size * intermediate_size
-        return cls(params, 2.0 * params, 2 * kv_width * FP16_BYTES)
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What the deployment must serve at once: ``batch`` sequences of prompt plus generation."""
-
-    batch: int
-    prompt_tokens: int
-    generated_tokens: int
-
-    def __post_init__(self):
-        if self.batch < 1 or self.prompt_tokens < 1 or self.generated_tokens < 0:
-            raise ValueError("workload needs batch >= 1, prompt_tokens >= 1, generated_tokens >= 0")
-
-    @property
-    def context_tokens(self) -> int:
-        return self.prompt_tokens + self.generated_tokens
-
-    @property
-    def mean_decode_context(self) -> float:
-        # Decode step i (1..generated) attends to prompt + i tokens.
-        return self.prompt_tokens + (self.generated_tokens + 1) / 2
-
-
-@dataclass(frozen=True)
-class PartitionInstance:
-    """Everything the partitioner reads. Sizes in bytes, times in seconds, rates per second."""
-
-    devices: tuple[DeviceSlot, ...]
-    layers: tuple[LayerShape, ...]
-    weight_bits: int  # uniform for now; 16 means fp16/bf16 without scales
-    group_size: int
-    embedding_bytes: int
-    lm_head_bytes: int
-    hidden_size: int
-    workload: Workload
-    activation_bytes: int | None = None  # per used stage; None: hidden x batch x prompt x 4
-    asymmetric: bool = False
-    tied_embeddings: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "devices", tuple(self.devices))
-        object.__setattr__(self, "layers", tuple(self.layers))
-        if not self.devices or not self.layers:
-            raise ValueError("a partition needs at least one device and one layer")
-        if not 1 <= self.weight_bits <= 16 or self.group_size < 1 or self.hidden_size < 1:
-            raise ValueError("weight_bits must be 1..16, group_size and hidden_size >= 1")
-        for device in self.devices[:-1]:
-            if device.link_bandwidth_to_next is None:
-                raise ValueError(f"device {device.name}: only the last device may lack a link")
-
-    @property
-    def stage_activation_bytes(self) -> int:
-        if self.activation_bytes is not None:
-            return self.activation_bytes
-        w = self.workload
-        return self.hidden_size * w.batch * w.prompt_tokens * 4
-
-
-def bytes_per_weight(weight_bits: int, group_size: int, asymmetric: bool = False) -> float:
-    """Stored bytes per weight: the packed value, one fp16 scale per group and, for asymmetric
-    schemes, one zero point per group packed at the weight's own width."""
-    if weight_bits >= 16:
-        return float(FP16_BYTES)
-    per_group = FP16_BYTES + (weight_bits / 8 if asymmetric else 0.0)
-    return weight_bits / 8 + per_group / group_size
-
-
-# ---------------------------------------------------------------------------------- costs
-
-
-@dataclass(frozen=True)
-class CostTable:
-    """Float costs; ``[device][layer]`` for compute, ``[from][to]`` for transfers (from < to)."""
-
-    prefill_s: tuple[tuple[float, ...], ...]
-    decode_s_per_token: tuple[tuple[float, ...], ...]
-    weight_bytes: tuple[float, ...]
-    kv_bytes: tuple[float, ...]
-    transfer_prefill_s: tuple[tuple[float, ...], ...]
-    transfer_decode_s_per_token: tuple[tuple[float, ...], ...]
-
-
-def estimate_costs(instance: PartitionInstance) -> CostTable:
-    """Roofline costs: each step takes max(FLOPs / rate, bytes moved / bandwidth).
-
-    - Prefill (whole batch prompt) moves the layer's weights once and writes its K and V.
-    - Decode (one token for the whole batch) reads the weights and the KV cache at the mean
-      decode context.
-    - Weight-only quantization dequantizes to fp16 and runs an fp16 GEMM, so the rate is always
-      ``fp16_flops``; the int8 rate would apply only to int8 activations, which we do not emit.
-    - Memory per layer: weights at ``weight_bits`` with scales, plus the KV cache at full context
-      (prompt + generated) for the batch.
-    - A transfer between used stages d < e sends fp16 activations (batch x prompt x hidden for
-      prefill, batch x hidden per decoded token) at the slowest link between them (rule 1).
-    """
-    w = instance.workload
-    per_weight = bytes_per_weight(instance.weight_bits, instance.group_size, instance.asymmetric)
-    weight_bytes = tuple(layer.weight_params * per_weight for layer in instance.layers)
-    kv_bytes = tuple(
-        float(layer.kv_bytes_per_token * w.batch * w.context_tokens) for layer in instance.layers
-    )
-    prefill, decode = [], []
-    for device in instance.devices:
-        rate, bandwidth = device.fp16_flops, device.memory_bandwidth
-        prefill.append(tuple(
-            max(
-                layer.flops_per_token * w.batch * w.prompt_tokens / rate,
-                (weights + layer.kv_bytes_per_token * w.batch * w.prompt_tokens) / bandwidth,
-            )
-            for layer, weights in zip(instance.layers, weight_bytes)
-        ))
-        decode.append(tuple(
-            max(
-                layer.flops_per_token * w.batch / rate,
-                (weights + layer.kv_bytes_per_token * w.batch * w.mean_decode_context) / bandwidth,
-            )
-            for layer, weights in zip(instance.layers, weight_bytes)
-        ))
-
-    count = len(instance.devices)
-    prefill_bytes = w.batch * w.prompt_tokens * instance.hidden_size * FP16_BYTES
-    decode_bytes = w.batch * instance.hidden_size * FP16_BYTES
-    transfer_prefill = [[0.0] * count for _ in range(count)]
-    transfer_decode = [[0.0] * count for _ in range(count)]
-    for start in range(count):
-        for end in range(start + 1, count):
-            slowest_link = min(d.link_bandwidth_to_next for d in instance.devices[start:end])
-            transfer_prefill[start][end] = prefill_bytes / slowest_link
-            transfer_decode[start][end] = decode_bytes / slowest_link
-    return CostTable(
-        prefill_s=tuple(prefill),
-        decode_s_per_token=tuple(decode),
-        weight_bytes=weight_bytes,
-        kv_bytes=kv_bytes,
-        transfer_prefill_s=tuple(map(tuple, transfer_prefill)),
-        transfer_decode_s_per_token=tuple(map(tuple, transfer_decode)),
-    )
-
-
-# ---------------------------------------------------------------------------------- solution
-
-
-@dataclass(frozen=True)
-class StageMemory:
-    """Bytes resident on one device, by kind, against its capacity."""
-
-    weights: int
-    kv: int
-    embedding: int
-    lm_head: int
-    activations: int
-    capacity: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv + self.embedding + self.lm_head + self.activations
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """One used device: layers ``[start_layer, end_layer)`` and their predicted costs."""
-
-    device: str
-    sku: str
-    device_index: int
-    start_layer: int
-    end_layer: int
-    prefill_s: float
-    decode_s_per_token: float
-    transfer_prefill_s: float  # to the next used stage; 0 for the last
-    transfer_decode_s_per_token: float
-    stage_s: float  # rule 4
-    memory: StageMemory
-
-
-@dataclass(frozen=True)
-class PartitionSolution:
-    """The chosen split. ``objective_s`` is the slowest stage's ``stage_s``."""
-
-    stages: tuple[StagePlan, ...]
-    unused_devices: tuple[str, ...]
-    status: str  # "OPTIMAL" or "FEASIBLE"
-    solve_seconds: float
-    objective_s: float
-    best_bound_s: float
-    total_stage_s: float
-
-    @property
-    def gap(self) -> float:
-        """Relative distance from the proven bound on the slowest stage (0 when optimal)."""
-        if self.objective_s <= 0:
-            return 0.0
-        return max(0.0, 1.0 - self.best_bound_s / self.objective_s)
-
-    @property
-    def layer_ranges(self) -> tuple[tuple[str, int, int], ...]:
-        return tuple((s.device, s.start_layer, s.end_layer) for s in self.stages)
-
-
-class InfeasiblePartition(LlmcError):
-    """No split fits the devices; carries the numbers behind the verdict."""
-
-    exit_code = EXIT_INFEASIBLE
-
-    def __init__(self, message: str, needed_bytes: int, capacity_bytes: int, reason: str):
-        self.needed_bytes = needed_bytes
-        self.capacity_bytes = capacity_bytes
-        self.reason = reason
-        super().__init__(message)
-
-
-class ModelDoesNotFit(InfeasiblePartition, InfeasiblePlanError):
-    """The weights, embedding and LM head alone fit no split: the cluster is too small."""
-
-    exit_code = EXIT_INFEASIBLE
-
-
-class WorkloadDoesNotFit(InfeasiblePartition, PredictedOutOfMemoryError):
-    """The weights fit, but not with the workload's KV cache and activations."""
-
-    exit_code = EXIT_OUT_OF_MEMORY
-
-    def __init__(self, message, needed_bytes, capacity_bytes, reason, kv_bytes, max_feasible_batch):
-        self.kv_bytes = kv_bytes
-        self.max_feasible_batch = max_feasible_batch
-        super().__init__(message, needed_bytes, capacity_bytes, reason)
-
-
-class PartitionNotSolved(LlmcError):
-    """CP-SAT stopped before finding any split (only a time limit can cause this)."""
-
-
-# ---------------------------------------------------------------------------------- memory
-
-
-@dataclass(frozen=True)
-class _Memory:
-    """Integer bytes as the solver sees them (each layer's float bytes rounded up)."""
-
-    weights: tuple[int, ...]
-    kv: tuple[int, ...]
-    embedding: int
-    lm_head: int
-    activation: int
-    tied: bool
-
-    def stage(self, start: int, end: int, capacity: int) -> StageMemory:
-        head_shared = self.tied and start == 0
-        return StageMemory(
-            weights=sum(self.weights[start:end]),
-            kv=sum(self.kv[start:end]),
-            embedding=self.embedding if start == 0 else 0,
-            lm_head=self.lm_head if end == len(self.weights) and not head_shared else 0,
-            activations=self.activation,
-            capacity=capacity,
-        )
-
-
-def _memory(instance: PartitionInstance, costs: CostTable, with_workload: bool) -> _Memory:
-    count = len(instance.layers)
-    return _Memory(
-        weights=tuple(math.ceil(b) for b in costs.weight_bytes),
-        kv=tuple(math.ceil(b) for b in costs.kv_bytes) if with_workload else (0,) * count,
-        embedding=instance.embedding_bytes,
-        lm_head=instance.lm_head_bytes,
-        activation=instance.stage_activation_bytes if with_workload else 0,
-        tied=instance.tied_embeddings,
-    )
-
-
-def _greedy_split(capacities: list[int], memory: _Memory) -> tuple[int, tuple[int, ...]]:
-    """Fill each device in order with as many layers as fit; returns (layers placed, counts).
-
-    This reaches furthest of all splits: starting later never needs more memory for the same
-    end (rule 2 adds the embedding only at layer 0), so if any split fits, this one does.
-    """
-    total, start, counts = len(memory.weights), 0, []
-    for capacity in capacities:
-        end = start
-        while end < total and memory.stage(start, end + 1, capacity).total <= capacity:
-            end += 1
-        counts.append(end - start)
-        start = end
-    return start, tuple(counts)
-
-
-def max_feasible_batch(instance: PartitionInstance) -> int:
-    """The largest batch whose KV cache and activations fit with the weights (0: none does)."""
-    capacities = [d.memory_bytes for d in instance.devices]
-
-    def fits(batch: int) -> bool:
-        at_batch = replace(instance, workload=replace(instance.workload, batch=batch))
-        memory = _memory(at_batch, estimate_costs(at_batch), with_workload=True)
-        return _greedy_split(capacities, memory)[0] == len(instance.layers)
-
-    if not fits(1):
-        return 0
-    low, high = 1, 2
-    while high <= _MAX_BATCH_SEARCHED and fits(high):
-        low, high = high, high * 2
-    if high > _MAX_BATCH_SEARCHED:
-        return low
-    while high - low > 1:  # fits(low) and not fits(high)
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
-
-
-def _size(num_bytes: float) -> str:
-    # Three significant digits, so "needs" and "holds" never print as the same number.
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if num_bytes >= scale:
-            return f"{num_bytes / scale:.3g} {unit}"
-    return f"{num_bytes:.0f} B"
-
-
-def _binding_reason(
-    instance: PartitionInstance, memory: _Memory, what: str
-) -> tuple[int, int, str]:
-    """(bytes needed, bytes held, the first constraint that no split can meet)."""
-    capacities = [d.memory_bytes for d in instance.devices]
-    count = len(memory.weights)
-    largest = max(capacities)
-    needed = memory.stage(0, count, 0).total
-    held = sum(capacities)
-    if needed > held:
-        return needed, held, f"{what} need {_size(needed)}, the devices hold {_size(held)}"
-    first, last = memory.stage(0, 1, 0).total, memory.stage(count - 1, count, 0).total
-    if first > largest:
-        extras = "the embedding and the LM head" if count == 1 else "the embedding"
-        return needed, held, (
-            f"layer 0 plus {extras} needs {_size(first)} but the largest device holds "
-            f"{_size(largest)}"
-        )
-    if last > largest:
-        return needed, held, (
-            f"layer {count - 1} plus the LM head needs {_size(last)} but the largest device "
-            f"holds {_size(largest)}"
-        )
-    for index in range(count):
-        alone = memory.stage(index, index + 1, 0)
-        alone_total = alone.weights + alone.kv + alone.activations
-        if alone_total > largest:
-            return needed, held, (
-                f"layer {index} needs {_size(alone_total)} but the largest device holds "
-                f"{_size(largest)}"
-            )
-    placed, _ = _greedy_split(capacities, memory)
-    return needed, held, (
-        f"{what} need {_size(needed)} of the {_size(held)} the devices hold, but no contiguous "
-        f"split in device order fits: the devices fill up after {placed} of {count} layers"
-    )
-
-
-def _check_fits(instance: PartitionInstance, costs: CostTable) -> None:
-    """Raise ModelDoesNotFit or WorkloadDoesNotFit when no split can hold the instance."""
-    capacities = [d.memory_bytes for d in instance.devices]
-    weights_only = _memory(instance, costs, with_workload=False)
-    if _greedy_split(capacities, weights_only)[0] < len(instance.layers):
-        needed, held, reason = _binding_reason(instance, weights_only, "the weights")
-        raise ModelDoesNotFit(
-            f"The model does not fit these devices: {reason}; add devices or lower quantization.bits in model.yaml.",
-            needed, held, reason,
-        )
-    full = _memory(instance, costs, with_workload=True)
-    if _greedy_split(capacities, full)[0] < len(instance.layers):
-        w = instance.workload
-        needed, held, reason = _binding_reason(
-            instance, full, f"the weights with the KV cache for batch {w.batch}"
-        )
-        best = max_feasible_batch(instance)
-        advice = (
-            f"at most batch {best} fits at {w.context_tokens} tokens of context" if best
-            else f"not even batch 1 fits at {w.context_tokens} tokens; shorten the context"
-        )
-        raise WorkloadDoesNotFit(
-            f"The weights fit but the workload does not: {reason}; {advice}.",
-            needed, held, reason, kv_bytes=sum(full.kv), max_feasible_batch=best,
-        )
-
-
-# ---------------------------------------------------------------------------------- solver
-
-
-def solve_partition(
-    instance: PartitionInstance, time_limit_s: float = 10.0, workers: int = 1, seed: int = 0
-) -> PartitionSolution:
-    """Split the layers over the devices with CP-SAT (rules 1-5 in the module docstring).
-
-    Solves twice for the lexicographic objective: first the slowest stage, then, with the
-    slowest stage held at the value found, the sum of stage times. Both share ``time_limit_s``.
-    Raises ModelDoesNotFit / WorkloadDoesNotFit before solving when no split fits.
-    """
-    started = time.perf_counter()
-
-    # Data.
-    costs = estimate_costs(instance)
-    _check_fits(instance, costs)
-    devices, layer_count = instance.devices, len(instance.layers)
-    generated = instance.workload.generated_tokens
-    memory = _memory(instance, costs, with_workload=True)
-    layer_bytes = [w + k for w, k in zip(memory.weights, memory.kv)]
-    layer_s = [
-        [p + generated * d for p, d in zip(prefill, decode)]
-        for prefill, decode in zip(costs.prefill_s, costs.decode_s_per_token)
-    ]
-    hop_s = [
-        [p + generated * d for p, d in zip(prefill, decode)]
-        for prefill, decode in zip(costs.transfer_prefill_s, costs.transfer_decode_s_per_token)
-    ]
-    horizon_s = max(map(sum, layer_s)) + max(map(max, hop_s))
-    tick_s = horizon_s / _TICKS_PER_HORIZON if horizon_s > 0 else 1.0
-    layer_ticks = [[round(s / tick_s) for s in row] for row in layer_s]
-    hop_ticks = [[round(s / tick_s) for s in row] for row in hop_s]
-    horizon_ticks = max(map(sum, layer_ticks)) + max(map(max, hop_ticks))
-    _, greedy_counts = _greedy_split([d.memory_bytes for d in devices], memory)
-
-    # Variables.
-    model = cp_model.CpModel()
-    on = [[model.new_bool_var(f"layer{l}_on_dev{d}") for l in range(layer_count)]
-          for d in range(len(devices))]
-    used = [model.new_bool_var(f"dev{d}_used") for d in range(len(devices))]
-    hop = {
-        (d, e): model.new_bool_var(f"dev{d}_sends_to_dev{e}")
-        for d in range(len(devices)) for e in range(d + 1, len(devices))
-    }
-    stage = [model.new_int_var(0, horizon_ticks, f"dev{d}_ticks") for d in range(len(devices))]
-    slowest = model.new_int_var(0, horizon_ticks, "slowest_ticks")
-
-    # Constraints.
-    for l in range(layer_count):
-        model.add_exactly_one(on[d][l] for d in range(len(devices)))
-    for l in range(layer_count - 1):
-        # Rule 1: the owning device's index never decreases, so each device's layers are
-        # contiguous and follow the device order.
-        model.add(sum(d * on[d][l] for d in range(len(devices)))
-                  <= sum(d * on[d][l + 1] for d in range(len(devices))))
-    for d in range(len(devices)):
-        model.add_max_equality(used[d], on[d])
-    for (d, e), sends in hop.items():
-        # Rule 4: d sends to e exactly when both are used and every device between is not.
-        skipped = [used[k] for k in range(d + 1, e)]
-        model.add_bool_and([used[d], used[e], *[~k for k in skipped]]).only_enforce_if(sends)
-        model.add_bool_or([~used[d], ~used[e], *skipped, sends])
-    for d, device in enumerate(devices):
-        holds_embedding, holds_head = on[d][0], on[d][layer_count - 1]
-        if instance.tied_embeddings:
-            # Rule 2: a tied LM head costs memory only where the embedding is not.
-            holds_head = model.new_bool_var(f"dev{d}_holds_untied_head")
-            model.add(holds_head >= on[d][layer_count - 1] - on[d][0])
-        model.add(
-            sum(layer_bytes[l] * on[d][l] for l in range(layer_count))
-            + memory.embedding * holds_embedding
-            + memory.lm_head * holds_head
-            + memory.activation * used[d]  # rule 3
-            <= device.memory_bytes
-        )
-        model.add(stage[d] == sum(layer_ticks[d][l] * on[d][l] for l in range(layer_count))
-                  + sum(hop_ticks[d][e] * hop[d, e] for e in range(d + 1, len(devices))))
-        model.add(slowest >= stage[d])
-
-    # Objective, first half of rule 5; the greedy split is a feasible start.
-    model.minimize(slowest)
-    owner = [d for d, n in enumerate(greedy_counts) for _ in range(n)]
-    for d in range(len(devices)):
-        for l in range(layer_count):
-            model.add_hint(on[d][l], owner[l] == d)
-
-    # Solve.
-    solver = cp_model.CpSolver()
-    solver.parameters.num_workers = workers
-    solver.parameters.random_seed = seed
-    solver.parameters.max_time_in_seconds = time_limit_s
-    status = solver.solve(model)
-    if status == cp_model.OPTIMAL or status == cp_model.FEASIBLE:
-        proven = status == cp_model.OPTIMAL
-        best_bound_s = solver.best_objective_bound * tick_s
-    elif status == cp_model.INFEASIBLE:
-        # _check_fits found a split, so this is a bug in the model, not a user error.
-        raise RuntimeError("CP-SAT proved infeasible a partition that the greedy split fits")
-    else:
-        raise PartitionNotSolved(
-            f"CP-SAT found no split within {time_limit_s:g} s (status "
-            f"{solver.status_name(status)}); raise time_limit_s."
-        )
-    owner = [next(d for d in range(len(devices)) if solver.value(on[d][l]))
-             for l in range(layer_count)]
-
-    # Second half of rule 5: hold the slowest stage, minimise the sum.
-    remaining_s = time_limit_s - (time.perf_counter() - started)
-    if remaining_s > 0:
-        model.add(slowest <= solver.value(slowest))
-        model.minimize(sum(stage))
-        model.clear_hints()
-        for d in range(len(devices)):
-            for l in range(layer_count):
-                model.add_hint(on[d][l], owner[l] == d)
-        solver.parameters.max_time_in_seconds = remaining_s
-        status = solver.solve(model)
-        if status == cp_model.OPTIMAL or status == cp_model.FEASIBLE:
-            proven = proven and status == cp_model.OPTIMAL
-            owner = [next(d for d in range(len(devices)) if solver.value(on[d][l]))
-                     for l in range(layer_count)]
-        elif status == cp_model.INFEASIBLE:
-            raise RuntimeError("CP-SAT lost the first phase's split in the second phase")
-        else:
-            proven = False  # out of time: keep the first phase's split
-    else:
-        proven = False
-
-    return _describe(
-        instance, costs, memory, owner,
-        status="OPTIMAL" if proven else "FEASIBLE",
-        solve_seconds=time.perf_counter() - started,
-        best_bound_s=best_bound_s,
-    )
-
-
-def _describe(
-    instance: PartitionInstance,
-    costs: CostTable,
-    memory: _Memory,
-    owner: list[int],
-    status: str,
-    solve_seconds: float,
-    best_bound_s: float,
-) -> PartitionSolution:
-    """The solution for a layer -> device assignment, with costs from the float table."""
-    generated = instance.workload.generated_tokens
-    used = sorted(set(owner))
-    stages = []
-    for position, d in enumerate(used):
-        start, end = owner.index(d), len(owner) - owner[::-1].index(d)
-        layers = range(start, end)
-        prefill = sum(costs.prefill_s[d][l] for l in layers)
-        decode = sum(costs.decode_s_per_token[d][l] for l in layers)
-        following = used[position + 1] if position + 1 < len(used) else None
-        send_prefill = costs.transfer_prefill_s[d][following] if following is not None else 0.0
-        send_decode = (
-            costs.transfer_decode_s_per_token[d][following] if following is not None else 0.0
-        )
-        device = instance.devices[d]
-        stages.append(StagePlan(
-            device=device.name,
-            sku=device.sku,
-            device_index=d,
-            start_layer=start,
-            end_layer=end,
-            prefill_s=prefill,
-            decode_s_per_token=decode,
-            transfer_prefill_s=send_prefill,
-            transfer_decode_s_per_token=send_decode,
-            stage_s=prefill + send_prefill + generated * (decode + send_decode),
-            memory=memory.stage(start, end, device.memory_bytes),
-        ))
-    return PartitionSolution(
-        stages=tuple(stages),
-        unused_devices=tuple(dev.name for d, dev in enumerate(instance.devices) if d not in used),
-        status=status,
-        solve_seconds=solve_seconds,
-        objective_s=max(s.stage_s for s in stages),
-        best_bound_s=best_bound_s,
-        total_stage_s=sum(s.stage_s for s in stages),
-    )
-
-
-# ---------------------------------------------------------------------------------- the pass
-
-from llmc.ir import Plan, Program, Stage  # noqa: E402
-from llmc.ir import StageMemory as IrStageMemory  # noqa: E402
-from llmc.pipeline import Pass, PassContext, PassResult  # noqa: E402
-
-
-def partition_instance(program: Program, cluster, workload: Workload, weight_bits: int,
-                       group_size: int, asymmetric: bool) -> PartitionInstance:
-    """The planner's view of a program on a resolved cluster (llmc.config.Cluster)."""
-    model = program.model
+def cluster_devices(cluster) -> tuple[tuple[DeviceSpec, ...], Links]:
+    """Devices (capacity minus the reserve) and links of a resolved llmc.config.Cluster."""
     devices = tuple(
-        DeviceSlot(
-            name=d.name,
-            sku=d.sku.name,
+        DeviceSpec(
+            name=d.name, sku=d.sku.name, node=d.node,
             memory_bytes=max(0, d.sku.memory_bytes - cluster.memory_reserve_bytes),
-            fp16_flops=d.sku.fp16_flops_per_s,
-            int8_flops=d.sku.int8_ops_per_s or d.sku.fp16_flops_per_s,
-            memory_bandwidth=d.sku.memory_bandwidth_bytes_per_s,
-            link_bandwidth_to_next=d.link_to_next_bytes_s,
+            fp16_flops=d.sku.fp16_flops_per_s, memory_bandwidth=d.sku.memory_bandwidth_bytes_per_s,
         )
         for d in cluster.devices
     )
-    kv_bytes = model.kv_values_per_token_per_layer * FP16_BYTES
-    layers = tuple(LayerShape(layer.weight_params, 2.0 * layer.weight_params, kv_bytes) for layer in program.layers)
-    # The embedding and LM head stay in fp16 (the LM head is not quantized by default).
-    table_bytes = model.embedding_params * FP16_BYTES
-    return PartitionInstance(
-        devices=devices,
-        layers=layers,
-        weight_bits=weight_bits,
-        group_size=group_size if group_size > 0 else model.hidden_size,
-        embedding_bytes=table_bytes,
-        lm_head_bytes=table_bytes,
-        hidden_size=model.hidden_size,
-        workload=workload,
-        asymmetric=asymmetric,
-        tied_embeddings=model.tie_word_embeddings,
+    intra: dict[str, float] = {}
+    network = None
+    for a, b in zip(cluster.devices, cluster.devices[1:]):
+        if a.node == b.node:
+            intra[a.node] = min(intra.get(a.node, math.inf), a.link_to_next_bytes_s)
+        else:
+            network = a.link_to_next_bytes_s
+    for d in cluster.devices:
+        # A node with one GPU has no intra-node link yet (a what-if may add one): its PCIe.
+        intra.setdefault(d.node, d.sku.pcie_bytes_per_s)
+    return devices, Links(tuple(sorted(intra.items())), network)
+
+
+def layer_shape(layer, model) -> LayerShape:
+    """The cost model's view of one layer of the table (pruned layers keep their own widths)."""
+    out = {lin.name.rsplit(".", 1)[-1]: lin.out_features for lin in layer.linears}
+    attention = out.get("q_proj", model.num_heads * model.head_dim)
+    kv_width = out.get("k_proj", model.num_kv_heads * model.head_dim)
+    inter = out.get("up_proj") or out.get("fc1") or out.get("dense_h_to_4h") or model.intermediate_size
+    mlp_live = 2 if "gate_proj" in out else 1
+    return LayerShape(layer.weight_params, model.hidden_size, attention, 2 * kv_width * FP16_BYTES,
+                      model.hidden_size + mlp_live * inter)
+
+
+def layer_choices(layer, schemes: dict, bits: tuple[int, ...]) -> tuple[LayerChoice, ...]:
+    """The ways to store a layer: as configured (``bits`` empty; labelled with the width most of
+    its weights get), or each quantized linear at each width in ``bits`` (rule 1)."""
+
+    def stored(width_of, label: int | None = None) -> LayerChoice:
+        total, quantized, by_bits = 0.0, 0, Counter()
+        for lin in layer.linears:
+            scheme, params = schemes[lin.name], lin.in_features * lin.out_features
+            width = 16 if scheme is None else width_of(scheme)
+            if width >= 16:
+                total += params * FP16_BYTES
+                by_bits[16] += params
+                continue
+            group = effective_group(scheme, lin.in_features, lin.name)
+            total += params * bytes_per_weight(width, group, not scheme.symmetric)
+            quantized += params
+            by_bits[width] += params
+        dominant = max(by_bits.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        return LayerChoice(dominant if label is None else label, total, quantized)
+
+    if not bits:
+        return (stored(lambda scheme: scheme.bits),)
+    return tuple(stored(lambda scheme, b=b: b, label=b) for b in bits)
+
+
+def default_micro_batch_sizes(batch: int) -> tuple[int, ...]:
+    """The divisors of the batch (equal micro-batches), at most 8 of them spread evenly."""
+    divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+    if len(divisors) <= MAX_DEFAULT_MICRO_BATCH_SIZES:
+        return tuple(divisors)
+    picks = {round(k * (len(divisors) - 1) / (MAX_DEFAULT_MICRO_BATCH_SIZES - 1)) for k in range(MAX_DEFAULT_MICRO_BATCH_SIZES)}
+    return tuple(divisors[k] for k in sorted(picks))
+
+
+def measured_profile(path: Path, cluster) -> MeasuredProfile:
+    """A profile file keyed by the cluster's SKU names (aliases resolved through the catalog)."""
+    from llmc.catalog import load_catalog, lookup
+    from llmc.profiles import read_profile
+
+    data = read_profile(path)
+    catalog = load_catalog()
+    ours = {d.sku.name.casefold(): d.sku.name for d in cluster.devices}
+    entries = []
+    for i, device in enumerate(data.devices):
+        known = lookup(device.sku, catalog)
+        name = ours.get((known.name if known else device.sku).casefold())
+        if name is None and known is None:
+            raise ConfigError(str(path), f"devices[{i}].sku",
+                              f"unknown SKU '{device.sku}': neither in the catalog nor in cluster.yaml")
+        if name is None:
+            continue  # a SKU this cluster does not have
+        keys: dict[tuple, list[ProfilePoint]] = {}
+        for t in device.layers:
+            keys.setdefault((name, t.phase, t.bits), []).append(ProfilePoint(t.batch, t.seq_len, t.seconds))
+        entries += [(key, tuple(points)) for key, points in keys.items()]
+    return MeasuredProfile(path.name, tuple(sorted(entries)))
+
+
+@dataclass(frozen=True)
+class Quality:
+    omega: tuple[tuple[float, ...], ...] | None
+    budget: float | None
+    indicator: str
+
+
+def quality_constraint(program: Program, labels: list[tuple[int, ...]], base_bits: int, budget: float | None,
+                       table_path: Path | None) -> Quality:
+    """Rule 2 of the module docstring. ``labels[l]``: the bit-widths of layer l's choices;
+    ``base_bits``: b0, the configured width."""
+    from llmc.profiles import check_sensitivity, read_sensitivity
+
+    layers = len(program.layers)
+    several = any(len(row) > 1 for row in labels)
+    needed = tuple(sorted({b for row in labels for b in row} | ({base_bits} if budget is None else set())))
+    if table_path is not None:
+        table = read_sensitivity(table_path)
+        check_sensitivity(table, table_path, layers, needed)
+        rows = [row.omega for row in table.layers]
+        indicator = f"sensitivity table {table_path.name} ({table.indicator})"
+    elif program.sensitivity is not None:
+        s = program.sensitivity
+        missing = [b for b in needed if b not in s.bits]
+        if missing:
+            raise ConfigError("model.yaml", "planner.bits",
+                              f"the sensitivity pass costed {list(s.bits)} bits, not {missing}; choose among those")
+        rows = [dict(zip(s.bits, row)) for row in s.omega]
+        indicator = f"sensitivity pass ({s.indicator})"
+    elif several or budget is not None:
+        step = 2**base_bits - 1
+        rows = [{b: (step / (2**b - 1)) ** 2 for b in needed}] * layers
+        indicator = f"every layer equally sensitive, omega = ((2^{base_bits} - 1) / (2^b - 1))^2"
+    else:
+        return Quality(None, None, "none (one bit-width per layer, no sensitivity table)")
+    omega = tuple(tuple(float(row[b]) for b in bits) for row, bits in zip(rows, labels))
+    if budget is None:
+        budget = sum(float(row[base_bits]) for row in rows)
+        indicator += f"; budget: every layer at {base_bits} bits"
+    return Quality(omega, budget, indicator)
+
+
+# ---------------------------------------------------------------------------------- explanation
+
+
+def _unit_names(instance: PlanInstance, solution: Solution) -> list[str]:
+    stages = solution.evaluation.stages
+    names = [f"stage {k} ({instance.devices[s.device].name})" for k, s in enumerate(stages)]
+    names += [f"link {instance.devices[a.device].name} -> {instance.devices[b.device].name}"
+              for a, b in zip(stages, stages[1:])]
+    return names
+
+
+def explain(instance: PlanInstance, tables: CostTables, solution: Solution, what_if: tuple[WhatIf, ...]) -> Explanation:
+    """Which limits bind, the bottleneck of each phase, the pipeline bubbles (module docstring)."""
+    ev, a = solution.evaluation, solution.assignment
+    stages, names = ev.stages, _unit_names(instance, solution)
+    m_p, m_d = tables.counts[a.prefill_option], tables.counts[a.decode_option]
+    units_p = [s.prefill_s for s in stages] + [s.hop_prefill_s for s in stages[:-1]]
+    units_d = [s.decode_s for s in stages] + [s.hop_decode_s for s in stages[:-1]]
+    slow_p = max(range(len(units_p)), key=lambda k: units_p[k])
+    slow_d = max(range(len(units_d)), key=lambda k: units_d[k])
+    steps = instance.workload.decode_steps
+    count = len(stages)
+    busy_p = m_p * sum(s.prefill_s for s in stages)
+    busy_d = steps * m_d * sum(s.decode_s for s in stages)
+    bubble_p = 1 - busy_p / (count * ev.prefill_s) if ev.prefill_s > 0 else 0.0
+    bubble_d = 1 - busy_d / (count * ev.decode_s) if ev.decode_s > 0 else 0.0
+    bubble = 1 - (busy_p + busy_d) / (count * ev.latency_s) if ev.latency_s > 0 else 0.0
+
+    binding = []
+    smallest = min(w + tables.kv_bytes[k] for k, row in enumerate(tables.weight_bytes) for w in row)
+    for s in stages:
+        free = s.memory.capacity - s.memory.total
+        if free < smallest:
+            binding.append(f"memory on {instance.devices[s.device].name}: {size_text(free)} free of "
+                           f"{size_text(s.memory.capacity)}, less than one more layer ({size_text(smallest)})")
+    if instance.omega is not None:
+        slack = instance.quality_budget - ev.quality_used
+        steps_down = [instance.omega[l][c - 1] - instance.omega[l][c] for l, c in enumerate(a.choice) if c > 0]
+        if steps_down and slack < min(steps_down):
+            binding.append(f"quality budget: sum of omega {ev.quality_used:.4g} of {instance.quality_budget:.4g}; "
+                           "one bit-width step down on any layer would exceed it")
+    decode_bound = "round trip" if sum(units_d) >= m_d * max(units_d) else "slowest unit"
+    binding.append(f"time: prefill is paced by {names[slow_p]}, decode by "
+                   + ("the round trip of each micro-batch through every stage" if decode_bound == "round trip"
+                      else f"{names[slow_d]} serving {m_d} micro-batches per token"))
+    return Explanation(
+        binding=tuple(binding),
+        prefill_bottleneck=names[slow_p],
+        decode_bottleneck=names[slow_d],
+        decode_bound=decode_bound,
+        bubble_prefill=bubble_p,
+        bubble_decode=bubble_d,
+        bubble=bubble,
+        what_if=what_if,
     )
 
 
-def plan_from_solution(solution: PartitionSolution, cluster, workload: Workload, weight_bits: int) -> Plan:
+def what_if_plans(instance: PlanInstance, solution: Solution, limit_s: float, seed: int) -> tuple[WhatIf, ...]:
+    """Per SKU of the inventory (declared order), the plan with one more such GPU in the first
+    node that has one (declared right after its twins)."""
+    results = []
+    for sku in dict.fromkeys(d.sku for d in instance.devices):
+        model_device = next(d for d in instance.devices if d.sku == sku)
+        node = model_device.node
+        index = sum(1 for d in instance.devices if d.node == node)
+        added = replace(model_device, name=f"{node}/gpu{index}")
+        last = max(k for k, d in enumerate(instance.devices) if d.node == node and d.sku == sku)
+        devices = instance.devices[: last + 1] + (added,) + instance.devices[last + 1:]
+        try:
+            trial = solve_partition(replace(instance, devices=devices), time_limit_s=limit_s, seed=seed)
+        except PartitionNotSolved:
+            continue  # nothing found within the what-if's short limit: no figure rather than a wrong one
+        results.append(WhatIf(sku=sku, node=node, solver_status=trial.status,
+                              tokens_per_s=_tokens_per_s(instance, trial.evaluation.latency_s),
+                              speedup=solution.evaluation.latency_s / trial.evaluation.latency_s))
+    return tuple(results)
+
+
+def baselines(instance: PlanInstance, tables: CostTables, solution: Solution) -> tuple[Baseline, ...]:
+    described = {
+        "even-split": "every device in declared order, layers split evenly, one uniform bit-width",
+        "memory-greedy": "devices in declared order, each filled with as many layers as its memory holds, "
+                         "one uniform bit-width",
+    }
+    found = []
+    for name, choice, result in heuristic_plans(instance, tables):
+        if result is None:
+            found.append(Baseline(name, described[name] + " (no uniform width fits memory and quality)",
+                                  None, (), None, None, None, None, None))
+            continue
+        a, ev = result
+        found.append(Baseline(
+            name=name,
+            description=described[name] + " (the fewest bits that fit memory and the quality budget)",
+            bits=Counter(row[choice].bits for row in instance.choices).most_common(1)[0][0],
+            stages=tuple(f"{instance.devices[j].name}: layers {start}-{end - 1}" for j, start, end in a.ranges()),
+            prefill_micro_batch_size=instance.micro_batch_sizes[a.prefill_option],
+            decode_micro_batch_size=instance.micro_batch_sizes[a.decode_option],
+            batch_latency_s=ev.latency_s,
+            tokens_per_s=_tokens_per_s(instance, ev.latency_s),
+            plan_speedup=ev.latency_s / solution.evaluation.latency_s,
+        ))
+    return tuple(found)
+
+
+def _tokens_per_s(instance: PlanInstance, latency_s: float) -> float:
+    w = instance.workload
+    return w.batch * w.generated_tokens / latency_s
+
+
+# ---------------------------------------------------------------------------------- the plan
+
+
+def _cost_source(instance: PlanInstance, device: DeviceSpec, bits: set[int]) -> str:
+    profile = instance.profile
+    if profile is None:
+        return "roofline"
+    covered = [profile.covers(device.sku, phase, b) for phase in ("prefill", "decode") for b in sorted(bits)]
+    if all(covered):
+        return f"profile {profile.source}"
+    return f"profile {profile.source} + roofline" if any(covered) else "roofline"
+
+
+def plan_from_solution(instance: PlanInstance, tables: CostTables, solution: Solution, cluster, quality: Quality,
+                       extra_baselines: tuple[Baseline, ...], explanation: Explanation) -> Plan:
+    a, ev = solution.assignment, solution.evaluation
     by_name = {d.name: d for d in cluster.devices}
-    g = workload.generated_tokens
-    stages = tuple(
-        Stage(
-            index=k,
-            device=s.device,
-            sku=s.sku,
-            compute_capability=by_name[s.device].sku.compute_capability,
-            layer_start=s.start_layer,
-            layer_end=s.end_layer,
-            holds_embedding=k == 0,  # rule 2
-            holds_lm_head=k == len(solution.stages) - 1,
-            memory=IrStageMemory(
-                weights=s.memory.weights, kv_cache=s.memory.kv, embedding=s.memory.embedding,
-                lm_head=s.memory.lm_head, activations=s.memory.activations, capacity=s.memory.capacity,
-            ),
-            predicted_prefill_s=s.prefill_s,
-            predicted_decode_s=s.decode_s_per_token,
-            predicted_transfer_s=s.transfer_prefill_s + g * s.transfer_decode_s_per_token,
-        )
-        for k, s in enumerate(solution.stages)
-    )
-    # One micro-batch: the batch passes every stage in turn for the prefill and for each token.
-    latency = sum(s.prefill_s + s.transfer_prefill_s for s in solution.stages) + g * sum(
-        s.decode_s_per_token + s.transfer_decode_s_per_token for s in solution.stages
-    )
+    m_p, m_d = tables.counts[a.prefill_option], tables.counts[a.decode_option]
+    steps, L = instance.workload.decode_steps, len(instance.layers)
+    layer_bits = tuple(instance.choices[l][c].bits for l, c in enumerate(a.choice))
+    stages = []
+    for k, s in enumerate(ev.stages):
+        device = instance.devices[s.device]
+        bits = layer_bits[s.start:s.end]
+        stages.append(Stage(
+            index=k, device=device.name, sku=device.sku,
+            compute_capability=by_name[device.name].sku.compute_capability,
+            layer_start=s.start, layer_end=s.end, holds_embedding=s.start == 0, holds_lm_head=s.end == L,
+            memory=StageMemory(weights=s.memory.weights, kv_cache=s.memory.kv_cache, embedding=s.memory.embedding,
+                               lm_head=s.memory.lm_head, activations=s.memory.activations,
+                               capacity=s.memory.capacity, reserve=cluster.memory_reserve_bytes),
+            layer_bits=bits,
+            predicted_prefill_s=m_p * s.prefill_s,
+            predicted_decode_s=m_d * s.decode_s,
+            predicted_transfer_s=m_p * s.hop_prefill_s + steps * m_d * s.hop_decode_s,
+            cost_source=_cost_source(instance, device, set(bits)),
+        ))
+    used = {s.device for s in ev.stages}
+    sources = sorted({s.cost_source for s in stages})
     return Plan(
-        stages=stages,
-        weight_bits=weight_bits,
+        stages=tuple(stages),
+        layer_bits=layer_bits,
+        weight_bits=max(Counter(layer_bits).items(), key=lambda kv: (kv[1], kv[0]))[0],
+        prefill_micro_batch_size=instance.micro_batch_sizes[a.prefill_option],
+        prefill_micro_batches=m_p,
+        decode_micro_batch_size=instance.micro_batch_sizes[a.decode_option],
+        decode_micro_batches=m_d,
         solver_status=solution.status,
-        objective_s=solution.objective_s,
+        search=solution.search,
         best_bound_s=solution.best_bound_s,
-        predicted_batch_latency_s=latency,
-        predicted_tokens_per_s=workload.batch * g / latency,
-        unused_devices=solution.unused_devices,
+        gap=solution.gap,
+        predicted_prefill_s=ev.prefill_s,
+        predicted_decode_s=ev.decode_s,
+        predicted_batch_latency_s=ev.latency_s,
+        predicted_tokens_per_s=_tokens_per_s(instance, ev.latency_s),
+        quality_indicator=quality.indicator,
+        quality_used=ev.quality_used,
+        quality_budget=quality.budget,
+        cost_source="; ".join(sources),
+        unused_devices=tuple(d.name for j, d in enumerate(instance.devices) if j not in used),
+        baselines=extra_baselines,
+        explanation=explanation,
     )
+
+
+def planner_instance(program: Program, cluster, p: PlanPass) -> tuple[PlanInstance, Quality]:
+    """Rules 1 and 2 of the module docstring: the instance for a program on a cluster."""
+    model = program.model
+    rules = p.quantization
+    if p.bits and rules.method == "none":
+        rules = replace(rules, method="rtn")  # planner.bits decides the widths of the targeted linears
+    names = [lin.name for layer in program.layers for lin in layer.linears]
+    schemes = resolve_schemes(names, rules)
+    devices, links = cluster_devices(cluster)
+    choices = tuple(layer_choices(layer, schemes, tuple(sorted(p.bits))) for layer in program.layers)
+    base_bits = p.quantization.bits if p.quantization.method != "none" else 16
+    quality = quality_constraint(program, [tuple(c.bits for c in row) for row in choices], base_bits,
+                                 p.quality_budget, p.sensitivity)
+    profile = measured_profile(p.profile, cluster) if p.profile is not None else None
+    sizes = tuple(sorted(p.micro_batch_sizes)) or default_micro_batch_sizes(p.batch)
+    instance = PlanInstance(
+        devices=devices, links=links,
+        layers=tuple(layer_shape(layer, model) for layer in program.layers),
+        choices=choices, vocab_size=model.vocab_size, hidden_size=model.hidden_size,
+        workload=CostWorkload(p.batch, p.prompt_tokens, p.generated_tokens),
+        micro_batch_sizes=sizes, tied_embeddings=model.tie_word_embeddings,
+        omega=quality.omega, quality_budget=quality.budget, profile=profile,
+    )
+    return instance, quality
 
 
 @dataclass(frozen=True)
 class PlanPass(Pass):
-    """Place contiguous layer ranges on the cluster's devices (CP-SAT, roofline costs)."""
+    """Choose the pipeline: device order, layer ranges, bit-widths, micro-batches (CP-SAT)."""
 
     name = "plan"
-    weight_bits: int
-    group_size: int
-    symmetric: bool
+    quantization: QuantizationRules
     batch: int
     prompt_tokens: int
     generated_tokens: int
+    bits: tuple[int, ...] = ()  # planner.bits; empty: as quantization says
+    quality_budget: float | None = None
+    sensitivity: Path | None = None
+    profile: Path | None = None
+    micro_batch_sizes: tuple[int, ...] = ()
     time_limit_s: float = 10.0
+    what_if: bool = True
 
     def requires(self, program: Program) -> None:
         if program.model is None or not program.layers:
@@ -763,15 +401,57 @@ class PlanPass(Pass):
             raise ValueError("plan produced no plan")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        workload = Workload(self.batch, self.prompt_tokens, self.generated_tokens)
-        instance = partition_instance(
-            program, ctx.cluster, workload, self.weight_bits, self.group_size, not self.symmetric
-        )
-        solution = solve_partition(instance, time_limit_s=self.time_limit_s, workers=1, seed=ctx.seed)
-        plan = plan_from_solution(solution, ctx.cluster, workload, self.weight_bits)
+        instance, quality = planner_instance(program, ctx.cluster, self)
+        solution = solve_partition(instance, time_limit_s=self.time_limit_s, seed=ctx.seed, workers=1)
+        tables = cost_tables(instance)
+        what_if = what_if_plans(instance, solution, min(self.time_limit_s / 4, 2.0), ctx.seed) if self.what_if else ()
+        plan = plan_from_solution(instance, tables, solution, ctx.cluster, quality,
+                                  baselines(instance, tables, solution), explain(instance, tables, solution, what_if))
         ranges = ", ".join(f"{s.device} {s.layer_start}-{s.layer_end - 1}" for s in plan.stages)
+        versus = ", ".join(f"{b.plan_speedup:.2f}x {b.name}" for b in plan.baselines if b.plan_speedup)
         return PassResult(
             replace(program, plan=plan),
-            f"{len(plan.stages)} stages ({ranges}), {solution.status} in {solution.solve_seconds * 1e3:.0f} ms, "
-            f"predicted {plan.predicted_tokens_per_s:.0f} tokens/s",
+            f"{len(plan.stages)} stages ({ranges}), {solution.status} (gap {solution.gap:.1%}) in "
+            f"{solution.solve_seconds * 1e3:.0f} ms, predicted {plan.predicted_tokens_per_s:.0f} tokens/s"
+            + (f" ({versus})" if versus else ""),
         )
+
+
+def plan_pass_from_config(model, base: Path, *, compiling: bool) -> PlanPass:
+    """The plan pass for a validated ModelConfig; ConfigError (exit 2) for planner options that
+    cannot work, before any pass runs."""
+    from llmc.profiles import read_profile, read_sensitivity
+    from llmc.schemes import rules_from_config
+
+    q, w, planner = model.quantization, model.workload, model.planner
+    for i, size in enumerate(planner.micro_batch_sizes or ()):
+        if size > w.batch:
+            raise ConfigError("model.yaml", f"planner.micro_batch_sizes[{i}]",
+                              f"{size} is larger than workload.batch ({w.batch})")
+    configured = q.bits if q.method != "none" else 16
+    if compiling and planner.bits is not None and planner.bits != [configured]:
+        raise ConfigError(
+            "model.yaml", "planner.bits",
+            f"{planner.bits}: `llmc compile` quantizes as `quantization` says ({configured} bits), so the plan "
+            f"must cost that; plan per-layer widths with `llmc plan`, then set them in quantization.overrides",
+        )
+    paths = {}
+    for field, reader in (("sensitivity", read_sensitivity), ("profile", read_profile)):
+        value = getattr(planner, field)
+        if value is None:
+            continue
+        path = base / value
+        if not path.is_file():
+            raise ConfigError("model.yaml", f"planner.{field}", f"'{value}' does not exist (relative to {base})")
+        reader(path)  # schema errors now, naming the file and field
+        paths[field] = path
+    return PlanPass(
+        quantization=rules_from_config(q),
+        batch=w.batch, prompt_tokens=w.prompt_tokens, generated_tokens=w.generated_tokens,
+        bits=tuple(sorted(planner.bits or ())),
+        quality_budget=planner.quality_budget,
+        sensitivity=paths.get("sensitivity"),
+        profile=paths.get("profile"),
+        micro_batch_sizes=tuple(sorted(planner.micro_batch_sizes or ())),
+        time_limit_s=planner.time_limit_s,
+    )

@@ -421,7 +421,7 @@ class GptqQuantizePass(Pass, QuantizationRules):
     name = "quantize-gptq"
     method: str = "gptq"
     damp: float = 0.01
-    act_order: bool = False
+    act_order: bool = True
     block_size: int = 128
 
     def requires(self, program: Program) -> None:
@@ -441,7 +441,8 @@ class GptqQuantizePass(Pass, QuantizationRules):
 
         linears = {lin.name: lin for layer in program.layers for lin in layer.linears}
         schemes = resolve_schemes(list(linears), self)
-        mine = {n: s for n, s in schemes.items() if s is not None and s.method == "gptq"}
+        decided = {d.module for d in program.quantization}  # e.g. quantized jointly with pruning
+        mine = {n: s for n, s in schemes.items() if s is not None and s.method == "gptq" and n not in decided}
         groups = {n: effective_group(s, linears[n].in_features, n) for n, s in mine.items()}
 
         model = load_hf_model(ctx.path(program.model.checkpoint), program.model.dtype)

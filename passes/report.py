@@ -7,6 +7,7 @@ mistakes one for the other.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 
 from llmc.ir import Artifact, Program
@@ -27,8 +28,11 @@ def plan_document(program: Program, cluster_name: str, workload: dict) -> dict:
             f"{'per-channel' if q.group_size == -1 else f'group {q.group_size}'}, "
             f"{'symmetric' if q.symmetric else 'asymmetric'}"
         )
-    elif plan is not None and plan.weight_bits < 16:
-        summary = f"int{plan.weight_bits} planned (not applied: `llmc plan` changes no weights)"
+    elif plan is not None and min(plan.layer_bits) < 16:
+        widths = Counter(plan.layer_bits)
+        planned = ", ".join(f"{'float' if b >= 16 else f'int{b}'} x{n}" for b, n in sorted(widths.items()))
+        summary = (f"int{plan.weight_bits} planned" if len(widths) == 1 else f"planned per layer: {planned}")
+        summary += " (not applied: `llmc plan` changes no weights)"
     else:
         summary = "none (float weights)"
     doc = {
@@ -48,14 +52,30 @@ def plan_document(program: Program, cluster_name: str, workload: dict) -> dict:
         "stages": [asdict(s) for s in plan.stages] if plan else [],
         "unused_devices": list(plan.unused_devices) if plan else [],
         "predicted": {
-            "source": "roofline cost model over the device catalog",
+            "source": f"cost model (passes/costs.py): {plan.cost_source}",
             "solver_status": plan.solver_status,
-            "slowest_stage_s": plan.objective_s,
+            "search": plan.search,
             "best_bound_s": plan.best_bound_s,
+            "gap": plan.gap,
+            "prefill_s": plan.predicted_prefill_s,
+            "decode_s": plan.predicted_decode_s,
             "batch_latency_s": plan.predicted_batch_latency_s,
             "tokens_per_s": plan.predicted_tokens_per_s,
             "weight_bits": plan.weight_bits,
+            "layer_bits": list(plan.layer_bits),
+            "prefill_micro_batch_size": plan.prefill_micro_batch_size,
+            "prefill_micro_batches": plan.prefill_micro_batches,
+            "decode_micro_batch_size": plan.decode_micro_batch_size,
+            "decode_micro_batches": plan.decode_micro_batches,
+            "quality": {
+                "indicator": plan.quality_indicator,
+                "used": plan.quality_used,
+                "budget": plan.quality_budget,
+            },
         } if plan else {},
+        # Beside the plan, costed by the same model: what simple splits would predict.
+        "baselines": [asdict(b) for b in plan.baselines] if plan else [],
+        "explanation": asdict(plan.explanation) if plan and plan.explanation else None,
         "measured": [asdict(m) for m in program.measurements],
         # TensorRT engines per stage and device type: built, or skipped with the command that
         # builds them on a host that can (see passes/build_engines.py).
@@ -72,9 +92,18 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
 
 
+def _bits(widths: list[int]) -> str:
+    """'4' for a uniform range, else '3 x10, 8 x2' in ascending width (16: float)."""
+    counts = Counter(widths)
+    name = {16: "float"}
+    if len(counts) == 1:
+        return name.get(widths[0], str(widths[0]))
+    return ", ".join(f"{name.get(b, b)} x{n}" for b, n in sorted(counts.items()))
+
+
 def render_markdown(doc: dict) -> str:
     env = template_environment()
-    env.filters.update(gib=_gib, ms=_ms)
+    env.filters.update(gib=_gib, ms=_ms, bits=_bits)
 
     class View(dict):
         __getattr__ = dict.__getitem__
@@ -88,7 +117,7 @@ def render_markdown(doc: dict) -> str:
 
     plan = view(doc)
     for stage in plan["stages"]:
-        stage["memory"]["total"] = sum(v for k, v in stage["memory"].items() if k != "capacity")
+        stage["memory"]["total"] = sum(v for k, v in stage["memory"].items() if k not in ("capacity", "reserve"))
     return env.get_template("report.md.j2").render(plan=plan)
 
 

@@ -118,7 +118,8 @@ def loop_instruction_mix(listing: str) -> collections.Counter:
 
 
 def kernel_variants() -> list[KernelVariant]:
-    """Every kernel the plugins launch, at representative block shapes."""
+    """Every kernel the plugins launch, at their shipped launch shapes."""
+    require_triton()
     from llmc.plugins import fp6_linear, intn_linear
 
     return intn_linear.kernel_variants() + fp6_linear.kernel_variants()

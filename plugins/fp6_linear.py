@@ -20,9 +20,10 @@ Decoding (rules referred to in the code):
 2. Decode rows (``M == 1``): CUDA cores. The decoded weight may be a float32 subnormal, which
    FFMA multiplies exactly (Triton emits no FTZ); ``x`` carries ``2^64`` so that no product is
    subnormal, and the result ``2^(127 - bias - 64)`` and the scale.
-3. Other rows: tensor cores. The decoded float32 times ``2^(127 - bias)`` is ``V`` exactly;
+3. 2 to 16 rows: tensor cores. The decoded float32 times ``2^(127 - bias)`` is ``V`` exactly;
    times the scale it becomes the float16 operand of ``tl.dot`` (float32 accumulation).
-4. Split-K as in ``llmc.plugins.splitk``.
+4. Split-K as in ``llmc.plugins.splitk``; more rows dequantize (:func:`fpx_dequantize`) and
+   call cuBLAS, as in ``llmc.plugins.intn_linear``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 
 from llmc.passes.bitplanes import default_tile, pack_fp_codes, unpack_fp_codes
 from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
+from llmc.plugins.intn_linear import PREFILL_ROWS, decode_shape
 from llmc.plugins.splitk import Split, choose_split, counters, finish_split, require_triton, sm_count, triton
 
 if triton is not None:
@@ -46,9 +48,10 @@ class FpxWeights:
     """Kernel-ready FP6/FP4 weights of a [N, K] linear (see the module docstring)."""
 
     planes: tuple[torch.Tensor, ...]  # int32: FP6 [K / 8, N] and [K / 16, N]; FP4 [K / 8, N]
-    scale: torch.Tensor  # float16 [K / group, N]
+    scale: torch.Tensor  # float16 [K / group, N]: one row when there is one scale per output
     fmt: FpFormat
-    group_size: int  # also the bit planes' tile
+    group_size: int  # K for one scale per output channel
+    tile: int  # the bit planes' tile: the group, or a power of two up to 256 dividing K
     in_features: int
     out_features: int
 
@@ -58,7 +61,7 @@ class FpxWeights:
 
     def to(self, device) -> FpxWeights:
         return FpxWeights(tuple(p.to(device) for p in self.planes), self.scale.to(device), self.fmt,
-                          self.group_size, self.in_features, self.out_features)
+                          self.group_size, self.tile, self.in_features, self.out_features)
 
 
 def pack_fpx(weights: FpxLinear, scale_dtype: torch.dtype = torch.float16) -> FpxWeights:
@@ -70,21 +73,17 @@ def pack_fpx(weights: FpxLinear, scale_dtype: torch.dtype = torch.float16) -> Fp
     if weights.fmt.name not in KERNEL_FORMATS:
         raise ValueError(f"pack_fpx: no kernel for {weights.fmt.name} (kernels: {KERNEL_FORMATS})")
     out_features, in_features = weights.codes.shape
-    planes = pack_fp_codes(weights.codes, weights.fmt.bits, weights.fmt.mantissa_bits, weights.group_size)
+    tile = weights.group_size if weights.group_size < in_features else default_tile(in_features, 16)
+    if tile % 16:
+        raise ValueError(f"pack_fpx: group_size {weights.group_size} must be a multiple of 16")
+    planes = pack_fp_codes(weights.codes, weights.fmt.bits, weights.fmt.mantissa_bits, tile)
     return FpxWeights(planes, weights.scale.t().contiguous().to(scale_dtype), weights.fmt,
-                      weights.group_size, in_features, out_features)
-
-
-def fpx_tile(in_features: int, group_size: int | None) -> int:
-    """The group size a per-channel weight is packed with: a power-of-two tile of K (16 to 256)."""
-    if group_size not in (None, -1):
-        return group_size
-    return default_tile(in_features, 16)
+                      weights.group_size, tile, in_features, out_features)
 
 
 def fpx_dequantize_reference(w: FpxWeights) -> torch.Tensor:
     """The float32 weight [N, K] the kernels compute with (module docstring formula)."""
-    codes = unpack_fp_codes(w.planes, w.fmt.bits, w.fmt.mantissa_bits, w.group_size)
+    codes = unpack_fp_codes(w.planes, w.fmt.bits, w.fmt.mantissa_bits, w.tile)
     scale = w.scale.float().t().repeat_interleave(w.group_size, dim=1)
     return fpx_decode(codes, w.fmt) * scale
 
@@ -142,49 +141,80 @@ if triton is not None:
         return (magnitude | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _scales(s_ptr, tile, offs_n, ok, N, CHANNEL: tl.constexpr):
+        """float32 scales [rows, BLOCK_N]: of each row's tile, or the one row of per-channel scales."""
+        if CHANNEL:
+            return tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        else:
+            return tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, LOW_ROWS: tl.constexpr):
+        """The 2-bit plane's rows (below ``row_end``) and their two rows of the 4-bit plane, as uint32."""
+        ok = (rows < row_end)[:, None] & (offs_n < N)[None, :]
+        high_rows = (rows // LOW_ROWS) * (2 * LOW_ROWS) + rows % LOW_ROWS
+        low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
+        high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
+        high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0)
+        return (low.to(tl.uint32, bitcast=True), high_a.to(tl.uint32, bitcast=True),
+                high_b.to(tl.uint32, bitcast=True))
+
+    @triton.jit
     def _fp6_gemv_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          N, K, stride_ym, rows_per_split, n_split,
-                         M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                         M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr = False):
         # One row of the 2-bit plane covers 16 weights: the row j of each tile half of the 4-bit
-        # plane (tile rows j and j + GROUP/16), 8 fields each.
-        LOW_ROWS: tl.constexpr = GROUP // 16
+        # plane (tile rows j and j + TILE/16), 8 fields each.
+        LOW_ROWS: tl.constexpr = TILE // 16
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         row_begin = pid_k * rows_per_split
+        row_end = tl.minimum(row_begin + rows_per_split, K // 16)
         acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+        if PREFETCH:
+            low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, row_begin + tl.arange(0, BLOCK_W), offs_n, N, row_end, LOW_ROWS)
         for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
             rows = r0 + tl.arange(0, BLOCK_W)
-            row_ok = rows < K // 16
+            row_ok = rows < row_end
             ok = row_ok[:, None] & n_ok[None, :]
             tile = rows // LOW_ROWS
             j = rows % LOW_ROWS
-            high_rows = tile * (2 * LOW_ROWS) + j
-            low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
-            k0 = _contiguous(tile * GROUP + j, BLOCK_W, LOW_ROWS)
+            if PREFETCH:
+                # The next step's words are in flight while this step's are decoded.
+                low, high_a, high_b = low_n, high_a_n, high_b_n
+                low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, rows + BLOCK_W, offs_n, N, row_end, LOW_ROWS)
+            else:
+                low, high_a, high_b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, LOW_ROWS)
+            k0 = _contiguous(tile * TILE + j, BLOCK_W, LOW_ROWS)
             dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
             for i in tl.static_range(8):
-                xa = tl.load(x_ptr + k0 + i * (GROUP // 8), mask=row_ok, other=0.0).to(tl.float32) * _X_SCALE
-                xb = tl.load(x_ptr + k0 + i * (GROUP // 8) + LOW_ROWS, mask=row_ok, other=0.0).to(tl.float32) * _X_SCALE
-                dot += _fp6_bits(high_a, low, i, 0, M) * xa[:, None]
-                dot += _fp6_bits(high_b, low, i, 1, M) * xb[:, None]
-            acc += dot * scale
+                xa = tl.load(x_ptr + k0 + i * (TILE // 8), mask=row_ok, other=0.0).to(tl.float32) * _X_SCALE
+                xb = tl.load(x_ptr + k0 + i * (TILE // 8) + LOW_ROWS, mask=row_ok, other=0.0).to(tl.float32) * _X_SCALE
+                if CHANNEL:
+                    acc += _fp6_bits(high_a, low, i, 0, M) * xa[:, None]
+                    acc += _fp6_bits(high_b, low, i, 1, M) * xb[:, None]
+                else:
+                    dot += _fp6_bits(high_a, low, i, 0, M) * xa[:, None]
+                    dot += _fp6_bits(high_b, low, i, 1, M) * xb[:, None]
+            if not CHANNEL:
+                acc += dot * _scales(s_ptr, tile, offs_n, ok, N, CHANNEL)
+        total = tl.sum(acc, axis=0)
+        if CHANNEL:
+            total = total * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         # Rule 2: undo 2^(bias - 127) of the decode and 2^64 of x.
-        part = (tl.sum(acc, axis=0) * (2.0 ** (127 - BIAS - 64)))[None, :]
+        part = (total * (2.0 ** (127 - BIAS - 64)))[None, :]
         finish_split(part, y_ptr, part_ptr, count_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym,
                      pid_n, pid_k, n_split)
 
     @triton.jit
     def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          N, K, stride_ym, rows_per_split, n_split,
-                         M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
+                         M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-        ROWS_PER_TILE: tl.constexpr = GROUP // 8
+        ROWS_PER_TILE: tl.constexpr = TILE // 8
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -197,24 +227,30 @@ if triton is not None:
             ok = row_ok[:, None] & n_ok[None, :]
             words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
             tile = rows // ROWS_PER_TILE
-            k0 = _contiguous(tile * GROUP + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
-            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            k0 = _contiguous(tile * TILE + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
             dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
             for i in tl.static_range(8):
                 xv = tl.load(x_ptr + k0 + i * ROWS_PER_TILE, mask=row_ok, other=0.0).to(tl.float32) * _X_SCALE
-                dot += _fp4_bits(words, i, M) * xv[:, None]
-            acc += dot * scale
-        part = (tl.sum(acc, axis=0) * (2.0 ** (127 - BIAS - 64)))[None, :]
+                if CHANNEL:
+                    acc += _fp4_bits(words, i, M) * xv[:, None]
+                else:
+                    dot += _fp4_bits(words, i, M) * xv[:, None]
+            if not CHANNEL:
+                acc += dot * _scales(s_ptr, tile, offs_n, ok, N, CHANNEL)
+        total = tl.sum(acc, axis=0)
+        if CHANNEL:
+            total = total * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        part = (total * (2.0 ** (127 - BIAS - 64)))[None, :]
         finish_split(part, y_ptr, part_ptr, count_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym,
                      pid_n, pid_k, n_split)
 
     @triton.jit
     def _fp6_gemm_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          M_ROWS, N, K, stride_xm, stride_ym, rows_per_split, n_split,
-                         M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
+                         M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
         # Rows of the 2-bit plane, each with its two rows of the 4-bit plane, as in the GEMV.
-        LOW_ROWS: tl.constexpr = GROUP // 16
+        LOW_ROWS: tl.constexpr = TILE // 16
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -235,16 +271,16 @@ if triton is not None:
             high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
             high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
             # Rule 3: V = decoded float32 * 2^(127 - bias), exact; the scale rides along.
-            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            scale = _scales(s_ptr, tile, offs_n, ok, N, CHANNEL)
             scale = scale * (2.0 ** (127 - BIAS))
-            k0 = _contiguous(tile * GROUP + j, BLOCK_W, LOW_ROWS)
+            k0 = _contiguous(tile * TILE + j, BLOCK_W, LOW_ROWS)
             x_mask = m_ok[:, None] & row_ok[None, :]
             for i in tl.static_range(8):
                 wa = (_fp6_bits(high_a, low, i, 0, M) * scale).to(x_ptr.dtype.element_ty)
-                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * (GROUP // 8))[None, :], mask=x_mask, other=0.0)
+                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * (TILE // 8))[None, :], mask=x_mask, other=0.0)
                 acc = tl.dot(xa, wa, acc)
                 wb = (_fp6_bits(high_b, low, i, 1, M) * scale).to(x_ptr.dtype.element_ty)
-                xb = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * (GROUP // 8) + LOW_ROWS)[None, :], mask=x_mask, other=0.0)
+                xb = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * (TILE // 8) + LOW_ROWS)[None, :], mask=x_mask, other=0.0)
                 acc = tl.dot(xb, wb, acc)
         n_blocks = tl.num_programs(0)
         finish_split(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, M_ROWS, N, stride_ym,
@@ -253,9 +289,9 @@ if triton is not None:
     @triton.jit
     def _fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          M_ROWS, N, K, stride_xm, stride_ym, rows_per_split, n_split,
-                         M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
+                         M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-        ROWS_PER_TILE: tl.constexpr = GROUP // 8
+        ROWS_PER_TILE: tl.constexpr = TILE // 8
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -271,8 +307,8 @@ if triton is not None:
             ok = row_ok[:, None] & n_ok[None, :]
             words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
             tile = rows // ROWS_PER_TILE
-            k0 = _contiguous(tile * GROUP + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
-            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            k0 = _contiguous(tile * TILE + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
+            scale = _scales(s_ptr, tile, offs_n, ok, N, CHANNEL)
             scale = scale * (2.0 ** (127 - BIAS))
             for i in tl.static_range(8):
                 w = (_fp4_bits(words, i, M) * scale).to(x_ptr.dtype.element_ty)
@@ -285,7 +321,7 @@ if triton is not None:
 
     @triton.jit
     def _fpx_dequantize_kernel(hi_ptr, lo_ptr, s_ptr, out_ptr, N, K,
-                               BITS: tl.constexpr, M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr,
+                               BITS: tl.constexpr, M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
         # W.T as float16 [K, N] (coalesced stores along N) for dequantize-then-matmul. Rows are
         # rows of the 2-bit plane for FP6 (16 weights), of the 4-bit plane for FP4 (8 weights).
@@ -293,7 +329,7 @@ if triton is not None:
         rows = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         n_ok = offs_n[None, :] < N
         if BITS == 6:
-            LOW_ROWS: tl.constexpr = GROUP // 16
+            LOW_ROWS: tl.constexpr = TILE // 16
             ok = (rows[:, None] < K // 16) & n_ok
             tile = rows // LOW_ROWS
             j = rows % LOW_ROWS
@@ -301,21 +337,21 @@ if triton is not None:
             low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
             high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
             high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            scale = _scales(s_ptr, tile, offs_n, ok, N, CHANNEL)
             scale = scale * (2.0 ** (127 - BIAS))
-            k0 = tile * GROUP + j
+            k0 = tile * TILE + j
             for i in tl.static_range(8):
                 wa = (_fp6_bits(high_a, low, i, 0, M) * scale).to(tl.float16)
-                tl.store(out_ptr + (k0 + i * (GROUP // 8))[:, None] * N + offs_n[None, :], wa, mask=ok)
+                tl.store(out_ptr + (k0 + i * (TILE // 8))[:, None] * N + offs_n[None, :], wa, mask=ok)
                 wb = (_fp6_bits(high_b, low, i, 1, M) * scale).to(tl.float16)
-                tl.store(out_ptr + (k0 + i * (GROUP // 8) + LOW_ROWS)[:, None] * N + offs_n[None, :], wb, mask=ok)
+                tl.store(out_ptr + (k0 + i * (TILE // 8) + LOW_ROWS)[:, None] * N + offs_n[None, :], wb, mask=ok)
         else:
-            ROWS_PER_TILE: tl.constexpr = GROUP // 8
+            ROWS_PER_TILE: tl.constexpr = TILE // 8
             ok = (rows[:, None] < K // 8) & n_ok
             tile = rows // ROWS_PER_TILE
-            k0 = tile * GROUP + rows % ROWS_PER_TILE
+            k0 = tile * TILE + rows % ROWS_PER_TILE
             words = tl.load(hi_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            scale = _scales(s_ptr, tile, offs_n, ok, N, CHANNEL)
             scale = scale * (2.0 ** (127 - BIAS))
             for i in tl.static_range(8):
                 w = (_fp4_bits(words, i, M) * scale).to(tl.float16)
@@ -332,28 +368,40 @@ class FpxConfig:
     num_warps: int
     num_stages: int
     split: Split
+    prefetch: bool = False
 
 
-def fpx_config(m: int, w: FpxWeights, sms: int, *, gemv_block_n: int = 256,
-               gemv_programs_per_sm: int = 2) -> FpxConfig:
-    """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md)."""
-    if m == 1:
-        # FP6 GEMV rows are rows of the 2-bit plane (16 weights each); FP4 rows hold 8.
-        weights_per_row = 16 if w.fmt.bits == 6 else 8
-        block_w = 8 if w.fmt.bits == 6 else 16
-        rows = w.in_features // weights_per_row
-        blocks = -(-w.out_features // gemv_block_n)
-        return FpxConfig(1, gemv_block_n, block_w, 4, 1,
-                         choose_split(blocks, rows, block_w, gemv_programs_per_sm * sms))
-    if m <= 16:
-        block_m, block_n, block_w, warps, stages = 16, 64, 16, 4, 3
-    elif m <= 128:
-        block_m, block_n, block_w, warps, stages = 64, 128, 16, 4, 3
-    else:
-        block_m, block_n, block_w, warps, stages = 128, 128, 16, 8, 3
-    blocks = -(-w.out_features // block_n) * -(-m // block_m)
+def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
+               tensor_cores: tuple | None = None) -> FpxConfig | None:
+    """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md); None above
+    ``PREFILL_ROWS`` rows, where dequantize-then-matmul is faster than the fused kernels.
+
+    ``decode`` overrides the one-row launch: (block_n, block_w, num_warps, programs_per_sm,
+    prefetch), block_w in rows of the 2-bit plane for FP6 (16 weights each), of words for FP4;
+    ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps, programs_per_sm).
+    """
     rows = w.in_features // (16 if w.fmt.bits == 6 else 8)
-    return FpxConfig(block_m, block_n, block_w, warps, stages, choose_split(blocks, rows, block_w, 2 * sms))
+    if m == 1:
+        if decode is None and w.fmt.bits == 6:
+            decode = decode_shape(w.in_features * w.out_features, DECODE_SHAPES_FP6)
+        block_n, block_w, warps, per_sm, prefetch = decode or DECODE_SHAPE_FP4
+        if w.fmt.bits != 6:
+            prefetch = False  # the FP4 kernel has no prefetch variant
+        block_n = min(block_n, max(64, 1 << max(0, (w.out_features - 1).bit_length())))
+        blocks = -(-w.out_features // block_n)
+        return FpxConfig(1, block_n, block_w, warps, 1, choose_split(blocks, rows, block_w, per_sm * sms), prefetch)
+    if m > PREFILL_ROWS:
+        return None
+    block_n, block_w, warps, per_sm = tensor_cores or TENSOR_CORE_SHAPE_FPX
+    blocks = -(-w.out_features // block_n)
+    return FpxConfig(16, block_n, block_w, warps, 3, choose_split(blocks, rows, block_w, per_sm * sms))
+
+
+# Launch shapes as in intn_linear (picked by the sweep in benchmarks/kernels.py).
+DECODE_SHAPES_FP6 = ((1 << 23, (64, 2, 1, 4, True)), (1 << 26, (256, 2, 1, 8, True)), (None, (1024, 1, 4, 8, False)))
+DECODE_SHAPE_FP4 = (512, 2, 2, 8, False)  # not swept: FP4 is not a speed target
+TENSOR_CORE_SHAPE_FPX = (64, 16, 4, 4)
+DEQUANTIZE_SHAPE_FPX = (256, 4)
 
 
 def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
@@ -369,6 +417,9 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, n, k = x2.shape[0], w.out_features, w.in_features
+    if config is None and m > PREFILL_ROWS:  # prefill: dequantize, then cuBLAS
+        y = torch.matmul(x2, fpx_dequantize(w, x.dtype).t(), out=out)
+        return y.reshape(*x.shape[:-1], n)
     config = config or fpx_config(m, w, sm_count(x.device))
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     split = config.split
@@ -377,13 +428,13 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
     part = torch.empty(split.split if split.split > 1 else 1, m, n, dtype=torch.float32, device=x.device)
     count = counters(x.device, grid_n * grid_m)
     fmt = w.fmt
-    common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, GROUP=w.group_size, BLOCK_N=config.block_n,
+    common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, TILE=w.tile, CHANNEL=w.group_size == k, BLOCK_N=config.block_n,
                   BLOCK_W=config.block_w, num_warps=config.num_warps, num_stages=config.num_stages)
     low = w.planes[1] if fmt.bits == 6 else w.planes[0]
     if config.block_m == 1 and fmt.bits == 6:
         _fp6_gemv_kernel[(grid_n, split.split)](
             x2, w.planes[0], low, w.scale, y, part, count, n, k, y.stride(0),
-            split.rows_per_split, split.split, **common)
+            split.rows_per_split, split.split, PREFETCH=config.prefetch, **common)
     elif config.block_m == 1:
         _fp4_gemv_kernel[(grid_n, split.split)](
             x2, w.planes[0], w.scale, y, part, count, n, k, y.stride(0),
@@ -399,19 +450,21 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
     return y.reshape(*x.shape[:-1], n)
 
 
-def fpx_dequantize(w: FpxWeights, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+def fpx_dequantize(w: FpxWeights, dtype: torch.dtype = torch.float16,
+                   block: tuple[int, int] | None = None) -> torch.Tensor:
     """The weight [N, K] in ``dtype`` on the GPU, by a Triton kernel (dequantize-then-matmul).
 
     Returned as the transposed view of a [K, N] tensor, which cuBLAS reads as it is.
     """
     require_triton()
     out = torch.empty(w.in_features, w.out_features, dtype=torch.float16, device=w.planes[0].device)
-    block_n, block_w = 64, 16
+    block_n, block_w = block or DEQUANTIZE_SHAPE_FPX
     rows = w.in_features // (16 if w.fmt.bits == 6 else 8)
     grid = (-(-w.out_features // block_n), -(-rows // block_w))
     low = w.planes[1] if w.fmt.bits == 6 else w.planes[0]
     _fpx_dequantize_kernel[grid](w.planes[0], low, w.scale, out, w.out_features, w.in_features,
-                                 BITS=w.fmt.bits, M=w.fmt.mantissa_bits, BIAS=w.fmt.bias, GROUP=w.group_size,
+                                 BITS=w.fmt.bits, M=w.fmt.mantissa_bits, BIAS=w.fmt.bias, TILE=w.tile,
+                                 CHANNEL=w.group_size == w.in_features,
                                  BLOCK_N=block_n, BLOCK_W=block_w)
     return (out if dtype == torch.float16 else out.to(dtype)).t()
 
@@ -424,7 +477,8 @@ def fpx_format(name: str) -> FpFormat:
 
 
 def kernel_variants() -> list:
-    """The kernels :func:`fpx_linear` and :func:`fpx_dequantize` launch, for ``llmc.plugins.aot``."""
+    """The kernels :func:`fpx_linear` and :func:`fpx_dequantize` launch at their shipped launch
+    shapes, for ``llmc.plugins.aot``."""
     from llmc.plugins.aot import KernelVariant
 
     out = dict(y_ptr="*fp16", part_ptr="*fp32", count_ptr="*i32")
@@ -432,27 +486,34 @@ def kernel_variants() -> list:
     gemm_sizes = dict(M_ROWS="i32", N="i32", K="i32", stride_xm="i32", stride_ym="i32",
                       rows_per_split="i32", n_split="i32")
     variants = []
-    for name, group in (("e3m2", 256), ("e2m3", 128), ("e2m1", 256)):
+    for name, tile, channel in (("e3m2", 256, True), ("e2m3", 128, False), ("e2m1", 256, True)):
         fmt = FORMATS[name]
-        common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, GROUP=group)
+        common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, TILE=tile, CHANNEL=channel)
         if fmt.bits == 6:
             weights = dict(x_ptr="*fp16", hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16")
-            gemv, gemm, block_w = _fp6_gemv_kernel, _fp6_gemm_kernel, 8
+            gemv, gemm = _fp6_gemv_kernel, _fp6_gemm_kernel
+            shapes = DECODE_SHAPES_FP6
         else:
             weights = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16")
-            gemv, gemm, block_w = _fp4_gemv_kernel, _fp4_gemm_kernel, 16
+            gemv, gemm = _fp4_gemv_kernel, _fp4_gemm_kernel
+            shapes = ((None, DECODE_SHAPE_FP4),)
         pointers = {**weights, **out}
         aligned = (*pointers, "N", "K", "stride_ym", "rows_per_split")
-        variants.append(KernelVariant(f"fpx-gemv-{name}", gemv, {**pointers, **sizes},
-                                      {**common, "BLOCK_N": 256, "BLOCK_W": block_w}, 4, 1, aligned))
-        for block_m, block_n, warps in ((16, 64, 4), (128, 128, 8)):
-            variants.append(KernelVariant(
-                f"fpx-gemm{block_m}-{name}", gemm, {**pointers, **gemm_sizes},
-                {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_W": 16}, warps, 3,
-                (*aligned, "stride_xm")))
+        for limit, (block_n, block_w, warps, _, prefetch) in shapes:
+            size = f"<2^{limit.bit_length() - 1}" if limit else "large"
+            extra = {"PREFETCH": prefetch} if fmt.bits == 6 else {}
+            variants.append(KernelVariant(f"fpx-gemv-{name}-{size}", gemv, {**pointers, **sizes},
+                                          {**common, "BLOCK_N": block_n, "BLOCK_W": block_w, **extra},
+                                          warps, 1, aligned))
+        block_n, block_w, warps, _ = TENSOR_CORE_SHAPE_FPX
+        variants.append(KernelVariant(
+            f"fpx-gemm16-{name}", gemm, {**pointers, **gemm_sizes},
+            {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w}, warps, 3,
+            (*aligned, "stride_xm")))
+        block_n, block_w = DEQUANTIZE_SHAPE_FPX
         variants.append(KernelVariant(
             f"fpx-dequantize-{name}", _fpx_dequantize_kernel,
             dict(hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16", out_ptr="*fp16", N="i32", K="i32"),
-            dict(BITS=fmt.bits, **common, BLOCK_N=64, BLOCK_W=16), 4, 1,
+            dict(BITS=fmt.bits, **common, BLOCK_N=block_n, BLOCK_W=block_w), 4, 1,
             ("hi_ptr", "lo_ptr", "s_ptr", "out_ptr", "N", "K")))
     return variants

@@ -11,17 +11,23 @@ float16 scales and zero points ``[K / group, N]``. The math every path computes:
 
 Kernels (rules referred to in the code):
 
-1. Decode rows (``M == 1``): CUDA cores, float32. A field at bit offset ``o < 16`` of a word,
-   masked in place and read as a float32, is the subnormal ``u * 2^(o - 149)``, exactly; fields at
-   ``o >= 16`` come from the word shifted right by 16 once per word. One integer AND and one FFMA
-   per weight: ``x`` (shared by every row of words) carries the ``2^(149 - o)``, split between a
-   ``2^(100 - o)`` on ``x`` and a ``2^49`` on the result so that no product is subnormal; the zero
-   point enters once per word as ``zero * sum(x)``. No int-to-float conversion (a quarter-rate
-   instruction), and no FTZ: Triton's float32 arithmetic keeps subnormals (no ``.ftz`` in its PTX).
-2. Other rows: tensor cores. A field becomes the float16 ``1024 + u`` by OR-ing 0x6400; minus
+1. Decode rows (``M == 1``): CUDA cores, float32. A field at bit offset ``o`` of a word, masked
+   in place and read as a float32, is the subnormal ``u * 2^(o - 149)``, exactly, while it ends
+   below bit 23; later fields are read from the word shifted right by 12, once per word. One
+   integer AND and one FFMA per weight: ``x`` (shared by every row of words) carries the
+   ``2^(149 - o)``, split between ``2^(100 - o)`` on ``x`` and ``2^49`` on the result so that no
+   product is subnormal. The zero point's share, ``scale * zero * sum(x)``, is added after the
+   hot loop: per group (decode splits hold whole groups), or once per output channel. No int-to-float conversion
+   (a quarter-rate instruction), and no FTZ: Triton's float32 arithmetic keeps subnormals (no
+   ``.ftz`` in its PTX). Every instruction per weight counts: a first version at 3.7 per weight
+   reached 65% of DRAM bandwidth on an H100 with 0.55 issued warps per scheduler (ncu); this one
+   issues 2.6-3.4 (docs/benchmarks/kernels.md).
+2. 2 to 16 rows: tensor cores. A field becomes the float16 ``1024 + u`` by OR-ing 0x6400; minus
    ``1024 + zero``, times the scale, it is a float16 operand of ``tl.dot`` with float32
    accumulation.
 3. Both split K when the output alone gives too few programs (``llmc.plugins.splitk``).
+4. More rows (prefill): :func:`intn_dequantize` writes the float16 weight and cuBLAS multiplies;
+   the fused kernel ran 4-6x slower than cuBLAS there (``PREFILL_ROWS``).
 """
 
 from __future__ import annotations
@@ -116,9 +122,10 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
-             N, K, stride_ym, rows_per_split, n_split,
-             WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                     N, K, stride_ym, rows_per_split, n_split,
+                     WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
+                     CHANNEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                     PREFETCH: tl.constexpr = False):
         FIELDS: tl.constexpr = 32 // WIDTH
         ROWS_PER_TILE: tl.constexpr = GROUP // FIELDS
         MASK: tl.constexpr = (1 << WIDTH) - 1
@@ -127,38 +134,73 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         row_begin = pid_k * rows_per_split
-        row_end = K // FIELDS
+        row_end = tl.minimum(row_begin + rows_per_split, K // FIELDS)
         acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+        if PREFETCH:
+            rows = row_begin + tl.arange(0, BLOCK_W)
+            ahead = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
+                            mask=(rows < row_end)[:, None] & n_ok[None, :], other=0)
         for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
             rows = r0 + tl.arange(0, BLOCK_W)
             row_ok = rows < row_end
             ok = row_ok[:, None] & n_ok[None, :]
-            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
-            high = words >> 16
+            if PREFETCH:
+                # The next step's words are in flight while this step's are decoded.
+                words = ahead.to(tl.uint32, bitcast=True)
+                ahead = tl.load(w_ptr + (rows + BLOCK_W)[:, None] * N + offs_n[None, :],
+                                mask=(rows + BLOCK_W < row_end)[:, None] & n_ok[None, :], other=0)
+            else:
+                words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            high = words >> 12
             tile = rows // ROWS_PER_TILE
             k0 = _contiguous(tile * GROUP + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
-            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
             dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-            x_sum = tl.zeros([BLOCK_W], dtype=tl.float32)
             for i in tl.static_range(FIELDS):
-                # Rule 1: the masked field, read as float32, is u * 2^(o - 149).
-                o = (WIDTH * i) % 16
-                source = words if WIDTH * i < 16 else high
-                v = (source & (MASK << o)).to(tl.float32, bitcast=True)
+                # Rule 1: the masked field, read as float32, is u * 2^(o - 149); it must end
+                # below bit 23, so later fields are read from the word shifted right by 12.
+                if WIDTH * i + WIDTH <= 23:
+                    o = WIDTH * i
+                    v = (words & (MASK << o)).to(tl.float32, bitcast=True)
+                else:
+                    o = WIDTH * i - 12
+                    v = (high & (MASK << o)).to(tl.float32, bitcast=True)
                 xv = tl.load(x_ptr + k0 + i * ROWS_PER_TILE, mask=row_ok, other=0.0).to(tl.float32)
-                x_sum += xv
-                dot += v * (xv * (_X_SCALE / (1 << o)))[:, None]
-            # Products are u * x * 2^-49; the zero point's share takes the same factor.
-            x_sum = x_sum * _PRODUCT_SCALE
+                if CHANNEL:
+                    acc += v * (xv * (_X_SCALE / (1 << o)))[:, None]
+                else:
+                    dot += v * (xv * (_X_SCALE / (1 << o)))[:, None]
+            if not CHANNEL:
+                scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+                acc += dot * scale
+        # sum over k of u * x * 2^-49 (times the scale per group): undo the 2^-49.
+        total = tl.sum(acc, axis=0) * (1.0 / _PRODUCT_SCALE)
+        # The zero point's share, scale * zero * sum(x), off the hot loop: per tile of the
+        # program's range (whole tiles; choose_split aligns splits to tiles), or once per channel.
+        correction = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if CHANNEL:
+            x_sum = tl.zeros([BLOCK_W], dtype=tl.float32)
+            for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
+                rows = r0 + tl.arange(0, BLOCK_W)
+                for i in tl.static_range(FIELDS):
+                    x_sum += tl.load(x_ptr + rows + i * ROWS_PER_TILE, mask=rows < row_end, other=0.0).to(tl.float32)
+            scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             if SYMMETRIC:
-                dot -= ZERO * x_sum[:, None]
+                zero = ZERO
             else:
-                zero = tl.load(z_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
-                dot -= zero * x_sum[:, None]
-            acc += dot * scale
-        part = (tl.sum(acc, axis=0) * (1.0 / _PRODUCT_SCALE))[None, :]
-        offs_m = tl.arange(0, 1)
-        finish_split(part, y_ptr, part_ptr, count_ptr, offs_m, offs_n, 1, N, stride_ym, pid_n, pid_k, n_split)
+                zero = tl.load(z_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            total = (total - zero * tl.sum(x_sum, axis=0)) * scale
+        else:
+            for t in range(row_begin // ROWS_PER_TILE, tl.cdiv(row_end, ROWS_PER_TILE)):
+                x_sum = tl.sum(tl.load(x_ptr + t * GROUP + tl.arange(0, GROUP)).to(tl.float32), axis=0)
+                scale = tl.load(s_ptr + t * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                if SYMMETRIC:
+                    correction += scale * (ZERO * x_sum)
+                else:
+                    zero = tl.load(z_ptr + t * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                    correction += scale * zero * x_sum
+            total = total - correction
+        finish_split(total[None, :], y_ptr, part_ptr, count_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym,
+                     pid_n, pid_k, n_split)
 
     @triton.jit
     def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
@@ -234,26 +276,61 @@ class IntNConfig:
     num_warps: int
     num_stages: int
     split: Split
+    prefetch: bool = False
 
 
-def intn_config(m: int, w: IntNWeights, sms: int, *, gemv_block_n: int = 256,
-                gemv_programs_per_sm: int = 2) -> IntNConfig:
-    """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md)."""
+def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
+                tensor_cores: tuple | None = None) -> IntNConfig | None:
+    """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md); None above
+    ``PREFILL_ROWS`` rows, where dequantize-then-matmul is faster than the fused kernels.
+
+    ``decode`` overrides the one-row launch: (block_n, block_w, num_warps, programs_per_sm,
+    prefetch); ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps,
+    programs_per_sm).
+    """
     word_rows = w.in_features // fields_per_word(_width(w.bits))
     if m == 1:
-        block_w = 16
-        blocks = -(-w.out_features // gemv_block_n)
-        split = choose_split(blocks, word_rows, block_w, gemv_programs_per_sm * sms)
-        return IntNConfig(1, gemv_block_n, block_w, 4, 1, split)
-    if m <= 16:
-        block_m, block_n, block_w, warps, stages = 16, 64, 16, 4, 3
-    elif m <= 128:
-        block_m, block_n, block_w, warps, stages = 64, 128, 16, 4, 3
-    else:
-        block_m, block_n, block_w, warps, stages = 128, 128, 16, 8, 3
-    blocks = -(-w.out_features // block_n) * -(-m // block_m)
-    return IntNConfig(block_m, block_n, block_w, warps, stages,
-                      choose_split(blocks, word_rows, block_w, 2 * sms))
+        block_n, block_w, warps, per_sm, prefetch = decode or decode_shape(w.in_features * w.out_features, DECODE_SHAPES)
+        block_n = min(block_n, max(64, _pow2_at_least(w.out_features)))
+        blocks = -(-w.out_features // block_n)
+        split = choose_split(blocks, word_rows, gemv_split_rows(w, block_w), per_sm * sms)
+        return IntNConfig(1, block_n, block_w, warps, 1, split, prefetch)
+    if m > PREFILL_ROWS:
+        return None
+    block_n, block_w, warps, per_sm = tensor_cores or TENSOR_CORE_SHAPE
+    blocks = -(-w.out_features // block_n)
+    return IntNConfig(16, block_n, block_w, warps, 3, choose_split(blocks, word_rows, block_w, per_sm * sms))
+
+
+# (block_n, block_w, num_warps, programs per SM, prefetch) of the one-row kernel by weight count
+# (below 2^23, below 2^26, above): few rows of words per step and many outputs per warp, so that
+# each thread converts one x value per 16+ weights. Picked by the sweeps of benchmarks/kernels.py
+# on an H100 (docs/benchmarks/kernels.md); the same two values won in two runs for the largest.
+DECODE_SHAPES = ((1 << 23, (64, 8, 2, 8, True)), (1 << 26, (256, 4, 2, 8, True)), (None, (1024, 2, 4, 8, True)))
+
+
+def decode_shape(weights: int, table) -> tuple:
+    """The launch shape of the first size class of ``table`` that ``weights`` falls under."""
+    return next(shape for limit, shape in table if limit is None or weights < limit)
+
+
+# (block_n, block_w, num_warps, programs per SM) of the 2-16 row tensor-core kernel.
+TENSOR_CORE_SHAPE = (128, 16, 4, 2)
+# Above this many rows, llmc dequantizes to float16 and calls cuBLAS: Triton's tensor-core
+# kernels with a dequantized operand run at a fifth of cuBLAS's rate there (measured).
+PREFILL_ROWS = 16
+# (block_n, block_w) of the dequantize kernel.
+DEQUANTIZE_SHAPE = (256, 8)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def gemv_split_rows(w: IntNWeights, block_w: int) -> int:
+    """Rows of words a decode split is a multiple of: whole blocks, and whole groups (rule 1)."""
+    rows_per_tile = w.group_size // fields_per_word(_width(w.bits))
+    return block_w if w.group_size == w.in_features else max(block_w, rows_per_tile)
 
 
 def _width(bits: int) -> int:
@@ -275,6 +352,9 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, n, k = x2.shape[0], w.out_features, w.in_features
+    if config is None and m > PREFILL_ROWS:  # prefill: dequantize, then cuBLAS
+        y = torch.matmul(x2, intn_dequantize(w, x.dtype).t(), out=out)
+        return y.reshape(*x.shape[:-1], n)
     config = config or intn_config(m, w, sm_count(x.device))
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     split = config.split
@@ -289,7 +369,7 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
     if config.block_m == 1:
         _gemv_kernel[(grid_n, split.split)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, n, k, y.stride(0),
-            split.rows_per_split, split.split, **common)
+            split.rows_per_split, split.split, CHANNEL=w.group_size == k, PREFETCH=config.prefetch, **common)
     else:
         _gemm_kernel[(grid_n, grid_m, split.split)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, m, n, k, x2.stride(0), y.stride(0),
@@ -297,14 +377,16 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
     return y.reshape(*x.shape[:-1], n)
 
 
-def intn_dequantize(w: IntNWeights, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+def intn_dequantize(w: IntNWeights, dtype: torch.dtype = torch.float16,
+                    block: tuple[int, int] | None = None) -> torch.Tensor:
     """The weight [N, K] in ``dtype`` on the GPU, by a Triton kernel (dequantize-then-matmul).
 
     Returned as the transposed view of a [K, N] tensor, which cuBLAS reads as it is.
     """
+    require_triton()
     width = _width(w.bits)
     out = torch.empty(w.in_features, w.out_features, dtype=torch.float16, device=w.planes[0].device)
-    block_n, block_w = 64, 16
+    block_n, block_w = block or DEQUANTIZE_SHAPE
     word_rows = w.in_features // fields_per_word(width)
     grid = (-(-w.out_features // block_n), -(-word_rows // block_w))
     _dequantize_kernel[grid](w.planes[0], w.scale, w.zero, out, w.out_features, w.in_features,
@@ -313,30 +395,35 @@ def intn_dequantize(w: IntNWeights, dtype: torch.dtype = torch.float16) -> torch
 
 
 def kernel_variants() -> list:
-    """The kernels :func:`intn_linear` and :func:`intn_dequantize` launch, for ``llmc.plugins.aot``."""
+    """The kernels :func:`intn_linear` and :func:`intn_dequantize` launch at their shipped launch
+    shapes, for ``llmc.plugins.aot``."""
     from llmc.plugins.aot import KernelVariant
 
     pointers = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", y_ptr="*fp16",
                     part_ptr="*fp32", count_ptr="*i32")
     aligned = (*pointers, "N", "K", "stride_ym", "rows_per_split")
+    gemv_args = {**pointers, "N": "i32", "K": "i32", "stride_ym": "i32", "rows_per_split": "i32", "n_split": "i32"}
+    gemm_args = {**pointers, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32",
+                 "rows_per_split": "i32", "n_split": "i32"}
     variants = []
-    for bits, symmetric, group in ((4, True, 128), (4, False, 32), (8, True, 128)):
-        tag = f"int{bits}-{'sym' if symmetric else 'asym'}-g{group}"
-        common = dict(WIDTH=INT_PLANE_WIDTHS[bits][0], GROUP=group, SYMMETRIC=symmetric, ZERO=float(1 << (bits - 1)))
-        variants.append(KernelVariant(
-            f"intn-gemv-{tag}", _gemv_kernel,
-            {**pointers, "N": "i32", "K": "i32", "stride_ym": "i32", "rows_per_split": "i32", "n_split": "i32"},
-            {**common, "BLOCK_N": 256, "BLOCK_W": 16}, 4, 1, aligned))
-        for block_m, block_n, warps in ((16, 64, 4), (128, 128, 8)):
+    for bits, symmetric, group in ((4, True, 128), (4, False, 32), (8, True, -1)):
+        tag = f"int{bits}-{'sym' if symmetric else 'asym'}-{'channel' if group == -1 else f'g{group}'}"
+        common = dict(WIDTH=INT_PLANE_WIDTHS[bits][0], GROUP=4096 if group == -1 else group,
+                      SYMMETRIC=symmetric, ZERO=float(1 << (bits - 1)))
+        for limit, (block_n, block_w, warps, _, prefetch) in DECODE_SHAPES:
+            size = f"<2^{limit.bit_length() - 1}" if limit else "large"
             variants.append(KernelVariant(
-                f"intn-gemm{block_m}-{tag}", _gemm_kernel,
-                {**pointers, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32",
-                 "rows_per_split": "i32", "n_split": "i32"},
-                {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_W": 16}, warps, 3,
-                (*aligned, "stride_xm")))
+                f"intn-gemv-{tag}-{size}", _gemv_kernel, gemv_args,
+                {**common, "CHANNEL": group == -1, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch},
+                warps, 1, aligned))
+        block_n, block_w, warps, _ = TENSOR_CORE_SHAPE
+        variants.append(KernelVariant(
+            f"intn-gemm16-{tag}", _gemm_kernel, gemm_args,
+            {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w}, warps, 3, (*aligned, "stride_xm")))
+    block_n, block_w = DEQUANTIZE_SHAPE
     variants.append(KernelVariant(
         "intn-dequantize-int4-g128", _dequantize_kernel,
         dict(w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", out_ptr="*fp16", N="i32", K="i32"),
-        dict(WIDTH=4, GROUP=128, BLOCK_N=64, BLOCK_W=16), 4, 1,
+        dict(WIDTH=4, GROUP=128, BLOCK_N=block_n, BLOCK_W=block_w), 4, 1,
         ("w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K")))
     return variants

@@ -50,7 +50,7 @@ class Split:
 
 def choose_split(output_blocks: int, word_rows: int, block_rows: int, programs_wanted: int) -> Split:
     """Enough splits to launch about ``programs_wanted`` programs, each a whole number of blocks."""
-    steps = max(1, word_rows // block_rows)
+    steps = max(1, -(-word_rows // block_rows))  # the last block may be partial (masked)
     split = max(1, min(steps, -(-programs_wanted // max(1, output_blocks))))
     steps_per_split = -(-steps // split)
     split = -(-steps // steps_per_split)  # no empty splits

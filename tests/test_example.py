@@ -56,23 +56,25 @@ def test_example_compiles_reproducibly_and_its_stages_reproduce_the_model(assets
     embedding_bytes = 4 * 49152 * 576
     assert onnx_bytes - 2 * embedding_bytes < 0.2 * float_bytes
 
-    # TensorRT engines: TensorRT for RTX builds the A100 and L4 stages on this CPU-only host, each
-    # with llmc::IntNLinear plugin layers (asymmetric int4) and the codes packed eight to an
-    # int32 word; the H100 (sm90, which it cannot target) is a recorded skip with its command.
-    engines = {e["sku"]: e for e in plan["engines"]}
-    assert engines["H100-80G"]["status"] == "skipped"
-    assert engines["H100-80G"]["command"] == "llmc build-engines OUT --device H100-80G"
+    # TensorRT engines (the bar: at least one built here, for an A100/L4-class device):
+    # TensorRT for RTX builds every stage on such a device on this CPU-only host, with
+    # llmc::IntNLinear plugin layers (asymmetric int4) and the codes packed eight to an int32
+    # word; a stage on the H100 (sm90, which it cannot target) is a recorded skip with its command.
     layer_weights = 3 * 576 * 1536 + 2 * 576 * 576 + 2 * 576 * 192
     stages = {s["index"]: s for s in plan["stages"]}
-    for sku in ("A100-40G", "L4"):
-        assert engines[sku]["status"] == "built", engines[sku]
-        meta = json.loads((out / engines[sku]["path"]).with_suffix(".json").read_text())
+    built = [e for e in plan["engines"] if e["status"] == "built"]
+    assert built, f"no engine built for the example; plan: {[(s['sku'], s['layer_start']) for s in plan['stages']]}"
+    for engine in plan["engines"]:
+        if engine["sku"] == "H100-80G":
+            assert engine["status"] == "skipped" and engine["command"] == "llmc build-engines OUT --device H100-80G"
+    for engine in built:
+        meta = json.loads((out / engine["path"]).with_suffix(".json").read_text())
         stage = stages[meta["stage"]]
-        weights = (stage["layer_end"] - stage["layer_start"]) * layer_weights
-        assert meta["network"]["plugin_layers"] == 7 * (stage["layer_end"] - stage["layer_start"])
-        assert abs(meta["network"]["constant_bytes"]["INT32"] - weights / 2) < 1024
-        float_bytes = 4 * weights + (4 * 49152 * 576 if stage["holds_embedding"] else 0)
-        assert (out / engines[sku]["path"]).stat().st_size < 0.75 * float_bytes
+        layers = stage["layer_end"] - stage["layer_start"]
+        assert meta["network"]["plugin_layers"] == 7 * layers
+        assert abs(meta["network"]["constant_bytes"]["INT32"] - layers * layer_weights / 2) < 1024
+        embedding = 4 * 49152 * 576 * (stage["holds_embedding"] + stage["holds_lm_head"])
+        assert (out / engine["path"]).stat().st_size < 0.75 * (4 * layers * layer_weights + embedding)
     first = reproducible_sums(out)
     shutil.rmtree(cache)
     _compile(out, cache)

@@ -158,7 +158,11 @@ def test_compile_writes_validated_manifests_for_every_target(pipeline_build):
         assert (out / path).is_file(), path
     view = view_from_json((out / "manifests/launch-view.json").read_text())
     assert [(s.layer_start, s.layer_end) for s in view.stages] == [(s["layer_start"], s["layer_end"]) for s in plan["stages"]]
-    assert [g.name for g in view.sku_groups] == ["pico", "nano"] and view.sku_groups[0].stages == (0, 1)
+    by_sku = {}
+    for s in plan["stages"]:
+        by_sku.setdefault(s["sku"], []).append(s["index"])
+    assert {g.sku: list(g.stages) for g in view.sku_groups} == by_sku
+    assert sorted(stage for node in view.nodes for stage in node.stages) == [0, 1, 2]
     for script in ("manifests/slurm/tiny-lab.sbatch", "manifests/shell/tiny-lab.sh"):
         assert subprocess.run(["bash", "-n", str(out / script)]).returncode == 0
 

@@ -181,3 +181,96 @@ def test_fpx_linear_is_frozen_data():
     assert isinstance(q, FpxLinear)
     with pytest.raises(AttributeError):
         q.group_size = 3
+
+
+@pytest.mark.parametrize("fmt", [FP6_E3M2, FP6_E2M3, FP4_E2M1, FP8_E4M3], ids=lambda f: f.name)
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_round_trips_through_flat_tensors_at_its_own_width(fmt, group_size):
+    q = fpx_quantize(gaussian_weight(), fmt, group_size, scale_dtype=torch.float16)
+    tensors = q.to_tensors("model.layers.0.mlp.up_proj")
+    restored = FpxLinear.from_tensors(tensors, "model.layers.0.mlp.up_proj")
+    assert restored.fmt == fmt and restored.group_size == q.group_size
+    assert torch.equal(restored.codes, q.codes) and torch.equal(restored.dequantize(), q.dequantize())
+    code_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if ".fpx_plane" in k)
+    assert code_bytes * 8 == q.codes.numel() * fmt.bits  # 6 bits per FP6 weight, nothing more
+
+
+# --------------------------------------------------------------------------- the pass
+
+from llmc.errors import EXIT_USAGE, PassError  # noqa: E402
+from llmc.passes.fpx import FpxQuantizePass  # noqa: E402
+from llmc.passes.ingest import IngestPass  # noqa: E402
+from llmc.passes.quantize_rtn import RtnQuantizePass  # noqa: E402
+from llmc.pipeline import run_pipeline  # noqa: E402
+from llmc.schemes import Override  # noqa: E402
+
+
+def run(passes, cache):
+    return run_pipeline(passes, cache_root=cache, seed=0, verify=True, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One compile cache for the module: the tiny model is ingested once."""
+    return tmp_path_factory.mktemp("fpx-cache")
+
+
+def test_pass_quantizes_its_linears_and_composes_with_rtn(cache, tiny_model_dir):
+    from llmc.checkpoint import load_packed
+
+    # FP6 per channel everywhere but block 0 (RTN int4) and the v projections (float).
+    rules = dict(method="fpx", bits=6, group_size=-1, ignore=("lm_head", "*.v_proj"),
+                 overrides=(Override("model.layers.0.*", method="rtn", bits=4, group_size=32),))
+    result = run([IngestPass(source=tiny_model_dir), RtnQuantizePass(**rules), FpxQuantizePass(**rules)], cache)
+    decisions = {d.module: d for d in result.program.quantization}
+    assert len(decisions) == 24 and "model.layers.2.self_attn.v_proj" not in decisions
+    assert {d.method for m, d in decisions.items() if m.startswith("model.layers.0.")} == {"rtn"}
+    fpx = [d for d in decisions.values() if d.method == "fpx"]
+    assert len(fpx) == 18 and {(d.bits, d.symmetric) for d in fpx} == {(6, True)}
+    assert decisions["model.layers.1.mlp.down_proj"].group_size == 128  # per channel: all of K
+    packed = load_packed(cache / result.program.quantized_weights)
+    assert packed["model.layers.1.mlp.down_proj"].fmt == FP6_E3M2
+    assert packed["model.layers.0.mlp.down_proj"].bits == 4 and not hasattr(packed["model.layers.0.mlp.down_proj"], "fmt")
+    assert "quantize-fpx" in [t.name for t in result.timings] and "e3m2 per-channel x18" in result.timings[-1].summary
+
+
+def test_pass_declines_a_group_that_is_not_whole_tiles(cache, tiny_model_dir):
+    with pytest.raises(PassError) as info:
+        run([IngestPass(source=tiny_model_dir), FpxQuantizePass(method="fpx", bits=6, group_size=8)], cache)
+    assert info.value.exit_code == EXIT_USAGE and "multiple of 16 inputs" in str(info.value)
+
+
+def test_config_takes_fpx_with_its_widths_and_declines_the_rest():
+    from llmc.config import Quantization
+
+    assert Quantization(method="fpx", bits=6, group_size=-1).bits == 6
+    Quantization(method="rtn", bits=4, overrides=[{"match": "*.down_proj", "method": "fpx", "bits": 8}])
+    for fields, message in [
+        (dict(method="fpx", bits=3), "method fpx takes bits 4"),
+        (dict(method="rtn", bits=6), "use method: fpx"),
+        (dict(method="fpx", bits=4, symmetric=False), "sign-magnitude"),
+        (dict(method="rtn", overrides=[{"match": "x", "method": "fpx", "bits": 2}]), "resolves to fpx 2-bit"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Quantization(**fields)
+
+
+def test_export_declines_fp_weights_with_the_reason():
+    from llmc.passes.export import linear_lowering
+
+    with pytest.raises(NotImplementedError, match="e3m2 floating-point weights have no ONNX lowering yet"):
+        linear_lowering(fpx_quantize(gaussian_weight(4, 64), FP6_E3M2))
+
+
+def test_model_yaml_method_fpx_adds_the_pass_before_evaluate(configs):
+    from llmc.config import load_model_config
+    from llmc.pipeline import build_pipeline
+
+    model_yaml, _ = configs
+    text = model_yaml.read_text().replace("method: rtn", "method: fpx").replace("bits: 4", "bits: 6")
+    model_yaml.write_text(text.replace("group_size: 32", "group_size: -1"))
+    config, base = load_model_config(model_yaml)
+    names = [p.name for p in build_pipeline(config, base)]
+    assert "quantize-rtn" not in names and names.index("quantize-fpx") < names.index("evaluate")
+    fpx = next(p for p in build_pipeline(config, base) if p.name == "quantize-fpx")
+    assert (fpx.method, fpx.bits, fpx.group_size) == ("fpx", 6, -1)

@@ -319,6 +319,6 @@ def test_declines_models_mixing_sliding_window_blocks(tmp_path, texts):
                sliding_window=16, max_window_layers=1).save_pretrained(path)
     tokenizer.save_pretrained(path)
     with pytest.raises(PassError) as info:
-        run(compile_passes(path, texts, [GptqQuantizePass()]), tmp_path / "cache")
+        run(compile_passes(path, texts, [GptqQuantizePass(group_size=32)]), tmp_path / "cache")
     assert info.value.exit_code == EXIT_USAGE
     assert "sliding-window attention" in str(info.value)

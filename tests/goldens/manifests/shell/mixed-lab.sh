@@ -35,4 +35,4 @@ esac
 exec torchrun \
   --nnodes=2 --node-rank="$node_rank" --nproc-per-node="$stages" \
   --master-addr="${MASTER_ADDR:?$usage}" --master-port="${MASTER_PORT:-29500}" \
-  --no-python llmc run-stage "$build" --device cuda --threads 1 --timeout 600 "$@"
+  --no-python llmc run-stage "$build" --device cuda --threads 1 --timeout 600 --rank-stages 0,1,2 "$@"

@@ -1,0 +1,114 @@
+"""llmc's low-bit GEMM kernels: references, launch heuristics, and (where possible) the kernels.
+
+On a CPU-only host (CI) the torch references and the heuristics are tested; with Triton the
+kernels are compiled for sm_80 and sm_90 without a GPU; with a CUDA GPU they run against the
+references. The full check and timing on every benchmarked shape is benchmarks/kernels.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmc.passes.fpx import FORMATS, fpx_quantize
+from llmc.passes.quantize_rtn import rtn_quantize
+from llmc.plugins import fp6_linear as fp
+from llmc.plugins import intn_linear as intn
+from llmc.plugins.splitk import choose_split
+
+SMS = 132
+
+
+def weight(out_features=96, in_features=256, seed=0):
+    return torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) * 0.02
+
+
+@pytest.mark.parametrize("bits,symmetric,group", [(4, True, 32), (4, False, 64), (8, True, -1), (2, False, 32)])
+def test_int_reference_is_the_packed_weight_with_float16_scales(bits, symmetric, group):
+    packed = rtn_quantize(weight(), bits, group, symmetric)
+    w = intn.pack_intn(packed)
+    assert w.scale.dtype == torch.float16 and w.scale.shape == (256 // packed.group_size, 96)
+    expected = packed.dequantize()
+    restored = intn.intn_dequantize_reference(w)
+    # Only the scales' rounding to float16 separates them (2^-11 relative).
+    assert float((restored - expected).norm() / expected.norm()) < 1e-3
+    x = torch.randn(3, 256, dtype=torch.float16, generator=torch.Generator().manual_seed(1))
+    y = intn.intn_reference(x, w)
+    assert y.dtype == torch.float16 and y.shape == (3, 96)
+
+
+@pytest.mark.parametrize("name,group", [("e3m2", None), ("e3m2", 32), ("e2m3", 64), ("e2m1", None)])
+def test_fp_reference_is_exactly_the_quantized_weight(name, group):
+    q = fpx_quantize(weight(), FORMATS[name], group, scale_dtype=torch.float16)
+    w = fp.pack_fpx(q)
+    assert w.tile % 16 == 0 and 256 % w.tile == 0
+    assert torch.equal(fp.fpx_dequantize_reference(w), q.dequantize())
+    assert w.nbytes == 96 * 256 * FORMATS[name].bits // 8 + w.scale.numel() * 2
+
+
+def test_pack_fpx_declines_formats_without_a_kernel():
+    with pytest.raises(ValueError, match="no kernel for e4m3"):
+        fp.pack_fpx(fpx_quantize(weight(), FORMATS["e4m3"]))
+
+
+@pytest.mark.parametrize("word_rows,block,blocks,wanted", [(72, 8, 3, 1056), (1024, 16, 28, 1056), (512, 4, 16, 264),
+                                                           (9, 16, 1, 8), (130, 4, 1, 1)])
+def test_splits_cover_every_row_in_whole_blocks(word_rows, block, blocks, wanted):
+    split = choose_split(blocks, word_rows, block, wanted)
+    assert split.rows_per_split % block == 0
+    assert split.split * split.rows_per_split >= word_rows > (split.split - 1) * split.rows_per_split
+
+
+def test_launch_heuristics_by_rows_and_size():
+    small = intn.pack_intn(rtn_quantize(weight(576, 576), 4, 64, True))
+    config = intn.intn_config(1, small, SMS)
+    assert (config.block_m, config.block_n, config.num_warps, config.prefetch) == (1, 64, 2, True)
+    # Decode splits of group-wise weights hold whole groups (the zero-point pass works per group).
+    assert config.split.rows_per_split % (64 // 8) == 0
+    assert intn.intn_config(16, small, SMS).block_m == 16
+    assert intn.intn_config(17, small, SMS) is None  # prefill: dequantize, then cuBLAS
+    fp6 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e3m2"], None, scale_dtype=torch.float16))
+    assert fp.fpx_config(1, fp6, SMS).block_n == 64 and fp.fpx_config(100, fp6, SMS) is None
+    assert intn.decode_shape(8192 * 28672, intn.DECODE_SHAPES)[0] == 1024
+    assert intn.decode_shape(4096 * 4096, intn.DECODE_SHAPES)[0] == 256
+
+
+# --------------------------------------------------------------------------- with Triton
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability", [80, 90])
+def test_kernels_compile_for_ampere_and_hopper_without_a_gpu(capability):
+    pytest.importorskip("triton")
+    from llmc.plugins.aot import compile_kernel, kernel_variants
+
+    variants = {v.name: v for v in kernel_variants()}
+    for name in ("intn-gemv-int4-sym-g128-large", "fpx-gemv-e3m2-large", "fpx-gemm16-e3m2"):
+        compiled = compile_kernel(variants[name], capability)
+        assert compiled.cubin and compiled.spills == 0
+        assert ".ftz" not in compiled.ptx  # the subnormal decodes need float32 subnormals kept
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the kernels are Triton)")
+
+
+@gpu
+@pytest.mark.parametrize("rows", [1, 4, 16, 40])
+@pytest.mark.parametrize("kind", ["int4-g64", "int4-asym-g32", "int8-channel", "fp6", "fp6-g32", "fp4"])
+def test_kernels_match_their_references_on_fresh_inputs(kind, rows):
+    generator = torch.Generator().manual_seed(rows)
+    w = weight(200, 576, seed=3)
+    if kind.startswith("int"):
+        bits, group = (8, -1) if kind == "int8-channel" else (4, 32 if "g32" in kind else 64)
+        packed = intn.pack_intn(rtn_quantize(w, bits, group, "asym" not in kind)).to("cuda")
+        linear, reference = intn.intn_linear, intn.intn_reference
+    else:
+        fmt = FORMATS["e2m1" if kind == "fp4" else "e3m2"]
+        packed = fp.pack_fpx(fpx_quantize(w, fmt, 32 if "g32" in kind else None, scale_dtype=torch.float16)).to("cuda")
+        linear, reference = fp.fpx_linear, fp.fpx_reference
+    x = torch.randn(rows, 576, generator=generator).half().cuda()
+    out = torch.full((rows, 200), float("nan"), dtype=torch.float16, device="cuda")
+    linear(x, packed, out=out)
+    expected = reference(x, packed).float()
+    assert bool(torch.isfinite(out).all())
+    assert float((out.float() - expected).norm() / expected.norm()) < 2e-3
