@@ -35,7 +35,7 @@ import torch
 from llmc.passes.bitplanes import default_tile, pack_fp_codes, unpack_fp_codes
 from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
 from llmc.plugins.intn_linear import PREFILL_ROWS, decode_shape
-from llmc.plugins.splitk import Split, choose_split, counters, finish_split, require_triton, sm_count, triton
+from llmc.plugins.splitk import Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
     import triton.language as tl
@@ -98,7 +98,7 @@ def fpx_reference(x: torch.Tensor, w: FpxWeights) -> torch.Tensor:
 # --------------------------------------------------------------------------- Triton
 
 if triton is not None:
-    from llmc.plugins.splitk import _contiguous
+    from llmc.plugins.splitk import _contiguous, finish_split
 
     _X_SCALE = tl.constexpr(2.0**64)
 

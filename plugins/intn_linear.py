@@ -38,7 +38,7 @@ import torch
 
 from llmc.packed import PackedLinear
 from llmc.passes.bitplanes import INT_PLANE_WIDTHS, fields_per_word, pack_int_codes, unpack_int_codes
-from llmc.plugins.splitk import Split, choose_split, counters, finish_split, require_triton, sm_count, triton
+from llmc.plugins.splitk import Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
     import triton.language as tl
@@ -114,7 +114,7 @@ def intn_reference(x: torch.Tensor, w: IntNWeights) -> torch.Tensor:
 # --------------------------------------------------------------------------- Triton
 
 if triton is not None:
-    from llmc.plugins.splitk import _contiguous
+    from llmc.plugins.splitk import _contiguous, finish_split
 
     # Rule 1: x is scaled by 2^(100 - o), so u * 2^(o - 149) times it is u * x * 2^-49, normal.
     _X_SCALE = tl.constexpr(2.0**100)
