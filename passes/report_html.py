@@ -7,6 +7,8 @@ artifact. Every figure is read from the plan document (the source of truth) and 
 
 from __future__ import annotations
 
+from collections import Counter
+
 from markupsafe import Markup
 
 from llmc.passes import report_svg
@@ -43,21 +45,28 @@ def render_html(doc: dict, reserve: int | None = None) -> str:
     used when plan.json does not record it."""
     timeline_svg, bubbles = report_svg.timelines(doc)
     predicted = doc.get("predicted", {})
+    prefill_micro, decode_micro = report_svg.micro_batches(doc)
     view = dict(
         plan=doc,
         stages=stage_rows(doc, reserve),
         predicted=[
-            ("solver", f"CP-SAT {predicted.get('solver_status', '?')}"),
-            ("slowest stage per batch", _ms(float(predicted.get("slowest_stage_s", 0.0)))),
-            ("lower bound", _ms(float(predicted.get("best_bound_s", 0.0)))),
-            ("batch latency", _ms(float(predicted.get("batch_latency_s", 0.0)))),
+            ("solver", f"CP-SAT {predicted.get('solver_status', '?')}, lower bound "
+                       f"{_ms(float(predicted.get('best_bound_s', 0.0)))}"),
+            ("batch latency", f"{_ms(float(predicted.get('batch_latency_s', 0.0)))} (prefill "
+                              f"{_ms(float(predicted.get('prefill_s', 0.0)))}, decode {_ms(float(predicted.get('decode_s', 0.0)))})"),
             ("throughput", f"{float(predicted.get('tokens_per_s', 0.0)):.1f} generated tokens/s"),
-            ("micro-batches (prefill, decode)", "%d, %d" % report_svg.micro_batches(doc)),
+            ("micro-batches", f"prefill {prefill_micro} x {predicted.get('prefill_micro_batch_size', '?')} sequences, "
+                              f"decode {decode_micro} x {predicted.get('decode_micro_batch_size', '?')}"),
+            ("bit-widths", ", ".join(f"{b} x{n}" for b, n in sorted(Counter(predicted.get("layer_bits") or []).items()))
+             or str(predicted.get("weight_bits", "?"))),
+            ("quality", (predicted.get("quality") or {}).get("indicator", "not recorded")),
             ("pipeline bubble (prefill, decode)",
              f"{100 * bubbles['prefill']:.1f}%, {100 * bubbles['decode']:.1f}%"),
         ] if predicted else [],
         measured=doc.get("measured", []),
         explanation=doc.get("explanation"),
+        baselines=[dict(b, latency=_ms(float(b["batch_latency_s"])) if b.get("batch_latency_s") is not None else None)
+                   for b in doc.get("baselines", []) or []],
         memory_svg=report_svg.memory_bars(doc, reserve),
         timeline_svg=timeline_svg,
         bits_svg=report_svg.bits_heatmap(doc),

@@ -342,10 +342,6 @@ def quality_points(doc: dict) -> list[dict]:
     if "perplexity.compressed" in measured:
         points.append(dict(label=doc.get("quantization", {}).get("summary", "compressed"),
                            bytes=compressed_model_bytes(doc), perplexity=float(measured["perplexity.compressed"]["value"])))
-    for baseline in doc.get("baselines", []) or []:
-        if isinstance(baseline, dict) and "perplexity" in baseline and "bytes" in baseline:
-            points.append(dict(label=str(baseline.get("label", baseline.get("name", "baseline"))),
-                               bytes=int(baseline["bytes"]), perplexity=float(baseline["perplexity"])))
     return points
 
 

@@ -127,6 +127,7 @@ def test_plan_prints_the_report_without_changing_weights(configs):
     assert "| 0 | box-a/gpu0 |" in result.stdout and "Nothing measured" in result.stdout
 
 
+@pytest.mark.slow  # subprocesses: tens of seconds
 def test_a_killed_compile_keeps_the_old_build_and_the_next_run_resumes(configs, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     assert compile_(configs, out, cache).exit_code == 0

@@ -48,13 +48,28 @@ def synthetic_plan() -> dict:
         ],
         "unused_devices": [],
         "predicted": {"source": "roofline cost model over the device catalog", "solver_status": "OPTIMAL",
-                      "slowest_stage_s": 0.0108, "best_bound_s": 0.0108, "batch_latency_s": 0.02,
-                      "tokens_per_s": 3200.0, "weight_bits": 4, "micro_batches": 2},
+                      "best_bound_s": 0.0108, "prefill_s": 0.012, "decode_s": 0.008, "batch_latency_s": 0.02,
+                      "tokens_per_s": 3200.0, "weight_bits": 4, "layer_bits": [4, 4, 4, 8],
+                      "prefill_micro_batch_size": 2, "prefill_micro_batches": 2,
+                      "decode_micro_batch_size": 4, "decode_micro_batches": 1,
+                      "quality": {"indicator": "every layer equally sensitive", "used": None, "budget": None}},
         "measured": [
             {"name": "perplexity.reference", "value": 25.05, "unit": "", "protocol": "first 4 windows <of> 32 tokens"},
             {"name": "perplexity.compressed", "value": 27.5, "unit": "", "protocol": "(same)"},
         ],
-        "baselines": [{"label": "int8 everywhere", "bytes": 150_000, "perplexity": 25.3}],
+        "baselines": [
+            {"name": "even-split", "description": "layers split evenly <over> every device", "bits": 4,
+             "stages": ["box-a/gpu0: layers 0-1", "box-b/gpu0: layers 2-3"], "prefill_micro_batch_size": 4,
+             "decode_micro_batch_size": 4, "batch_latency_s": 0.03, "tokens_per_s": 2133.3, "plan_speedup": 1.5},
+            {"name": "memory-greedy", "description": "fill each device in turn", "bits": None, "stages": [],
+             "prefill_micro_batch_size": None, "decode_micro_batch_size": None, "batch_latency_s": None,
+             "tokens_per_s": None, "plan_speedup": None},
+        ],
+        "explanation": {"binding": ["box-a/gpu0 is full <of> weights"], "prefill_bottleneck": "stage 1",
+                        "decode_bottleneck": "stage 1", "decode_bound": "slowest unit", "bubble_prefill": 0.25,
+                        "bubble_decode": 0.5, "bubble": 0.4,
+                        "what_if": [{"sku": "L4", "node": "box-b", "solver_status": "OPTIMAL", "tokens_per_s": 4000.0,
+                                     "speedup": 1.25}]},
         "memory_reserve_bytes": 2**30,
     }
 
@@ -74,6 +89,16 @@ def test_the_report_is_self_contained_and_escapes_plan_text():
     assert "<script" not in html and "@import" not in html and "url(" not in html
     assert not re.search(r'(src|href)="', html), "the page loads nothing from elsewhere"
     assert "first 4 windows &lt;of&gt; 32 tokens" in html
+    assert "box-a/gpu0 is full &lt;of&gt; weights" in html and "layers split evenly &lt;over&gt;" in html
+
+
+def test_the_report_shows_the_planners_figures():
+    html = render_html(synthetic_plan())
+    assert "20.00 ms (prefill 12.00 ms, decode 8.000 ms)" in html
+    assert "prefill 2 x 2 sequences, decode 1 x 4" in html and "4 x3, 8 x1" in html
+    baselines = re.search(r'<table id="baselines">.*?</table>', html, re.S).group(0)
+    assert "1.50x" in baselines and "does not fit" in baselines
+    assert "1.25x" in re.search(r'<table id="what-if">.*?</table>', html, re.S).group(0)
     assert html.count('<svg xmlns="http://www.w3.org/2000/svg" class="plot"') == 5
 
 
@@ -87,7 +112,7 @@ def test_plots_follow_the_plan():
     assert blocks == [[(0.0, 2.0), (2.0, 4.0)], [(2.5, 5.5), (5.5, 8.5)]]
     assert report_svg.bubble_fraction(blocks) == pytest.approx(1 - 10 / 17)
     assert [p["label"] for p in report_svg.quality_points(doc)] == [
-        "unmodified (fp16 size)", "rtn int4/int8, group 32, symmetric", "int8 everywhere"]
+        "unmodified (fp16 size)", "rtn int4/int8, group 32, symmetric"]
 
 
 def test_a_plan_without_measurements_or_decisions_still_renders():

@@ -25,6 +25,7 @@ def test_micro_batches_group_prompts_of_equal_length_in_order():
     assert [mb.prompt_len for mb in job.micro_batches] == [2, 2, 3, 1]
 
 
+@pytest.mark.slow  # subprocesses: tens of seconds
 def test_run_reproduces_the_reference_across_stage_processes(pipeline_build):
     prompts = ["the quick brown fox", "a stitch in time", "all that glitters", "the early bird"]
     result = CliRunner().invoke(cli, ["run", str(pipeline_build), *sum((["--prompt", p] for p in prompts), []),
@@ -112,4 +113,5 @@ def test_the_example_pipeline_reproduces_the_reference_tokens(example_build):
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     print(f"\nllmc run on the example: {doc['tokens_per_s']:.1f} tokens/s, {doc['texts'][0]!r}")
-    assert doc["stages"] == 3 and doc["checks"][0]["match"] and "recorded at compile" in doc["checks"][0]["reference"]
+    stages = len(json.loads((example_build / "plan.json").read_text())["stages"])
+    assert doc["stages"] == stages and doc["checks"][0]["match"] and "recorded at compile" in doc["checks"][0]["reference"]
