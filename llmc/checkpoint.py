@@ -48,8 +48,15 @@ def load_packed(path: Path) -> dict:
     from llmc.packed import PackedLinear
 
     tensors = load_file(path)
-    modules = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".meta")})
+    # MixLLM output-feature mixes (llmc.packed.MixedRowLinear) hold two PackedLinears under one name.
+    mixed = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".high_rows")})
+    parts = {f"{m}.{part}" for m in mixed for part in ("low", "high")}
+    modules = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".meta")} - parts)
     packed = {m: PackedLinear.from_tensors(tensors, m) for m in modules}
+    if mixed:
+        from llmc.packed import MixedRowLinear
+
+        packed.update({m: MixedRowLinear.from_tensors(tensors, m) for m in mixed})
     floating = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".fpx_meta")})
     if floating:  # low-bit floating point (quantize-fpx)
         from llmc.passes.fpx import FpxLinear

@@ -143,6 +143,72 @@ class QuantOverride(_Strict):
         return self
 
 
+class MixedPrecisionTarget(_Strict):
+    """Mixed precision chosen by the compiler under a quality budget (passes/mixed_precision.py,
+    docs/mixed-precision.md). Explicit ``quantization.overrides`` that set bits or method win: their
+    linears are left out of the search."""
+
+    granularity: Literal["layer", "output-feature"] = Field(
+        "layer",
+        description="'layer': one width per decoder layer from `bits`, chosen by a knapsack on the "
+        "sensitivity indicator; 'output-feature': MixLLM, the most salient output features of all "
+        "linears (one global ranking) at 8 bits per channel, the rest at quantization.bits.",
+    )
+    bits: list[Literal[2, 3, 4, 8, 16]] = Field(
+        default_factory=lambda: [3, 4, 8],
+        min_length=2,
+        description="granularity 'layer': the widths a layer may get (16: float). 8 bits is per output "
+        "channel, the others use quantization.group_size.",
+    )
+    average_bits: float | None = Field(
+        None, gt=2, le=16,
+        description="Target: average stored bits per quantized weight, codes plus one fp16 scale per group "
+        "(int4 g128 = 4.125), zero points and MixLLM's row indices; the least sensitive mix under it.",
+    )
+    max_perplexity_increase_pct: float | None = Field(
+        None, gt=0, le=1000,
+        description="granularity 'layer', instead of average_bits: the fewest bits whose predicted perplexity "
+        "increase stays under this (omega scaled per width to the measured calibration-loss increase).",
+    )
+    high_fraction: float | None = Field(
+        None, gt=0, lt=1,
+        description="granularity 'output-feature', instead of average_bits: the fraction of all output "
+        "features kept at 8 bits (MixLLM uses 0.1-0.2).",
+    )
+    indicator: Literal["hessian-trace", "llm-pq-variance"] = Field(
+        "hessian-trace",
+        description="The per-layer sensitivity: tr(δ H δᵀ) with GPTQ's Hessian, or LLM-PQ's "
+        "sum of s² / 12 · Var[x]. docs/benchmarks/mixed_precision.md compares both with measurements.",
+    )
+    gradient_windows: int = Field(
+        32, ge=1, le=100_000,
+        description="granularity 'output-feature': calibration windows whose loss gradient scores the features.",
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if len(set(self.bits)) != len(self.bits):
+            raise FieldPathError("bits", "lists a width twice")
+        if self.granularity == "layer":
+            if self.high_fraction is not None:
+                raise FieldPathError("high_fraction", "applies to granularity 'output-feature'; for 'layer' give "
+                                                      "average_bits or max_perplexity_increase_pct")
+            if (self.average_bits is None) == (self.max_perplexity_increase_pct is None):
+                raise ValueError("granularity 'layer' needs exactly one target: average_bits (e.g. 4.5) or "
+                                 "max_perplexity_increase_pct (e.g. 10)")
+        else:
+            if self.max_perplexity_increase_pct is not None:
+                raise FieldPathError("max_perplexity_increase_pct", "applies to granularity 'layer'; for "
+                                     "'output-feature' give average_bits or high_fraction")
+            if "bits" in self.model_fields_set:
+                raise FieldPathError("bits", "granularity 'output-feature' mixes quantization.bits with 8 bits; "
+                                             "remove bits")
+            if (self.average_bits is None) == (self.high_fraction is None):
+                raise ValueError("granularity 'output-feature' needs exactly one target: average_bits (e.g. 4.5) "
+                                 "or high_fraction (e.g. 0.1)")
+        return self
+
+
 class Quantization(_Strict):
     """Which linears are quantized, and how (resolution: llmc.schemes.resolve_schemes).
 
@@ -190,10 +256,23 @@ class Quantization(_Strict):
         "down_proj', bits: 8}. A match that selects no linear fails the compile (exit 2).",
     )
 
+    mixed_precision: MixedPrecisionTarget | None = Field(
+        None,
+        description="Per-layer widths or MixLLM output-feature mixes chosen under a budget (docs/mixed-precision.md); "
+        "unset: every linear as the fields above and overrides say.",
+    )
+
     _group = field_validator("group_size")(_check_group_size)
 
     @model_validator(mode="after")
     def _schemes_exist(self):
+        mixed = self.mixed_precision
+        if mixed is not None and self.method not in ("rtn", "gptq"):
+            raise FieldPathError("mixed_precision", f"applies to methods rtn and gptq, not '{self.method}'")
+        if mixed is not None and mixed.granularity == "output-feature" and self.bits >= 8:
+            raise FieldPathError("mixed_precision.granularity",
+                                 f"output-feature mixes keep the salient features at 8 bits and the rest at "
+                                 f"quantization.bits, which must then be lower than 8 (got {self.bits})")
         if self.method != "none" and self.bits == 8 and not self.symmetric:
             raise ValueError(_ASYMMETRIC_8BIT)
         problem = _fp_scheme_problem(self.method, self.bits, self.symmetric)

@@ -76,6 +76,7 @@ class QuantDecision:
     bits: int
     group_size: int
     symmetric: bool
+    high_rows: int = 0  # MixLLM: output features stored at 8 bits per channel beside the others
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,16 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class LinearSensitivity:
+    """Both per-layer indicators of one linear at each of ``Sensitivity.bits`` (passes/sensitivity.py)."""
+
+    module: str
+    params: int
+    hessian_trace: tuple[float, ...]  # tr(δ H δᵀ)
+    variance: tuple[float, ...]  # LLM-PQ: sum of s² / 12 · Var[x]
+
+
+@dataclass(frozen=True)
 class Sensitivity:
     """omega(layer, bits): the quality cost of storing each decoder layer at each bit-width
     (larger: more quality lost), for the planner's budget sum omega <= Q."""
@@ -219,6 +230,31 @@ class Sensitivity:
     indicator: str  # e.g. "llm-pq-variance", "hessian-trace"
     bits: tuple[int, ...]  # the bit-widths costed, ascending
     omega: tuple[tuple[float, ...], ...]  # [layer][k]: omega of the layer at bits[k]
+    linears: tuple[LinearSensitivity, ...] = ()  # per linear, both indicators (the sensitivity pass)
+    salience: str | None = None  # cache reference: MixLLM salience per output feature, by module
+    salience_bits: int | None = None  # the low width the salience was computed at
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """A linear's width chosen by the mixed-precision policy (passes/mixed_precision.py)."""
+
+    module: str
+    bits: int  # 16: kept float
+    group_size: int  # -1: one scale per output channel (the 8-bit choices)
+    symmetric: bool
+    high_rows: int = 0  # MixLLM: output features stored at ``MixedPrecision.high_bits``, per channel
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """What the quantizers apply over ``quantization``'s defaults; explicit overrides are never in it."""
+
+    policy: str  # one line: how the widths were chosen
+    modules: tuple[PrecisionChoice, ...]
+    average_bits: float  # stored bits per quantized weight: codes, scales, zero points, row indices
+    high_bits: int | None = None  # MixLLM's width of the salient output features
+    rows: str | None = None  # cache reference: int32 indices of the high rows, by module
 
 
 @dataclass(frozen=True)
@@ -259,6 +295,7 @@ class Program:
     pruning: Pruning | None = None
     sensitivity: Sensitivity | None = None
     plan: Plan | None = None
+    precision: MixedPrecision | None = None
     measurements: tuple[Measurement, ...] = ()
     artifacts: tuple[Artifact, ...] = field(default_factory=tuple)
     engines: tuple[EngineBuild, ...] = ()

@@ -64,3 +64,50 @@ class PackedLinear:
             group_size=group_size,
             symmetric=bool(symmetric),
         )
+
+
+@dataclass(frozen=True)
+class MixedRowLinear:
+    """MixLLM's output-feature mix: the salient output rows at high bits, the rest at low bits,
+    each part a :class:`PackedLinear` holding its rows in ascending order.
+
+    ``W[high_rows] = high.dequantize()``, ``W[other rows] = low.dequantize()``: the layer computes
+    both partial products and scatters their columns back into output order.
+
+    - ``high_rows``: int32 [n_high], ascending, the output features stored in ``high``.
+    """
+
+    low: PackedLinear
+    high: PackedLinear
+    high_rows: torch.Tensor
+
+    @property
+    def out_features(self) -> int:
+        return self.low.q.shape[0] + self.high.q.shape[0]
+
+    def low_rows(self) -> torch.Tensor:
+        """The complement of ``high_rows``, ascending (int64)."""
+        keep = torch.ones(self.out_features, dtype=torch.bool)
+        keep[self.high_rows.long()] = False
+        return torch.nonzero(keep).flatten()
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [out, in]: each part's rows scattered back to their positions."""
+        low, high = self.low.dequantize(), self.high.dequantize()
+        weight = torch.empty(self.out_features, low.shape[1], dtype=torch.float32)
+        weight[self.low_rows()] = low
+        weight[self.high_rows.long()] = high
+        return weight
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        tensors = {**self.low.to_tensors(f"{prefix}.low"), **self.high.to_tensors(f"{prefix}.high")}
+        tensors[f"{prefix}.high_rows"] = self.high_rows.to(torch.int32).contiguous()
+        return tensors
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> MixedRowLinear:
+        return MixedRowLinear(
+            low=PackedLinear.from_tensors(tensors, f"{prefix}.low"),
+            high=PackedLinear.from_tensors(tensors, f"{prefix}.high"),
+            high_rows=tensors[f"{prefix}.high_rows"],
+        )

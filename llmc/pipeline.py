@@ -332,8 +332,34 @@ def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
     # linears whose scheme is GPTQ jointly (GPTQ's own pass would fill the zeros back in).
     if model.pruning.method != "none":
         passes.append(prune_pass(model.pruning, rules if "gptq" in methods_used(rules) else None, q))
+    mixed = q.mixed_precision
+    per_layer_plan = bool(plan.bits) and list(plan.bits) != [q.bits if q.method != "none" else 16]
+    # Sensitivity reads the calibration windows and the (pruned) weights the quantizers will see;
+    # the mixed-precision policy and the planner's quality budget consume its omega table.
+    if mixed is not None or (per_layer_plan and plan.sensitivity is None):
+        from llmc.passes.sensitivity import SensitivityPass
+
+        layer_widths = mixed.bits if mixed is not None and mixed.granularity == "layer" else []
+        passes.append(SensitivityPass(
+            **vars(rules), candidates=tuple(sorted({q.bits, *layer_widths, *plan.bits})),
+            indicator=mixed.indicator if mixed is not None else "hessian-trace",
+            feature_bits=q.bits if mixed is not None and mixed.granularity == "output-feature" else None,
+            gradient_windows=mixed.gradient_windows if mixed is not None else 32,
+        ))
+    from llmc.passes.mixed_precision import MixedPrecisionPass
+
+    # A budgeted policy decides the widths before the plan, so the plan costs what is stored.
+    if mixed is not None:
+        passes.append(MixedPrecisionPass(
+            **vars(rules), granularity=mixed.granularity, candidates=tuple(sorted(mixed.bits)),
+            average_bits=mixed.average_bits, max_perplexity_increase_pct=mixed.max_perplexity_increase_pct,
+            high_fraction=mixed.high_fraction,
+        ))
     # The plan precedes quantization: it decides which bit-width each layer can afford.
     passes.append(plan)
+    # planner.bits with several widths: the plan's per-layer choice becomes the quantizers'.
+    if per_layer_plan:
+        passes.append(MixedPrecisionPass(**vars(rules), granularity="plan"))
     # One pass per method the rules use; each quantizes the linears resolved to its method
     # (llmc.schemes) and keeps the earlier passes' decisions. RTN first: GPTQ then calibrates
     # each block on the already-rounded layers too.

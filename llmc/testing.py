@@ -82,13 +82,34 @@ def tiny_tokenizer(text: str = TINY_TEXT, vocab_size: int = 128):
     )
 
 
-def write_tiny_model_dir(path, seed: int = 0, **overrides):
-    """A complete local Hugging Face model directory (safetensors + tokenizer) at ``path``."""
+def fit_to_text(model, tokenizer, text: str = TINY_TEXT, steps: int = 60, seq_len: int = 32):
+    """Train ``model`` briefly on ``text`` (Adam, seeded windows), so that rounding its weights costs
+    measurable loss, as it does on a real model, rather than nothing, as on random weights."""
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    windows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(steps):
+        batch = windows[(torch.arange(8) * 5 + step) % len(windows)]
+        loss = model(batch, labels=batch).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval()
+
+
+def write_tiny_model_dir(path, seed: int = 0, fit_steps: int = 0, **overrides):
+    """A complete local Hugging Face model directory (safetensors + tokenizer) at ``path``; with
+    ``fit_steps``, the weights are first trained that many steps on ``TINY_TEXT``."""
     from pathlib import Path
 
     path = Path(path)
     tokenizer = tiny_tokenizer()
     model = tiny_llama(seed=seed, vocab_size=max(128, len(tokenizer)), **overrides)
+    if fit_steps:
+        fit_to_text(model, tokenizer, steps=fit_steps)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

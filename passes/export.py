@@ -12,6 +12,9 @@ activations. A quantized linear is lowered by its format (:func:`linear_lowering
    weights in the Triton kernel's bit-plane layout (int3 in a 4-bit plane). The model carries
    the op's ONNX function body, which ONNX Runtime inlines, so the file the engines are built
    from is the file the checker runs.
+3. a MixLLM output-feature mix (:class:`llmc.packed.MixedRowLinear`): its low rows and its
+   8-bit rows each lowered by rule 1 or 2 into their own MatMul, the two outputs concatenated
+   along the features and put back in output order by one ``Gather`` with the inverse row order.
 
 Stage interface (layers ``[layer_start, layer_end)``):
 
@@ -429,7 +432,9 @@ def _linear(g, x, module: str, weights, quantized, output: str | None = None) ->
     bias = weights.get(f"{module}.bias")
     outputs = [output] if output and bias is None else None
     packed = quantized.get(module)
-    if packed is not None and _lowering(module, packed) == "plugin":
+    if packed is not None and hasattr(packed, "high_rows"):
+        y = _mixed_row_linear(g, x, module, packed, outputs)
+    elif packed is not None and _lowering(module, packed) == "plugin":
         y = _plugin_linear(g, x, module, packed, outputs)
     else:
         if packed is not None:
@@ -441,6 +446,23 @@ def _linear(g, x, module: str, weights, quantized, output: str | None = None) ->
         bias_name = g.initializer(f"{module}.bias", _float32(bias))
         y = g.op("Add", [y, bias_name], f"{module}/bias", outputs=[output] if output else None)
     return y
+
+
+def _mixed_row_linear(g, x, module: str, packed, outputs) -> str:
+    """Rule 3: both parts' products, concatenated, gathered back into output order."""
+    import torch
+
+    parts = []
+    for part, rows in (("low", packed.low), ("high", packed.high)):
+        name = f"{module}.{part}"
+        if _lowering(name, rows) == "plugin":
+            parts.append(_plugin_linear(g, x, name, rows, None))
+        else:
+            parts.append(g.op("MatMul", [x, _dequantized_weight(g, name, rows)], f"{name}/MatMul"))
+    joined = g.op("Concat", parts, f"{module}/concat_rows", axis=-1)
+    inverse = torch.argsort(torch.cat([packed.low_rows(), packed.high_rows.long()]))
+    return g.op("Gather", [joined, g.int64s(f"{module}.row_order", inverse.tolist())], f"{module}/scatter_rows",
+                outputs=outputs, axis=-1)
 
 
 def _lowering(module: str, packed) -> str:

@@ -153,7 +153,7 @@ def quality_constraint(program: Program, labels: list[tuple[int, ...]], base_bit
         check_sensitivity(table, table_path, layers, needed)
         rows = [row.omega for row in table.layers]
         indicator = f"sensitivity table {table_path.name} ({table.indicator})"
-    elif program.sensitivity is not None:
+    elif program.sensitivity is not None and (several or budget is not None):
         s = program.sensitivity
         missing = [b for b in needed if b not in s.bits]
         if missing:
@@ -357,6 +357,10 @@ def planner_instance(program: Program, cluster, p: PlanPass) -> tuple[PlanInstan
         rules = replace(rules, method="rtn")  # planner.bits decides the widths of the targeted linears
     names = [lin.name for layer in program.layers for lin in layer.linears]
     schemes = resolve_schemes(names, rules)
+    if program.precision is not None:  # the mixed-precision policy ran first: cost its widths
+        from llmc.passes.mixed_precision import apply_precision
+
+        schemes = apply_precision(schemes, program.precision)
     devices, links = cluster_devices(cluster)
     choices = tuple(layer_choices(layer, schemes, tuple(sorted(p.bits))) for layer in program.layers)
     base_bits = p.quantization.bits if p.quantization.method != "none" else 16
@@ -430,11 +434,19 @@ def plan_pass_from_config(model, base: Path, *, compiling: bool) -> PlanPass:
                               f"{size} is larger than workload.batch ({w.batch})")
     configured = q.bits if q.method != "none" else 16
     if compiling and planner.bits is not None and planner.bits != [configured]:
-        raise ConfigError(
-            "model.yaml", "planner.bits",
-            f"{planner.bits}: `llmc compile` quantizes as `quantization` says ({configured} bits), so the plan "
-            f"must cost that; plan per-layer widths with `llmc plan`, then set them in quantization.overrides",
-        )
+        # `llmc compile` applies the plan's per-layer widths (the mixed-precision pass, granularity
+        # 'plan'): only integer quantizers take per-layer widths, and one policy decides them.
+        if q.method not in ("rtn", "gptq"):
+            raise ConfigError(
+                "model.yaml", "planner.bits",
+                f"{planner.bits}: per-layer widths are applied by the rtn and gptq quantizers, not method "
+                f"'{q.method}'; set quantization.method to rtn or gptq, or give planner.bits one value",
+            )
+        if q.mixed_precision is not None:
+            raise ConfigError(
+                "model.yaml", "planner.bits",
+                f"{planner.bits} and quantization.mixed_precision both choose per-layer widths; keep one",
+            )
     paths = {}
     for field, reader in (("sensitivity", read_sensitivity), ("profile", read_profile)):
         value = getattr(planner, field)

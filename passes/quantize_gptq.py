@@ -439,8 +439,12 @@ class GptqQuantizePass(Pass, QuantizationRules):
 
         from llmc.checkpoint import load_hf_model, load_packed, save_quantized
 
+        from llmc.passes.mixed_precision import apply_precision, high_rows_by_module
+
         linears = {lin.name: lin for layer in program.layers for lin in layer.linears}
-        schemes = resolve_schemes(list(linears), self)
+        # The mixed-precision policy's widths (and MixLLM's 8-bit rows) over the rules' defaults.
+        schemes = apply_precision(resolve_schemes(list(linears), self), program.precision)
+        self_high_rows = high_rows_by_module(ctx, program.precision)
         decided = {d.module for d in program.quantization}  # e.g. quantized jointly with pruning
         mine = {n: s for n, s in schemes.items() if s is not None and s.method == "gptq" and n not in decided}
         groups = {n: effective_group(s, linears[n].in_features, n) for n, s in mine.items()}
@@ -483,13 +487,15 @@ class GptqQuantizePass(Pass, QuantizationRules):
                     hessian = block_hessian(block, block.get_submodule(step[0]), hidden, kwargs)
                     for relative in step:
                         name = prefix + relative
-                        done[name], records[name] = self._quantize(name, modules[name], hessian, mine[name], groups[name])
+                        done[name], records[name] = self._quantize(name, modules[name], hessian, mine[name], groups[name],
+                                                                   self_high_rows.get(name))
                 last = index + 1 == len(program.layers)
                 hidden = [] if last else [run_block(block, h, kw) for h, kw in zip(hidden, kwargs)]
                 packed.update(done)
                 checkpoint.save(index, done, records, hidden)
 
-        decisions = [QuantDecision(n, "gptq", p.bits, p.group_size, p.symmetric) for n, p in packed.items()]
+        decisions = [QuantDecision(n, "gptq", mine[n].bits, groups[n], mine[n].symmetric, records[n].get("high_rows", 0))
+                     for n in packed]
         result = save_quantized(program, ctx, packed, decisions)
         (ctx.workdir / "gptq_layers.json").write_text(json.dumps(records, indent=1, sort_keys=True))
         checkpoint.clear()
@@ -502,19 +508,31 @@ class GptqQuantizePass(Pass, QuantizationRules):
             f"relative output error {(loss / reference) ** 0.5:.4f}, damping raised on {raised}",
         )
 
-    def _quantize(self, name, module, hessian, scheme, group) -> tuple[PackedLinear, dict]:
+    def _quantize(self, name, module, hessian, scheme, group, high_rows=None) -> tuple[PackedLinear, dict]:
+        from llmc.passes.mixed_precision import quantize_rows
+
         start = time.perf_counter()
-        result = gptq_quantize(
-            module.weight, hessian, scheme.bits, group, scheme.symmetric,
-            damp=self.damp, act_order=self.act_order, block_size=self.block_size,
-        )
-        module.weight.copy_(result.packed.dequantize().to(module.weight.dtype))
+        results = []
+
+        def quantize(weight):
+            results.append(gptq_quantize(weight, hessian, scheme.bits, group, scheme.symmetric,
+                                         damp=self.damp, act_order=self.act_order, block_size=self.block_size))
+            return results[-1].packed
+
+        # MixLLM: GPTQ on the low rows (rows are independent under GPTQ), RTN int8 on the high ones.
+        packed = quantize(module.weight) if high_rows is None else quantize_rows(module.weight, high_rows, quantize)
+        result = results[0]
+        loss, reference = result.loss, result.reference
+        if high_rows is not None:
+            loss = output_error(module.weight, packed.dequantize(), hessian)
+            reference = output_error(module.weight, torch.zeros_like(module.weight), hessian)
+        module.weight.copy_(packed.dequantize().to(module.weight.dtype))
         seconds = time.perf_counter() - start
         log.info(
             "gptq %s: int%d g%d, damp %.3g, loss %.4g (%.2e of the weights'), %.2fs",
-            name, scheme.bits, group, result.damp, result.loss,
-            result.loss / result.reference if result.reference else 0.0, seconds,
+            name, scheme.bits, group, result.damp, loss, loss / reference if reference else 0.0, seconds,
         )
-        record = dict(bits=scheme.bits, group_size=group, damp=result.damp, loss=result.loss,
-                      reference=result.reference, dead_columns=result.dead_columns, seconds=round(seconds, 3))
-        return result.packed, record
+        record = dict(bits=scheme.bits, group_size=group, damp=result.damp, loss=loss,
+                      reference=reference, dead_columns=result.dead_columns, seconds=round(seconds, 3),
+                      high_rows=0 if high_rows is None else int(high_rows.numel()))
+        return packed, record

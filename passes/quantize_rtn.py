@@ -138,9 +138,12 @@ class RtnQuantizePass(Pass, QuantizationRules):
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         from llmc.checkpoint import load_model, save_quantized
+        from llmc.passes.mixed_precision import apply_precision, high_rows_by_module, quantize_rows
 
         linears = [lin for layer in program.layers for lin in layer.linears]
-        schemes = resolve_schemes([lin.name for lin in linears], self)
+        # The mixed-precision policy's widths (and MixLLM's 8-bit rows) over the rules' defaults.
+        schemes = apply_precision(resolve_schemes([lin.name for lin in linears], self), program.precision)
+        high_rows = high_rows_by_module(ctx, program.precision)
         targets = [(lin, schemes[lin.name]) for lin in linears if schemes[lin.name] and schemes[lin.name].method == "rtn"]
         groups = {lin.name: effective_group(scheme, lin.in_features, lin.name) for lin, scheme in targets}
         model = load_model(program, ctx, quantized=False)
@@ -149,10 +152,16 @@ class RtnQuantizePass(Pass, QuantizationRules):
         error = norm = 0.0
         for lin, scheme in ctx.progress(targets, "rtn", total=len(targets)):
             weight = modules[lin.name].weight.detach().float()
-            packed[lin.name] = rtn_quantize(weight, scheme.bits, groups[lin.name], scheme.symmetric)
+
+            def quantize(w, scheme=scheme, group=groups[lin.name]):
+                return rtn_quantize(w, scheme.bits, group, scheme.symmetric)
+
+            rows = high_rows.get(lin.name)
+            packed[lin.name] = quantize(weight) if rows is None else quantize_rows(weight, rows, quantize)
             error += (packed[lin.name].dequantize() - weight).pow(2).sum().item()
             norm += weight.pow(2).sum().item()
-            decisions.append(QuantDecision(lin.name, "rtn", scheme.bits, groups[lin.name], scheme.symmetric))
+            decisions.append(QuantDecision(lin.name, "rtn", scheme.bits, groups[lin.name], scheme.symmetric,
+                                           0 if rows is None else int(rows.numel())))
         relative = (error / norm) ** 0.5 if norm else 0.0
         return PassResult(
             save_quantized(program, ctx, packed, decisions),

@@ -133,8 +133,11 @@ def test_infeasible_quality_budget_exits_3_with_the_budget_needed(plan_files):
     assert "short" in result.stderr or "at least" in result.stderr
 
 
-def test_compile_refuses_per_layer_bit_widths_it_would_not_apply(plan_files):
+def test_compile_refuses_per_layer_bit_widths_it_cannot_apply(plan_files):
+    # Compile applies the plan's per-layer widths with rtn and gptq (tests/passes/test_mixed_precision.py),
+    # not with other methods.
     model, cluster = plan_files("planner: {bits: [3, 4]}")
+    model.write_text(model.read_text().replace("method: rtn, bits: 4", "method: fpx, bits: 4"))
     result = CliRunner().invoke(cli, ["compile", str(model), str(cluster), "-o", str(model.parent / "out")])
     assert result.exit_code == 2
     assert "model.yaml: planner.bits" in result.stderr
