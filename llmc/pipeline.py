@@ -48,6 +48,8 @@ class Pass:
     """
 
     name: ClassVar[str]
+    # Passes that read ``ctx.cluster`` (the resolved cluster.yaml): their cache key includes it.
+    uses_cluster: ClassVar[bool] = False
 
     def requires(self, program: Program) -> None:
         """Raise if ``program`` lacks what ``run`` needs."""
@@ -146,8 +148,10 @@ def tool_versions() -> dict[str, str]:
     return found
 
 
-def cache_key(p: Pass, program: Program, seed: int, versions: dict[str, str]) -> str:
+def cache_key(p: Pass, program: Program, seed: int, versions: dict[str, str], cluster=None) -> str:
     options = {f.name: _option_value(getattr(p, f.name)) for f in dataclasses.fields(p)}
+    if p.uses_cluster:
+        options["(cluster)"] = _option_value(cluster)
     payload = json.dumps(
         {
             "pass": p.name,
@@ -203,7 +207,7 @@ def run_pipeline(
     timings: list[PassTiming] = []
     models: dict = {}
     for p in passes:
-        key = cache_key(p, program, seed, versions)
+        key = cache_key(p, program, seed, versions, cluster)
         entry = f"{p.name}-{key}"
         final = cache_root / entry
         start = time.perf_counter()

@@ -401,6 +401,7 @@ def render_build(build: Path, targets: tuple[str, ...], options: DeployOptions, 
 @dataclass(frozen=True)
 class ManifestsPass(Pass):
     name = "manifests"
+    uses_cluster = True
     batch: int
     prompt_tokens: int
     generated_tokens: int

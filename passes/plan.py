@@ -384,6 +384,7 @@ class PlanPass(Pass):
     """Choose the pipeline: device order, layer ranges, bit-widths, micro-batches (CP-SAT)."""
 
     name = "plan"
+    uses_cluster = True
     quantization: QuantizationRules
     batch: int
     prompt_tokens: int

@@ -124,6 +124,7 @@ def render_markdown(doc: dict) -> str:
 @dataclass(frozen=True)
 class ReportPass(Pass):
     name = "report"
+    uses_cluster = True
     batch: int
     prompt_tokens: int
     generated_tokens: int

@@ -163,3 +163,12 @@ def test_the_programs_sensitivity_table_feeds_the_budget(tmp_path):
     instance, quality = planner_instance(program, cluster, p)
     assert instance.omega == tuple((0.5, 0.01) for _ in range(8))
     assert quality.budget == pytest.approx(8 * 0.5) and "sensitivity pass (test)" in quality.indicator
+
+
+def test_a_changed_cluster_is_planned_again_not_read_from_the_cache(plan_files, tmp_path):
+    model, cluster = plan_files()
+    first = json.loads(plan(model, cluster, "--json").stdout)
+    assert {s["sku"] for s in first["stages"]} <= {"T4", "L4", "A100-40G"}
+    cluster.write_text(CLUSTER_YAML.replace("T4", "H100-80G").replace("L4", "H100-80G").replace("A100-40G", "H100-80G"))
+    second = json.loads(plan(model, cluster, "--json").stdout)
+    assert {s["sku"] for s in second["stages"]} == {"H100-80G"}
