@@ -162,6 +162,9 @@ def _check_launch(path: str, documents: list[dict], view) -> None:
         _fail(path, "stage.layers", f"{doc['stage'].get('layers')} but the plan says [{stage.layer_start}, {stage.layer_end}]")
     if doc["stage"].get("graph_sha256") != stage.graph.sha256:
         _fail(path, "stage.graph_sha256", "does not match the stage graph")
+    built = stage.engine.path if stage.engine is not None and stage.engine.status == "built" else None
+    if doc["stage"].get("engine") != built:
+        _fail(path, "stage.engine", f"{doc['stage'].get('engine')!r} but the build holds {built!r}")
 
 
 def _env(container: dict) -> dict[str, str]:

@@ -24,6 +24,7 @@ from llmc.passes.manifests import (
     GraphView,
     LaunchView,
     MemoryView,
+    EngineView,
     StageView,
     gpu_products,
     render_target,
@@ -52,6 +53,11 @@ def example_view() -> LaunchView:
             previous=placed[k - 1][0] if k else None, next=placed[k + 1][0] if k < 2 else None,
             previous_service=f"mixed-lab-stage-{k - 1}" if k else None,
             next_service=f"mixed-lab-stage-{k + 1}" if k < 2 else None,
+            engine=(EngineView("skipped", None, None, (), "no sm90 builder here",
+                               "llmc build-engines OUT --device H100-80G") if sku == "H100-80G" else
+                    EngineView("built", f"engines/{sku}-sm{catalog[sku].compute_capability.replace('.', '')}-trtrtx1.7/"
+                               f"stage_{k}.engine", "tensorrt_rtx 1.7", ("llmc::IntNLinear v1 x7",), "",
+                               f"llmc build-engines OUT --device {sku}")),
         ))
     devices = tuple(DeviceView(s.device, s.node, s.gpu, s.sku, s.compute_capability, s.index) for s in stages)
     devices += (DeviceView("box-b/gpu1", "box-b", 1, "L4", "8.9", None),)
@@ -135,6 +141,10 @@ def _broken_templates(tmp_path: Path, target_file: str, old: str, new: str) -> P
     # An undefined variable: StrictUndefined stops the render.
     ("slurm", "slurm/sbatch-hetjob.sh.j2", "{{ options.slurm_time }}", "{{ options.slurm_tiem }}",
      "templates/slurm/sbatch-hetjob.sh.j2: line 10: UndefinedError: "),
+    # Valid YAML, but an engine the build does not hold.
+    ("launch", "launch/llmc-v1.yaml.j2", "engine: {{ stage.engine.path | tojson }}", 'engine: "engines/stage.engine"',
+     "manifests/box-a-gpu0.yaml: stage.engine: 'engines/stage.engine' but the build holds "
+     "'engines/A100-40G-sm80-trtrtx1.7/stage_0.engine'"),
     # Valid YAML and schema, but not what the plan says: the wrong GPU.
     ("kubernetes", "kubernetes/v1.yaml.j2", "values: {{ s.gpu_products | list | tojson }}", 'values: ["NVIDIA-T4"]',
      "spec.template.spec.affinity: nvidia.com/gpu.product ['NVIDIA-T4'], planned ['NVIDIA-A100-SXM4-40GB']"),
@@ -165,6 +175,14 @@ def test_compile_writes_validated_manifests_for_every_target(pipeline_build):
     assert sorted(stage for node in view.nodes for stage in node.stages) == [0, 1, 2]
     for script in ("manifests/slurm/tiny-lab.sbatch", "manifests/shell/tiny-lab.sh"):
         assert subprocess.run(["bash", "-n", str(out / script)]).returncode == 0
+    # Each stage's launch manifest names its engine, or says why there is none and how to build it.
+    engines = {e["stage"]: e for e in plan["engines"]}
+    for s in plan["stages"]:
+        manifest = yaml.safe_load((out / f"manifests/{s['device'].replace('/', '-')}.yaml").read_text())
+        engine = engines[s["index"]]
+        assert manifest["stage"]["engine"] == engine["path"]
+        if engine["path"] is not None:
+            assert (out / engine["path"]).is_file()
 
 
 def test_render_rerenders_without_recompiling(pipeline_build, tmp_path):
