@@ -116,6 +116,7 @@ def main() -> None:
     import onnxruntime
     import torch
 
+    count = len(plan["stages"])
     stages = ", ".join(f"{s['device']} layers {s['layer_start']}-{s['layer_end'] - 1}" for s in plan["stages"])
     lines = [
         "# `llmc run`: the example's stage pipeline across processes",
@@ -123,7 +124,7 @@ def main() -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()}-core CPU, {platform.system()}; onnxruntime "
         f"{onnxruntime.__version__} (CPU), torch {torch.__version__} (gloo). Date: {date.today()}.",
         f"Load average (1 min) {load_before:.1f} before the runs and {load_after:.1f} after: the cores were",
-        "shared with other jobs whenever it is above 0 plus the runs' own three processes.",
+        f"shared with other jobs whenever it is above 0 plus the runs' own {count} processes.",
         f"Script: `python benchmarks/run.py` (examples/smollm2: SmolLM2-135M-Instruct, "
         f"{plan['quantization']['summary']}, on the",
         f"A100 + L4 + H100 example plan: {stages}).",
@@ -156,8 +157,8 @@ def main() -> None:
         f"| 8 prompts, one process, stages in sequence (baseline) | 1 x 8 | {8 * NEW_TOKENS} | {baseline_tps:.1f} | "
         f"{baseline_s:.2f} | | | (reference) | |",
         "",
-        "Three stage processes share two cores here, so the pipeline cannot run its stages in",
-        "parallel as it would on three GPUs: the figures measure the runtime (hand-offs, scheduling,",
+        f"{count} stage processes share {os.cpu_count()} cores here, so the pipeline cannot run its stages in",
+        f"parallel as it would on {count} GPUs: the figures measure the runtime (hand-offs, scheduling,",
         "micro-batching), not the planned devices. The plan's own prediction for those devices is in",
         "the build's report.",
         "",

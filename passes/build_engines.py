@@ -234,7 +234,7 @@ class BuildEnginesPass(Pass):
 
         built = [r for r in records if r.status == "built"]
         skipped = [r for r in records if r.status == "skipped"]
-        summary = f"{len(built)} engines built ({built_bytes / 2**20:.1f} MiB in {seconds:.1f} s)"
+        summary = f"{len(built)} engine{'s' if len(built) != 1 else ''} built ({built_bytes / 2**20:.1f} MiB in {seconds:.1f} s)"
         if skipped:
             summary += "; skipped: " + "; ".join(f"stage {r.stage} {r.sku}: {r.reason}" for r in skipped)
         kept = tuple(a for a in program.artifacts if a.kind not in ("engine", "engine-metadata"))
