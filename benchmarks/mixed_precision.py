@@ -24,7 +24,7 @@ Average bits count everything stored per quantized weight: the codes, one fp16 s
 MixLLM's int32 index per 8-bit row (passes/mixed_precision.py, ``stored_bits``).
 
 Results accumulate in ``docs/benchmarks/mixed_precision-<model>.json``; the tables are written to
-``docs/benchmarks/mixed_precision.md``.
+``docs/benchmarks/mixed-precision.md``.
 """
 
 from __future__ import annotations
@@ -206,6 +206,11 @@ def mix_rows(model: str, program) -> dict[str, dict]:
         for indicator in ("hessian-trace", "llm-pq-variance"):
             rows[f"layer-mix {target} {indicator}"] = dict(granularity="layer", candidates=CANDIDATES,
                                                             average_bits=target, indicator=indicator)
+    # Narrower candidate sets: below 4 bits only {3, 4}; above, only {4, 8} (no 3-bit layer pays for an 8-bit one).
+    for target, candidates in ((MIX_TARGETS[0], (3, 4)), (MIX_TARGETS[1], (4, 8))):
+        for indicator in ("hessian-trace", "llm-pq-variance"):
+            rows[f"layer-mix-{''.join(map(str, candidates))} {target} {indicator}"] = dict(
+                granularity="layer", candidates=candidates, average_bits=target, indicator=indicator)
     for fraction in MIXLLM_FRACTIONS:
         rows[f"mixllm {fraction:.0%}"] = dict(granularity="output-feature", high_fraction=fraction)
     return rows
@@ -294,7 +299,7 @@ def write_markdown(models: list[str]) -> None:
         lines += [f"## {model}", ""]
         lines += quantized_lines(model, data)
         lines += indicator_lines(model, data)
-    (DOCS / "mixed_precision.md").write_text("\n".join(lines) + "\n")
+    (DOCS / "mixed-precision.md").write_text("\n".join(lines) + "\n")
 
 
 def gptq_uniform(model: str) -> dict:
@@ -315,8 +320,9 @@ def describe_row(key: str) -> str:
     if key.startswith("uniform"):
         return key
     if key.startswith("layer-mix"):
-        _, target, indicator = key.split(" ")
-        return f"per-layer mix {{3, 4, 8}}, target {target} bits, knapsack on {indicator}"
+        kind, target, indicator = key.split(" ")
+        widths = ", ".join(kind.split("-")[2]) if kind.count("-") == 2 else "3, 4, 8"
+        return f"per-layer mix {{{widths}}}, target {target} bits, knapsack on {indicator}"
     return f"MixLLM 4/8, {key.split(' ')[1]} of output features at 8 bits"
 
 

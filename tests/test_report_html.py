@@ -152,6 +152,9 @@ def check_page_against_plan(page: Path, plan: dict, screenshot: Path) -> None:
         bars = browser.evaluate(
             "[...document.querySelectorAll('svg[data-plot=memory] rect[data-part]')]"
             ".map(r => [r.dataset.stage, r.dataset.part, Number(r.dataset.bytes)])")
+        engines = browser.evaluate(
+            "[...document.querySelectorAll('#engines tr[data-stage]')].map(r => [Number(r.dataset.stage),"
+            " r.dataset.status, r.innerText])")
         plots = browser.evaluate(
             "[...document.querySelectorAll('svg.plot')].map(s => [s.dataset.plot, s.getBoundingClientRect().width,"
             " s.getBoundingClientRect().height])")
@@ -164,6 +167,10 @@ def check_page_against_plan(page: Path, plan: dict, screenshot: Path) -> None:
     for m in plan["measured"]:
         assert m["name"] in text and str(m["value"]) in text
     assert f"{plan['predicted']['tokens_per_s']:.1f} generated tokens/s" in text
+    # Every engine the build holds, or the skip with the command that builds it.
+    assert [(s, status) for s, status, _ in engines] == [(e["stage"], e["status"]) for e in plan["engines"]]
+    for (_, _, row), e in zip(engines, plan["engines"]):
+        assert (e["path"] if e["status"] == "built" else e["command"]) in row
     # The layer strip: embedding, every layer, LM head, each on its planned stage, drawn.
     owner = {f"layer {i}": str(s["index"]) for s in plan["stages"] for i in range(s["layer_start"], s["layer_end"])}
     assert [c for c, _, _ in strip] == ["embedding", *[f"layer {i}" for i in range(plan["model"]["num_layers"])], "LM head"]
