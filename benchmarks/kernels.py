@@ -42,6 +42,17 @@ import time
 from datetime import date
 from pathlib import Path
 
+try:  # optional: the GPU parts of this script need Triton, --compile-only too
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _store_one(y_ptr):
+        """One float per program: the floor of a launch replayed from a graph."""
+        tl.store(y_ptr + tl.program_id(0), 1.0)
+except ImportError:
+    _store_one = None
+
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = [  # (model, K in, N out)
     ("SmolLM2-135M q/o", 576, 576),
@@ -84,11 +95,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--shapes", choices=("small", "all"), default="all")
     parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--explore", action="store_true",
+                        help="check and time many candidate launch shapes per shape and batch (tuning)")
     parser.add_argument("--no-sweep", action="store_true",
                         help="skip the launch-shape sweeps: the table measures the shipped heuristics")
     args = parser.parse_args()
     if args.compile_only:
         compile_only()
+        return
+    if args.explore:
+        explore(args.out, SHAPES if args.shapes == "all" else SHAPES[:3])
         return
     run(args.out, SHAPES if args.shapes == "all" else SHAPES[:3], do_sweeps=not args.no_sweep)
 
@@ -114,46 +130,9 @@ def run(out: Path, shapes, do_sweeps: bool = True) -> None:
         return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e-3  # seconds
 
     def timed(make_call, bytes_per_copy: int) -> float:
-        """Seconds per call of ``make_call(i)()`` cycling over copies of the weights (L2-cold)."""
-        copies = max(1, min(512, -(-4 * props.L2_cache_size // bytes_per_copy)))
-        calls = [make_call(i) for i in range(copies)]
-        calls[0]()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for call in calls:
-                call()
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(5):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e-3 / copies)
-        del graph, calls
-        return sorted(times)[2]
+        return _timed(make_call, bytes_per_copy, props.L2_cache_size)
 
-    def copies_of(w):
-        """A function i -> the i-th copy of ``w`` (a tensor or a packed-weights dataclass)."""
-        import dataclasses
-
-        cache = {0: w}
-
-        def clone(value):
-            if isinstance(value, torch.Tensor):
-                return value.clone()
-            if isinstance(value, tuple):
-                return tuple(clone(v) for v in value)
-            return value
-
-        def get(i):
-            if i not in cache:
-                cache[i] = w.clone() if isinstance(w, torch.Tensor) else dataclasses.replace(
-                    w, **{f.name: clone(getattr(w, f.name)) for f in dataclasses.fields(w)})
-            return cache[i]
-        return get
+    copies_of = _copies_of
 
     # The two ceilings: device-to-device copy (bytes read + written) and a large fp16 product.
     src = torch.empty(2**30, dtype=torch.float16, device=device).normal_()
@@ -332,6 +311,149 @@ def run(out: Path, shapes, do_sweeps: bool = True) -> None:
     table = markdown(meta, rows)
     (out / "kernels.md").write_text(table)
     print(table)
+
+
+def _timed(make_call, bytes_per_copy: int, l2_bytes: int) -> float:
+    """Seconds per call of ``make_call(i)()`` cycling over copies of the weights (L2-cold)."""
+    import torch
+
+    copies = max(1, min(512, -(-4 * l2_bytes // bytes_per_copy)))
+    calls = [make_call(i) for i in range(copies)]
+    calls[0]()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3 / copies)
+    del graph, calls
+    return sorted(times)[2]
+
+def _copies_of(w):
+    """A function i -> the i-th copy of ``w`` (a tensor or a packed-weights dataclass)."""
+    import dataclasses
+
+    import torch
+
+    cache = {0: w}
+
+    def clone(value):
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, tuple):
+            return tuple(clone(v) for v in value)
+        return value
+
+    def get(i):
+        if i not in cache:
+            cache[i] = w.clone() if isinstance(w, torch.Tensor) else dataclasses.replace(
+                w, **{f.name: clone(getattr(w, f.name)) for f in dataclasses.fields(w)})
+        return cache[i]
+    return get
+
+
+def explore(out: Path, shapes) -> None:
+    """Check, then time, candidate launch shapes (and kernel options) per shape and batch; prints
+    one line per (shape, M) with every candidate's time and fraction of the copy roofline."""
+    import torch
+    from triton.testing import do_bench
+
+    from llmc.passes.fpx import FORMATS, fpx_quantize
+    from llmc.passes.quantize_rtn import rtn_quantize
+    from llmc.plugins import fp6_linear as fp
+    from llmc.plugins import intn_linear as intn
+    from llmc.plugins.splitk import sm_count
+
+    _one = _store_one
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    sms = sm_count(device)
+    l2 = props.L2_cache_size
+    torch.manual_seed(0)
+    src = torch.empty(2**30, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.numel() * 2 / (do_bench(lambda: dst.copy_(src), warmup=10, rep=40, return_mode="median") * 1e-3)
+    del src, dst
+
+    ys = [torch.empty(132, device=device) for _ in range(512)]
+    floor = {g: _timed(lambda i, g=g: (lambda: _one[(g,)](ys[i])), 1 << 30, l2) for g in (1, 132, 1056)}
+    print(f"copy {copy_bw / 1e9:.0f} GB/s; empty-kernel floor (us) by grid: "
+          + " ".join(f"{g}: {t * 1e6:.2f}" for g, t in floor.items()), flush=True)
+    e3m2 = FORMATS["e3m2"]
+    T, F = True, False
+    int4_m1 = [None, (256, 4, 2, 8, T, T), (256, 16, 4, 4, F, T), (128, 16, 4, 4, F, T), (64, 64, 4, 1, T, T),
+               (32, 128, 4, 1, F, T), (32, 512, 8, 0.5, F, T), (32, 256, 8, 0.5, T, T), (64, 128, 8, 0.5, F, T),
+               (16, 256, 4, 1, F, T), (512, 8, 4, 2, T, T), (128, 32, 4, 2, T, T), (64, 32, 4, 2, F, T)]
+    fp6_m1 = [None, (256, 2, 1, 8, T), (32, 256, 8, 0.5, F), (64, 64, 4, 1, F), (64, 32, 4, 1, T), (128, 16, 4, 2, T),
+              (256, 8, 4, 2, F), (32, 128, 8, 0.5, T), (512, 4, 4, 2, F), (16, 128, 4, 1, F), (1024, 1, 4, 8, F),
+              (64, 16, 4, 2, F)]
+    fp6_rows = [None, (4, 512, 1, 2, 4, F), (4, 256, 1, 1, 8, F), (4, 1024, 1, 4, 2, F), (4, 512, 1, 2, 1, F),
+                (4, 256, 2, 2, 2, T), (4, 128, 4, 2, 2, F), (4, 128, 1, 1, 4, F)]
+    tc = [None, (64, 32, 4, 2), (128, 16, 4, 2), (32, 16, 4, 8)]
+    results = []
+    for label, k, n in shapes:
+        weight = torch.randn(n, k, device=device) * 0.02
+        group = 128 if k % 128 == 0 else 64
+        w4 = intn.pack_intn(rtn_quantize(weight, 4, group, symmetric=True))
+        w6 = fp.pack_fpx(fpx_quantize(weight, e3m2, None, scale_dtype=torch.float16))
+        w16 = weight.half()
+        del weight
+        for m in (1, 4, 16):
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            moved = lambda wb: wb + 2 * m * (k + n)  # noqa: E731
+            cands = [("fp16", None, lambda x, y, w: torch.matmul(x, w.t(), out=y), w16, w16.numel() * 2, None)]
+            ref4 = intn.intn_reference(x, w4).float()
+            ref6 = fp.fpx_reference(x, w6).float()
+            if m == 1:
+                for c in int4_m1:
+                    cfg = intn.intn_config(1, w4, sms, decode=c)
+                    cands.append(("int4", c, lambda x, y, w, cfg=cfg: intn.intn_linear(x, w, cfg, out=y), w4, w4.nbytes, ref4))
+                for c in fp6_m1:
+                    cfg = fp.fpx_config(1, w6, sms, decode=c)
+                    cands.append(("fp6", c, lambda x, y, w, cfg=cfg: fp.fpx_linear(x, w, cfg, out=y), w6, w6.nbytes, ref6))
+            else:
+                for c in tc[:1] + ([] if m == 4 else tc[1:]):
+                    cfg = intn.intn_config(m, w4, sms, tensor_cores=c)
+                    cands.append(("int4tc", c, lambda x, y, w, cfg=cfg: intn.intn_linear(x, w, cfg, out=y), w4, w4.nbytes, ref4))
+                for c in tc:
+                    cfg = fp.fpx_config(m, w6, sms, tensor_cores=c or fp.TENSOR_CORE_SHAPE_FPX)
+                    cands.append(("fp6tc", c, lambda x, y, w, cfg=cfg: fp.fpx_linear(x, w, cfg, out=y), w6, w6.nbytes, ref6))
+                for c in fp6_rows[1:]:
+                    cfg = fp.fpx_config(m, w6, sms, cuda_rows=c)
+                    cands.append(("fp6rows", c, lambda x, y, w, cfg=cfg: fp.fpx_linear(x, w, cfg, out=y), w6, w6.nbytes, ref6))
+            line = []
+            for name, c, call, w, wbytes, ref in cands:
+                y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
+                try:
+                    call(x, y, w)
+                    torch.cuda.synchronize()
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    print(f"  {label} M={m} {name} {c}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                if ref is not None:
+                    error = float((y.float() - ref).norm() / ref.norm())
+                    if not (torch.isfinite(y).all() and error < TOLERANCE):
+                        print(f"  {label} M={m} {name} {c}: WRONG {error:.2e}", flush=True)
+                        continue
+                copy = _copies_of(w)
+                seconds = _timed(lambda i, call=call, copy=copy, y=y: (lambda wi=copy(i): call(x, y, wi)), wbytes, l2)
+                results.append(dict(shape=label, K=k, N=n, M=m, name=name, cand=c, us=seconds * 1e6,
+                                    roofline=moved(wbytes) / seconds / copy_bw))
+                line.append(f"{name}{'' if c is None else list(c)}={seconds * 1e6:.1f}/{moved(wbytes) / seconds / copy_bw:.2f}")
+            print(f"{label} M={m}: " + "  ".join(line), flush=True)
+        del w4, w6, w16
+        torch.cuda.empty_cache()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "explore.json").write_text(json.dumps(dict(copy_gbs=copy_bw / 1e9, floor_us={str(g): t * 1e6 for g, t in floor.items()},
+                                                      results=results), indent=0))
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:

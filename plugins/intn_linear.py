@@ -125,7 +125,7 @@ if triton is not None:
                      N, K, stride_ym, rows_per_split, n_split,
                      WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
                      CHANNEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                     PREFETCH: tl.constexpr = False):
+                     PREFETCH: tl.constexpr = False, INLINE_ZERO: tl.constexpr = False):
         FIELDS: tl.constexpr = 32 // WIDTH
         ROWS_PER_TILE: tl.constexpr = GROUP // FIELDS
         MASK: tl.constexpr = (1 << WIDTH) - 1
@@ -155,6 +155,7 @@ if triton is not None:
             tile = rows // ROWS_PER_TILE
             k0 = _contiguous(tile * GROUP + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
             dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+            x_rows = tl.zeros([BLOCK_W], dtype=tl.float32)
             for i in tl.static_range(FIELDS):
                 # Rule 1: the masked field, read as float32, is u * 2^(o - 149); it must end
                 # below bit 23, so later fields are read from the word shifted right by 12.
@@ -165,12 +166,22 @@ if triton is not None:
                     o = WIDTH * i - 12
                     v = (high & (MASK << o)).to(tl.float32, bitcast=True)
                 xv = tl.load(x_ptr + k0 + i * ROWS_PER_TILE, mask=row_ok, other=0.0).to(tl.float32)
+                if INLINE_ZERO:
+                    x_rows += xv
                 if CHANNEL:
                     acc += v * (xv * (_X_SCALE / (1 << o)))[:, None]
                 else:
                     dot += v * (xv * (_X_SCALE / (1 << o)))[:, None]
             if not CHANNEL:
                 scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+                if INLINE_ZERO:
+                    # The zero point's share of this block, per row of words (its x values'
+                    # sum, scaled like the products): no pass over the groups after the loop.
+                    if SYMMETRIC:
+                        dot -= (x_rows * (ZERO * _PRODUCT_SCALE))[:, None]
+                    else:
+                        zero = tl.load(z_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+                        dot -= zero * (x_rows * _PRODUCT_SCALE)[:, None]
                 acc += dot * scale
         # sum over k of u * x * 2^-49 (times the scale per group): undo the 2^-49.
         total = tl.sum(acc, axis=0) * (1.0 / _PRODUCT_SCALE)
@@ -189,7 +200,7 @@ if triton is not None:
             else:
                 zero = tl.load(z_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             total = (total - zero * tl.sum(x_sum, axis=0)) * scale
-        else:
+        elif not INLINE_ZERO:
             for t in range(row_begin // ROWS_PER_TILE, tl.cdiv(row_end, ROWS_PER_TILE)):
                 x_sum = tl.sum(tl.load(x_ptr + t * GROUP + tl.arange(0, GROUP)).to(tl.float32), axis=0)
                 scale = tl.load(s_ptr + t * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -277,6 +288,7 @@ class IntNConfig:
     num_stages: int
     split: Split
     prefetch: bool = False
+    inline_zero: bool = False
 
 
 def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
@@ -290,11 +302,12 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     """
     word_rows = w.in_features // fields_per_word(_width(w.bits))
     if m == 1:
-        block_n, block_w, warps, per_sm, prefetch = decode or decode_shape(w.in_features * w.out_features, DECODE_SHAPES)
-        block_n = min(block_n, max(64, _pow2_at_least(w.out_features)))
+        block_n, block_w, warps, per_sm, prefetch, *rest = decode or decode_shape(w.in_features * w.out_features, DECODE_SHAPES)
+        inline_zero = bool(rest and rest[0])
+        block_n = min(block_n, max(16, _pow2_at_least(w.out_features)))
         blocks = -(-w.out_features // block_n)
-        split = choose_split(blocks, word_rows, gemv_split_rows(w, block_w), per_sm * sms)
-        return IntNConfig(1, block_n, block_w, warps, 1, split, prefetch)
+        split = choose_split(blocks, word_rows, gemv_split_rows(w, block_w, inline_zero), per_sm * sms)
+        return IntNConfig(1, block_n, block_w, warps, 1, split, prefetch, inline_zero)
     if m > PREFILL_ROWS:
         return None
     block_n, block_w, warps, per_sm = tensor_cores or TENSOR_CORE_SHAPE
@@ -327,10 +340,11 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def gemv_split_rows(w: IntNWeights, block_w: int) -> int:
-    """Rows of words a decode split is a multiple of: whole blocks, and whole groups (rule 1)."""
+def gemv_split_rows(w: IntNWeights, block_w: int, inline_zero: bool = False) -> int:
+    """Rows of words a decode split is a multiple of: whole blocks, and whole groups (rule 1)
+    unless the zero point is taken inside the hot loop (``inline_zero``)."""
     rows_per_tile = w.group_size // fields_per_word(_width(w.bits))
-    return block_w if w.group_size == w.in_features else max(block_w, rows_per_tile)
+    return block_w if w.group_size == w.in_features or inline_zero else max(block_w, rows_per_tile)
 
 
 def _width(bits: int) -> int:
@@ -369,7 +383,8 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
     if config.block_m == 1:
         _gemv_kernel[(grid_n, split.split)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, n, k, y.stride(0),
-            split.rows_per_split, split.split, CHANNEL=w.group_size == k, PREFETCH=config.prefetch, **common)
+            split.rows_per_split, split.split, CHANNEL=w.group_size == k, PREFETCH=config.prefetch,
+            INLINE_ZERO=config.inline_zero and w.group_size != k, **common)
     else:
         _gemm_kernel[(grid_n, grid_m, split.split)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, m, n, k, x2.stride(0), y.stride(0),

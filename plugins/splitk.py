@@ -13,6 +13,7 @@ not defined, and only the torch references run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +49,14 @@ class Split:
     rows_per_split: int
 
 
-def choose_split(output_blocks: int, word_rows: int, block_rows: int, programs_wanted: int) -> Split:
-    """Enough splits to launch about ``programs_wanted`` programs, each a whole number of blocks."""
+def choose_split(output_blocks: int, word_rows: int, block_rows: int, programs_wanted: float) -> Split:
+    """Enough splits to launch about ``programs_wanted`` programs, each a whole number of blocks.
+
+    ``programs_wanted`` may be fractional (fewer programs than SMs): at or below
+    ``output_blocks`` there is no split, and no cross-program reduction.
+    """
     steps = max(1, -(-word_rows // block_rows))  # the last block may be partial (masked)
-    split = max(1, min(steps, -(-programs_wanted // max(1, output_blocks))))
+    split = max(1, min(steps, math.ceil(programs_wanted / max(1, output_blocks))))
     steps_per_split = -(-steps // split)
     split = -(-steps // steps_per_split)  # no empty splits
     return Split(split, steps_per_split * block_rows)
