@@ -405,7 +405,8 @@ def prune_pass(pruning, joint, quantization) -> Pass:
         groups = [quantization.group_size] + [o.group_size for o in quantization.overrides if o.group_size]
         align = max([pruning.structured.align] + ([g for g in groups if g > 0] if quantization.method != "none" else []))
         return StructuredPrunePass(ratio=pruning.ratio, targets=tuple(pruning.targets), ignore=tuple(pruning.ignore),
-                                   align=align, bias_compensation=pruning.structured.bias_compensation)
+                                   align=align, bias_compensation=pruning.structured.bias_compensation,
+                                   global_threshold=pruning.structured.allocation == "global")
     cls = {"magnitude": MagnitudePrunePass, "wanda": WandaPrunePass, "sparsegpt": SparseGptPrunePass}[pruning.method]
     return cls(**vars(pruning_rules_from_config(pruning)), quantization=joint, damp=pruning.sparsegpt.damp,
                block_size=pruning.sparsegpt.block_size)

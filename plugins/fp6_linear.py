@@ -210,90 +210,6 @@ if triton is not None:
                      pid_n, pid_k, n_split)
 
     @triton.jit
-    def _rows_fma(dot, wa, wb, x_ptr, ka, kb, row_ok, m, M_ROWS, stride_xm):
-        """``dot`` plus the two decoded halves times row ``m`` of x (zero past ``M_ROWS``)."""
-        ok = row_ok & (m < M_ROWS)
-        xa = tl.load(x_ptr + m * stride_xm + ka, mask=ok, other=0.0).to(tl.float32) * _X_SCALE
-        xb = tl.load(x_ptr + m * stride_xm + kb, mask=ok, other=0.0).to(tl.float32) * _X_SCALE
-        return dot + wa * xa[:, None] + wb * xb[:, None]
-
-    @triton.jit
-    def _fp6_rows_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
-                         M_ROWS, N, K, stride_xm, stride_ym, rows_per_split, n_split,
-                         M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
-                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                         PREFETCH: tl.constexpr = False):
-        # Rule 2 for 2-4 rows of x at once: each weight is decoded once and multiplied into
-        # every row (one FFMA each), on CUDA cores. Programs of one output block and split run
-        # next to each other for the row blocks past 4 (program_id 0), which then meet in L2.
-        LOW_ROWS: tl.constexpr = TILE // 16
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        m0 = pid_m * ROWS
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        row_begin = pid_k * rows_per_split
-        row_end = tl.minimum(row_begin + rows_per_split, K // 16)
-        acc0 = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-        if PREFETCH:
-            low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, row_begin + tl.arange(0, BLOCK_W), offs_n, N, row_end, LOW_ROWS)
-        for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
-            rows = r0 + tl.arange(0, BLOCK_W)
-            row_ok = rows < row_end
-            ok = row_ok[:, None] & n_ok[None, :]
-            tile = rows // LOW_ROWS
-            j = rows % LOW_ROWS
-            if PREFETCH:
-                low, high_a, high_b = low_n, high_a_n, high_b_n
-                low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, rows + BLOCK_W, offs_n, N, row_end, LOW_ROWS)
-            else:
-                low, high_a, high_b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, LOW_ROWS)
-            k0 = _contiguous(tile * TILE + j, BLOCK_W, LOW_ROWS)
-            d0 = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-            d1 = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-            d2 = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-            d3 = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-            for i in tl.static_range(8):
-                wa = _fp6_bits(high_a, low, i, 0, M)
-                wb = _fp6_bits(high_b, low, i, 1, M)
-                ka = k0 + i * (TILE // 8)
-                kb = ka + LOW_ROWS
-                d0 = _rows_fma(d0, wa, wb, x_ptr, ka, kb, row_ok, m0, M_ROWS, stride_xm)
-                if ROWS > 1:
-                    d1 = _rows_fma(d1, wa, wb, x_ptr, ka, kb, row_ok, m0 + 1, M_ROWS, stride_xm)
-                if ROWS > 2:
-                    d2 = _rows_fma(d2, wa, wb, x_ptr, ka, kb, row_ok, m0 + 2, M_ROWS, stride_xm)
-                    d3 = _rows_fma(d3, wa, wb, x_ptr, ka, kb, row_ok, m0 + 3, M_ROWS, stride_xm)
-            if CHANNEL:
-                acc0 += d0
-                acc1 += d1
-                acc2 += d2
-                acc3 += d3
-            else:
-                scale = _scales(s_ptr, tile, offs_n, ok, N, CHANNEL)
-                acc0 += d0 * scale
-                acc1 += d1 * scale
-                acc2 += d2 * scale
-                acc3 += d3 * scale
-        # Rule 2: undo 2^(bias - 127) of the decode and 2^64 of x (and the per-channel scale).
-        factor = tl.full([BLOCK_N], 2.0 ** (127 - BIAS - 64), tl.float32)
-        if CHANNEL:
-            factor = factor * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        r = tl.arange(0, ROWS)[:, None]
-        part = tl.where(r == 0, (tl.sum(acc0, axis=0) * factor)[None, :], 0.0)
-        if ROWS > 1:
-            part += tl.where(r == 1, (tl.sum(acc1, axis=0) * factor)[None, :], 0.0)
-        if ROWS > 2:
-            part += tl.where(r == 2, (tl.sum(acc2, axis=0) * factor)[None, :], 0.0)
-            part += tl.where(r == 3, (tl.sum(acc3, axis=0) * factor)[None, :], 0.0)
-        finish_split(part, y_ptr, part_ptr, count_ptr, m0 + tl.arange(0, ROWS), offs_n, M_ROWS, N, stride_ym,
-                     pid_n * tl.num_programs(0) + pid_m, pid_k, n_split)
-
-    @triton.jit
     def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          N, K, stride_ym, rows_per_split, n_split,
                          M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
@@ -453,19 +369,17 @@ class FpxConfig:
     num_stages: int
     split: Split
     prefetch: bool = False
-    cuda_rows: int = 0  # 2 or 4: the CUDA-core kernel for that many rows per program (FP6)
 
 
 def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
-               tensor_cores: tuple | None = None, cuda_rows: tuple | None = None) -> FpxConfig | None:
+               tensor_cores: tuple | None = None) -> FpxConfig | None:
     """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md); None above
     ``PREFILL_ROWS`` rows, where dequantize-then-matmul is faster than the fused kernels.
 
     ``decode`` overrides the one-row launch: (block_n, block_w, num_warps, programs_per_sm,
     prefetch), block_w in rows of the 2-bit plane for FP6 (16 weights each), of words for FP4;
-    ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps, programs_per_sm);
-    ``cuda_rows`` the FP6 CUDA-core launch for 2-16 rows: (rows per program, block_n, block_w,
-    num_warps, programs_per_sm, prefetch), used instead of ``tensor_cores`` when given.
+    ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps, programs_per_sm).
+    ``programs_per_sm`` may be a fraction: below one program per output block, no split-K.
     """
     rows = w.in_features // (16 if w.fmt.bits == 6 else 8)
     if m == 1:
@@ -479,33 +393,22 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
         return FpxConfig(1, block_n, block_w, warps, 1, choose_split(blocks, rows, block_w, per_sm * sms), prefetch)
     if m > PREFILL_ROWS:
         return None
-    if w.fmt.bits == 6 and cuda_rows is None and tensor_cores is None:
-        cuda_rows = cuda_rows_shape(m, w.in_features * w.out_features)
-    if w.fmt.bits == 6 and cuda_rows is not None:
-        per_program, block_n, block_w, warps, per_sm, prefetch = cuda_rows
-        block_n = min(block_n, max(16, 1 << max(0, (w.out_features - 1).bit_length())))
-        blocks = -(-w.out_features // block_n) * -(-m // per_program)
-        return FpxConfig(per_program, block_n, block_w, warps, 1, choose_split(blocks, rows, block_w, per_sm * sms),
-                         prefetch, per_program)
-    block_n, block_w, warps, per_sm = tensor_cores or TENSOR_CORE_SHAPE_FPX
+    block_n, block_w, warps, per_sm = tensor_cores or decode_shape(w.in_features * w.out_features,
+                                                                   TENSOR_CORE_SHAPES_FPX)
     blocks = -(-w.out_features // block_n)
     return FpxConfig(16, block_n, block_w, warps, 3, choose_split(blocks, rows, block_w, per_sm * sms))
 
 
-# Launch shapes as in intn_linear (picked by the sweep in benchmarks/kernels.py).
-DECODE_SHAPES_FP6 = ((1 << 23, (64, 2, 1, 4, True)), (1 << 26, (256, 2, 1, 8, True)), (None, (1024, 1, 4, 8, False)))
+# Launch shapes by weight count as in intn_linear (picked by `benchmarks/kernels.py --explore`
+# on an H100, docs/benchmarks/kernels.md): per-program blocks of 16-128 outputs and 128-256 rows
+# (one step, all loads in flight at once) on the small and 4096-class shapes, with no split-K
+# at 4096x4096 (programs_per_sm 0.5: one program per output block, reduced inside the program).
+DECODE_SHAPES_FP6 = ((1 << 20, (16, 128, 4, 1, False)), (1 << 23, (64, 16, 4, 2, False)),
+                     (1 << 25, (32, 256, 8, 0.5, False)), (1 << 26, (256, 8, 4, 2, False)),
+                     (None, (1024, 1, 4, 8, False)))
 DECODE_SHAPE_FP4 = (512, 2, 2, 8, False)  # not swept: FP4 is not a speed target
-# FP6 at 2-16 rows: (rows per program, block_n, block_w, warps, programs per SM, prefetch) of the
-# CUDA-core kernel by batch (up to) and weight count, or None for the tensor-core kernel.
-CUDA_ROWS_SHAPES = ()
-
-
-def cuda_rows_shape(m: int, weights: int) -> tuple | None:
-    for rows_up_to, limit, shape in CUDA_ROWS_SHAPES:
-        if m <= rows_up_to and (limit is None or weights < limit):
-            return shape
-    return None
-TENSOR_CORE_SHAPE_FPX = (64, 16, 4, 4)
+TENSOR_CORE_SHAPES_FPX = ((1 << 23, (32, 16, 4, 8)), (None, (64, 16, 4, 4)))
+TENSOR_CORE_SHAPE_FPX = TENSOR_CORE_SHAPES_FPX[-1][1]
 DEQUANTIZE_SHAPE_FPX = (256, 4)
 
 
@@ -536,11 +439,7 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
     common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, TILE=w.tile, CHANNEL=w.group_size == k, BLOCK_N=config.block_n,
                   BLOCK_W=config.block_w, num_warps=config.num_warps, num_stages=config.num_stages)
     low = w.planes[1] if fmt.bits == 6 else w.planes[0]
-    if config.cuda_rows:
-        _fp6_rows_kernel[(grid_m, grid_n, split.split)](
-            x2, w.planes[0], low, w.scale, y, part, count, m, n, k, x2.stride(0), y.stride(0),
-            split.rows_per_split, split.split, ROWS=config.cuda_rows, PREFETCH=config.prefetch, **common)
-    elif config.block_m == 1 and fmt.bits == 6:
+    if config.block_m == 1 and fmt.bits == 6:
         _fp6_gemv_kernel[(grid_n, split.split)](
             x2, w.planes[0], low, w.scale, y, part, count, n, k, y.stride(0),
             split.rows_per_split, split.split, PREFETCH=config.prefetch, **common)
@@ -614,11 +513,12 @@ def kernel_variants() -> list:
             variants.append(KernelVariant(f"fpx-gemv-{name}-{size}", gemv, {**pointers, **sizes},
                                           {**common, "BLOCK_N": block_n, "BLOCK_W": block_w, **extra},
                                           warps, 1, aligned))
-        block_n, block_w, warps, _ = TENSOR_CORE_SHAPE_FPX
-        variants.append(KernelVariant(
-            f"fpx-gemm16-{name}", gemm, {**pointers, **gemm_sizes},
-            {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w}, warps, 3,
-            (*aligned, "stride_xm")))
+        for limit, (block_n, block_w, warps, _) in TENSOR_CORE_SHAPES_FPX:
+            size = f"<2^{limit.bit_length() - 1}" if limit else "large"
+            variants.append(KernelVariant(
+                f"fpx-gemm16-{name}-{size}", gemm, {**pointers, **gemm_sizes},
+                {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w}, warps, 3,
+                (*aligned, "stride_xm")))
         block_n, block_w = DEQUANTIZE_SHAPE_FPX
         variants.append(KernelVariant(
             f"fpx-dequantize-{name}", _fpx_dequantize_kernel,

@@ -297,8 +297,9 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     ``PREFILL_ROWS`` rows, where dequantize-then-matmul is faster than the fused kernels.
 
     ``decode`` overrides the one-row launch: (block_n, block_w, num_warps, programs_per_sm,
-    prefetch); ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps,
-    programs_per_sm).
+    prefetch[, inline_zero]); ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps,
+    programs_per_sm). ``programs_per_sm`` may be a fraction: at or below one program per output
+    block there is no split-K (no reduction across programs).
     """
     word_rows = w.in_features // fields_per_word(_width(w.bits))
     if m == 1:
@@ -310,16 +311,20 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
         return IntNConfig(1, block_n, block_w, warps, 1, split, prefetch, inline_zero)
     if m > PREFILL_ROWS:
         return None
-    block_n, block_w, warps, per_sm = tensor_cores or TENSOR_CORE_SHAPE
+    block_n, block_w, warps, per_sm = tensor_cores or decode_shape(w.in_features * w.out_features, TENSOR_CORE_SHAPES)
     blocks = -(-w.out_features // block_n)
     return IntNConfig(16, block_n, block_w, warps, 3, choose_split(blocks, word_rows, block_w, per_sm * sms))
 
 
-# (block_n, block_w, num_warps, programs per SM, prefetch) of the one-row kernel by weight count
-# (below 2^23, below 2^26, above): few rows of words per step and many outputs per warp, so that
-# each thread converts one x value per 16+ weights. Picked by the sweeps of benchmarks/kernels.py
-# on an H100 (docs/benchmarks/kernels.md); the same two values won in two runs for the largest.
-DECODE_SHAPES = ((1 << 23, (64, 8, 2, 8, True)), (1 << 26, (256, 4, 2, 8, True)), (None, (1024, 2, 4, 8, True)))
+# (block_n, block_w, num_warps, programs per SM, prefetch, inline zero point) of the one-row
+# kernel by weight count (below 2^20, 2^23, 2^25, 2^26, above). Picked by
+# `benchmarks/kernels.py --explore` on an H100 (docs/benchmarks/kernels.md): up to 2^25 weights,
+# narrow blocks of outputs with 128-512 rows of words (one step per program, every load in flight
+# at once) won, and at 4096x4096 no split-K at all (programs per SM 0.5: one program per block of
+# 32 outputs, reduced inside the program), which needs the zero point inside the hot loop.
+DECODE_SHAPES = ((1 << 20, (16, 256, 4, 1, False, True)), (1 << 23, (64, 128, 8, 0.5, False, True)),
+                 (1 << 25, (32, 512, 8, 0.5, False, True)), (1 << 26, (128, 32, 4, 2, True, True)),
+                 (None, (256, 4, 2, 8, True, True)))
 
 
 def decode_shape(weights: int, table) -> tuple:
@@ -327,8 +332,9 @@ def decode_shape(weights: int, table) -> tuple:
     return next(shape for limit, shape in table if limit is None or weights < limit)
 
 
-# (block_n, block_w, num_warps, programs per SM) of the 2-16 row tensor-core kernel.
-TENSOR_CORE_SHAPE = (128, 16, 4, 2)
+# (block_n, block_w, num_warps, programs per SM) of the 2-16 row tensor-core kernel by weight count.
+TENSOR_CORE_SHAPES = ((1 << 21, (32, 16, 4, 8)), (1 << 23, (64, 32, 4, 2)), (None, (128, 16, 4, 2)))
+TENSOR_CORE_SHAPE = TENSOR_CORE_SHAPES[-1][1]
 # Above this many rows, llmc dequantizes to float16 and calls cuBLAS: Triton's tensor-core
 # kernels with a dequantized operand run at a fifth of cuBLAS's rate there (measured).
 PREFILL_ROWS = 16
@@ -425,16 +431,19 @@ def kernel_variants() -> list:
         tag = f"int{bits}-{'sym' if symmetric else 'asym'}-{'channel' if group == -1 else f'g{group}'}"
         common = dict(WIDTH=INT_PLANE_WIDTHS[bits][0], GROUP=4096 if group == -1 else group,
                       SYMMETRIC=symmetric, ZERO=float(1 << (bits - 1)))
-        for limit, (block_n, block_w, warps, _, prefetch) in DECODE_SHAPES:
+        for limit, (block_n, block_w, warps, _, prefetch, inline_zero) in DECODE_SHAPES:
             size = f"<2^{limit.bit_length() - 1}" if limit else "large"
             variants.append(KernelVariant(
                 f"intn-gemv-{tag}-{size}", _gemv_kernel, gemv_args,
-                {**common, "CHANNEL": group == -1, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch},
+                {**common, "CHANNEL": group == -1, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch,
+                 "INLINE_ZERO": inline_zero and group != -1},
                 warps, 1, aligned))
-        block_n, block_w, warps, _ = TENSOR_CORE_SHAPE
-        variants.append(KernelVariant(
-            f"intn-gemm16-{tag}", _gemm_kernel, gemm_args,
-            {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w}, warps, 3, (*aligned, "stride_xm")))
+        for limit, (block_n, block_w, warps, _) in TENSOR_CORE_SHAPES:
+            size = f"<2^{limit.bit_length() - 1}" if limit else "large"
+            variants.append(KernelVariant(
+                f"intn-gemm16-{tag}-{size}", _gemm_kernel, gemm_args,
+                {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w}, warps, 3,
+                (*aligned, "stride_xm")))
     block_n, block_w = DEQUANTIZE_SHAPE
     variants.append(KernelVariant(
         "intn-dequantize-int4-g128", _dequantize_kernel,

@@ -217,3 +217,16 @@ def test_smollm2_pruned_by_flap_compiles_through_export(tmp_path):
     measured = {m["name"]: m["value"] for m in plan["measured"]}
     assert measured["export.greedy_tokens_match"] == 1.0
     assert measured["perplexity.compressed"] > measured["perplexity.reference"] > 1
+
+
+@pytest.mark.parametrize("allocation, global_threshold", [("global", True), ("uniform", False)])
+def test_model_yaml_chooses_the_allocation(configs, allocation, global_threshold):
+    from llmc.config import load_model_config
+    from llmc.pipeline import build_pipeline
+
+    model_yaml, _ = configs
+    model_yaml.write_text(model_yaml.read_text() + f"pruning:\n  method: structured\n  ratio: 0.2\n"
+                          f"  structured: {{allocation: {allocation}}}\n")
+    config, base = load_model_config(model_yaml)
+    prune = next(p for p in build_pipeline(config, base) if p.name == "prune-structured")
+    assert prune.global_threshold is global_threshold

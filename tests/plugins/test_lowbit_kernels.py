@@ -62,15 +62,28 @@ def test_splits_cover_every_row_in_whole_blocks(word_rows, block, blocks, wanted
 def test_launch_heuristics_by_rows_and_size():
     small = intn.pack_intn(rtn_quantize(weight(576, 576), 4, 64, True))
     config = intn.intn_config(1, small, SMS)
-    assert (config.block_m, config.block_n, config.num_warps, config.prefetch) == (1, 64, 2, True)
-    # Decode splits of group-wise weights hold whole groups (the zero-point pass works per group).
-    assert config.split.rows_per_split % (64 // 8) == 0
+    assert (config.block_m, config.block_n, config.num_warps, config.prefetch, config.inline_zero) == (1, 16, 4, False, True)
+    assert config.split.split == 1  # 72 rows of words: one step of 256 rows, no split-K
+    # Without the zero point in the hot loop, decode splits hold whole groups (the pass after
+    # the loop works per group).
+    split = intn.intn_config(1, small, SMS, decode=(64, 4, 2, 8, True, False)).split
+    assert split.rows_per_split % (64 // 8) == 0 and split.split > 1
     assert intn.intn_config(16, small, SMS).block_m == 16
     assert intn.intn_config(17, small, SMS) is None  # prefill: dequantize, then cuBLAS
     fp6 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e3m2"], None, scale_dtype=torch.float16))
-    assert fp.fpx_config(1, fp6, SMS).block_n == 64 and fp.fpx_config(100, fp6, SMS) is None
-    assert intn.decode_shape(8192 * 28672, intn.DECODE_SHAPES)[0] == 1024
-    assert intn.decode_shape(4096 * 4096, intn.DECODE_SHAPES)[0] == 256
+    assert fp.fpx_config(1, fp6, SMS).block_n == 16 and fp.fpx_config(100, fp6, SMS) is None
+    assert intn.decode_shape(8192 * 28672, intn.DECODE_SHAPES)[0] == 256
+    # 4096x4096: one program per 32 outputs over all of K (fewer programs than SMs), no split-K.
+    big = intn.IntNWeights((torch.zeros(512, 4096, dtype=torch.int32),), torch.zeros(32, 4096), torch.zeros(32, 4096),
+                           4, 128, True, 4096, 4096)
+    config = intn.intn_config(1, big, SMS)
+    assert (config.block_n, config.block_w, config.split.split) == (32, 512, 1)
+
+
+@pytest.mark.parametrize("programs", [0.5, 1, 66.0, 1056])
+def test_fractional_programs_per_sm_never_split_below_one_per_block(programs):
+    split = choose_split(128, 512, 16, programs)
+    assert (split.split == 1) == (programs <= 128)
 
 
 # --------------------------------------------------------------------------- with Triton
@@ -83,7 +96,8 @@ def test_kernels_compile_for_ampere_and_hopper_without_a_gpu(capability):
     from llmc.plugins.aot import compile_kernel, kernel_variants
 
     variants = {v.name: v for v in kernel_variants()}
-    for name in ("intn-gemv-int4-sym-g128-large", "fpx-gemv-e3m2-large", "fpx-gemm16-e3m2"):
+    for name in ("intn-gemv-int4-sym-g128-large", "fpx-gemv-e3m2-large", "fpx-gemm16-e3m2-large",
+                 "intn-gemv-int4-sym-g128-<2^25"):
         compiled = compile_kernel(variants[name], capability)
         assert compiled.cubin and compiled.spills == 0
         assert ".ftz" not in compiled.ptx  # the subnormal decodes need float32 subnormals kept
