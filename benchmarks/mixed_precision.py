@@ -135,7 +135,7 @@ def layer_salience(program, cache: Path) -> list[float]:
     return totals
 
 
-def stage_indicators(model: str, cache: Path, results: Results) -> None:
+def stage_indicators(model: str, cache: Path, results: Results, probe_bits=PROBE_BITS) -> None:
     import torch
 
     from llmc.passes.quantize_rtn import rtn_quantize
@@ -143,7 +143,7 @@ def stage_indicators(model: str, cache: Path, results: Results) -> None:
     program = sensitivity_program(model, cache, results)
     paths = gptq_bench.prepare(model, cache)
     done = results.read().get("layer_ppl", {})
-    wanted = [f"{bits}/{layer}" for bits in PROBE_BITS for layer in range(len(program.layers))]
+    wanted = [f"{bits}/{layer}" for bits in probe_bits for layer in range(len(program.layers))]
     if "float" not in results.read().get("rtn", {}) or any(k not in done for k in wanted):
         float_model = gptq_bench.load_float(paths)
         windows = gptq_bench.eval_windows(paths)
@@ -167,8 +167,8 @@ def stage_indicators(model: str, cache: Path, results: Results) -> None:
     salience = layer_salience(program, cache)
     data = results.read()
     reference = data["rtn"]["float"]["perplexity"]
-    correlations = {}
-    for bits in PROBE_BITS:
+    correlations = dict(data.get("indicators", {}).get("spearman", {}))
+    for bits in probe_bits:
         k = s.bits.index(bits)
         measured = [data["layer_ppl"][f"{bits}/{l}"]["perplexity"] - reference for l in range(len(program.layers))]
         per_layer = {"hessian-trace": [0.0] * len(measured), "llm-pq-variance": [0.0] * len(measured)}
@@ -377,7 +377,9 @@ def indicator_lines(model: str, data: dict) -> list[str]:
     if spearman_row:
         lines += ["| indicator | Spearman at 3 bits | Spearman at 4 bits |", "|---|---|---|"]
         for name in ("hessian-trace", "llm-pq-variance", "mixllm-salience(4-bit)"):
-            lines.append(f"| {name} | {spearman_row[f'{name} 3']:.3f} | {spearman_row[f'{name} 4']:.3f} |")
+            cells = [f"{spearman_row[f'{name} {b}']:.3f}" if f"{name} {b}" in spearman_row else "not measured"
+                     for b in PROBE_BITS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     if layer_ppl and reference:
         layers = sorted({int(k.split("/")[1]) for k in layer_ppl})
@@ -403,6 +405,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", default="", help="gptq stage: only these row keys (comma-separated)")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "llmc-bench")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--probe-bits", default=",".join(map(str, PROBE_BITS)),
+                        help="indicators stage: the widths of the one-layer-at-a-time probes")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     if not args.table_only:
@@ -410,7 +414,7 @@ def main(argv=None) -> int:
             results = Results(model)
             stages = args.stages.split(",")
             if "indicators" in stages:
-                stage_indicators(model, args.cache_dir, results)
+                stage_indicators(model, args.cache_dir, results, tuple(int(b) for b in args.probe_bits.split(",")))
                 write_markdown(list(gptq_bench.MODELS))
             for quantizer in ("rtn", "gptq"):
                 if quantizer in stages:
