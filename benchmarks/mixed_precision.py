@@ -261,6 +261,10 @@ def run_row(model: str, key: str, options: dict | None, quantizer: str, cache: P
 
 def stage_quantized(model: str, quantizer: str, cache: Path, results: Results, only: list[str]) -> None:
     program = sensitivity_program(model, cache, results)
+    if "float" not in results.read().get("rtn", {}):  # the reference every row is compared with
+        paths = gptq_bench.prepare(model, cache)
+        results.put("rtn", "float", {"perplexity": gptq_bench.perplexity_with(
+            gptq_bench.load_float(paths), {}, gptq_bench.eval_windows(paths)), "bits": 16.0})
     rows = mix_rows(model, program)
     if quantizer == "gptq":
         rows = {k: v for k, v in rows.items() if v is not None and not k.endswith("llm-pq-variance")}

@@ -121,11 +121,23 @@ if triton is not None:
     _PRODUCT_SCALE = tl.constexpr(2.0**-49)
 
     @triton.jit
+    def _load_words(w_ptr, rows, offs_n, row_end, n_ok, N, EVICT_FIRST: tl.constexpr):
+        # A [rows, outputs] block of words; EVICT_FIRST marks the lines as streamed (read once).
+        ptrs = w_ptr + rows[:, None] * N + offs_n[None, :]
+        ok = (rows < row_end)[:, None] & n_ok[None, :]
+        if EVICT_FIRST:
+            words = tl.load(ptrs, mask=ok, other=0, eviction_policy="evict_first")
+        else:
+            words = tl.load(ptrs, mask=ok, other=0)
+        return words
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
                      N, K, stride_ym, rows_per_split, n_split,
                      WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
                      CHANNEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                     PREFETCH: tl.constexpr = False, INLINE_ZERO: tl.constexpr = False):
+                     PREFETCH: tl.constexpr = False, INLINE_ZERO: tl.constexpr = False,
+                     EVICT_FIRST: tl.constexpr = False):
         FIELDS: tl.constexpr = 32 // WIDTH
         ROWS_PER_TILE: tl.constexpr = GROUP // FIELDS
         MASK: tl.constexpr = (1 << WIDTH) - 1
@@ -138,19 +150,24 @@ if triton is not None:
         acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
         if PREFETCH:
             rows = row_begin + tl.arange(0, BLOCK_W)
-            ahead = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
-                            mask=(rows < row_end)[:, None] & n_ok[None, :], other=0)
+            ahead = _load_words(w_ptr, rows, offs_n, row_end, n_ok, N, EVICT_FIRST)
+            if PREFETCH == 2:
+                ahead2 = _load_words(w_ptr, rows + BLOCK_W, offs_n, row_end, n_ok, N, EVICT_FIRST)
         for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
             rows = r0 + tl.arange(0, BLOCK_W)
             row_ok = rows < row_end
             ok = row_ok[:, None] & n_ok[None, :]
-            if PREFETCH:
+            if PREFETCH == 2:
+                # Two steps of words in flight while this one is decoded.
+                words = ahead.to(tl.uint32, bitcast=True)
+                ahead = ahead2
+                ahead2 = _load_words(w_ptr, rows + 2 * BLOCK_W, offs_n, row_end, n_ok, N, EVICT_FIRST)
+            elif PREFETCH:
                 # The next step's words are in flight while this step's are decoded.
                 words = ahead.to(tl.uint32, bitcast=True)
-                ahead = tl.load(w_ptr + (rows + BLOCK_W)[:, None] * N + offs_n[None, :],
-                                mask=(rows + BLOCK_W < row_end)[:, None] & n_ok[None, :], other=0)
+                ahead = _load_words(w_ptr, rows + BLOCK_W, offs_n, row_end, n_ok, N, EVICT_FIRST)
             else:
-                words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+                words = _load_words(w_ptr, rows, offs_n, row_end, n_ok, N, EVICT_FIRST).to(tl.uint32, bitcast=True)
             high = words >> 12
             tile = rows // ROWS_PER_TILE
             k0 = _contiguous(tile * GROUP + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
@@ -287,8 +304,9 @@ class IntNConfig:
     num_warps: int
     num_stages: int
     split: Split
-    prefetch: bool = False
+    prefetch: int = 0  # steps of words loaded ahead (0, 1 or 2)
     inline_zero: bool = False
+    evict_first: bool = False
 
 
 def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
@@ -305,10 +323,11 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     if m == 1:
         block_n, block_w, warps, per_sm, prefetch, *rest = decode or decode_shape(w.in_features * w.out_features, DECODE_SHAPES)
         inline_zero = bool(rest and rest[0])
+        evict_first = bool(len(rest) > 1 and rest[1])
         block_n = min(block_n, max(16, _pow2_at_least(w.out_features)))
         blocks = -(-w.out_features // block_n)
         split = choose_split(blocks, word_rows, gemv_split_rows(w, block_w, inline_zero), per_sm * sms)
-        return IntNConfig(1, block_n, block_w, warps, 1, split, prefetch, inline_zero)
+        return IntNConfig(1, block_n, block_w, warps, 1, split, int(prefetch), inline_zero, evict_first)
     if m > PREFILL_ROWS:
         return None
     block_n, block_w, warps, per_sm = tensor_cores or decode_shape(w.in_features * w.out_features, TENSOR_CORE_SHAPES)
@@ -390,7 +409,7 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
         _gemv_kernel[(grid_n, split.split)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, n, k, y.stride(0),
             split.rows_per_split, split.split, CHANNEL=w.group_size == k, PREFETCH=config.prefetch,
-            INLINE_ZERO=config.inline_zero and w.group_size != k, **common)
+            INLINE_ZERO=config.inline_zero and w.group_size != k, EVICT_FIRST=config.evict_first, **common)
     else:
         _gemm_kernel[(grid_n, grid_m, split.split)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, m, n, k, x2.stride(0), y.stride(0),
@@ -431,12 +450,12 @@ def kernel_variants() -> list:
         tag = f"int{bits}-{'sym' if symmetric else 'asym'}-{'channel' if group == -1 else f'g{group}'}"
         common = dict(WIDTH=INT_PLANE_WIDTHS[bits][0], GROUP=4096 if group == -1 else group,
                       SYMMETRIC=symmetric, ZERO=float(1 << (bits - 1)))
-        for limit, (block_n, block_w, warps, _, prefetch, inline_zero) in DECODE_SHAPES:
+        for limit, (block_n, block_w, warps, _, prefetch, inline_zero, *evict) in DECODE_SHAPES:
             size = f"<2^{limit.bit_length() - 1}" if limit else "large"
             variants.append(KernelVariant(
                 f"intn-gemv-{tag}-{size}", _gemv_kernel, gemv_args,
-                {**common, "CHANNEL": group == -1, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch,
-                 "INLINE_ZERO": inline_zero and group != -1},
+                {**common, "CHANNEL": group == -1, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": int(prefetch),
+                 "INLINE_ZERO": inline_zero and group != -1, "EVICT_FIRST": bool(evict and evict[0])},
                 warps, 1, aligned))
         for limit, (block_n, block_w, warps, _) in TENSOR_CORE_SHAPES:
             size = f"<2^{limit.bit_length() - 1}" if limit else "large"
