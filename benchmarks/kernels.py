@@ -146,6 +146,12 @@ def run(out: Path, shapes, do_sweeps: bool = True) -> None:
           f"triton {triton.__version__}; copy {copy_bw / 1e9:.0f} GB/s, fp16 matmul {matmul_flops / 1e12:.0f} TFLOP/s",
           flush=True)
 
+    # The floor of one graph node: an empty kernel (one store per program), timed like the table.
+    ys = [torch.empty(1056, device=device) for _ in range(512)]
+    floor = {g: timed(lambda i, g=g: (lambda: _store_one[(g,)](ys[i])), 1) * 1e6 for g in (1, sms, 8 * sms)}
+    del ys
+    print("empty-kernel floor (us) by grid: " + " ".join(f"{g}: {t:.2f}" for g, t in floor.items()), flush=True)
+
     e3m2, e2m1 = FORMATS["e3m2"], FORMATS["e2m1"]
 
     def make(k: int, n: int):
@@ -305,7 +311,8 @@ def run(out: Path, shapes, do_sweeps: bool = True) -> None:
     meta = dict(device=props.name, sms=sms, l2_mib=props.L2_cache_size / 2**20, torch=torch.__version__,
                 triton=triton.__version__, copy_gbs=copy_bw / 1e9, matmul_tflops=matmul_flops / 1e12,
                 launch_shapes={f"{a}/{b}": list(v) for (a, b), v in best.items() if v},
-                dequantize_blocks={k: list(v) for k, v in deq_best.items()}, seconds=time.time() - started)
+                dequantize_blocks={k: list(v) for k, v in deq_best.items()}, seconds=time.time() - started,
+                empty_kernel_us={str(g): t for g, t in floor.items()})
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(dict(meta=meta, sweep=sweep, rows=rows), indent=1))
     table = markdown(meta, rows)
@@ -391,10 +398,13 @@ def explore(out: Path, shapes) -> None:
     T, F = True, False
     int4_m1 = [None, (256, 4, 2, 8, T, T), (256, 16, 4, 4, F, T), (128, 16, 4, 4, F, T), (64, 64, 4, 1, T, T),
                (32, 128, 4, 1, F, T), (32, 512, 8, 0.5, F, T), (32, 256, 8, 0.5, T, T), (64, 128, 8, 0.5, F, T),
-               (16, 256, 4, 1, F, T), (512, 8, 4, 2, T, T), (128, 32, 4, 2, T, T), (64, 32, 4, 2, F, T)]
+               (16, 256, 4, 1, F, T), (512, 8, 4, 2, T, T), (128, 32, 4, 2, T, T), (64, 32, 4, 2, F, T),
+               # evict-first weight loads (7th field); the 2^25+ winners of the 2026-11-23 A/B runs
+               (64, 16, 2, 8, T, T, T), (64, 8, 2, 16, T, T, T), (128, 8, 2, 8, T, T, T), (64, 32, 4, 4, T, T, T),
+               (32, 512, 8, 0.5, F, T, T), (256, 4, 2, 8, T, T, T)]
     fp6_m1 = [None, (256, 2, 1, 8, T), (32, 256, 8, 0.5, F), (64, 64, 4, 1, F), (64, 32, 4, 1, T), (128, 16, 4, 2, T),
               (256, 8, 4, 2, F), (32, 128, 8, 0.5, T), (512, 4, 4, 2, F), (16, 128, 4, 1, F), (1024, 1, 4, 8, F),
-              (64, 16, 4, 2, F)]
+              (64, 16, 4, 2, F), (128, 8, 4, 4, F), (64, 8, 2, 8, F)]
     tc = [None, (64, 32, 4, 2), (128, 16, 4, 2), (32, 16, 4, 8)]
     results = []
     for label, k, n in shapes:
@@ -456,6 +466,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"Device: {meta['device']} ({meta['sms']} SMs), torch {meta['torch']}, triton {meta['triton']}; "
         f"measured copy {meta['copy_gbs']:.0f} GB/s, fp16 matmul {meta['matmul_tflops']:.0f} TFLOP/s; "
+        f"empty kernel in a graph {', '.join(f'{t:.2f} us at {g} programs' for g, t in meta.get('empty_kernel_us', {}).items())}; "
         f"date {date.today().isoformat()}.",
         "",
         (f"Launch shapes picked by the sweeps: {meta['launch_shapes']}; dequantize blocks "

@@ -351,6 +351,7 @@ def quantized_lines(model: str, data: dict) -> list[str]:
                        key=lambda u: u["perplexity"], default=None)
             best_key = next((k for k, u in uniform.items() if u is best), None)
             verdict = "-" if key.startswith("uniform") or best is None else (
+                "same" if abs(row["perplexity"] - best["perplexity"]) < 1e-9 else
                 "yes" if row["perplexity"] < best["perplexity"] else "**no**")
             timing = (f"{row['seconds']} s ({row['load'][0]} / {row['load'][1]})" if "seconds" in row
                       else "see gptq.md")

@@ -149,21 +149,13 @@ if triton is not None:
             return tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, LOW_ROWS: tl.constexpr, EVICT_FIRST: tl.constexpr = False):
-        """The 2-bit plane's rows (below ``row_end``) and their two rows of the 4-bit plane, as uint32;
-        ``EVICT_FIRST`` marks the lines as streamed (read once)."""
+    def _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, LOW_ROWS: tl.constexpr):
+        """The 2-bit plane's rows (below ``row_end``) and their two rows of the 4-bit plane, as uint32."""
         ok = (rows < row_end)[:, None] & (offs_n < N)[None, :]
         high_rows = (rows // LOW_ROWS) * (2 * LOW_ROWS) + rows % LOW_ROWS
-        if EVICT_FIRST:
-            low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy="evict_first")
-            high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0,
-                             eviction_policy="evict_first")
-            high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0,
-                             eviction_policy="evict_first")
-        else:
-            low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
-            high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
-            high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0)
+        low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
+        high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
+        high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0)
         return (low.to(tl.uint32, bitcast=True), high_a.to(tl.uint32, bitcast=True),
                 high_b.to(tl.uint32, bitcast=True))
 
@@ -171,8 +163,7 @@ if triton is not None:
     def _fp6_gemv_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          N, K, stride_ym, rows_per_split, n_split,
                          M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr = False,
-                         EVICT_FIRST: tl.constexpr = False):
+                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr = False):
         # One row of the 2-bit plane covers 16 weights: the row j of each tile half of the 4-bit
         # plane (tile rows j and j + TILE/16), 8 fields each.
         LOW_ROWS: tl.constexpr = TILE // 16
@@ -184,8 +175,7 @@ if triton is not None:
         row_end = tl.minimum(row_begin + rows_per_split, K // 16)
         acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
         if PREFETCH:
-            low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, row_begin + tl.arange(0, BLOCK_W), offs_n, N, row_end,
-                                                  LOW_ROWS, EVICT_FIRST)
+            low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, row_begin + tl.arange(0, BLOCK_W), offs_n, N, row_end, LOW_ROWS)
         for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
             rows = r0 + tl.arange(0, BLOCK_W)
             row_ok = rows < row_end
@@ -195,10 +185,9 @@ if triton is not None:
             if PREFETCH:
                 # The next step's words are in flight while this step's are decoded.
                 low, high_a, high_b = low_n, high_a_n, high_b_n
-                low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, rows + BLOCK_W, offs_n, N, row_end, LOW_ROWS,
-                                                      EVICT_FIRST)
+                low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, rows + BLOCK_W, offs_n, N, row_end, LOW_ROWS)
             else:
-                low, high_a, high_b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, LOW_ROWS, EVICT_FIRST)
+                low, high_a, high_b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, LOW_ROWS)
             k0 = _contiguous(tile * TILE + j, BLOCK_W, LOW_ROWS)
             dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
             for i in tl.static_range(8):
@@ -380,7 +369,6 @@ class FpxConfig:
     num_stages: int
     split: Split
     prefetch: bool = False
-    evict_first: bool = False  # FP6 decode: weight loads marked evict-first (streamed)
 
 
 def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
@@ -397,14 +385,12 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
     if m == 1:
         if decode is None and w.fmt.bits == 6:
             decode = decode_shape(w.in_features * w.out_features, DECODE_SHAPES_FP6)
-        block_n, block_w, warps, per_sm, prefetch, *evict = decode or DECODE_SHAPE_FP4
-        evict_first = bool(evict and evict[0])
+        block_n, block_w, warps, per_sm, prefetch = decode or DECODE_SHAPE_FP4
         if w.fmt.bits != 6:
-            prefetch = evict_first = False  # the FP4 kernel has neither option
+            prefetch = False  # the FP4 kernel has no prefetch variant
         block_n = min(block_n, max(16, 1 << max(0, (w.out_features - 1).bit_length())))
         blocks = -(-w.out_features // block_n)
-        return FpxConfig(1, block_n, block_w, warps, 1, choose_split(blocks, rows, block_w, per_sm * sms), prefetch,
-                         evict_first)
+        return FpxConfig(1, block_n, block_w, warps, 1, choose_split(blocks, rows, block_w, per_sm * sms), prefetch)
     if m > PREFILL_ROWS:
         return None
     block_n, block_w, warps, per_sm = tensor_cores or decode_shape(w.in_features * w.out_features,
@@ -416,9 +402,11 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
 # Launch shapes by weight count as in intn_linear (picked by `benchmarks/kernels.py --explore`
 # on an H100, docs/benchmarks/kernels.md): per-program blocks of 16-128 outputs and 128-256 rows
 # (one step, all loads in flight at once) on the small and 4096-class shapes, with no split-K
-# at 4096x4096 (programs_per_sm 0.5: one program per output block, reduced inside the program).
+# at 4096x4096 (programs_per_sm 0.5: one program per output block, reduced inside the program);
+# 128 outputs x 8 rows, 4 programs per SM on the 7B MLP shapes (4-9% over 256 x 8 at 2 per SM).
+# Evict-first weight loads, which help int4, were neutral here (measured) and are not used.
 DECODE_SHAPES_FP6 = ((1 << 20, (16, 128, 4, 1, False)), (1 << 23, (64, 16, 4, 2, False)),
-                     (1 << 25, (32, 256, 8, 0.5, False)), (1 << 26, (256, 8, 4, 2, False)),
+                     (1 << 25, (32, 256, 8, 0.5, False)), (1 << 26, (128, 8, 4, 4, False)),
                      (None, (1024, 1, 4, 8, False)))
 DECODE_SHAPE_FP4 = (512, 2, 2, 8, False)  # not swept: FP4 is not a speed target
 TENSOR_CORE_SHAPES_FPX = ((1 << 23, (32, 16, 4, 8)), (None, (64, 16, 4, 4)))
@@ -456,7 +444,7 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
     if config.block_m == 1 and fmt.bits == 6:
         _fp6_gemv_kernel[(grid_n, split.split)](
             x2, w.planes[0], low, w.scale, y, part, count, n, k, y.stride(0),
-            split.rows_per_split, split.split, PREFETCH=config.prefetch, EVICT_FIRST=config.evict_first, **common)
+            split.rows_per_split, split.split, PREFETCH=config.prefetch, **common)
     elif config.block_m == 1:
         _fp4_gemv_kernel[(grid_n, split.split)](
             x2, w.planes[0], w.scale, y, part, count, n, k, y.stride(0),
@@ -521,9 +509,9 @@ def kernel_variants() -> list:
             shapes = ((None, DECODE_SHAPE_FP4),)
         pointers = {**weights, **out}
         aligned = (*pointers, "N", "K", "stride_ym", "rows_per_split")
-        for limit, (block_n, block_w, warps, _, prefetch, *evict) in shapes:
+        for limit, (block_n, block_w, warps, _, prefetch) in shapes:
             size = f"<2^{limit.bit_length() - 1}" if limit else "large"
-            extra = {"PREFETCH": prefetch, "EVICT_FIRST": bool(evict and evict[0])} if fmt.bits == 6 else {}
+            extra = {"PREFETCH": prefetch} if fmt.bits == 6 else {}
             variants.append(KernelVariant(f"fpx-gemv-{name}-{size}", gemv, {**pointers, **sizes},
                                           {**common, "BLOCK_N": block_n, "BLOCK_W": block_w, **extra},
                                           warps, 1, aligned))

@@ -151,18 +151,11 @@ if triton is not None:
         if PREFETCH:
             rows = row_begin + tl.arange(0, BLOCK_W)
             ahead = _load_words(w_ptr, rows, offs_n, row_end, n_ok, N, EVICT_FIRST)
-            if PREFETCH == 2:
-                ahead2 = _load_words(w_ptr, rows + BLOCK_W, offs_n, row_end, n_ok, N, EVICT_FIRST)
         for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
             rows = r0 + tl.arange(0, BLOCK_W)
             row_ok = rows < row_end
             ok = row_ok[:, None] & n_ok[None, :]
-            if PREFETCH == 2:
-                # Two steps of words in flight while this one is decoded.
-                words = ahead.to(tl.uint32, bitcast=True)
-                ahead = ahead2
-                ahead2 = _load_words(w_ptr, rows + 2 * BLOCK_W, offs_n, row_end, n_ok, N, EVICT_FIRST)
-            elif PREFETCH:
+            if PREFETCH:
                 # The next step's words are in flight while this step's are decoded.
                 words = ahead.to(tl.uint32, bitcast=True)
                 ahead = _load_words(w_ptr, rows + BLOCK_W, offs_n, row_end, n_ok, N, EVICT_FIRST)
@@ -304,9 +297,9 @@ class IntNConfig:
     num_warps: int
     num_stages: int
     split: Split
-    prefetch: int = 0  # steps of words loaded ahead (0, 1 or 2)
+    prefetch: bool = False
     inline_zero: bool = False
-    evict_first: bool = False
+    evict_first: bool = False  # decode: weight words loaded with the evict-first L2 policy
 
 
 def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
@@ -315,7 +308,7 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     ``PREFILL_ROWS`` rows, where dequantize-then-matmul is faster than the fused kernels.
 
     ``decode`` overrides the one-row launch: (block_n, block_w, num_warps, programs_per_sm,
-    prefetch[, inline_zero]); ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps,
+    prefetch[, inline_zero[, evict_first]]); ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps,
     programs_per_sm). ``programs_per_sm`` may be a fraction: at or below one program per output
     block there is no split-K (no reduction across programs).
     """
@@ -327,7 +320,7 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
         block_n = min(block_n, max(16, _pow2_at_least(w.out_features)))
         blocks = -(-w.out_features // block_n)
         split = choose_split(blocks, word_rows, gemv_split_rows(w, block_w, inline_zero), per_sm * sms)
-        return IntNConfig(1, block_n, block_w, warps, 1, split, int(prefetch), inline_zero, evict_first)
+        return IntNConfig(1, block_n, block_w, warps, 1, split, prefetch, inline_zero, evict_first)
     if m > PREFILL_ROWS:
         return None
     block_n, block_w, warps, per_sm = tensor_cores or decode_shape(w.in_features * w.out_features, TENSOR_CORE_SHAPES)
@@ -335,15 +328,17 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     return IntNConfig(16, block_n, block_w, warps, 3, choose_split(blocks, word_rows, block_w, per_sm * sms))
 
 
-# (block_n, block_w, num_warps, programs per SM, prefetch, inline zero point) of the one-row
-# kernel by weight count (below 2^20, 2^23, 2^25, 2^26, above). Picked by
-# `benchmarks/kernels.py --explore` on an H100 (docs/benchmarks/kernels.md): up to 2^25 weights,
-# narrow blocks of outputs with 128-512 rows of words (one step per program, every load in flight
-# at once) won, and at 4096x4096 no split-K at all (programs per SM 0.5: one program per block of
-# 32 outputs, reduced inside the program), which needs the zero point inside the hot loop.
+# (block_n, block_w, num_warps, programs per SM, prefetch, inline zero point, evict-first) of the
+# one-row kernel by weight count (below 2^20, 2^23, 2^25, 2^26, above). Picked by
+# `benchmarks/kernels.py --explore` and repeated A/B runs on an H100 (docs/benchmarks/kernels.md):
+# up to 2^25 weights, narrow blocks of outputs with 128-512 rows of words (one step per program,
+# every load in flight at once) won, and at 4096x4096 no split-K at all (programs per SM 0.5: one
+# program per block of 32 outputs, reduced inside the program), which needs the zero point inside
+# the hot loop. From 2^25 up, narrow blocks (64 outputs) of 8-16 rows, 2 warps, 8-16 programs per
+# SM (many small independent streams) with evict-first weight loads won (4-13% on the 7B MLP shapes).
 DECODE_SHAPES = ((1 << 20, (16, 256, 4, 1, False, True)), (1 << 23, (64, 128, 8, 0.5, False, True)),
-                 (1 << 25, (32, 512, 8, 0.5, False, True)), (1 << 26, (128, 32, 4, 2, True, True)),
-                 (None, (256, 4, 2, 8, True, True)))
+                 (1 << 25, (32, 512, 8, 0.5, False, True, True)), (1 << 26, (64, 16, 2, 8, True, True, True)),
+                 (None, (64, 8, 2, 16, True, True, True)))
 
 
 def decode_shape(weights: int, table) -> tuple:
@@ -454,7 +449,7 @@ def kernel_variants() -> list:
             size = f"<2^{limit.bit_length() - 1}" if limit else "large"
             variants.append(KernelVariant(
                 f"intn-gemv-{tag}-{size}", _gemv_kernel, gemv_args,
-                {**common, "CHANNEL": group == -1, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": int(prefetch),
+                {**common, "CHANNEL": group == -1, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch,
                  "INLINE_ZERO": inline_zero and group != -1, "EVICT_FIRST": bool(evict and evict[0])},
                 warps, 1, aligned))
         for limit, (block_n, block_w, warps, _) in TENSOR_CORE_SHAPES:
