@@ -99,7 +99,12 @@ def main() -> None:
                         help="check and time many candidate launch shapes per shape and batch (tuning)")
     parser.add_argument("--no-sweep", action="store_true",
                         help="skip the launch-shape sweeps: the table measures the shipped heuristics")
+    parser.add_argument("--explore-tc", action="store_true",
+                        help="check and time candidate 2-16 row (tensor-core) launches, two passes")
     args = parser.parse_args()
+    if args.explore_tc:
+        explore_tc(args.out)
+        return
     if args.compile_only:
         compile_only()
         return
@@ -459,6 +464,90 @@ def explore(out: Path, shapes) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "explore.json").write_text(json.dumps(dict(copy_gbs=copy_bw / 1e9, floor_us={str(g): t * 1e6 for g, t in floor.items()},
                                                       results=results), indent=0))
+
+
+# Round 3 candidates for 2-16 rows: (block_n, block_w, warps, programs per SM[, evict-first[, swap
+# (decoded weight as the first operand)[, num_stages]]]); None = the shipped heuristic.
+TC_FP6_LARGE = [None, (64, 16, 4, 4, False, False, 2), (64, 16, 4, 4, True, False, 2), (128, 16, 4, 4, True),
+                (128, 16, 4, 4, True, False, 2), (64, 16, 4, 8, True, False, 2), (128, 32, 8, 2),
+                (128, 32, 8, 2, False, False, 2), (64, 32, 4, 4, True, False, 2)]
+TC_INT4_SMALL = [None, (32, 32, 4, 4), (32, 32, 4, 4, False, False, 2), (32, 16, 4, 8, False, False, 2),
+                 (64, 16, 4, 8), (64, 16, 4, 8, False, False, 2), (64, 32, 8, 2), (64, 32, 8, 2, False, False, 2),
+                 (32, 32, 4, 2), (32, 32, 4, 2, False, False, 2), (64, 16, 4, 8, True)]
+TC_FP6_SMALL = [None, (32, 16, 4, 8, False, False, 2), (32, 16, 4, 8, True, False, 2), (64, 16, 4, 4, False, False, 2)]
+TC_FP6_70B = [None, (64, 16, 4, 4, False, False, 2), (128, 16, 4, 4, True, False, 2), (128, 16, 4, 4, True)]
+TC_INT4_LARGE = [None, (128, 16, 4, 2, False, False, 2), (128, 16, 4, 2, True, False, 2), (128, 16, 4, 4, True, False, 2),
+                 (64, 16, 4, 4, False, False, 2), (64, 32, 8, 2, False, False, 2)]
+
+
+def explore_tc(out: Path) -> None:
+    """Check, then time (two alternating passes), candidate 2-16 row launches: FP6 on the 7B
+    shapes, int4 and FP6 on the small ones, against cuBLAS float16 in the same process."""
+    import torch
+
+    from llmc.passes.fpx import FORMATS, fpx_quantize
+    from llmc.passes.quantize_rtn import rtn_quantize
+    from llmc.plugins import fp6_linear as fp
+    from llmc.plugins import intn_linear as intn
+    from llmc.plugins.splitk import sm_count
+
+    device = torch.device("cuda")
+    sms = sm_count(device)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    torch.manual_seed(0)
+    e3m2 = FORMATS["e3m2"]
+    results = []
+    started = time.time()
+    plan = [(s, ("fp6", TC_FP6_LARGE)) for s in SHAPES if s[0] in LARGE[:3]]
+    plan += [(s, ("int4", TC_INT4_SMALL)) for s in SHAPES[:6]]
+    if os.environ.get("TC_PLAN") == "b":  # the second set: 70B FP6, int4 on the large shapes, FP6 small
+        plan = [(s, ("fp6", TC_FP6_70B)) for s in SHAPES[-1:]] + [(s, ("int4", TC_INT4_LARGE)) for s in SHAPES[6:]]
+        plan += [(s, ("fp6", TC_FP6_SMALL)) for s in SHAPES[:6]]
+    for (label, k, n), (fmt, cands) in plan:
+        weight = torch.randn(n, k, device=device) * 0.02
+        group = 128 if k % 128 == 0 else 64
+        if fmt == "int4":
+            w = intn.pack_intn(rtn_quantize(weight, 4, group, symmetric=True))
+            ref_fn, cfg_fn, lin = intn.intn_reference, intn.intn_config, intn.intn_linear
+        else:
+            w = fp.pack_fpx(fpx_quantize(weight, e3m2, None, scale_dtype=torch.float16))
+            ref_fn, cfg_fn, lin = fp.fpx_reference, fp.fpx_config, fp.fpx_linear
+        w16 = weight.half()
+        del weight
+        for m in (4, 16):
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            ref = ref_fn(x, w).float()
+            entries = [("fp16", lambda x, y, wi: torch.matmul(x, wi.t(), out=y), _copies_of(w16), w16.numel() * 2)]
+            for c in cands:
+                cfg = cfg_fn(m, w, sms, tensor_cores=c)
+                call = (lambda x, y, wi, cfg=cfg: lin(x, wi, cfg, out=y))
+                y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
+                try:
+                    call(x, y, w)
+                    torch.cuda.synchronize()
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    print(f"  {label} M={m} {fmt} {c}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                error = float((y.float() - ref).norm() / ref.norm())
+                if not (torch.isfinite(y).all() and error < TOLERANCE):
+                    print(f"  {label} M={m} {fmt} {c}: WRONG {error:.2e}", flush=True)
+                    continue
+                entries.append((f"{fmt}{'' if c is None else list(c)}", call, _copies_of(w), w.nbytes))
+            times = {name: [] for name, *_ in entries}
+            for _ in range(int(os.environ.get("TC_PASSES", "2"))):
+                for name, call, copy, nbytes in entries:
+                    y = torch.empty(m, n, device=device, dtype=torch.float16)
+                    times[name].append(_timed(lambda i, call=call, copy=copy, y=y: (lambda wi=copy(i): call(x, y, wi)),
+                                              nbytes, l2) * 1e6)
+            base = min(times["fp16"])
+            ranked = sorted(times, key=lambda t: min(times[t]))
+            print(f"{label} M={m} ({time.time() - started:.0f}s): " + "  ".join(
+                f"{t}={'/'.join(f'{v:.1f}' for v in times[t])}({base / min(times[t]):.2f}x)" for t in ranked), flush=True)
+            results.append(dict(shape=label, K=k, N=n, M=m, times=times))
+        del w, w16
+        torch.cuda.empty_cache()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "explore_tc.json").write_text(json.dumps(results, indent=1))
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:

@@ -248,8 +248,11 @@ if triton is not None:
     def _fp6_gemm_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          M_ROWS, N, K, stride_xm, stride_ym, rows_per_split, n_split,
                          M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                         EVICT_FIRST: tl.constexpr = False, SWAP: tl.constexpr = False):
         # Rows of the 2-bit plane, each with its two rows of the 4-bit plane, as in the GEMV.
+        # EVICT_FIRST: the words are streamed (read once). SWAP: accumulate (W x^T) [BLOCK_N,
+        # BLOCK_M], the decoded weight as the first operand of the product.
         LOW_ROWS: tl.constexpr = TILE // 16
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -259,7 +262,10 @@ if triton is not None:
         m_ok = offs_m < M_ROWS
         n_ok = offs_n < N
         row_begin = pid_k * rows_per_split
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
             rows = r0 + tl.arange(0, BLOCK_W)
             row_ok = rows < K // 16
@@ -267,9 +273,17 @@ if triton is not None:
             tile = rows // LOW_ROWS
             j = rows % LOW_ROWS
             high_rows = tile * (2 * LOW_ROWS) + j
-            low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            if EVICT_FIRST:
+                low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy="evict_first")
+                high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy="evict_first")
+                high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy="evict_first")
+            else:
+                low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
+                high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
+                high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0)
+            low = low.to(tl.uint32, bitcast=True)
+            high_a = high_a.to(tl.uint32, bitcast=True)
+            high_b = high_b.to(tl.uint32, bitcast=True)
             # Rule 3: V = decoded float32 * 2^(127 - bias), exact; the scale rides along.
             scale = _scales(s_ptr, tile, offs_n, ok, N, CHANNEL)
             scale = scale * (2.0 ** (127 - BIAS))
@@ -278,10 +292,16 @@ if triton is not None:
             for i in tl.static_range(8):
                 wa = (_fp6_bits(high_a, low, i, 0, M) * scale).to(x_ptr.dtype.element_ty)
                 xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * (TILE // 8))[None, :], mask=x_mask, other=0.0)
-                acc = tl.dot(xa, wa, acc)
                 wb = (_fp6_bits(high_b, low, i, 1, M) * scale).to(x_ptr.dtype.element_ty)
                 xb = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * (TILE // 8) + LOW_ROWS)[None, :], mask=x_mask, other=0.0)
-                acc = tl.dot(xb, wb, acc)
+                if SWAP:
+                    acc = tl.dot(tl.trans(wa), tl.trans(xa), acc)
+                    acc = tl.dot(tl.trans(wb), tl.trans(xb), acc)
+                else:
+                    acc = tl.dot(xa, wa, acc)
+                    acc = tl.dot(xb, wb, acc)
+        if SWAP:
+            acc = tl.trans(acc)
         n_blocks = tl.num_programs(0)
         finish_split(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, M_ROWS, N, stride_ym,
                      pid_m * n_blocks + pid_n, pid_k, n_split)
@@ -369,6 +389,8 @@ class FpxConfig:
     num_stages: int
     split: Split
     prefetch: bool = False
+    evict_first: bool = False  # 2-16 rows (FP6): weight words loaded with the evict-first L2 policy
+    swap: bool = False  # 2-16 rows (FP6): the decoded weight is the first operand of tl.dot
 
 
 def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
@@ -378,7 +400,9 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
 
     ``decode`` overrides the one-row launch: (block_n, block_w, num_warps, programs_per_sm,
     prefetch), block_w in rows of the 2-bit plane for FP6 (16 weights each), of words for FP4;
-    ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps, programs_per_sm).
+    ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps, programs_per_sm[, evict_first[,
+    swap[, num_stages]]]) (``swap``: the decoded weight as the first operand of ``tl.dot``;
+    ``num_stages`` 3 unless given).
     ``programs_per_sm`` may be a fraction: below one program per output block, no split-K.
     """
     rows = w.in_features // (16 if w.fmt.bits == 6 else 8)
@@ -393,10 +417,12 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
         return FpxConfig(1, block_n, block_w, warps, 1, choose_split(blocks, rows, block_w, per_sm * sms), prefetch)
     if m > PREFILL_ROWS:
         return None
-    block_n, block_w, warps, per_sm = tensor_cores or decode_shape(w.in_features * w.out_features,
-                                                                   TENSOR_CORE_SHAPES_FPX)
+    block_n, block_w, warps, per_sm, *rest = tensor_cores or decode_shape(
+        w.in_features * w.out_features, TENSOR_CORE_SHAPES_FPX if w.fmt.bits == 6 else TENSOR_CORE_SHAPES_FP4)
+    stages = rest[2] if len(rest) > 2 else 3
     blocks = -(-w.out_features // block_n)
-    return FpxConfig(16, block_n, block_w, warps, 3, choose_split(blocks, rows, block_w, per_sm * sms))
+    return FpxConfig(16, block_n, block_w, warps, stages, choose_split(blocks, rows, block_w, per_sm * sms),
+                     evict_first=bool(rest and rest[0]), swap=bool(len(rest) > 1 and rest[1]))
 
 
 # Launch shapes by weight count as in intn_linear (picked by `benchmarks/kernels.py --explore`
@@ -409,8 +435,17 @@ DECODE_SHAPES_FP6 = ((1 << 20, (16, 128, 4, 1, False)), (1 << 23, (64, 16, 4, 2,
                      (1 << 25, (32, 256, 8, 0.5, False)), (1 << 26, (128, 8, 4, 4, False)),
                      (None, (1024, 1, 4, 8, False)))
 DECODE_SHAPE_FP4 = (512, 2, 2, 8, False)  # not swept: FP4 is not a speed target
-TENSOR_CORE_SHAPES_FPX = ((1 << 23, (32, 16, 4, 8)), (None, (64, 16, 4, 4)))
+# (block_n, block_w, num_warps, programs per SM[, evict-first[, swap[, num_stages]]]) of the 2-16
+# row tensor-core FP6 kernel by weight count. Round 3 (three probe processes,
+# docs/benchmarks/kernels.md): num_stages 2 instead of 3 took 4096x4096 from 15.6 to 13.9 us at 4 rows
+# and 16.6 to 15.0 at 16; on the 7B MLP shapes 128 outputs x 16 rows, 4 programs per SM,
+# evict-first, 2 stages won (gate/up 32.5 -> 29.7 us at 4 rows). 8192x28672 keeps round 1's shape
+# (not re-measured at 2-16 rows this round).
+TENSOR_CORE_SHAPES_FPX = ((1 << 23, (32, 16, 4, 8)), (1 << 25, (64, 16, 4, 4, False, False, 2)),
+                          (1 << 26, (128, 16, 4, 4, True, False, 2)), (None, (64, 16, 4, 4)))
 TENSOR_CORE_SHAPE_FPX = TENSOR_CORE_SHAPES_FPX[-1][1]
+# FP4 keeps the round-1 table: the round-3 shapes were measured on FP6 only.
+TENSOR_CORE_SHAPES_FP4 = ((1 << 23, (32, 16, 4, 8)), (None, (64, 16, 4, 4)))
 DEQUANTIZE_SHAPE_FPX = (256, 4)
 
 
@@ -452,7 +487,8 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
     elif fmt.bits == 6:
         _fp6_gemm_kernel[(grid_n, grid_m, split.split)](
             x2, w.planes[0], low, w.scale, y, part, count, m, n, k, x2.stride(0), y.stride(0),
-            split.rows_per_split, split.split, BLOCK_M=config.block_m, **common)
+            split.rows_per_split, split.split, BLOCK_M=config.block_m, EVICT_FIRST=config.evict_first,
+            SWAP=config.swap, **common)
     else:
         _fp4_gemm_kernel[(grid_n, grid_m, split.split)](
             x2, w.planes[0], w.scale, y, part, count, m, n, k, x2.stride(0), y.stride(0),
@@ -507,6 +543,7 @@ def kernel_variants() -> list:
             weights = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16")
             gemv, gemm = _fp4_gemv_kernel, _fp4_gemm_kernel
             shapes = ((None, DECODE_SHAPE_FP4),)
+        tensor_core_shapes = TENSOR_CORE_SHAPES_FPX if fmt.bits == 6 else TENSOR_CORE_SHAPES_FP4
         pointers = {**weights, **out}
         aligned = (*pointers, "N", "K", "stride_ym", "rows_per_split")
         for limit, (block_n, block_w, warps, _, prefetch) in shapes:
@@ -515,12 +552,14 @@ def kernel_variants() -> list:
             variants.append(KernelVariant(f"fpx-gemv-{name}-{size}", gemv, {**pointers, **sizes},
                                           {**common, "BLOCK_N": block_n, "BLOCK_W": block_w, **extra},
                                           warps, 1, aligned))
-        for limit, (block_n, block_w, warps, _) in TENSOR_CORE_SHAPES_FPX:
+        for limit, (block_n, block_w, warps, _, *rest) in tensor_core_shapes:
             size = f"<2^{limit.bit_length() - 1}" if limit else "large"
+            extra = ({"EVICT_FIRST": bool(rest and rest[0]), "SWAP": bool(len(rest) > 1 and rest[1])}
+                     if fmt.bits == 6 else {})
             variants.append(KernelVariant(
                 f"fpx-gemm16-{name}-{size}", gemm, {**pointers, **gemm_sizes},
-                {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w}, warps, 3,
-                (*aligned, "stride_xm")))
+                {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w, **extra}, warps,
+                rest[2] if len(rest) > 2 else 3, (*aligned, "stride_xm")))
         block_n, block_w = DEQUANTIZE_SHAPE_FPX
         variants.append(KernelVariant(
             f"fpx-dequantize-{name}", _fpx_dequantize_kernel,

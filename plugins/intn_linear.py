@@ -227,7 +227,10 @@ if triton is not None:
     def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
              M, N, K, stride_xm, stride_ym, rows_per_split, n_split,
              WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+             EVICT_FIRST: tl.constexpr = False, SWAP: tl.constexpr = False):
+        # EVICT_FIRST: the words are streamed (read once). SWAP: accumulate (W x^T) [BLOCK_N,
+        # BLOCK_M], the decoded weight as the first operand of the product.
         FIELDS: tl.constexpr = 32 // WIDTH
         ROWS_PER_TILE: tl.constexpr = GROUP // FIELDS
         MASK: tl.constexpr = (1 << WIDTH) - 1
@@ -240,12 +243,15 @@ if triton is not None:
         n_ok = offs_n < N
         row_begin = pid_k * rows_per_split
         row_end = K // FIELDS
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
             rows = r0 + tl.arange(0, BLOCK_W)
             row_ok = rows < row_end
+            words = _load_words(w_ptr, rows, offs_n, row_end, n_ok, N, EVICT_FIRST)
             ok = row_ok[:, None] & n_ok[None, :]
-            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
             tile = rows // ROWS_PER_TILE
             k0 = _contiguous(tile * GROUP + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
             scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
@@ -259,7 +265,12 @@ if triton is not None:
                 w = ((bits16.to(tl.float16, bitcast=True) - offset) * scale).to(x_ptr.dtype.element_ty)
                 xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * ROWS_PER_TILE)[None, :],
                              mask=m_ok[:, None] & row_ok[None, :], other=0.0)
-                acc = tl.dot(xk, w, acc)
+                if SWAP:
+                    acc = tl.dot(tl.trans(w), tl.trans(xk), acc)
+                else:
+                    acc = tl.dot(xk, w, acc)
+        if SWAP:
+            acc = tl.trans(acc)
         n_blocks = tl.num_programs(0)
         finish_split(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, stride_ym,
                pid_m * n_blocks + pid_n, pid_k, n_split)
@@ -299,7 +310,8 @@ class IntNConfig:
     split: Split
     prefetch: bool = False
     inline_zero: bool = False
-    evict_first: bool = False  # decode: weight words loaded with the evict-first L2 policy
+    evict_first: bool = False  # weight words loaded with the evict-first L2 policy
+    swap: bool = False  # 2-16 rows: the decoded weight is the first operand of tl.dot
 
 
 def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
@@ -309,7 +321,8 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
 
     ``decode`` overrides the one-row launch: (block_n, block_w, num_warps, programs_per_sm,
     prefetch[, inline_zero[, evict_first]]); ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps,
-    programs_per_sm). ``programs_per_sm`` may be a fraction: at or below one program per output
+    programs_per_sm[, evict_first[, swap[, num_stages]]]) (``swap``: the decoded weight as the first
+    operand of ``tl.dot``; ``num_stages`` 3 unless given). ``programs_per_sm`` may be a fraction: at or below one program per output
     block there is no split-K (no reduction across programs).
     """
     word_rows = w.in_features // fields_per_word(_width(w.bits))
@@ -323,9 +336,15 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
         return IntNConfig(1, block_n, block_w, warps, 1, split, prefetch, inline_zero, evict_first)
     if m > PREFILL_ROWS:
         return None
-    block_n, block_w, warps, per_sm = tensor_cores or decode_shape(w.in_features * w.out_features, TENSOR_CORE_SHAPES)
+    if tensor_cores is None:
+        tensor_cores = decode_shape(w.in_features * w.out_features, TENSOR_CORE_SHAPES)
+        if w.bits == 4 and w.in_features * w.out_features < TENSOR_CORE_SHAPES[0][0] and word_rows >= DEEP_WORD_ROWS:
+            tensor_cores = TENSOR_CORE_SHAPE_DEEP
+    block_n, block_w, warps, per_sm, *rest = tensor_cores
+    stages = rest[2] if len(rest) > 2 else 3
     blocks = -(-w.out_features // block_n)
-    return IntNConfig(16, block_n, block_w, warps, 3, choose_split(blocks, word_rows, block_w, per_sm * sms))
+    return IntNConfig(16, block_n, block_w, warps, stages, choose_split(blocks, word_rows, block_w, per_sm * sms),
+                      evict_first=bool(rest and rest[0]), swap=bool(len(rest) > 1 and rest[1]))
 
 
 # (block_n, block_w, num_warps, programs per SM, prefetch, inline zero point, evict-first) of the
@@ -347,8 +366,15 @@ def decode_shape(weights: int, table) -> tuple:
 
 
 # (block_n, block_w, num_warps, programs per SM) of the 2-16 row tensor-core kernel by weight count.
-TENSOR_CORE_SHAPES = ((1 << 21, (32, 16, 4, 8)), (1 << 23, (64, 32, 4, 2)), (None, (128, 16, 4, 2)))
+# Optional fields as in ``intn_config``: evict-first, swap, num_stages. Round 3 (probe processes,
+# docs/benchmarks/kernels.md): from 2^21 to 2^23 weights 64 x 32 rows, 8 warps, 2 stages (Qwen2.5-0.5B
+# gate/up 7.7 -> 7.4 us at 4 rows, 8.8 -> 7.8 at 16; down 8.7 -> 8.4, 10.2 -> 8.9); below 2^21, with
+# at least DEEP_WORD_ROWS rows of words (int4 only, K >= 768), 32 x 32 rows at 4 per SM: half the
+# splits (SmolLM2 down 5.2 -> 5.0 us, Qwen2.5-0.5B q/o 5.1 -> 4.7 at 4 rows, in three processes).
+TENSOR_CORE_SHAPES = ((1 << 21, (32, 16, 4, 8)), (1 << 23, (64, 32, 8, 2, False, False, 2)), (None, (128, 16, 4, 2)))
 TENSOR_CORE_SHAPE = TENSOR_CORE_SHAPES[-1][1]
+TENSOR_CORE_SHAPE_DEEP = (32, 32, 4, 4)
+DEEP_WORD_ROWS = 96
 # Above this many rows, llmc dequantizes to float16 and calls cuBLAS: Triton's tensor-core
 # kernels with a dequantized operand run at a fifth of cuBLAS's rate there (measured).
 PREFILL_ROWS = 16
@@ -408,7 +434,8 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
     else:
         _gemm_kernel[(grid_n, grid_m, split.split)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, m, n, k, x2.stride(0), y.stride(0),
-            split.rows_per_split, split.split, BLOCK_M=config.block_m, **common)
+            split.rows_per_split, split.split, BLOCK_M=config.block_m, EVICT_FIRST=config.evict_first,
+            SWAP=config.swap, **common)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -452,12 +479,14 @@ def kernel_variants() -> list:
                 {**common, "CHANNEL": group == -1, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch,
                  "INLINE_ZERO": inline_zero and group != -1, "EVICT_FIRST": bool(evict and evict[0])},
                 warps, 1, aligned))
-        for limit, (block_n, block_w, warps, _) in TENSOR_CORE_SHAPES:
-            size = f"<2^{limit.bit_length() - 1}" if limit else "large"
+        tensor_core_shapes = [(f"<2^{limit.bit_length() - 1}" if limit else "large", shape)
+                              for limit, shape in TENSOR_CORE_SHAPES]
+        for size, (block_n, block_w, warps, _, *rest) in [*tensor_core_shapes, ("<2^21-deep", TENSOR_CORE_SHAPE_DEEP)]:
             variants.append(KernelVariant(
                 f"intn-gemm16-{tag}-{size}", _gemm_kernel, gemm_args,
-                {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w}, warps, 3,
-                (*aligned, "stride_xm")))
+                {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w,
+                 "EVICT_FIRST": bool(rest and rest[0]), "SWAP": bool(len(rest) > 1 and rest[1])}, warps,
+                rest[2] if len(rest) > 2 else 3, (*aligned, "stride_xm")))
     block_n, block_w = DEQUANTIZE_SHAPE
     variants.append(KernelVariant(
         "intn-dequantize-int4-g128", _dequantize_kernel,

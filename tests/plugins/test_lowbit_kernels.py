@@ -85,6 +85,22 @@ def test_launch_heuristics_by_rows_and_size():
     assert (config.block_n, config.block_w, config.split.split) == (32, 512, 1)
 
 
+def test_tensor_core_launch_options_round_3():
+    # 2-16 rows: the optional fields (evict-first, swap, num_stages) reach the config, and int4
+    # below 2^21 weights with many rows of words takes the deeper, less split launch.
+    fp6 = fp.pack_fpx(fpx_quantize(weight(2048, 4096), FORMATS["e3m2"], None, scale_dtype=torch.float16))
+    config = fp.fpx_config(4, fp6, SMS)
+    assert (config.block_n, config.num_stages, config.evict_first, config.swap) == (64, 2, False, False)
+    config = fp.fpx_config(4, fp6, SMS, tensor_cores=(128, 16, 4, 4, True, True, 2))
+    assert (config.block_n, config.num_stages, config.evict_first, config.swap) == (128, 2, True, True)
+    assert fp.fpx_config(16, fp6, SMS, tensor_cores=(64, 16, 4, 4)).num_stages == 3
+    shallow = intn.pack_intn(rtn_quantize(weight(576, 576), 4, 64, True))
+    deep = intn.pack_intn(rtn_quantize(weight(576, 1536), 4, 128, True))
+    assert intn.intn_config(4, shallow, SMS).block_w == 16
+    config = intn.intn_config(4, deep, SMS)
+    assert (config.block_n, config.block_w, config.num_stages) == intn.TENSOR_CORE_SHAPE_DEEP[:2] + (3,)
+
+
 @pytest.mark.parametrize("programs", [0.5, 1, 66.0, 1056])
 def test_fractional_programs_per_sm_never_split_below_one_per_block(programs):
     split = choose_split(128, 512, 16, programs)
@@ -102,7 +118,7 @@ def test_kernels_compile_for_ampere_and_hopper_without_a_gpu(capability):
 
     variants = {v.name: v for v in kernel_variants()}
     for name in ("intn-gemv-int4-sym-g128-large", "fpx-gemv-e3m2-large", "fpx-gemm16-e3m2-large",
-                 "intn-gemv-int4-sym-g128-<2^25"):
+                 "intn-gemv-int4-sym-g128-<2^25", "fpx-gemm16-e3m2-<2^26", "intn-gemm16-int4-sym-g128-<2^23"):
         compiled = compile_kernel(variants[name], capability)
         assert compiled.cubin and compiled.spills == 0
         assert ".ftz" not in compiled.ptx  # the subnormal decodes need float32 subnormals kept
@@ -156,3 +172,30 @@ def test_every_shipped_decode_launch_matches_its_reference(kind, size):
         expected = reference(x, packed).float()
         assert bool(torch.isfinite(out).all())
         assert float((out.float() - expected).norm() / expected.norm()) < 2e-3
+
+
+@gpu
+@pytest.mark.parametrize("rows", [4, 16])
+@pytest.mark.parametrize("kind", ["int4-g128", "int4-asym-g32", "fp6", "fp6-g32"])
+def test_every_shipped_tensor_core_launch_matches_its_reference(kind, rows):
+    """Each 2-16 row launch class (and the evict-first / swap options), forced onto a small weight."""
+    w = weight(320, 1024, seed=7)
+    if kind.startswith("int"):
+        packed = intn.pack_intn(rtn_quantize(w, 4, 32 if "g32" in kind else 128, "asym" not in kind)).to("cuda")
+        shapes = [s for _, s in intn.TENSOR_CORE_SHAPES] + [intn.TENSOR_CORE_SHAPE_DEEP, (32, 16, 4, 8, True, True, 2)]
+        configs = [intn.intn_config(rows, packed, SMS, tensor_cores=s) for s in shapes]
+        linear, reference = intn.intn_linear, intn.intn_reference
+    else:
+        packed = fp.pack_fpx(fpx_quantize(w, FORMATS["e3m2"], 32 if "g32" in kind else None,
+                                          scale_dtype=torch.float16)).to("cuda")
+        shapes = [s for _, s in fp.TENSOR_CORE_SHAPES_FPX] + [(64, 16, 4, 4, True, True, 2)]
+        configs = [fp.fpx_config(rows, packed, SMS, tensor_cores=s) for s in shapes]
+        linear, reference = fp.fpx_linear, fp.fpx_reference
+    for config in configs:
+        for seed in range(2):  # twice: the split-K counters must be back at zero after a launch
+            x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(seed)).half().cuda()
+            out = torch.full((rows, 320), float("nan"), dtype=torch.float16, device="cuda")
+            linear(x, packed, config, out=out)
+            expected = reference(x, packed).float()
+            assert bool(torch.isfinite(out).all()), config
+            assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, config
