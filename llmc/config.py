@@ -178,7 +178,7 @@ class MixedPrecisionTarget(_Strict):
     indicator: Literal["hessian-trace", "llm-pq-variance"] = Field(
         "hessian-trace",
         description="The per-layer sensitivity: tr(δ H δᵀ) with GPTQ's Hessian, or LLM-PQ's "
-        "sum of s² / 12 · Var[x]. docs/benchmarks/mixed_precision.md compares both with measurements.",
+        "sum of s² / 12 · Var[x]. docs/benchmarks/mixed-precision.md compares both with measurements.",
     )
     gradient_windows: int = Field(
         32, ge=1, le=100_000,
