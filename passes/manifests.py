@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llmc.errors import InputError
-from llmc.ir import Artifact, Program
+from llmc.ir import Artifact, EngineBuild, Program
 from llmc.pipeline import Pass, PassContext, PassResult
 
 TARGETS = ("launch", "kubernetes", "kuberay", "slurm", "shell")
@@ -84,18 +84,6 @@ class MemoryView:  # predicted bytes
 
 
 @dataclass(frozen=True)
-class EngineView:
-    """The stage's TensorRT engine for its SKU (the `build-engines` pass's record)."""
-
-    status: str  # "built" or "skipped"
-    path: str | None  # relative to the build; None when skipped
-    flavor: str | None  # "tensorrt_rtx 1.7.1.116"
-    plugins: tuple[str, ...]
-    reason: str  # why it was skipped
-    command: str  # builds it on a host that can ("OUT" is the build directory)
-
-
-@dataclass(frozen=True)
 class StageView:
     index: int
     device: str  # "box-a/gpu1"
@@ -116,7 +104,7 @@ class StageView:
     next: str | None = None
     previous_service: str | None = None
     next_service: str | None = None
-    engine: EngineView | None = None  # None: the build ran without the build-engines pass
+    engine: EngineBuild | None = None  # the build-engines pass's record; None: the build ran without it
 
 
 @dataclass(frozen=True)
@@ -249,9 +237,6 @@ def build_view(program: Program, cluster, graphs: dict[str, GraphView], workload
     views = []
     for k, s in enumerate(stages):
         device = devices[s.device]
-        record = engines.get((s.index, device.sku.name))
-        engine = None if record is None else EngineView(record.status, record.path, record.flavor, record.plugins,
-                                                         record.reason, record.command)
         views.append(StageView(
             index=s.index, device=s.device, node=device.node, gpu=_gpu_index(s.device), sku=device.sku.name,
             compute_capability=device.sku.compute_capability, gpu_products=gpu_products(device.sku),
@@ -264,7 +249,7 @@ def build_view(program: Program, cluster, graphs: dict[str, GraphView], workload
             next=stages[k + 1].device if k + 1 < len(stages) else None,
             previous_service=services[k - 1] if k > 0 else None,
             next_service=services[k + 1] if k + 1 < len(stages) else None,
-            engine=engine,
+            engine=engines.get((s.index, device.sku.name)),
         ))
     return LaunchView(
         llmc_version=llmc.__version__, cluster=cluster.name, model=program.model.architecture,

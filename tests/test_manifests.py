@@ -14,6 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from llmc.artifacts import verify_sums
+from llmc.ir import EngineBuild
 from llmc.catalog import load_catalog
 from llmc.cli import cli
 from llmc.passes.manifest_checks import ManifestInvalid
@@ -24,7 +25,6 @@ from llmc.passes.manifests import (
     GraphView,
     LaunchView,
     MemoryView,
-    EngineView,
     StageView,
     gpu_products,
     render_target,
@@ -53,11 +53,12 @@ def example_view() -> LaunchView:
             previous=placed[k - 1][0] if k else None, next=placed[k + 1][0] if k < 2 else None,
             previous_service=f"mixed-lab-stage-{k - 1}" if k else None,
             next_service=f"mixed-lab-stage-{k + 1}" if k < 2 else None,
-            engine=(EngineView("skipped", None, None, (), "no sm90 builder here",
-                               "llmc build-engines OUT --device H100-80G") if sku == "H100-80G" else
-                    EngineView("built", f"engines/{sku}-sm{catalog[sku].compute_capability.replace('.', '')}-trtrtx1.7/"
-                               f"stage_{k}.engine", "tensorrt_rtx 1.7", ("llmc::IntNLinear v1 x7",), "",
-                               f"llmc build-engines OUT --device {sku}")),
+            engine=(EngineBuild(k, sku, "9.0", "skipped", None, None, (), False, "no sm90 builder here",
+                                "llmc build-engines OUT --device H100-80G") if sku == "H100-80G" else
+                    EngineBuild(k, sku, catalog[sku].compute_capability, "built",
+                                f"engines/{sku}-sm{catalog[sku].compute_capability.replace('.', '')}-trtrtx1.7/"
+                                f"stage_{k}.engine", "tensorrt_rtx 1.7", ("llmc::IntNLinear v1 x7",), False, "",
+                                f"llmc build-engines OUT --device {sku}")),
         ))
     devices = tuple(DeviceView(s.device, s.node, s.gpu, s.sku, s.compute_capability, s.index) for s in stages)
     devices += (DeviceView("box-b/gpu1", "box-b", 1, "L4", "8.9", None),)
