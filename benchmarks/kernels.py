@@ -349,6 +349,26 @@ def _timed(make_call, bytes_per_copy: int, l2_bytes: int) -> float:
     del graph, calls
     return sorted(times)[2]
 
+def _checked(call, x, w, ref, shape, what: str):
+    """``call(x, y, w)`` into a NaN-poisoned ``y`` of ``shape``, compared with ``ref`` (None: not
+    compared): ``y``, or None after printing why the candidate failed or was wrong."""
+    import torch
+
+    y = torch.full(shape, float("nan"), device=x.device, dtype=torch.float16)
+    try:
+        call(x, y, w)
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"  {what}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None
+    if ref is not None:
+        error = float((y.float() - ref).norm() / ref.norm())
+        if not (torch.isfinite(y).all() and error < TOLERANCE):
+            print(f"  {what}: WRONG {error:.2e}", flush=True)
+            return None
+    return y
+
+
 def _copies_of(w):
     """A function i -> the i-th copy of ``w`` (a tensor or a packed-weights dataclass)."""
     import dataclasses
@@ -441,18 +461,9 @@ def explore(out: Path, shapes) -> None:
                     cands.append(("fp6tc", c, lambda x, y, w, cfg=cfg: fp.fpx_linear(x, w, cfg, out=y), w6, w6.nbytes, ref6))
             line = []
             for name, c, call, w, wbytes, ref in cands:
-                y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
-                try:
-                    call(x, y, w)
-                    torch.cuda.synchronize()
-                except Exception as e:  # noqa: BLE001 - report and go on
-                    print(f"  {label} M={m} {name} {c}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                y = _checked(call, x, w, ref, (m, n), f"{label} M={m} {name} {c}")
+                if y is None:
                     continue
-                if ref is not None:
-                    error = float((y.float() - ref).norm() / ref.norm())
-                    if not (torch.isfinite(y).all() and error < TOLERANCE):
-                        print(f"  {label} M={m} {name} {c}: WRONG {error:.2e}", flush=True)
-                        continue
                 copy = _copies_of(w)
                 seconds = _timed(lambda i, call=call, copy=copy, y=y: (lambda wi=copy(i): call(x, y, wi)), wbytes, l2)
                 results.append(dict(shape=label, K=k, N=n, M=m, name=name, cand=c, us=seconds * 1e6,
@@ -521,16 +532,7 @@ def explore_tc(out: Path) -> None:
             for c in cands:
                 cfg = cfg_fn(m, w, sms, tensor_cores=c)
                 call = (lambda x, y, wi, cfg=cfg: lin(x, wi, cfg, out=y))
-                y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
-                try:
-                    call(x, y, w)
-                    torch.cuda.synchronize()
-                except Exception as e:  # noqa: BLE001 - report and go on
-                    print(f"  {label} M={m} {fmt} {c}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    continue
-                error = float((y.float() - ref).norm() / ref.norm())
-                if not (torch.isfinite(y).all() and error < TOLERANCE):
-                    print(f"  {label} M={m} {fmt} {c}: WRONG {error:.2e}", flush=True)
+                if _checked(call, x, w, ref, (m, n), f"{label} M={m} {fmt} {c}") is None:
                     continue
                 entries.append((f"{fmt}{'' if c is None else list(c)}", call, _copies_of(w), w.nbytes))
             times = {name: [] for name, *_ in entries}

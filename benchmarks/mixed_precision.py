@@ -139,6 +139,7 @@ def stage_indicators(model: str, cache: Path, results: Results, probe_bits=PROBE
     import torch
 
     from llmc.passes.quantize_rtn import rtn_quantize
+    from llmc.passes.sensitivity import INDICATORS, layer_omega
 
     program = sensitivity_program(model, cache, results)
     paths = gptq_bench.prepare(model, cache)
@@ -170,14 +171,11 @@ def stage_indicators(model: str, cache: Path, results: Results, probe_bits=PROBE
     correlations = dict(data.get("indicators", {}).get("spearman", {}))
     for bits in probe_bits:
         k = s.bits.index(bits)
-        measured = [data["layer_ppl"][f"{bits}/{l}"]["perplexity"] - reference for l in range(len(program.layers))]
-        per_layer = {"hessian-trace": [0.0] * len(measured), "llm-pq-variance": [0.0] * len(measured)}
-        for entry in s.linears:
-            layer = int(entry.module.split(".")[2])
-            per_layer["hessian-trace"][layer] += entry.hessian_trace[k]
-            per_layer["llm-pq-variance"][layer] += entry.variance[k]
-        for name, values in per_layer.items():
-            correlations[f"{name} {bits}"] = spearman(values, measured)
+        layers = [layer.index for layer in program.layers]
+        measured = [data["layer_ppl"][f"{bits}/{l}"]["perplexity"] - reference for l in layers]
+        for name in INDICATORS:
+            omega = layer_omega(s.linears, layers, name, len(s.bits))
+            correlations[f"{name} {bits}"] = spearman([row[k] for row in omega], measured)
         correlations[f"mixllm-salience(4-bit) {bits}"] = spearman(salience, measured)
     results.put("indicators", "spearman", correlations)
 

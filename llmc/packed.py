@@ -66,6 +66,13 @@ class PackedLinear:
         )
 
 
+def other_rows(rows: int, chosen: torch.Tensor) -> torch.Tensor:
+    """The indices in ``range(rows)`` not in ``chosen``, ascending (int64)."""
+    keep = torch.ones(rows, dtype=torch.bool)
+    keep[chosen.long()] = False
+    return torch.nonzero(keep).flatten()
+
+
 @dataclass(frozen=True)
 class MixedRowLinear:
     """MixLLM's output-feature mix: the salient output rows at high bits, the rest at low bits,
@@ -87,9 +94,7 @@ class MixedRowLinear:
 
     def low_rows(self) -> torch.Tensor:
         """The complement of ``high_rows``, ascending (int64)."""
-        keep = torch.ones(self.out_features, dtype=torch.bool)
-        keep[self.high_rows.long()] = False
-        return torch.nonzero(keep).flatten()
+        return other_rows(self.out_features, self.high_rows)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in]: each part's rows scattered back to their positions."""

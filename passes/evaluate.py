@@ -25,6 +25,16 @@ def consecutive_windows(tokens, seq_len: int, windows: int):
     return tokens[: windows * seq_len].view(windows, seq_len)
 
 
+def next_token_nll(model, ids):
+    """Summed next-token negative log-likelihood of ``model`` over ``ids`` [batch, seq] (a tensor,
+    so a caller may differentiate it); ``batch * (seq - 1)`` tokens are predicted."""
+    import torch
+
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                             reduction="sum")
+
+
 def perplexity(model, windows, progress=iter) -> float:
     """exp(mean NLL) of ``model`` over every predicted token of ``windows`` [n, seq_len]."""
     import torch
@@ -33,11 +43,8 @@ def perplexity(model, windows, progress=iter) -> float:
     count = 0
     with torch.no_grad():
         for window in progress(windows):
-            ids = window.unsqueeze(0)
-            logits = model(ids).logits[0, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
-            total_nll += nll.item()
-            count += ids.shape[1] - 1
+            total_nll += next_token_nll(model, window.unsqueeze(0)).item()
+            count += window.numel() - 1
     return math.exp(total_nll / count)
 
 

@@ -156,15 +156,13 @@ def high_rows_by_module(ctx, precision) -> dict[str, torch.Tensor]:
 def quantize_rows(weight: torch.Tensor, high_rows: torch.Tensor, quantize_low, high_bits: int = HIGH_BITS):
     """A :class:`~llmc.packed.MixedRowLinear`: ``quantize_low`` (rows -> PackedLinear) on the other
     rows, RTN per channel, symmetric, at ``high_bits`` on ``high_rows``."""
-    from llmc.packed import MixedRowLinear
+    from llmc.packed import MixedRowLinear, other_rows
     from llmc.passes.quantize_rtn import rtn_quantize
 
     w = weight.detach().to(torch.float32)
-    keep = torch.ones(w.shape[0], dtype=torch.bool)
-    keep[high_rows.long()] = False
-    low_rows = torch.nonzero(keep).flatten()
     high = rtn_quantize(w[high_rows.long()], high_bits, None, True)
-    return MixedRowLinear(low=quantize_low(w[low_rows]), high=high, high_rows=high_rows.to(torch.int32))
+    return MixedRowLinear(low=quantize_low(w[other_rows(w.shape[0], high_rows)]), high=high,
+                          high_rows=high_rows.to(torch.int32))
 
 
 # --------------------------------------------------------------------------- the pass
@@ -187,14 +185,11 @@ def pinned_by_override(name: str, rules: QuantizationRules) -> bool:
 
 def calibration_nll(model, batches) -> float:
     """Mean next-token NLL over ``batches`` of token ids."""
-    total, count = 0.0, 0
+    from llmc.passes.evaluate import next_token_nll
+
     with torch.no_grad():
-        for ids in batches:
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            total += float(torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
-            count += ids[:, 1:].numel()
-    return total / count
+        total = sum(float(next_token_nll(model, ids)) for ids in batches)
+    return total / sum(ids[:, 1:].numel() for ids in batches)
 
 
 @dataclass(frozen=True)
@@ -295,9 +290,10 @@ class MixedPrecisionPass(Pass, QuantizationRules):
         )
 
     def _layers(self, program, ctx, linears, free, choice, bits_of, params, fixed):
+        from llmc.passes.sensitivity import layer_omega
+
         s = program.sensitivity
         indicator = self.indicator or s.indicator
-        field = "hessian_trace" if indicator == "hessian-trace" else "variance"
         by_module = {entry.module: entry for entry in s.linears}
         missing = [b for b in self.candidates if b not in s.bits]
         if missing:
@@ -307,7 +303,8 @@ class MixedPrecisionPass(Pass, QuantizationRules):
             layers.setdefault(int(n.split(".")[2]), []).append(n)
         order = sorted(layers)
         widths = sorted(self.candidates)
-        values = [[sum(getattr(by_module[n], field)[s.bits.index(b)] for n in layers[l]) for b in widths] for l in order]
+        omega = layer_omega([by_module[n] for n in free], order, indicator, len(s.bits))  # free linears only
+        values = [[row[s.bits.index(b)] for b in widths] for row in omega]
         costs = [[sum(bits_of(choice(n, b)) for n in layers[l]) for b in widths] for l in order]
         if self.average_bits is not None:
             limit = int(self.average_bits * params) - fixed
@@ -352,23 +349,21 @@ class MixedPrecisionPass(Pass, QuantizationRules):
         saved = {n: modules[n].weight.detach().clone() for n in names}
         schemes = resolve_schemes(list(saved), self)
         scales = []
-        try:
-            for k, b in enumerate(widths):
+        for k, b in enumerate(widths):
+            if b >= 16:  # float: no increase
+                scales.append(0.0)
+                continue
+            try:
                 with torch.no_grad():
                     for n in names:
-                        if b < 16:
-                            group = -1 if b == HIGH_BITS else schemes[n].group_size
-                            symmetric = True if b == HIGH_BITS else schemes[n].symmetric
-                            w = rtn_quantize(saved[n], b, group, symmetric).dequantize()
-                            modules[n].weight.copy_(w.to(saved[n].dtype))
-                increase = max(calibration_nll(model, batches) - reference, 0.0) if b < 16 else 0.0
-                total = sum(row[k] for row in values)
-                scales.append(increase / total if total > 0 else 0.0)
+                        group = -1 if b == HIGH_BITS else schemes[n].group_size
+                        symmetric = True if b == HIGH_BITS else schemes[n].symmetric
+                        modules[n].weight.copy_(rtn_quantize(saved[n], b, group, symmetric).dequantize().to(saved[n].dtype))
+                increase = max(calibration_nll(model, batches) - reference, 0.0)
+            finally:  # the model may be shared with later passes: put the float weights back
                 with torch.no_grad():
                     for n in names:
                         modules[n].weight.copy_(saved[n])
-        finally:
-            with torch.no_grad():
-                for n in names:
-                    modules[n].weight.copy_(saved[n])
+            total = sum(row[k] for row in values)
+            scales.append(increase / total if total > 0 else 0.0)
         return [[row[k] * scales[k] for k in range(len(widths))] for row in values]

@@ -444,7 +444,7 @@ class GptqQuantizePass(Pass, QuantizationRules):
         linears = {lin.name: lin for layer in program.layers for lin in layer.linears}
         # The mixed-precision policy's widths (and MixLLM's 8-bit rows) over the rules' defaults.
         schemes = apply_precision(resolve_schemes(list(linears), self), program.precision)
-        self_high_rows = high_rows_by_module(ctx, program.precision)
+        high_rows = high_rows_by_module(ctx, program.precision)
         decided = {d.module for d in program.quantization}  # e.g. quantized jointly with pruning
         mine = {n: s for n, s in schemes.items() if s is not None and s.method == "gptq" and n not in decided}
         groups = {n: effective_group(s, linears[n].in_features, n) for n, s in mine.items()}
@@ -488,7 +488,7 @@ class GptqQuantizePass(Pass, QuantizationRules):
                     for relative in step:
                         name = prefix + relative
                         done[name], records[name] = self._quantize(name, modules[name], hessian, mine[name], groups[name],
-                                                                   self_high_rows.get(name))
+                                                                   high_rows.get(name))
                 last = index + 1 == len(program.layers)
                 hidden = [] if last else [run_block(block, h, kw) for h, kw in zip(hidden, kwargs)]
                 packed.update(done)

@@ -146,6 +146,8 @@ def collect_statistics(model, blocks: list[list[str]], batches, progress=None) -
 
 def weight_gradients(model, names: list[str], batches) -> dict[str, torch.Tensor]:
     """Gradient of the mean next-token loss over ``batches`` with respect to each named weight."""
+    from llmc.passes.evaluate import next_token_nll
+
     modules = dict(model.named_modules())
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -158,10 +160,7 @@ def weight_gradients(model, names: list[str], batches) -> dict[str, torch.Tensor
     try:
         with torch.enable_grad():
             for ids in batches:
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                         ids[:, 1:].reshape(-1), reduction="sum") / tokens
-                loss.backward()
+                (next_token_nll(model, ids) / tokens).backward()
         return {n: w.grad.detach().clone() for n, w in zip(names, weights)}
     finally:
         for w in weights:
