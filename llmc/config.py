@@ -225,8 +225,8 @@ class Quantization(_Strict):
         "'none': keep float.",
     )
     bits: QuantBits = Field(
-        4, description="Default weight bit-width: 2, 3, 4 or 8 for integer methods (ONNX export "
-        "handles 4 and 8); 4, 6 or 8 for method fpx (no ONNX export yet)."
+        4, description="Default weight bit-width: 2, 3, 4 or 8 for integer methods; 4, 6 or 8 for "
+        "method fpx (FP8 has no ONNX export)."
     )
     group_size: int = Field(
         128,

@@ -12,7 +12,11 @@ activations. A quantized linear is lowered by its format (:func:`linear_lowering
    weights in the Triton kernel's bit-plane layout (int3 in a 4-bit plane). The model carries
    the op's ONNX function body, which ONNX Runtime inlines, so the file the engines are built
    from is the file the checker runs.
-3. a MixLLM output-feature mix (:class:`llmc.packed.MixedRowLinear`): its low rows and its
+3. FP6 (e3m2, e2m3) and FP4 (e2m1) weights (``method: fpx``): an ``llmc.Fp6Linear`` or
+   ``llmc.Fp4Linear`` node, the plugins of :mod:`llmc.plugins.fpx_linear_plugin` (TensorRT has
+   no 6-bit type), the codes at their own width in the kernels' bit planes, float16 scales, and
+   the ops' function bodies in the model as for rule 2. FP8 e4m3 is not exported.
+4. a MixLLM output-feature mix (:class:`llmc.packed.MixedRowLinear`): its low rows and its
    8-bit rows each lowered by rule 1 or 2 into their own MatMul, the two outputs concatenated
    along the features and put back in output order by one ``Gather`` with the inverse row order.
 
@@ -414,12 +418,15 @@ def _rms_norm(g, x, module: str, weights, eps: float) -> str:
 
 
 def linear_lowering(packed) -> str:
-    """How a quantized linear is exported (rules 1-2 of the module docstring): "dq" or "plugin"."""
+    """How a quantized linear is exported (rules 1-3 of the module docstring): "dq", "plugin" or "fpx"."""
     if getattr(packed, "fmt", None) is not None:  # llmc.passes.fpx.FpxLinear
-        raise NotImplementedError(
-            f"{packed.fmt.name} floating-point weights have no ONNX lowering yet (their TensorRT plugin, "
-            "around llmc.plugins.fp6_linear, is a later issue); quantize exported linears with rtn or gptq"
-        )
+        from llmc.plugins.fpx_linear_plugin import op_for
+
+        try:
+            op_for(packed.fmt)
+        except ValueError as e:
+            raise NotImplementedError(f"{e}; quantize exported linears with fpx bits 6 or 4, rtn or gptq") from None
+        return "fpx"
     if packed.bits not in (2, 3, 4, 8):
         raise NotImplementedError(
             f"{packed.bits}-bit weights cannot be exported to ONNX (2, 3, 4 and 8 bits are supported)"
@@ -436,6 +443,8 @@ def _linear(g, x, module: str, weights, quantized, output: str | None = None) ->
         y = _mixed_row_linear(g, x, module, packed, outputs)
     elif packed is not None and _lowering(module, packed) == "plugin":
         y = _plugin_linear(g, x, module, packed, outputs)
+    elif packed is not None and _lowering(module, packed) == "fpx":
+        y = _fpx_linear(g, x, module, packed, outputs)
     else:
         if packed is not None:
             weight_t = _dequantized_weight(g, module, packed)
@@ -449,7 +458,7 @@ def _linear(g, x, module: str, weights, quantized, output: str | None = None) ->
 
 
 def _mixed_row_linear(g, x, module: str, packed, outputs) -> str:
-    """Rule 3: both parts' products, concatenated, gathered back into output order."""
+    """Rule 4: both parts' products, concatenated, gathered back into output order."""
     import torch
 
     parts = []
@@ -498,6 +507,22 @@ def _plugin_linear(g, x, module: str, packed, outputs) -> str:
     ]
     return g.op(plugin.NAME, inputs, f"{module}/{plugin.NAME}", outputs=outputs, domain=plugin.NAMESPACE,
                 **plugin.node_attributes(packed.bits, packed.group_size))
+
+
+def _fpx_linear(g, x, module: str, packed, outputs) -> str:
+    """FP6/FP4 codes -> ``llmc.Fp6Linear`` / ``llmc.Fp4Linear`` (rule 3): the kernels' bit planes
+    and float16 scales."""
+    from llmc.plugins import fpx_linear_plugin as plugin
+
+    try:
+        weights, arrays = plugin.node_inputs(packed)
+    except ValueError as e:
+        raise ValueError(f"{module}: {e}") from None
+    op = plugin.op_for(packed.fmt)
+    names = ("high", "low", "scale") if len(arrays) == 3 else ("plane", "scale")
+    inputs = [x] + [g.initializer(f"{module}.{name}", array) for name, array in zip(names, arrays)]
+    return g.op(op.name, inputs, f"{module}/{op.name}", outputs=outputs, domain=op.namespace,
+                **plugin.node_attributes(weights))
 
 
 def _dequantized_weight(g, module: str, packed) -> str:

@@ -19,7 +19,7 @@ Three implementations of the one operator:
 1. :func:`onnx_function`: the ONNX function body (unpack the plane with integer ``Div``/``Mod``,
    subtract the zero point, scale, ``MatMul``) stored in the model. ONNX Runtime inlines it, so
    the file the engines are built from is the file ONNX Runtime checks.
-2. :func:`make_creator`: the TensorRT ``IPluginV3``; its ``enqueue`` is :func:`enqueue_buffers`,
+2. the TensorRT ``IPluginV3`` (:data:`OP`, through ``linear_plugin.make_creator``); its ``enqueue`` is :func:`enqueue_buffers`,
    which wraps TensorRT's buffers and stream for torch and runs the Triton kernel (:func:`launch`).
    The ONNX parser prefers a registered plugin over the function body.
 3. :func:`reference`: torch, for tests (the kernel's own yardstick is ``intn_reference``).
@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmc.plugins.linear_plugin import FunctionBody, LinearOp, device_tensor, function, rows_and_features
+
 NAME = "IntNLinear"
 VERSION = "1"
 NAMESPACE = "llmc"  # also the ONNX domain of the node
@@ -37,61 +39,24 @@ PLANE_WIDTH = {2: 2, 3: 4, 4: 4}  # code bits -> plane width (a kernel exists fo
 
 def onnx_function():
     """The ONNX FunctionProto ``llmc.IntNLinear``: what ONNX Runtime runs for the plugin node."""
-    from onnx import AttributeProto, TensorProto, helper
+    from onnx import TensorProto
 
-    from llmc.passes.export import OPSET
-
-    nodes = []
-
-    def op(op_type, inputs, output, **attrs):
-        nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attrs))
-        return output
-
-    def from_attribute(name):
-        node = helper.make_node("Constant", [], [name], name=name)
-        node.attribute.append(helper.make_attribute_ref("value_int", AttributeProto.INT, ref_attr_name=name))
-        nodes.append(node)
-        return name
-
-    def const(name, values):
-        return op("Constant", [], name, value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
-
-    width, group = from_attribute("width"), from_attribute("group_size")
-    two = const("two", [2])
-    # Field i of a word sits at bits [width * i, width * (i + 1)): code = word // 2^(width i) mod 2^width,
-    # on the word as an unsigned 32-bit value in int64.
-    words = op("BitwiseAnd", [op("Cast", ["planes"], "words_i64", to=TensorProto.INT64),
-                              const("low32", [0xFFFFFFFF])], "words_u32")
-    shifts = op("Range", [op("Constant", [], "zero_i64", value_int=0), op("Constant", [], "word_bits", value_int=32), width],
-                "shifts")
-    divisors = op("Reshape", [op("Pow", [two, shifts], "powers"), const("field_axis", [1, -1, 1, 1])], "divisors")
-    # Rows of words run [tile, rows per tile]; field i of row j of a tile is input i * rows_per_tile + j.
-    rows_per_tile = op("Div", [op("Mul", [group, width], "tile_bits"), op("Constant", [], "thirty_two", value_int=32)],
-                       "rows_per_tile")
-    out_features = op("Shape", ["planes"], "out_features", start=1, end=2)
-    by_tile = op("Concat", [const("minus_one", [-1]), const("one", [1]),
-                            op("Unsqueeze", [rows_per_tile, const("axis0", [0])], "rows_per_tile_1d"), out_features],
-                 "by_tile_shape", axis=0)
-    fields = op("Mod", [op("Div", [op("Reshape", [words, by_tile], "words_by_tile"), divisors], "shifted"),
-                        op("Pow", [two, width], "field_range")], "fields")
-    grouped_shape = op("Concat", [const("minus_one_g", [-1]), op("Unsqueeze", [group, const("axis0_g", [0])], "group_1d"),
-                                  out_features], "grouped_shape", axis=0)
-    codes = op("Cast", [op("Reshape", [fields, grouped_shape], "codes_grouped")], "codes", to=TensorProto.FLOAT)
-    zero = op("Unsqueeze", [op("Cast", ["zero"], "zero_f32", to=TensorProto.FLOAT), const("axis1", [1])], "zero_g")
-    scale = op("Unsqueeze", ["scale", const("axis1_s", [1])], "scale_g")
-    weight = op("Reshape", [op("Mul", [op("Sub", [codes, zero], "centered"), scale], "weight_grouped"),
-                            op("Concat", [const("minus_one_w", [-1]), out_features], "weight_shape", axis=0)], "weight")
-    nodes.append(helper.make_node("MatMul", ["x", weight], ["y"], name="matmul"))
-    return helper.make_function(
-        NAMESPACE,
-        NAME,
-        inputs=["x", "planes", "scale", "zero"],
-        outputs=["y"],
-        nodes=nodes,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        attributes=["bits", "width", "group_size", "plugin_version", "plugin_namespace"],
-        doc_string="y = x @ (scale * (code - zero)); codes unpacked from one bit plane, groups along the input",
-    )
+    body = FunctionBody()
+    width, group = body.attribute("width"), body.attribute("group_size")
+    codes, out_features = body.contiguous_fields("planes", width, group, "plane")
+    grouped_shape = body.op("Concat", [body.int64s("minus_one", [-1]),
+                                       body.op("Unsqueeze", [group, body.int64s("axis0", [0])], "group_1d"),
+                                       out_features], "grouped_shape", axis=0)
+    codes = body.op("Cast", [body.op("Reshape", [codes, grouped_shape], "codes_grouped")], "codes", to=TensorProto.FLOAT)
+    zero = body.op("Unsqueeze", [body.op("Cast", ["zero"], "zero_f32", to=TensorProto.FLOAT),
+                                 body.int64s("axis1", [1])], "zero_g")
+    scale = body.op("Unsqueeze", ["scale", body.int64s("axis1_s", [1])], "scale_g")
+    weight = body.op("Reshape", [body.op("Mul", [body.op("Sub", [codes, zero], "centered"), scale], "weight_grouped"),
+                                 body.op("Concat", [body.int64s("minus_one_w", [-1]), out_features], "weight_shape",
+                                         axis=0)], "weight")
+    body.op("MatMul", ["x", weight], "y")
+    return function(body, OP, ["x", "planes", "scale", "zero"],
+                    "y = x @ (scale * (code - zero)); codes unpacked from one bit plane, groups along the input")
 
 
 def node_attributes(bits: int, group_size: int) -> dict:
@@ -151,123 +116,37 @@ def launch(x, planes, scale, zero, width: int, group_size: int, out) -> None:
     out.copy_(intn_linear(x.to(torch.float16), weights))
 
 
-class _CudaArray:
-    """A device pointer as ``__cuda_array_interface__``, so torch can wrap TensorRT's buffers."""
-
-    def __init__(self, pointer: int, shape: tuple, typestr: str):
-        self.__cuda_array_interface__ = {
-            "shape": tuple(int(d) for d in shape), "typestr": typestr, "data": (int(pointer), False),
-            "version": 3, "strides": None,
-        }
-
-
-def enqueue_buffers(input_dims, inputs, outputs, stream: int, width: int, group_size: int) -> None:
+def enqueue_buffers(input_dims, inputs, outputs, stream: int, fields: dict) -> None:
     """The body of the plugin's ``enqueue``: TensorRT's raw device pointers and stream -> :func:`launch`.
 
     ``input_dims``: the dims of x [..., K], planes [K / F, N] and scale [K / g, N], as TensorRT
-    passes them; ``inputs``/``outputs``: device pointers; ``stream``: a ``cudaStream_t`` handle.
+    passes them; ``inputs``/``outputs``: device pointers; ``stream``: a ``cudaStream_t`` handle;
+    ``fields``: the node's fields (``width``, ``group_size``) as tuples.
     """
     import torch
 
-    x_dims, plane_dims, group_dims = (tuple(int(d) for d in dims) for dims in input_dims[:3])
-    rows, in_features, out_features = int(np.prod(x_dims[:-1])), x_dims[-1], plane_dims[1]
-
-    def wrap(pointer, shape, typestr):
-        return torch.as_tensor(_CudaArray(pointer, shape, typestr), device="cuda")
-
+    rows, in_features = rows_and_features(input_dims[0])
+    plane_dims, group_dims = (tuple(int(d) for d in dims) for dims in input_dims[1:3])
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
         launch(
-            wrap(inputs[0], (rows, in_features), "<f4"),
-            wrap(inputs[1], plane_dims, "<i4"),
-            wrap(inputs[2], group_dims, "<f4"),
-            wrap(inputs[3], group_dims, "<f2"),
-            width, group_size,
-            wrap(outputs[0], (rows, out_features), "<f4"),
+            device_tensor(inputs[0], (rows, in_features), "<f4"),
+            device_tensor(inputs[1], plane_dims, "<i4"),
+            device_tensor(inputs[2], group_dims, "<f4"),
+            device_tensor(inputs[3], group_dims, "<f2"),
+            fields["width"][0], fields["group_size"][0],
+            device_tensor(outputs[0], (rows, plane_dims[1]), "<f4"),
         )
 
 
 # --------------------------------------------------------------------------- the TensorRT plugin
 
 
-def make_creator(trt):
-    """An ``IPluginCreatorV3One`` for ``llmc::IntNLinear`` bound to ``trt`` (tensorrt or tensorrt_rtx)."""
+def check_fields(fields: dict) -> None:
+    bits, width, group_size = (fields[k][0] if fields[k] else 0 for k in ("bits", "width", "group_size"))
+    if PLANE_WIDTH.get(bits) != width or group_size <= 0:
+        raise ValueError(f"bits {bits}, width {width}, group_size {group_size} "
+                         f"(want bits -> width {PLANE_WIDTH}, group_size > 0)")
 
-    types = {0: trt.DataType.FLOAT, 1: trt.DataType.INT32, 2: trt.DataType.FLOAT, 3: trt.DataType.HALF,
-             4: trt.DataType.FLOAT}
-    fields = ("bits", "width", "group_size")
 
-    class IntNLinearPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
-        def __init__(self, bits: int, width: int, group_size: int):
-            trt.IPluginV3.__init__(self)
-            trt.IPluginV3OneCore.__init__(self)
-            trt.IPluginV3OneBuild.__init__(self)
-            trt.IPluginV3OneRuntime.__init__(self)
-            self.plugin_name, self.plugin_version, self.plugin_namespace = NAME, VERSION, NAMESPACE
-            self.num_outputs = 1
-            self.bits, self.width, self.group_size = bits, width, group_size
-
-        def get_capability_interface(self, capability):
-            return self
-
-        def clone(self):
-            return IntNLinearPlugin(self.bits, self.width, self.group_size)
-
-        def get_fields_to_serialize(self):
-            return trt.PluginFieldCollection([
-                trt.PluginField(name, np.array([getattr(self, name)], np.int32), trt.PluginFieldType.INT32)
-                for name in fields
-            ])
-
-        # build phase
-        def get_output_data_types(self, input_types):
-            return [trt.DataType.FLOAT]
-
-        def get_output_shapes(self, inputs, shape_inputs, expr_builder):
-            out = trt.DimsExprs(inputs[0])
-            out[len(out) - 1] = inputs[1][1]
-            return [out]
-
-        def supports_format_combination(self, pos, in_out, num_inputs):
-            desc = in_out[pos].desc
-            return desc.format == trt.TensorFormat.LINEAR and desc.type == types[pos]
-
-        def configure_plugin(self, inputs, outputs):
-            pass
-
-        def get_workspace_size(self, inputs, outputs):
-            return 0
-
-        def get_valid_tactics(self):
-            return []
-
-        # runtime phase
-        def on_shape_change(self, inputs, outputs):
-            pass
-
-        def set_tactic(self, tactic):
-            pass
-
-        def attach_to_context(self, context):
-            return self.clone()
-
-        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
-            enqueue_buffers([d.dims for d in input_desc], inputs, outputs, stream, self.width, self.group_size)
-            return 0
-
-    class IntNLinearCreator(trt.IPluginCreatorV3One):
-        def __init__(self):
-            trt.IPluginCreatorV3One.__init__(self)
-            self.name, self.plugin_version, self.plugin_namespace = NAME, VERSION, NAMESPACE
-            self.field_names = trt.PluginFieldCollection(
-                [trt.PluginField(name, np.array([], np.int32), trt.PluginFieldType.INT32) for name in fields]
-            )
-
-        def create_plugin(self, name, field_collection, phase):
-            values = {f.name: int(np.asarray(f.data).reshape(-1)[0]) for f in field_collection}
-            bits, width, group_size = (values.get(k, 0) for k in fields)
-            if PLANE_WIDTH.get(bits) != width or group_size <= 0:
-                raise ValueError(f"{NAME} node {name}: bits {bits}, width {width}, group_size {group_size} "
-                                 f"(want bits -> width {PLANE_WIDTH}, group_size > 0)")
-            return IntNLinearPlugin(bits, width, group_size)
-
-    return IntNLinearCreator()
+OP = LinearOp(NAME, VERSION, NAMESPACE, ("float32", "int32", "float32", "float16"), ("bits", "width", "group_size"),
+              check_fields, enqueue_buffers, onnx_function)

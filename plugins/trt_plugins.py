@@ -9,17 +9,18 @@ engine first calls :func:`register_plugins` with its TensorRT module::
     register_plugins(trt)
     engine = trt.Runtime(logger).deserialize_cuda_engine(data)
 
-Each plugin module in :data:`PLUGINS` defines ``NAME``, ``VERSION``, ``NAMESPACE``,
-``make_creator(trt)``, ``onnx_function()`` (the ONNX Runtime equivalent) and ``reference``.
+Each operator in :data:`PLUGINS` is a :class:`~llmc.plugins.linear_plugin.LinearOp`: its
+identity, its TensorRT plugin and its ONNX Runtime equivalent (an ONNX function).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmc.plugins import intn_linear_plugin
+from llmc.plugins import fpx_linear_plugin, intn_linear_plugin
+from llmc.plugins.linear_plugin import make_creator
 
-PLUGINS = (intn_linear_plugin,)
+PLUGINS = (intn_linear_plugin.OP, fpx_linear_plugin.FP6, fpx_linear_plugin.FP4)
 
 # TensorRT's registry keeps a raw pointer to each creator; the Python objects must outlive it.
 _CREATORS: dict[tuple[str, str, str, str], object] = {}
@@ -34,24 +35,24 @@ class PluginInfo:
 
 def plugin_infos() -> dict[tuple[str, str], PluginInfo]:
     """Plugins by their ONNX (domain, op_type)."""
-    return {(m.NAMESPACE, m.NAME): PluginInfo(m.NAME, m.VERSION, m.NAMESPACE) for m in PLUGINS}
+    return {(op.namespace, op.name): PluginInfo(op.name, op.version, op.namespace) for op in PLUGINS}
 
 
 def onnx_functions(used: set[tuple[str, str]]) -> list:
     """The FunctionProtos of the plugins an ONNX graph uses, by (domain, op_type), in a stable order."""
-    return [m.onnx_function() for m in PLUGINS if (m.NAMESPACE, m.NAME) in used]
+    return [op.onnx_function() for op in PLUGINS if (op.namespace, op.name) in used]
 
 
 def register_plugins(trt) -> list[PluginInfo]:
     """Register every llmc plugin creator with ``trt``'s plugin registry (idempotent)."""
     registry = trt.get_plugin_registry()
     registered = []
-    for module in PLUGINS:
-        key = (trt.__name__, module.NAME, module.VERSION, module.NAMESPACE)
+    for op in PLUGINS:
+        key = (trt.__name__, op.name, op.version, op.namespace)
         if key not in _CREATORS:
-            creator = module.make_creator(trt)
-            if not registry.register_creator(creator, module.NAMESPACE):
-                raise RuntimeError(f"{trt.__name__} refused to register plugin {module.NAMESPACE}::{module.NAME}")
+            creator = make_creator(trt, op)
+            if not registry.register_creator(creator, op.namespace):
+                raise RuntimeError(f"{trt.__name__} refused to register plugin {op.namespace}::{op.name}")
             _CREATORS[key] = creator
-        registered.append(PluginInfo(module.NAME, module.VERSION, module.NAMESPACE))
+        registered.append(PluginInfo(op.name, op.version, op.namespace))
     return registered

@@ -24,7 +24,7 @@ from llmc.pipeline import PassContext
 from llmc.testing import tiny_llama
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_export import quantize_all_linears  # noqa: E402
+from test_export import fpx_all_linears, quantize_all_linears  # noqa: E402
 
 trt = pytest.importorskip("tensorrt_rtx", reason="the tensorrt extra (tensorrt-rtx-cu13) builds the engines")
 
@@ -121,6 +121,22 @@ def test_engines_for_sm80_and_sm86_hold_the_plugin_and_the_packed_weights(tmp_pa
         # int4 codes stay packed inside the engine: half a byte per weight, in int32 words.
         weights = sum(quantized[n.name.rsplit("/", 1)[0]].q.numel() for n in nodes)
         assert abs(meta["network"]["constant_bytes"]["INT32"] - weights / 2) < 64
+
+
+@pytest.mark.parametrize(("name", "op"), [("e3m2", "Fp6Linear"), ("e2m1", "Fp4Linear")])
+def test_fpx_engines_hold_their_plugin_and_the_codes_at_their_own_width(tmp_path, name, op):
+    model = tiny_llama(num_hidden_layers=LAYERS)
+    quantized = fpx_all_linears(model, name, 32)
+    program, ctx = compiled_program(tmp_path, model, quantized, [("A100-40G", "8.0")])
+    (record,) = run_pass(program, ctx).engines
+    assert record.status == "built" and record.plugins == (f"llmc::{op} v1 x{len(quantized)}",)
+    meta = metadata(ctx, record)
+    assert meta["network"]["plugin_layers"] == len(quantized)
+    # FP6: 6 bits per weight in int32 words; FP4: 4. The float16 scales stay float16.
+    weights = sum(q.codes.numel() for q in quantized.values())
+    bits = 6 if name == "e3m2" else 4
+    assert abs(meta["network"]["constant_bytes"]["INT32"] - weights * bits / 8) < 64
+    assert meta["network"]["constant_bytes"]["HALF"] >= weights / 32 * 2
 
 
 def test_h100_is_a_recorded_skip_with_the_command_that_builds_it(tmp_path, asymmetric):

@@ -80,6 +80,15 @@ def quantize_all_linears(model, bits=4, group_size=32, symmetric=True) -> dict[s
     }
 
 
+def fpx_all_linears(model, name: str, group_size=None) -> dict:
+    from llmc.passes.fpx import FORMATS, fpx_quantize
+
+    return {
+        n: fpx_quantize(m.weight.detach(), FORMATS[name], group_size, scale_dtype=torch.float16)
+        for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")
+    }
+
+
 def with_dequantized_weights(maker, quantized):
     reference = maker()
     modules = dict(reference.named_modules())
@@ -189,6 +198,40 @@ def test_asymmetric_weights_export_as_intn_plugin_nodes_carrying_their_function(
     for name, tensor in planes.items():
         out_features, in_features = quantized[name.removesuffix(".planes")].q.shape
         assert tensor.data_type == onnx.TensorProto.INT32 and list(tensor.dims) == [in_features // 8, out_features]
+
+
+def test_fp6_weights_export_as_plugin_nodes_at_six_bits_per_weight():
+    model = tiny_llama()
+    quantized = fpx_all_linears(model, "e3m2")
+    stage = build_stages(model, [(0, 4)], quantized)[0]
+    onnx.checker.check_model(stage, full_check=True)
+    nodes = [n for n in stage.graph.node if n.domain == "llmc"]
+    assert {n.op_type for n in nodes} == {"Fp6Linear"} and len(nodes) == len(quantized)
+    assert [(f.domain, f.name) for f in stage.functions] == [("llmc", "Fp6Linear")]
+    weights = sum(q.codes.numel() for q in quantized.values())
+    planes = [t for t in stage.graph.initializer if t.name.endswith((".high", ".low"))]
+    assert {t.data_type for t in planes} == {onnx.TensorProto.INT32}
+    assert sum(len(t.raw_data) for t in planes) == weights * 6 // 8
+    scales = [t for t in stage.graph.initializer if t.name.endswith(".scale")]
+    assert len(scales) == len(quantized) and {t.data_type for t in scales} == {onnx.TensorProto.FLOAT16}
+
+
+@pytest.mark.parametrize(("name", "group_size"), [("e3m2", None), ("e2m3", 32), ("e2m1", 32)])
+def test_fpx_stages_match_dequantized_hf(name, group_size):
+    quantized = fpx_all_linears(tiny_llama(), name, group_size)
+    reference = with_dequantized_weights(tiny_llama, quantized)
+    ids = prompt()
+    result = run_stages_greedy(build_stages(tiny_llama(), SPLITS["two_stages"], quantized), ids, NEW_TOKENS)
+    comparison = compare_with_reference(result, hf_greedy_reference(reference, ids, NEW_TOKENS))
+    assert comparison.tokens_equal and comparison.max_abs_logits_diff < LOGITS_TOLERANCE, comparison
+
+
+def test_fp8_weights_are_refused_naming_the_module():
+    model = tiny_llama()
+    name = "model.layers.1.self_attn.q_proj"
+    quantized = {name: fpx_all_linears(model, "e4m3")[name]}
+    with pytest.raises(NotImplementedError, match=rf"{name}: no plugin for e4m3"):
+        build_stages(model, [(0, 4)], quantized)
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])

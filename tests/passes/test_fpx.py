@@ -255,11 +255,13 @@ def test_config_takes_fpx_with_its_widths_and_declines_the_rest():
             Quantization(**fields)
 
 
-def test_export_declines_fp_weights_with_the_reason():
+def test_export_lowers_fp6_and_fp4_to_their_plugins_and_declines_fp8():
     from llmc.passes.export import linear_lowering
 
-    with pytest.raises(NotImplementedError, match="e3m2 floating-point weights have no ONNX lowering yet"):
-        linear_lowering(fpx_quantize(gaussian_weight(4, 64), FP6_E3M2))
+    for fmt in (FP6_E3M2, FORMATS["e2m3"], FORMATS["e2m1"]):
+        assert linear_lowering(fpx_quantize(gaussian_weight(4, 64), fmt)) == "fpx"
+    with pytest.raises(NotImplementedError, match="no plugin for e4m3"):
+        linear_lowering(fpx_quantize(gaussian_weight(4, 64), FORMATS["e4m3"]))
 
 
 def test_model_yaml_method_fpx_adds_the_pass_before_evaluate(configs):

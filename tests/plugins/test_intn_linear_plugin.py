@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from llmc.packed import PackedLinear
 from llmc.passes.export import IR_VERSION, OPSET, open_stage_sessions
 from llmc.plugins import intn_linear_plugin as plugin
+from llmc.plugins.linear_plugin import make_creator
 
 
 def asymmetric(out_features: int, in_features: int, bits: int, group_size: int, seed: int = 0) -> PackedLinear:
@@ -79,7 +80,7 @@ def test_symmetric_or_8_bit_codes_are_not_this_plugins():
 
 def test_creator_checks_the_fields_and_serialises_them():
     trt = pytest.importorskip("tensorrt_rtx")
-    creator = plugin.make_creator(trt)
+    creator = make_creator(trt, plugin.OP)
     fields = lambda **v: trt.PluginFieldCollection(  # noqa: E731
         [trt.PluginField(k, np.array([n], np.int32), trt.PluginFieldType.INT32) for k, n in v.items()])
     made = creator.create_plugin("linear", fields(bits=3, width=4, group_size=64), trt.TensorRTPhase.BUILD)
@@ -110,7 +111,7 @@ def test_enqueue_runs_the_kernel_and_matches_the_references(bits, group_size, x_
     plugin.enqueue_buffers(
         [x.shape, planes.shape, scale.shape, zero.shape],
         [x.data_ptr(), planes.data_ptr(), scale.data_ptr(), zero.data_ptr()], [out.data_ptr()],
-        stream.cuda_stream, width, group_size,
+        stream.cuda_stream, {"width": (width,), "group_size": (group_size,)},
     )
     stream.synchronize()
     got = out.cpu().reshape(-1, 200)
