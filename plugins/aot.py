@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
-from llmc.plugins.splitk import require_triton
+from llmc.plugins.splitk import COMPILE_OPTIONS, require_triton
 
 TARGETS = (80, 86, 89, 90)
 
@@ -63,7 +63,7 @@ def compile_kernel(variant: KernelVariant, capability: int) -> CompiledVariant:
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in variant.aligned}
     source = ASTSource(fn=variant.kernel, signature=signature, constexprs=dict(variant.constants), attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+                              options={"num_warps": variant.num_warps, "num_stages": variant.num_stages, **COMPILE_OPTIONS})
     cubin = compiled.asm["cubin"]
     registers, spills = _resource_usage(cubin)
     return CompiledVariant(variant.name, capability, cubin, compiled.asm["ptx"], registers, spills,

@@ -35,7 +35,7 @@ import torch
 from llmc.passes.bitplanes import default_tile, pack_fp_codes, unpack_fp_codes
 from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
 from llmc.plugins.intn_linear import PREFILL_ROWS, decode_shape
-from llmc.plugins.splitk import Split, choose_split, counters, require_triton, sm_count, triton
+from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
     import triton.language as tl
@@ -474,7 +474,7 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
     count = counters(x.device, grid_n * grid_m)
     fmt = w.fmt
     common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, TILE=w.tile, CHANNEL=w.group_size == k, BLOCK_N=config.block_n,
-                  BLOCK_W=config.block_w, num_warps=config.num_warps, num_stages=config.num_stages)
+                  BLOCK_W=config.block_w, num_warps=config.num_warps, num_stages=config.num_stages, **COMPILE_OPTIONS)
     low = w.planes[1] if fmt.bits == 6 else w.planes[0]
     if config.block_m == 1 and fmt.bits == 6:
         _fp6_gemv_kernel[(grid_n, split.split)](
@@ -511,7 +511,7 @@ def fpx_dequantize(w: FpxWeights, dtype: torch.dtype = torch.float16,
     _fpx_dequantize_kernel[grid](w.planes[0], low, w.scale, out, w.out_features, w.in_features,
                                  BITS=w.fmt.bits, M=w.fmt.mantissa_bits, BIAS=w.fmt.bias, TILE=w.tile,
                                  CHANNEL=w.group_size == w.in_features,
-                                 BLOCK_N=block_n, BLOCK_W=block_w)
+                                 BLOCK_N=block_n, BLOCK_W=block_w, **COMPILE_OPTIONS)
     return (out if dtype == torch.float16 else out.to(dtype)).t()
 
 

@@ -38,7 +38,7 @@ import torch
 
 from llmc.packed import PackedLinear
 from llmc.passes.bitplanes import INT_PLANE_WIDTHS, fields_per_word, pack_int_codes, unpack_int_codes
-from llmc.plugins.splitk import Split, choose_split, counters, require_triton, sm_count, triton
+from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
     import triton.language as tl
@@ -425,7 +425,7 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
     require_triton()
     common = dict(WIDTH=width, GROUP=w.group_size, SYMMETRIC=w.symmetric, ZERO=float(1 << (w.bits - 1)),
                   BLOCK_N=config.block_n, BLOCK_W=config.block_w, num_warps=config.num_warps,
-                  num_stages=config.num_stages)
+                  num_stages=config.num_stages, **COMPILE_OPTIONS)
     if config.block_m == 1:
         _gemv_kernel[(grid_n, split.split)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, n, k, y.stride(0),
@@ -452,7 +452,8 @@ def intn_dequantize(w: IntNWeights, dtype: torch.dtype = torch.float16,
     word_rows = w.in_features // fields_per_word(width)
     grid = (-(-w.out_features // block_n), -(-word_rows // block_w))
     _dequantize_kernel[grid](w.planes[0], w.scale, w.zero, out, w.out_features, w.in_features,
-                                   WIDTH=width, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_W=block_w)
+                                   WIDTH=width, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_W=block_w,
+                                   **COMPILE_OPTIONS)
     return (out if dtype == torch.float16 else out.to(dtype)).t()
 
 

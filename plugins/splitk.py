@@ -26,6 +26,12 @@ except ImportError:  # CPU-only hosts
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
+# Compile options of every kernel launch (``llmc.plugins.aot`` compiles with them too). The decode
+# loops spend one fused multiply-add per weight: Triton 3.9 warns that its default, fusion on,
+# becomes off in 3.10, and without fusion the one-row loops grow by 17% (FP6) and 28% (int4) in
+# instructions (sm90 SASS, Triton 3.6, docs/benchmarks/kernels.md).
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
 
 def require_triton() -> None:
     if triton is None:
