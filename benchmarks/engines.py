@@ -7,8 +7,9 @@
 2. For every stage the build holds an engine of, build it again twice in this process with the
    same code (``build_stage_engine``): TensorRT's own build time, the engine's size against its
    ONNX, the bytes its constants hold by type, and whether the two builds are byte-identical.
-3. The same stages exported with float32 weights (the unquantized checkpoint) and built the same
-   way: the size an engine has when the weights are not packed.
+3. The same stages exported with float32 weights (the unquantized checkpoint) and with FP6 e3m2
+   weights (one float16 scale per output channel, llmc's ``Fp6Linear`` plugin), built the same
+   way: the size an engine has when the weights are not packed, and at six bits per weight.
 
 Needs `python examples/fetch_assets.py` and the `tensorrt` extra. Writes a Markdown table with
 the machine, the date and the protocol.
@@ -42,13 +43,22 @@ def compile_example(out: Path, cache: Path) -> tuple[float, dict]:
     return time.perf_counter() - start, json.loads(result.stdout)
 
 
-def float_stage(cache: Path, stage: dict, path: Path) -> None:
-    """The stage's graph with the checkpoint's float32 weights (no quantization)."""
+def variant_stage(cache: Path, stage: dict, path: Path, fp6: bool) -> None:
+    """The stage's graph from the checkpoint: float32 weights, or FP6 e3m2 ones (per-channel scales)."""
+    import torch
+
     from llmc.checkpoint import load_hf_model
     from llmc.passes.export import build_stage_graph, decoder_spec_from_model
+    from llmc.passes.fpx import FP6_E3M2, fpx_quantize
 
     model = load_hf_model(next(cache.glob("ingest-*/checkpoint")), "float32")
-    graph = build_stage_graph(decoder_spec_from_model(model), model.state_dict(), stage["layer_start"], stage["layer_end"])
+    layers = tuple(f"model.layers.{i}." for i in range(stage["layer_start"], stage["layer_end"]))
+    quantized = {
+        name: fpx_quantize(module.weight.detach(), FP6_E3M2, None, scale_dtype=torch.float16)
+        for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name.startswith(layers)
+    } if fp6 else None
+    graph = build_stage_graph(decoder_spec_from_model(model), model.state_dict(), stage["layer_start"],
+                              stage["layer_end"], quantized)
     path.write_bytes(graph.SerializeToString())
 
 
@@ -95,9 +105,11 @@ def main() -> None:
             onnx_path = tmp / "out" / meta["onnx"]["path"]
             builds = [build_stage_engine(flavor, onnx_path, meta, profiles, False) for _ in range(2)]
             (data, description, seconds), (data2, _, seconds2) = builds
-            float_path = tmp / f"float_stage_{stage['index']}.onnx"
-            float_stage(cache, stage, float_path)
+            float_path, fp6_path = tmp / f"float_stage_{stage['index']}.onnx", tmp / f"fp6_stage_{stage['index']}.onnx"
+            variant_stage(cache, stage, float_path, fp6=False)
+            variant_stage(cache, stage, fp6_path, fp6=True)
             float_data, float_description, float_seconds = build_stage_engine(flavor, float_path, meta, profiles, False)
+            fp6_data, fp6_description, fp6_seconds = build_stage_engine(flavor, fp6_path, meta, profiles, False)
             rows.append(dict(
                 record=record, stage=stage, flavor=flavor, description=description,
                 seconds=(seconds, seconds2), engine=len(data), onnx=onnx_path.stat().st_size,
@@ -105,9 +117,10 @@ def main() -> None:
                 differing=differing_bytes(data, data2),
                 float_engine=len(float_data), float_onnx=float_path.stat().st_size, float_seconds=float_seconds,
                 float_constants=float_description["network"]["constant_bytes"],
+                fp6_engine=len(fp6_data), fp6_seconds=fp6_seconds, fp6_network=fp6_description["network"],
             ))
             print(f"  stage {stage['index']} {record['sku']}: {mib(len(data))} MiB in {seconds:.1f}/{seconds2:.1f} s, "
-                  f"float {mib(len(float_data))} MiB", file=sys.stderr)
+                  f"float {mib(len(float_data))} MiB, FP6 {mib(len(fp6_data))} MiB", file=sys.stderr)
 
     if not rows:
         sys.exit("the example's plan puts no stage on a device this host can build for "
@@ -137,8 +150,8 @@ def main() -> None:
         f"`prefill` (batch 1-{workload['batch']}, seq 1-{workload['prompt_tokens']}) and `decode` (seq 1, past up to "
         f"{workload['prompt_tokens'] + workload['generated_tokens'] - 1}).",
         "",
-        "| stage | target | layers | plugin layers | ONNX (MiB) | engine (MiB) | int4 codes in engine (MiB) | float32 constants (MiB) | build (s) | float32-weight engine (MiB) | its build (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| stage | target | layers | plugin layers | ONNX (MiB) | engine (MiB) | int4 codes in engine (MiB) | float32 constants (MiB) | build (s) | float32-weight engine (MiB) | its build (s) | FP6 engine (MiB) | FP6 codes in it (MiB) | its build (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s, d, network = r["stage"], r["description"], r["description"]["network"]
@@ -147,18 +160,22 @@ def main() -> None:
             f"{s['layer_start']}–{s['layer_end'] - 1}{' + embedding' if s['holds_embedding'] else ''} | "
             f"{network['plugin_layers']} | {mib(r['onnx'])} | **{mib(r['engine'])}** | "
             f"{mib(network['constant_bytes'].get('INT32', 0))} | {mib(network['constant_bytes'].get('FLOAT', 0))} | "
-            f"{r['seconds'][0]:.1f}, {r['seconds'][1]:.1f} | {mib(r['float_engine'])} | {r['float_seconds']:.1f} |"
+            f"{r['seconds'][0]:.1f}, {r['seconds'][1]:.1f} | {mib(r['float_engine'])} | {r['float_seconds']:.1f} | "
+            f"{mib(r['fp6_engine'])} | {mib(r['fp6_network']['constant_bytes'].get('INT32', 0))} | {r['fp6_seconds']:.1f} |"
         )
     for record, stage in skipped:
         lines.append(f"| {stage['index']} | {record['sku']} sm{record['compute_capability'].replace('.', '')} | "
                      f"{stage['layer_start']}–{stage['layer_end'] - 1} | skipped: {record['reason']} "
-                     f"(`{record['command']}` on the target host) | | | | | | | |")
+                     f"(`{record['command']}` on the target host) | | | | | | | | | | |")
     lines += [
         "",
         "\"int4 codes in engine\" are the int32 bit-plane constants feeding the `llmc::IntNLinear` plugin",
         "layers (eight 4-bit codes per word); \"float32 constants\" are the embedding, norms and the",
         "per-group scales (zero points are float16 constants). The float32-weight engine is the same",
         "stage exported without quantization: the difference is what keeping the weights packed saves.",
+        "The FP6 engine is the same stage with every decoder linear in FP6 e3m2 (float16 scale per output",
+        "channel), its codes in `llmc::Fp6Linear` plugin layers at six bits per weight (a 4-bit and a",
+        "2-bit plane of int32 words).",
         "",
         "## Reproducibility",
         "",
