@@ -154,11 +154,12 @@ class MixedPrecisionTarget(_Strict):
         "sensitivity indicator; 'output-feature': MixLLM, the most salient output features of all "
         "linears (one global ranking) at 8 bits per channel, the rest at quantization.bits.",
     )
-    bits: list[Literal[2, 3, 4, 8, 16]] = Field(
+    bits: list[Literal[2, 3, 4, 6, 8, 16]] = Field(
         default_factory=lambda: [3, 4, 8],
         min_length=2,
         description="granularity 'layer': the widths a layer may get (16: float). 8 bits is per output "
-        "channel, the others use quantization.group_size.",
+        "channel, the others use quantization.group_size; 6 is FP6 e3m2 (method fpx), the others "
+        "quantization.method.",
     )
     average_bits: float | None = Field(
         None, gt=2, le=16,
@@ -269,6 +270,9 @@ class Quantization(_Strict):
         mixed = self.mixed_precision
         if mixed is not None and self.method not in ("rtn", "gptq"):
             raise FieldPathError("mixed_precision", f"applies to methods rtn and gptq, not '{self.method}'")
+        if mixed is not None and mixed.granularity == "layer" and 6 in mixed.bits and self.group_size == 8:
+            raise FieldPathError("group_size", "8 does not fit FP6 (width 6 in mixed_precision.bits), whose codes "
+                                               "are packed in tiles of 16; use 16 or more, or -1")
         if mixed is not None and mixed.granularity == "output-feature" and self.bits >= 8:
             raise FieldPathError("mixed_precision.granularity",
                                  f"output-feature mixes keep the salient features at 8 bits and the rest at "
@@ -318,12 +322,12 @@ class Workload(_Strict):
 class Planner(_Strict):
     """Options of the `plan` pass (docs/planner.md)."""
 
-    bits: list[Literal[2, 3, 4, 8, 16]] | None = Field(
+    bits: list[Literal[2, 3, 4, 6, 8, 16]] | None = Field(
         None,
         min_length=1,
-        description="Bit-widths the planner may give each decoder layer (16: float), e.g. [3, 4, 8, 16]. "
-        "Unset: every layer as `quantization` says. Per-layer widths are planned by `llmc plan`; "
-        "`llmc compile` applies `quantization`, so there set at most one width here.",
+        description="Bit-widths the planner may give each decoder layer (16: float; 6: FP6 e3m2), e.g. "
+        "[3, 4, 8, 16]. Unset: every layer as `quantization` says. With several widths `llmc compile` "
+        "quantizes each layer at the plan's width (quantization.method rtn or gptq).",
     )
     quality_budget: float | None = Field(
         None,

@@ -369,8 +369,10 @@ def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
     # each block on the already-rounded layers too.
     if "rtn" in methods_used(rules):
         passes.append(RtnQuantizePass(**vars(rules)))
-    # FPx rounds without data, like RTN, so it also runs before GPTQ.
-    if "fpx" in methods_used(rules):
+    # FPx rounds without data, like RTN, so it also runs before GPTQ. A per-layer width of 6 is FP6.
+    widths = {*(mixed.bits if mixed is not None and mixed.granularity == "layer" else ()),
+              *(plan.bits if per_layer_plan else ())}
+    if "fpx" in methods_used(rules) or 6 in widths:
         passes.append(FpxQuantizePass(**vars(rules)))
     if "gptq" in methods_used(rules):
         passes.append(GptqQuantizePass(**vars(rules), damp=q.gptq.damp, act_order=q.gptq.act_order,

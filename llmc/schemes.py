@@ -24,6 +24,9 @@ from fnmatch import fnmatchcase
 from llmc.errors import InputError
 
 DECODER_LINEARS = ("model.layers.*",)
+# A width chosen per layer (mixed precision, the planner) of 6 bits is FP6 e3m2, method 'fpx':
+# integers come in 2, 3, 4 and 8 bits, and 6 bits exist only as FP6.
+FP6_BITS = 6
 
 
 @dataclass(frozen=True)

@@ -224,7 +224,8 @@ FORMAT_BY_BITS = {6: FP6_E3M2, 4: FP4_E2M1, 8: FP8_E4M3}
 
 @dataclass(frozen=True)
 class FpxQuantizePass(Pass, QuantizationRules):
-    """Quantize the linears whose scheme (:func:`llmc.schemes.resolve_schemes`) is 'fpx'.
+    """Quantize the linears whose scheme (:func:`llmc.schemes.resolve_schemes`, then the
+    mixed-precision policy's widths, where a width of 6 is FP6) is 'fpx'.
 
     The options are the quantization rules, as for ``quantize-rtn``; linears resolved to another
     method are left to that method's pass, whose decisions this pass keeps. Scales are float16
@@ -246,8 +247,10 @@ class FpxQuantizePass(Pass, QuantizationRules):
         from llmc.checkpoint import load_model, save_quantized
         from llmc.errors import InputError
 
+        from llmc.passes.mixed_precision import apply_precision
+
         linears = [lin for layer in program.layers for lin in layer.linears]
-        schemes = resolve_schemes([lin.name for lin in linears], self)
+        schemes = apply_precision(resolve_schemes([lin.name for lin in linears], self), program.precision)
         targets = [(lin, schemes[lin.name]) for lin in linears if schemes[lin.name] and schemes[lin.name].method == "fpx"]
         groups = {}
         for lin, scheme in targets:

@@ -10,12 +10,13 @@ are referred to by number in the code.
 2. Stored bits (what the average counts, per quantized weight): the codes, one fp16 scale per
    group, an integer zero point per group when asymmetric, and for MixLLM one int32 index per
    high-precision row (:func:`stored_bits`). 8-bit choices are symmetric with one scale per output
-   channel (TensorRT's int8 weight-only layout); 16 keeps the linear float.
+   channel (TensorRT's int8 weight-only layout); 6 is FP6 e3m2 (method ``fpx``: sign-magnitude
+   codes, float16 scales on the linear's groups, no zero point); 16 keeps the linear float.
 3. Per layer (``granularity: layer``): a multiple-choice knapsack over the decoder layers, one
    width per layer for its free linears, solved with CP-SAT (:func:`solve_knapsack`): least
    sum of omega under the average-bits target; or, for a perplexity target, fewest bits under
    ``sum of predicted ΔNLL <= ln(1 + pct / 100)``. The prediction scales each width's omega by
-   the calibration-loss increase measured with every free linear rounded (RTN) at that width,
+   the calibration-loss increase measured with every free linear rounded (RTN; FP6 at 6) at that width,
    divided by the sum of omega at that width: an additive model, calibrated once per width.
 4. Per output feature (``granularity: output-feature``, MixLLM): the features of all free
    linears ranked together by salience; the top fraction (or as many as the average-bits target
@@ -131,7 +132,8 @@ def select_high_rows(salience: dict[str, torch.Tensor], *, fraction: float | Non
 
 
 def apply_precision(schemes: dict, precision) -> dict:
-    """``schemes`` (llmc.schemes.resolve_schemes) with the policy's widths; width 16 is float."""
+    """``schemes`` (llmc.schemes.resolve_schemes) with the policy's widths; width 16 is float,
+    width 6 FP6 (method ``fpx``, rule 2)."""
     if precision is None:
         return schemes
     result = dict(schemes)
@@ -139,8 +141,9 @@ def apply_precision(schemes: dict, precision) -> dict:
         scheme = result.get(choice.module)
         if scheme is None:
             continue
+        method = "fpx" if choice.bits == FP6_BITS else scheme.method
         result[choice.module] = None if choice.bits >= 16 else replace(
-            scheme, bits=choice.bits, group_size=choice.group_size, symmetric=choice.symmetric)
+            scheme, method=method, bits=choice.bits, group_size=choice.group_size, symmetric=choice.symmetric)
     return result
 
 
@@ -172,7 +175,7 @@ from fnmatch import fnmatchcase  # noqa: E402
 from llmc.errors import ConfigError  # noqa: E402
 from llmc.ir import MixedPrecision, PrecisionChoice, Program  # noqa: E402
 from llmc.pipeline import Pass, PassContext, PassResult  # noqa: E402
-from llmc.schemes import QuantizationRules, effective_group, resolve_schemes  # noqa: E402
+from llmc.schemes import FP6_BITS, QuantizationRules, effective_group, resolve_schemes  # noqa: E402
 
 GRANULARITIES = ("layer", "output-feature", "plan")
 
@@ -233,7 +236,7 @@ class MixedPrecisionPass(Pass, QuantizationRules):
             scheme = quantized[name]
             if bits == HIGH_BITS or bits >= 16:
                 return PrecisionChoice(name, bits, -1, True, high_rows)
-            return PrecisionChoice(name, bits, scheme.group_size, scheme.symmetric, high_rows)
+            return PrecisionChoice(name, bits, scheme.group_size, scheme.symmetric or bits == FP6_BITS, high_rows)
 
         def bits_of(c: PrecisionChoice) -> int:
             lin = linears[c.module]
@@ -338,7 +341,7 @@ class MixedPrecisionPass(Pass, QuantizationRules):
         from safetensors.torch import load_file
 
         from llmc.checkpoint import load_model
-        from llmc.passes.quantize_rtn import rtn_quantize
+        from llmc.passes.sensitivity import rounded
 
         model = load_model(program, ctx, quantized=False)
         modules = dict(model.named_modules())
@@ -358,7 +361,7 @@ class MixedPrecisionPass(Pass, QuantizationRules):
                     for n in names:
                         group = -1 if b == HIGH_BITS else schemes[n].group_size
                         symmetric = True if b == HIGH_BITS else schemes[n].symmetric
-                        modules[n].weight.copy_(rtn_quantize(saved[n], b, group, symmetric).dequantize().to(saved[n].dtype))
+                        modules[n].weight.copy_(rounded(saved[n], b, group, symmetric).to(saved[n].dtype))
                 increase = max(calibration_nll(model, batches) - reference, 0.0)
             finally:  # the model may be shared with later passes: put the float weights back
                 with torch.no_grad():

@@ -32,7 +32,7 @@ from llmc.passes.partition import CostTables, PartitionNotSolved, PlanInstance, 
 from llmc.passes.partition import heuristic_plans
 from llmc.passes.partition_sat import Solution, solve_partition
 from llmc.pipeline import Pass, PassContext, PassResult
-from llmc.schemes import QuantizationRules, effective_group, resolve_schemes
+from llmc.schemes import FP6_BITS, QuantizationRules, effective_group, resolve_schemes
 
 MAX_DEFAULT_MICRO_BATCH_SIZES = 8
 
@@ -88,7 +88,7 @@ def layer_choices(layer, schemes: dict, bits: tuple[int, ...]) -> tuple[LayerCho
                 by_bits[16] += params
                 continue
             group = effective_group(scheme, lin.in_features, lin.name)
-            total += params * bytes_per_weight(width, group, not scheme.symmetric)
+            total += params * bytes_per_weight(width, group, not scheme.symmetric and width != FP6_BITS)
             quantized += params
             by_bits[width] += params
         dominant = max(by_bits.items(), key=lambda kv: (kv[1], kv[0]))[0]
@@ -448,6 +448,10 @@ def plan_pass_from_config(model, base: Path, *, compiling: bool) -> PlanPass:
                 "model.yaml", "planner.bits",
                 f"{planner.bits} and quantization.mixed_precision both choose per-layer widths; keep one",
             )
+        if 6 in planner.bits and q.group_size == 8:
+            raise ConfigError("model.yaml", "quantization.group_size",
+                              "8 does not fit FP6 (width 6 in planner.bits), whose codes are packed in tiles "
+                              "of 16; use 16 or more, or -1")
     paths = {}
     for field, reader in (("sensitivity", read_sensitivity), ("profile", read_profile)):
         value = getattr(planner, field)

@@ -6,9 +6,12 @@ functions on tensors, the pass glue is below them. The rules are referred to by 
 1. Per linear and candidate bit-width ``b``, ``δ_b = W - Q_b(W)`` with ``Q_b`` round-to-nearest
    on the linear's configured grid (group size, symmetry; :func:`~llmc.passes.quantize_rtn.rtn_quantize`)
    at ``b`` bits. RTN, not GPTQ: the indicators rank layers, they do not predict GPTQ's error.
+   A width of 6 is FP6 e3m2 (:func:`~llmc.passes.fpx.fpx_quantize`, float16 scales per group,
+   what the ``fpx`` quantizer stores), the one 6-bit format llmc has.
 2. LLM-PQ's variance indicator (Zhao et al., "LLM-PQ", PPoPP 2024): rounding adds to each
    weight an error of variance ``s²/12`` (``s`` its group's step at ``b`` bits), so the output
-   error variance, summed over the outputs, is ``Σ_o Σ_i s(o, i)² / 12 · Var[x_i]``.
+   error variance, summed over the outputs, is ``Σ_o Σ_i s(o, i)² / 12 · Var[x_i]``. FP6's
+   steps are not uniform, so at 6 bits the measured ``δ(o, i)²`` stands in for ``s²/12``.
 3. Hessian indicator: ``tr(δ_b H δ_bᵀ)`` with GPTQ's ``H = 2XᵀX/N`` of the linear's inputs
    (:class:`~llmc.passes.quantize_gptq.HessianAccumulator`): twice the mean squared output error
    the rounding causes, with the inputs' correlations (rule 2 assumes independent inputs).
@@ -31,9 +34,9 @@ import torch
 
 from llmc.passes.quantize_gptq import HessianAccumulator, full_float32_matmul, output_error
 from llmc.passes.quantize_rtn import rtn_quantize
+from llmc.schemes import FP6_BITS
 
 INDICATORS = ("hessian-trace", "llm-pq-variance")
-CANDIDATE_BITS = (2, 3, 4, 8, 16)
 
 
 class InputStatistics:
@@ -57,12 +60,21 @@ class InputStatistics:
         return (square - mean**2).clamp(min=0).to(torch.float32)
 
 
-def quantization_error(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
-    """``δ = W - Q_b(W)`` on RTN's grid (rule 1); zero at 16 bits."""
+def rounded(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """``Q_b(W)`` in float32 (rule 1): RTN on the linear's grid, FP6 e3m2 at 6 bits, ``W`` at 16."""
+    from llmc.passes.fpx import FP6_E3M2, fpx_quantize
+
     w = weight.detach().to(torch.float32)
     if bits >= 16:
-        return torch.zeros_like(w)
-    return w - rtn_quantize(w, bits, group_size, symmetric).dequantize()
+        return w
+    if bits == FP6_BITS:
+        return fpx_quantize(w, FP6_E3M2, group_size, scale_dtype=torch.float16).dequantize()
+    return rtn_quantize(w, bits, group_size, symmetric).dequantize()
+
+
+def quantization_error(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """``δ = W - Q_b(W)`` (rule 1); zero at 16 bits."""
+    return weight.detach().to(torch.float32) - rounded(weight, bits, group_size, symmetric)
 
 
 def variance_indicator(weight: torch.Tensor, input_variance: torch.Tensor, bits: int, group_size: int,
@@ -70,6 +82,9 @@ def variance_indicator(weight: torch.Tensor, input_variance: torch.Tensor, bits:
     """LLM-PQ: ``Σ_o Σ_i s(o, i)² / 12 · Var[x_i]`` (rule 2); 0 at 16 bits."""
     if bits >= 16:
         return 0.0
+    if bits == FP6_BITS:
+        error = quantization_error(weight, bits, group_size, symmetric)
+        return float((error.pow(2) @ input_variance.to(torch.float32)).sum())
     packed = rtn_quantize(weight.detach().to(torch.float32), bits, group_size, symmetric)
     groups = packed.scale.shape[1]
     variance_per_group = input_variance.to(torch.float32).reshape(groups, -1).sum(dim=1)  # [groups]

@@ -117,10 +117,10 @@ def run(passes, cache):
     return run_pipeline(passes, cache_root=cache, seed=0, show_progress=False)
 
 
-def policy_passes(model_dir, calib, rules: dict, feature_bits=None, **policy):
+def policy_passes(model_dir, calib, rules: dict, feature_bits=None, candidates=(3, 4, 8), **policy):
     return [IngestPass(source=model_dir), CalibratePass(text=calib, seq_len=32, windows=8),
-            SensitivityPass(**rules, candidates=(3, 4, 8), feature_bits=feature_bits),
-            MixedPrecisionPass(**rules, **policy), RtnQuantizePass(**rules)]
+            SensitivityPass(**rules, candidates=candidates, feature_bits=feature_bits),
+            MixedPrecisionPass(**rules, candidates=candidates, **policy), RtnQuantizePass(**rules)]
 
 
 def test_per_layer_mix_meets_its_average_and_explicit_overrides_win(tmp_path, tiny_model_dir, calib):
@@ -142,6 +142,27 @@ def test_per_layer_mix_meets_its_average_and_explicit_overrides_win(tmp_path, ti
     # The same search without room to spare: every free layer at the narrowest width.
     tight = run(policy_passes(tiny_model_dir, calib, rules, granularity="layer", average_bits=4.7), tmp_path).program
     assert {c.bits for c in tight.precision.modules} == {3} and tight.precision.average_bits <= 4.7
+
+
+def test_six_bits_in_a_per_layer_mix_is_fp6(tmp_path, tiny_model_dir, calib):
+    from llmc.checkpoint import load_packed
+    from llmc.passes.fpx import FpxLinear, FpxQuantizePass
+
+    rules = dict(bits=4, group_size=32)
+    # Four equal layers at int4 g32 store 4.5 bits; one FP6 g32 layer instead raises that to 5.0,
+    # one 8-bit layer to 5.4: a 5.1 average buys exactly one FP6 layer.
+    passes = policy_passes(tiny_model_dir, calib, rules, candidates=(4, 6, 8), granularity="layer", average_bits=5.1)
+    program = run(passes + [FpxQuantizePass(**rules)], tmp_path).program
+    widths = {c.module: c.bits for c in program.precision.modules}
+    assert sorted(widths.values()).count(6) == 7 and set(widths.values()) == {4, 6}
+    assert program.precision.average_bits == pytest.approx(5.0, abs=0.01)
+    decided = {d.module: d for d in program.quantization}
+    packed = load_packed(tmp_path / program.quantized_weights)
+    for name, bits in widths.items():
+        assert (decided[name].method, decided[name].bits) == (("fpx", 6) if bits == 6 else ("rtn", 4))
+        assert isinstance(packed[name], FpxLinear) == (bits == 6)
+    fp6 = next(packed[n] for n, b in widths.items() if b == 6)
+    assert fp6.fmt.name == "e3m2" and fp6.group_size == 32
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +248,14 @@ def test_bad_mixed_precision_values_name_the_file_and_field(tmp_path, configs, b
     assert "\n" not in str(info.value)
 
 
+def test_fp6_in_the_widths_needs_groups_of_16_or_more(tmp_path, configs):
+    model, _ = configs
+    model.write_text(model.read_text().replace("group_size: 32", "group_size: 8"))
+    with pytest.raises(ConfigError) as info:
+        load_with(tmp_path, configs, "  mixed_precision: {bits: [4, 6], average_bits: 5}\n")
+    assert str(info.value).startswith(f"{model}: quantization.group_size: 8 does not fit FP6"), str(info.value)
+
+
 def test_a_valid_target_loads_and_the_compile_pipeline_runs_the_policy(tmp_path, configs):
     from llmc.pipeline import build_pipeline
 
@@ -306,6 +335,23 @@ def test_compile_applies_the_plans_per_layer_widths(configs, tmp_path):
     layer_bits = [b for s in plan["stages"] for b in s["layer_bits"]]
     assert set(layer_bits) <= {3, 4, 8}
     assert "sensitivity pass (hessian-trace)" in json.dumps(plan)
+
+
+@pytest.mark.slow
+def test_compile_exports_a_mix_with_fp6_layers_through_the_fp6_plugin(configs, tmp_path):
+    import json
+
+    import onnx
+
+    result, out = compile_with(configs, tmp_path, "  mixed_precision: {bits: [4, 6, 8], average_bits: 5.1}\n")
+    assert result.exit_code == 0, result.output
+    passes = [p["name"] for p in json.loads(result.stdout)["passes"]]
+    assert passes.index("mixed-precision") < passes.index("quantize-rtn") < passes.index("quantize-fpx") < passes.index("export")
+    plan = json.loads((out / "plan.json").read_text())
+    assert {m["name"]: m["value"] for m in plan["measured"]}["export.greedy_tokens_match"] == 1.0
+    nodes = [n for f in sorted((out / "stages").glob("*.onnx")) for n in onnx.load(f).graph.node if n.domain == "llmc"]
+    assert {n.op_type for n in nodes} == {"Fp6Linear"}  # int4 symmetric is DequantizeLinear + MatMul
+    assert sum(n.op_type == "Fp6Linear" for n in nodes) == 7
 
 
 def test_compile_refuses_two_policies_for_the_per_layer_widths(configs, tmp_path):

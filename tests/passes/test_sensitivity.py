@@ -45,6 +45,20 @@ def test_input_statistics_give_the_population_variance_and_gptqs_hessian():
     torch.testing.assert_close(stats.hessian(), reference.hessian())
 
 
+def test_six_bits_is_fp6_between_int4_and_int8():
+    from llmc.passes.fpx import FP6_E3M2, fpx_quantize
+
+    w, stats = weight(), statistics(inputs())
+    fp6 = fpx_quantize(w, FP6_E3M2, 32, scale_dtype=torch.float16).dequantize()
+    assert torch.equal(quantization_error(w, 6, 32, False), w - fp6)  # sign-magnitude: symmetry does not apply
+    # Rule 2 at 6 bits: the measured squared error stands in for LLM-PQ's uniform s^2 / 12.
+    variance = stats.variance()
+    assert variance_indicator(w, variance, 6, 32, True) == pytest.approx(float(((w - fp6) ** 2 @ variance).sum()))
+    for indicator, statistic in ((variance_indicator, variance), (hessian_indicator, stats.hessian())):
+        values = [indicator(w, statistic, b, 32, True) for b in (4, 6, 8)]
+        assert values == sorted(values, reverse=True), (indicator.__name__, values)
+
+
 def test_ten_times_the_activation_variance_ranks_ten_times_as_sensitive():
     w = weight()
     quiet, loud = statistics(inputs(scale=1.0)), statistics(inputs(scale=10**0.5))
