@@ -14,8 +14,9 @@ Stages (each row is stored as soon as it is measured; a rerun skips rows it has)
 - ``indicators``: the `sensitivity` pass (its wall time, the load average), then one decoder layer
   at a time quantized with RTN at 3 and at 4 bits, the others float, and the perplexity measured;
   Spearman's rank correlation between each indicator and the measured increase.
-- ``rtn``: uniform 3, 4, 8 bits; per-layer mixes at several average widths (CP-SAT knapsack over
-  {3, 4, 8} on each indicator); MixLLM 4/8 at 10% and 20% 8-bit output features; all with RTN.
+- ``rtn``: uniform 3, 4, 8 bits and FP6 e3m2; per-layer mixes at several average widths (CP-SAT
+  knapsack over {3, 4, 8} on each indicator, and over {4, 6} and {4, 8} with 6 = FP6 on the
+  Hessian trace); MixLLM 4/8 at 10% and 20% 8-bit output features; integers with RTN.
 - ``gptq``: the same mixes with the `quantize-gptq` pass (4-bit rows and layers with GPTQ, no
   act-order; MixLLM's 8-bit rows per channel with RTN); the uniform GPTQ rows are read from
   docs/benchmarks/gptq-<model>.json (same pass, same protocol).
@@ -46,6 +47,8 @@ import gptq as gptq_bench  # noqa: E402  (the shared protocol: models, windows, 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks"
 CANDIDATES = (3, 4, 8)
+SENSITIVITY_WIDTHS = (3, 4, 6, 8)  # the sensitivity pass costs FP6 too (for the {4, 6} mixes)
+FP6_MIXES = (((4, 6), 4.5), ((4, 6), 5.0), ((4, 8), 5.0))  # (widths, target), knapsack on the Hessian trace
 PROBE_BITS = (3, 4)
 MIX_TARGETS = (3.5, 4.5)  # average stored bits of the per-layer mixes (and the uniform int4's own width)
 MIXLLM_FRACTIONS = (0.1, 0.2)
@@ -82,7 +85,7 @@ def group_of(model: str) -> int:
 def sensitivity_pass(model: str):
     from llmc.passes.sensitivity import SensitivityPass
 
-    return SensitivityPass(method="rtn", candidates=CANDIDATES, group_size=group_of(model), symmetric=True,
+    return SensitivityPass(method="rtn", candidates=SENSITIVITY_WIDTHS, group_size=group_of(model), symmetric=True,
                            feature_bits=4, indicator="hessian-trace")
 
 
@@ -200,6 +203,7 @@ def equal_bits(model: str, program) -> float:
 def mix_rows(model: str, program) -> dict[str, dict]:
     """Row key -> the mixed-precision pass's options (None: uniform; the key says the width)."""
     rows: dict[str, dict | None] = {f"uniform int{b}": None for b in CANDIDATES}
+    rows["uniform fp6"] = None
     for target in sorted({*MIX_TARGETS, equal_bits(model, program)}):
         for indicator in ("hessian-trace", "llm-pq-variance"):
             rows[f"layer-mix {target} {indicator}"] = dict(granularity="layer", candidates=CANDIDATES,
@@ -209,6 +213,9 @@ def mix_rows(model: str, program) -> dict[str, dict]:
         for indicator in ("hessian-trace", "llm-pq-variance"):
             rows[f"layer-mix-{''.join(map(str, candidates))} {target} {indicator}"] = dict(
                 granularity="layer", candidates=candidates, average_bits=target, indicator=indicator)
+    for candidates, target in FP6_MIXES:
+        rows[f"layer-mix-{''.join(map(str, candidates))} {target} hessian-trace"] = dict(
+            granularity="layer", candidates=candidates, average_bits=target, indicator="hessian-trace")
     for fraction in MIXLLM_FRACTIONS:
         rows[f"mixllm {fraction:.0%}"] = dict(granularity="output-feature", high_fraction=fraction)
     return rows
@@ -219,6 +226,7 @@ def run_row(model: str, key: str, options: dict | None, quantizer: str, cache: P
     import shutil
 
     from llmc.checkpoint import load_packed
+    from llmc.passes.fpx import FpxQuantizePass
     from llmc.passes.mixed_precision import MixedPrecisionPass
     from llmc.passes.quantize_gptq import GptqQuantizePass
     from llmc.passes.quantize_rtn import RtnQuantizePass
@@ -226,16 +234,21 @@ def run_row(model: str, key: str, options: dict | None, quantizer: str, cache: P
 
     group = group_of(model)
     if options is None:
-        bits = int(key.split("int")[1])
+        bits = 6 if key == "uniform fp6" else int(key.split("int")[1])
         rules = dict(bits=bits, group_size=-1 if bits == 8 else group, symmetric=True)
         policy = []
     else:
         rules = dict(bits=4, group_size=group, symmetric=True)
         policy = [MixedPrecisionPass(method=quantizer, **rules, **options)]
-    quantize = (RtnQuantizePass(**rules) if quantizer == "rtn"
-                else GptqQuantizePass(method="gptq", **rules, act_order=False))
+    if key == "uniform fp6":
+        quantize = [FpxQuantizePass(method="fpx", **rules)]
+    else:
+        # FP6 layers of a mix (width 6) round first, as in a compile (llmc.pipeline).
+        quantize = [FpxQuantizePass(method=quantizer, **rules)] if options and 6 in options.get("candidates", ()) else []
+        quantize.append(RtnQuantizePass(**rules) if quantizer == "rtn"
+                        else GptqQuantizePass(method="gptq", **rules, act_order=False))
     before, start = load(), time.perf_counter()
-    run = run_pipeline(gptq_bench.base_passes(model) + [sensitivity_pass(model)] + policy + [quantize],
+    run = run_pipeline(gptq_bench.base_passes(model) + [sensitivity_pass(model)] + policy + quantize,
                        cache_root=cache, seed=0, show_progress=False, program=None)
     seconds = time.perf_counter() - start
     after = load()
@@ -319,11 +332,14 @@ def gptq_uniform(model: str) -> dict:
 
 
 def describe_row(key: str) -> str:
+    if key == "uniform fp6":
+        return "uniform FP6 e3m2 (RTN to nearest even)"
     if key.startswith("uniform"):
         return key
     if key.startswith("layer-mix"):
         kind, target, indicator = key.split(" ")
         widths = ", ".join(kind.split("-")[2]) if kind.count("-") == 2 else "3, 4, 8"
+        widths = widths.replace("6", "6 (FP6)")
         return f"per-layer mix {{{widths}}}, target {target} bits, knapsack on {indicator}"
     return f"MixLLM 4/8, {key.split(' ')[1]} of output features at 8 bits"
 
