@@ -122,6 +122,23 @@ def resolve_schemes(linear_names, rules: QuantizationRules) -> dict[str, Scheme 
     return schemes
 
 
+def at_width(scheme: Scheme, bits: int) -> Scheme | None:
+    """How a linear of ``scheme`` is stored when a per-layer policy (the mixed-precision pass, the
+    planner) gives it ``bits``: 16 is float (None); 8 is symmetric with one scale per output
+    channel (TensorRT's int8 weight-only layout); 6 is FP6 (:data:`FP6_BITS`, sign-magnitude, the
+    linear's groups); the configured width, and other widths, keep the linear's method, groups and
+    symmetry."""
+    if bits >= 16:
+        return None
+    if bits == scheme.bits:
+        return scheme
+    if bits == 8:
+        return replace(scheme, bits=8, group_size=-1, symmetric=True)
+    if bits == FP6_BITS:
+        return replace(scheme, method="fpx", bits=FP6_BITS, symmetric=True)
+    return replace(scheme, bits=bits)
+
+
 def effective_group(scheme: Scheme, in_features: int, name: str) -> int:
     """Columns per group for one linear; ``InputError`` (exit 2) when the size does not divide."""
     if scheme.group_size == -1:

@@ -175,7 +175,7 @@ from fnmatch import fnmatchcase  # noqa: E402
 from llmc.errors import ConfigError  # noqa: E402
 from llmc.ir import MixedPrecision, PrecisionChoice, Program  # noqa: E402
 from llmc.pipeline import Pass, PassContext, PassResult  # noqa: E402
-from llmc.schemes import FP6_BITS, QuantizationRules, effective_group, resolve_schemes  # noqa: E402
+from llmc.schemes import FP6_BITS, QuantizationRules, at_width, effective_group, resolve_schemes  # noqa: E402
 
 GRANULARITIES = ("layer", "output-feature", "plan")
 
@@ -233,10 +233,10 @@ class MixedPrecisionPass(Pass, QuantizationRules):
                     for n, s in quantized.items() if n not in free)
 
         def choice(name: str, bits: int, high_rows: int = 0) -> PrecisionChoice:
-            scheme = quantized[name]
-            if bits == HIGH_BITS or bits >= 16:
+            scheme = at_width(quantized[name], bits)
+            if scheme is None:
                 return PrecisionChoice(name, bits, -1, True, high_rows)
-            return PrecisionChoice(name, bits, scheme.group_size, scheme.symmetric or bits == FP6_BITS, high_rows)
+            return PrecisionChoice(name, bits, scheme.group_size, scheme.symmetric, high_rows)
 
         def bits_of(c: PrecisionChoice) -> int:
             lin = linears[c.module]
@@ -359,9 +359,9 @@ class MixedPrecisionPass(Pass, QuantizationRules):
             try:
                 with torch.no_grad():
                     for n in names:
-                        group = -1 if b == HIGH_BITS else schemes[n].group_size
-                        symmetric = True if b == HIGH_BITS else schemes[n].symmetric
-                        modules[n].weight.copy_(rounded(saved[n], b, group, symmetric).to(saved[n].dtype))
+                        stored = at_width(schemes[n], b)
+                        modules[n].weight.copy_(rounded(saved[n], b, stored.group_size, stored.symmetric)
+                                                .to(saved[n].dtype))
                 increase = max(calibration_nll(model, batches) - reference, 0.0)
             finally:  # the model may be shared with later passes: put the float weights back
                 with torch.no_grad():

@@ -32,7 +32,7 @@ from llmc.passes.partition import CostTables, PartitionNotSolved, PlanInstance, 
 from llmc.passes.partition import heuristic_plans
 from llmc.passes.partition_sat import Solution, solve_partition
 from llmc.pipeline import Pass, PassContext, PassResult
-from llmc.schemes import FP6_BITS, QuantizationRules, effective_group, resolve_schemes
+from llmc.schemes import QuantizationRules, at_width, effective_group, resolve_schemes
 
 MAX_DEFAULT_MICRO_BATCH_SIZES = 8
 
@@ -78,25 +78,25 @@ def layer_choices(layer, schemes: dict, bits: tuple[int, ...]) -> tuple[LayerCho
     """The ways to store a layer: as configured (``bits`` empty; labelled with the width most of
     its weights get), or each quantized linear at each width in ``bits`` (rule 1)."""
 
-    def stored(width_of, label: int | None = None) -> LayerChoice:
+    def stored(stored_as, label: int | None = None) -> LayerChoice:
         total, quantized, by_bits = 0.0, 0, Counter()
         for lin in layer.linears:
             scheme, params = schemes[lin.name], lin.in_features * lin.out_features
-            width = 16 if scheme is None else width_of(scheme)
-            if width >= 16:
+            scheme = None if scheme is None else stored_as(scheme)
+            if scheme is None:
                 total += params * FP16_BYTES
                 by_bits[16] += params
                 continue
             group = effective_group(scheme, lin.in_features, lin.name)
-            total += params * bytes_per_weight(width, group, not scheme.symmetric and width != FP6_BITS)
+            total += params * bytes_per_weight(scheme.bits, group, not scheme.symmetric)
             quantized += params
-            by_bits[width] += params
+            by_bits[scheme.bits] += params
         dominant = max(by_bits.items(), key=lambda kv: (kv[1], kv[0]))[0]
         return LayerChoice(dominant if label is None else label, total, quantized)
 
     if not bits:
-        return (stored(lambda scheme: scheme.bits),)
-    return tuple(stored(lambda scheme, b=b: b, label=b) for b in bits)
+        return (stored(lambda scheme: scheme),)
+    return tuple(stored(lambda scheme, b=b: at_width(scheme, b), label=b) for b in bits)
 
 
 def default_micro_batch_sizes(batch: int) -> tuple[int, ...]:

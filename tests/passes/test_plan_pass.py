@@ -172,3 +172,23 @@ def test_a_changed_cluster_is_planned_again_not_read_from_the_cache(plan_files, 
     cluster.write_text(CLUSTER_YAML.replace("T4", "H100-80G").replace("L4", "H100-80G").replace("A100-40G", "H100-80G"))
     second = json.loads(plan(model, cluster, "--json").stdout)
     assert {s["sku"] for s in second["stages"]} == {"H100-80G"}
+
+
+def test_the_planner_stores_each_width_as_the_mixed_precision_policy_does():
+    from llmc.ir import Layer, Linear
+    from llmc.passes.mixed_precision import stored_bits
+    from llmc.passes.plan import layer_choices
+    from llmc.schemes import Scheme, at_width
+
+    linears = (Linear("model.layers.0.mlp.up_proj", 576, 1536, False), Linear("model.layers.0.mlp.down_proj", 1536, 576, False))
+    scheme = Scheme("gptq", 4, 32, False)  # asymmetric groups of 32
+    choices = layer_choices(Layer(0, linears), {lin.name: scheme for lin in linears}, (4, 6, 8, 16))
+    for choice in choices:
+        stored = at_width(scheme, choice.bits)
+        bits = sum(lin.in_features * lin.out_features * 16 if stored is None else
+                   stored_bits(lin.out_features, lin.in_features, stored.bits, stored.group_size, stored.symmetric)
+                   for lin in linears)
+        assert choice.weight_bytes == pytest.approx(bits / 8), choice.bits
+    # FP6 has no zero point; 8 bits is one scale per output channel, symmetric.
+    assert (at_width(scheme, 6).method, at_width(scheme, 6).symmetric) == ("fpx", True)
+    assert (at_width(scheme, 8).group_size, at_width(scheme, 8).symmetric) == (-1, True)
