@@ -519,8 +519,7 @@ def _fpx_linear(g, x, module: str, packed, outputs) -> str:
     except ValueError as e:
         raise ValueError(f"{module}: {e}") from None
     op = plugin.op_for(packed.fmt)
-    names = ("high", "low", "scale") if len(arrays) == 3 else ("plane", "scale")
-    inputs = [x] + [g.initializer(f"{module}.{name}", array) for name, array in zip(names, arrays)]
+    inputs = [x] + [g.initializer(f"{module}.{name}", array) for name, array in zip(op.input_names[1:], arrays, strict=True)]
     return g.op(op.name, inputs, f"{module}/{op.name}", outputs=outputs, domain=op.namespace,
                 **plugin.node_attributes(weights))
 

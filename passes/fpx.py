@@ -68,6 +68,12 @@ FP8_E4M3 = FpFormat("e4m3", 4, 3, 7, nan_magnitude=0x7F)
 FORMATS = {f.name: f for f in (FP6_E3M2, FP6_E2M3, FP4_E2M1, FP8_E4M3)}
 
 
+def format_of(exponent_bits: int, mantissa_bits: int) -> FpFormat | None:
+    """The format with these field widths, None if llmc has none."""
+    return next((f for f in FORMATS.values() if (f.exponent_bits, f.mantissa_bits) == (exponent_bits, mantissa_bits)),
+                None)
+
+
 def magnitude_table(fmt: FpFormat) -> torch.Tensor:
     """float32 value of every magnitude code (rule 1), NaN for a NaN code."""
     m_bits = fmt.mantissa_bits
@@ -161,7 +167,7 @@ class FpxLinear:
         from llmc.passes.bitplanes import unpack_fp_codes
 
         exponent_bits, mantissa_bits, group_size, tile = (int(v) for v in tensors[f"{prefix}.fpx_meta"].tolist())
-        fmt = next(f for f in FORMATS.values() if (f.exponent_bits, f.mantissa_bits) == (exponent_bits, mantissa_bits))
+        fmt = format_of(exponent_bits, mantissa_bits)
         planes = tuple(tensors[f"{prefix}.fpx_plane{i}"] for i in range(2 if fmt.bits == 6 else 1))
         codes = unpack_fp_codes(planes, fmt.bits, fmt.mantissa_bits, tile).to(torch.uint8)
         return FpxLinear(codes, tensors[f"{prefix}.fpx_scale"], fmt, group_size)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc.passes.bitplanes import fp6_low_positions
-from llmc.passes.fpx import FORMATS, FpFormat
+from llmc.passes.fpx import FpFormat, format_of
 from llmc.plugins.linear_plugin import FunctionBody, LinearOp, device_tensor, function, rows_and_features
 
 VERSION = "1"
@@ -38,11 +38,6 @@ NAMESPACE = "llmc"
 FIELDS = ("exponent_bits", "mantissa_bits", "group_size", "tile")
 FP6_FORMATS = ("e3m2", "e2m3")
 FP4_FORMATS = ("e2m1",)
-
-
-def _fmt(exponent_bits: int, mantissa_bits: int) -> FpFormat | None:
-    return next((f for f in FORMATS.values() if (f.exponent_bits, f.mantissa_bits) == (exponent_bits, mantissa_bits)),
-                None)
 
 
 def low_positions(mantissa_bits: int) -> tuple[int, ...]:
@@ -102,8 +97,7 @@ def _fp6_function():
         bits.append(body.fields(by_tile, divisors, two, out_features, what))
     magnitude = body.op("Add", [body.op("Mul", [nibbles, two], "high_bits"), bits[0]], "magnitude")
     _decode_tail(body, magnitude, bits[1], out_features)
-    return function(body, FP6, ["x", "high", "low", "scale"],
-                    "y = x @ (scale * decode(code)); FP6 codes from a 4-bit and a 2-bit plane")
+    return function(body, FP6, "y = x @ (scale * decode(code)); FP6 codes from a 4-bit and a 2-bit plane")
 
 
 def _fp4_function():
@@ -112,7 +106,7 @@ def _fp4_function():
     eight = body.int64s("eight", [8])
     _decode_tail(body, body.op("Mod", [nibbles, eight], "magnitude"), body.op("Div", [nibbles, eight], "sign"),
                  out_features)
-    return function(body, FP4, ["x", "plane", "scale"], "y = x @ (scale * decode(code)); FP4 codes from one 4-bit plane")
+    return function(body, FP4, "y = x @ (scale * decode(code)); FP4 codes from one 4-bit plane")
 
 
 def op_for(fmt: FpFormat) -> LinearOp:
@@ -175,7 +169,7 @@ def _enqueue(input_dims, inputs, outputs, stream: int, fields: dict) -> None:
     import torch
 
     rows, in_features = rows_and_features(input_dims[0])
-    fmt = _fmt(fields["exponent_bits"][0], fields["mantissa_bits"][0])
+    fmt = format_of(fields["exponent_bits"][0], fields["mantissa_bits"][0])
     *plane_dims, scale_dims = (tuple(int(d) for d in dims) for dims in input_dims[1:])
     planes = [device_tensor(pointer, dims, "<i4") for pointer, dims in zip(inputs[1:-1], plane_dims)]
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
@@ -187,7 +181,7 @@ def _enqueue(input_dims, inputs, outputs, stream: int, fields: dict) -> None:
 def _checker(formats: tuple[str, ...]):
     def check(fields: dict) -> None:
         values = {k: (v[0] if len(v) == 1 else 0) for k, v in fields.items() if k in FIELDS}
-        fmt = _fmt(values["exponent_bits"], values["mantissa_bits"])
+        fmt = format_of(values["exponent_bits"], values["mantissa_bits"])
         if fmt is None or fmt.name not in formats:
             raise ValueError(f"exponent_bits {values['exponent_bits']}, mantissa_bits {values['mantissa_bits']} "
                              f"is not one of {', '.join(formats)}")
@@ -200,7 +194,8 @@ def _checker(formats: tuple[str, ...]):
     return check
 
 
-FP6 = LinearOp("Fp6Linear", VERSION, NAMESPACE, ("float32", "int32", "int32", "float16"), (*FIELDS, "low_positions"),
-               _checker(FP6_FORMATS), _enqueue, _fp6_function)
-FP4 = LinearOp("Fp4Linear", VERSION, NAMESPACE, ("float32", "int32", "float16"), FIELDS, _checker(FP4_FORMATS),
-               _enqueue, _fp4_function)
+FP6 = LinearOp("Fp6Linear", VERSION, NAMESPACE,
+               (("x", "float32"), ("high", "int32"), ("low", "int32"), ("scale", "float16")),
+               (*FIELDS, "low_positions"), _checker(FP6_FORMATS), _enqueue, _fp6_function)
+FP4 = LinearOp("Fp4Linear", VERSION, NAMESPACE, (("x", "float32"), ("plane", "int32"), ("scale", "float16")),
+               FIELDS, _checker(FP4_FORMATS), _enqueue, _fp4_function)

@@ -55,8 +55,7 @@ def onnx_function():
                                  body.op("Concat", [body.int64s("minus_one_w", [-1]), out_features], "weight_shape",
                                          axis=0)], "weight")
     body.op("MatMul", ["x", weight], "y")
-    return function(body, OP, ["x", "planes", "scale", "zero"],
-                    "y = x @ (scale * (code - zero)); codes unpacked from one bit plane, groups along the input")
+    return function(body, OP, "y = x @ (scale * (code - zero)); codes unpacked from one bit plane, groups along the input")
 
 
 def node_attributes(bits: int, group_size: int) -> dict:
@@ -148,5 +147,6 @@ def check_fields(fields: dict) -> None:
                          f"(want bits -> width {PLANE_WIDTH}, group_size > 0)")
 
 
-OP = LinearOp(NAME, VERSION, NAMESPACE, ("float32", "int32", "float32", "float16"), ("bits", "width", "group_size"),
-              check_fields, enqueue_buffers, onnx_function)
+OP = LinearOp(NAME, VERSION, NAMESPACE,
+              (("x", "float32"), ("planes", "int32"), ("scale", "float32"), ("zero", "float16")),
+              ("bits", "width", "group_size"), check_fields, enqueue_buffers, onnx_function)

@@ -84,14 +84,14 @@ class FunctionBody:
         return self.fields(by_tile, divisors, modulus, out_features, prefix), out_features
 
 
-def function(body: FunctionBody, op: LinearOp, inputs: list[str], doc: str):
+def function(body: FunctionBody, op: LinearOp, doc: str):
     """The FunctionProto of ``op`` from its body, taking the node's fields as attributes."""
     from onnx import helper
 
     from llmc.passes.export import OPSET
 
     return helper.make_function(
-        op.namespace, op.name, inputs=inputs, outputs=["y"], nodes=body.nodes,
+        op.namespace, op.name, inputs=list(op.input_names), outputs=["y"], nodes=body.nodes,
         opset_imports=[helper.make_opsetid("", OPSET)],
         attributes=[*op.fields, "plugin_version", "plugin_namespace"], doc_string=doc,
     )
@@ -102,25 +102,29 @@ def function(body: FunctionBody, op: LinearOp, inputs: list[str], doc: str):
 
 @dataclass(frozen=True)
 class LinearOp:
-    """One quantized-linear operator: its identity, its inputs' TensorRT types (``x`` first, the
-    output float32), its integer fields, a check of the fields a node brings (raises
+    """One quantized-linear operator: its identity, its inputs' names and TensorRT types (``x``
+    first, the output float32), its integer fields, a check of the fields a node brings (raises
     ``ValueError``), the enqueue body (``enqueue(input_dims, inputs, outputs, stream, fields)``
     with ``fields`` a dict of int tuples) and the maker of its ONNX FunctionProto."""
 
     name: str
     version: str
     namespace: str
-    input_types: tuple[str, ...]  # "float32" | "float16" | "int32"
+    inputs: tuple[tuple[str, str], ...]  # (name, "float32" | "float16" | "int32"), x first
     fields: tuple[str, ...]
     check: Callable[[dict], None]
     enqueue: Callable
     onnx_function: Callable[[], object]
 
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.inputs)
+
 
 def make_creator(trt, op: LinearOp):
     """An ``IPluginCreatorV3One`` for ``op`` bound to ``trt`` (tensorrt or tensorrt_rtx)."""
     names = {"float32": trt.DataType.FLOAT, "float16": trt.DataType.HALF, "int32": trt.DataType.INT32}
-    types = [names[t] for t in op.input_types] + [trt.DataType.FLOAT]
+    types = [names[t] for _, t in op.inputs] + [trt.DataType.FLOAT]
 
     class LinearPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         def __init__(self, fields: dict[str, tuple[int, ...]]):

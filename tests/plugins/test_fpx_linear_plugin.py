@@ -23,14 +23,10 @@ def quantized(name: str, group, out_features=48, in_features=256, seed=0):
     return fpx_quantize(w, FORMATS[name], group, scale_dtype=torch.float16)
 
 
-def input_names(arrays) -> list[str]:
-    return ["high", "low", "scale"] if len(arrays) == 3 else ["plane", "scale"]
-
-
 def one_node_model(q) -> onnx.ModelProto:
     weights, arrays = plugin.node_inputs(q)
     op = plugin.op_for(q.fmt)
-    names = input_names(arrays)
+    names = op.input_names[1:]
     node = helper.make_node(op.name, ["x", *names], ["y"], name="linear", domain=op.namespace,
                             **plugin.node_attributes(weights))
     graph = helper.make_graph(
