@@ -323,7 +323,7 @@ def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
     from llmc.passes.fpx import FpxQuantizePass
     from llmc.passes.quantize_gptq import GptqQuantizePass
     from llmc.passes.quantize_rtn import RtnQuantizePass
-    from llmc.schemes import methods_used, rules_from_config
+    from llmc.schemes import FP6_BITS, methods_used, rules_from_config
 
     # Calibration data before anything data-aware (quantizers, sensitivity).
     passes.append(
@@ -372,7 +372,7 @@ def build_pipeline(model, base: Path, *, through: str = "report") -> list[Pass]:
     # FPx rounds without data, like RTN, so it also runs before GPTQ. A per-layer width of 6 is FP6.
     widths = {*(mixed.bits if mixed is not None and mixed.granularity == "layer" else ()),
               *(plan.bits if per_layer_plan else ())}
-    if "fpx" in methods_used(rules) or 6 in widths:
+    if "fpx" in methods_used(rules) or FP6_BITS in widths:
         passes.append(FpxQuantizePass(**vars(rules)))
     if "gptq" in methods_used(rules):
         passes.append(GptqQuantizePass(**vars(rules), damp=q.gptq.damp, act_order=q.gptq.act_order,

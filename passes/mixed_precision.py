@@ -132,8 +132,8 @@ def select_high_rows(salience: dict[str, torch.Tensor], *, fraction: float | Non
 
 
 def apply_precision(schemes: dict, precision) -> dict:
-    """``schemes`` (llmc.schemes.resolve_schemes) with the policy's widths; width 16 is float,
-    width 6 FP6 (method ``fpx``, rule 2)."""
+    """``schemes`` (llmc.schemes.resolve_schemes) with the policy's widths, stored as
+    :func:`llmc.schemes.at_width` says (16 float, 6 FP6 with method ``fpx``; rule 2)."""
     if precision is None:
         return schemes
     result = dict(schemes)
@@ -141,9 +141,9 @@ def apply_precision(schemes: dict, precision) -> dict:
         scheme = result.get(choice.module)
         if scheme is None:
             continue
-        method = "fpx" if choice.bits == FP6_BITS else scheme.method
-        result[choice.module] = None if choice.bits >= 16 else replace(
-            scheme, method=method, bits=choice.bits, group_size=choice.group_size, symmetric=choice.symmetric)
+        stored = at_width(scheme, choice.bits)
+        result[choice.module] = None if stored is None else replace(
+            stored, group_size=choice.group_size, symmetric=choice.symmetric)
     return result
 
 
@@ -175,7 +175,7 @@ from fnmatch import fnmatchcase  # noqa: E402
 from llmc.errors import ConfigError  # noqa: E402
 from llmc.ir import MixedPrecision, PrecisionChoice, Program  # noqa: E402
 from llmc.pipeline import Pass, PassContext, PassResult  # noqa: E402
-from llmc.schemes import FP6_BITS, QuantizationRules, at_width, effective_group, resolve_schemes  # noqa: E402
+from llmc.schemes import QuantizationRules, at_width, effective_group, resolve_schemes  # noqa: E402
 
 GRANULARITIES = ("layer", "output-feature", "plan")
 
