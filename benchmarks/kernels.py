@@ -429,7 +429,9 @@ def explore(out: Path, shapes) -> None:
                (32, 512, 8, 0.5, F, T, T), (256, 4, 2, 8, T, T, T)]
     fp6_m1 = [None, (256, 2, 1, 8, T), (32, 256, 8, 0.5, F), (64, 64, 4, 1, F), (64, 32, 4, 1, T), (128, 16, 4, 2, T),
               (256, 8, 4, 2, F), (32, 128, 8, 0.5, T), (512, 4, 4, 2, F), (16, 128, 4, 1, F), (1024, 1, 4, 8, F),
-              (64, 16, 4, 2, F), (128, 8, 4, 4, F), (64, 8, 2, 8, F)]
+              (64, 16, 4, 2, F), (128, 8, 4, 4, F), (64, 8, 2, 8, F),
+              # round 4: 8 warps on 16 outputs, the small-shape winners
+              (16, 128, 8, 1, F), (16, 64, 8, 1, F), (16, 64, 4, 2, F)]
     tc = [None, (64, 32, 4, 2), (128, 16, 4, 2), (32, 16, 4, 8)]
     results = []
     for label, k, n in shapes:
@@ -490,6 +492,11 @@ TC_FP6_70B = [None, (64, 16, 4, 4, False, False, 2), (128, 16, 4, 4, True, False
 TC_INT4_LARGE = [None, (128, 16, 4, 2, False, False, 2), (128, 16, 4, 2, True, False, 2), (128, 16, 4, 4, True, False, 2),
                  (64, 16, 4, 4, False, False, 2), (64, 32, 8, 2, False, False, 2)]
 
+TC_INT4_NARROW = [None, (16, 16, 4, 8), (16, 32, 4, 8), (16, 16, 2, 8), (32, 16, 8, 8), (16, 64, 4, 4),
+                  (16, 16, 4, 8, False, False, 2), (32, 16, 4, 8, False, False, 2)]
+TC_FP6_NARROW = [None, (16, 16, 4, 8), (16, 16, 4, 8, False, False, 2), (16, 32, 4, 8), (16, 16, 2, 8),
+                 (32, 16, 8, 8), (32, 16, 4, 8, False, False, 2)]
+
 
 def explore_tc(out: Path) -> None:
     """Check, then time (two alternating passes), candidate 2-16 row launches: FP6 on the 7B
@@ -511,6 +518,8 @@ def explore_tc(out: Path) -> None:
     started = time.time()
     plan = [(s, ("fp6", TC_FP6_LARGE)) for s in SHAPES if s[0] in LARGE[:3]]
     plan += [(s, ("int4", TC_INT4_SMALL)) for s in SHAPES[:6]]
+    if os.environ.get("TC_PLAN") == "c":  # round 4: 16-output blocks and 8 warps on the small shapes
+        plan = [(s, ("int4", TC_INT4_NARROW)) for s in SHAPES[:6]] + [(s, ("fp6", TC_FP6_NARROW)) for s in SHAPES[:6]]
     if os.environ.get("TC_PLAN") == "b":  # the second set: 70B FP6, int4 on the large shapes, FP6 small
         plan = [(s, ("fp6", TC_FP6_70B)) for s in SHAPES[-1:]] + [(s, ("int4", TC_INT4_LARGE)) for s in SHAPES[6:]]
         plan += [(s, ("fp6", TC_FP6_SMALL)) for s in SHAPES[:6]]

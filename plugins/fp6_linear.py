@@ -426,12 +426,13 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
 
 
 # Launch shapes by weight count as in intn_linear (picked by `benchmarks/kernels.py --explore`
-# on an H100, docs/benchmarks/kernels.md): per-program blocks of 16-128 outputs and 128-256 rows
-# (one step, all loads in flight at once) on the small and 4096-class shapes, with no split-K
+# on an H100, docs/benchmarks/kernels.md): per-program blocks of 16-32 outputs and 64-256 rows
+# (one step, all loads in flight at once) on the small and 4096-class shapes; below 2^23 weights
+# 8 warps per program of 16 outputs (round 4: 576x576 4.1 -> 3.0 us, 4864x896 7.1 -> 6.4), with no split-K
 # at 4096x4096 (programs_per_sm 0.5: one program per output block, reduced inside the program);
 # 128 outputs x 8 rows, 4 programs per SM on the 7B MLP shapes (4-9% over 256 x 8 at 2 per SM).
 # Evict-first weight loads, which help int4, were neutral here (measured) and are not used.
-DECODE_SHAPES_FP6 = ((1 << 20, (16, 128, 4, 1, False)), (1 << 23, (64, 16, 4, 2, False)),
+DECODE_SHAPES_FP6 = ((1 << 20, (16, 128, 8, 1, False)), (1 << 23, (16, 64, 8, 1, False)),
                      (1 << 25, (32, 256, 8, 0.5, False)), (1 << 26, (128, 8, 4, 4, False)),
                      (None, (1024, 1, 4, 8, False)))
 DECODE_SHAPE_FP4 = (512, 2, 2, 8, False)  # not swept: FP4 is not a speed target
