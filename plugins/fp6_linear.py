@@ -24,6 +24,8 @@ Decoding (rules referred to in the code):
    times the scale it becomes the float16 operand of ``tl.dot`` (float32 accumulation).
 4. Split-K as in ``llmc.plugins.splitk``; more rows dequantize (:func:`fpx_dequantize`) and
    call cuBLAS, as in ``llmc.plugins.intn_linear``.
+5. A few rows of x on a small FP6 linear run the decode kernel once per row (a third grid
+   dimension), as ``llmc.plugins.intn_linear`` rule 5 (``ROW_GRID``) says; FP4 keeps the tensor cores.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 
 from llmc.passes.bitplanes import default_tile, pack_fp_codes, unpack_fp_codes
 from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
-from llmc.plugins.intn_linear import PREFILL_ROWS, decode_shape
+from llmc.plugins.intn_linear import PREFILL_ROWS, decode_shape, row_grid
 from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
@@ -98,7 +100,7 @@ def fpx_reference(x: torch.Tensor, w: FpxWeights) -> torch.Tensor:
 # --------------------------------------------------------------------------- Triton
 
 if triton is not None:
-    from llmc.plugins.splitk import _contiguous, finish_split
+    from llmc.plugins.splitk import _contiguous, finish_split, grid_row
 
     _X_SCALE = tl.constexpr(2.0**64)
 
@@ -163,12 +165,16 @@ if triton is not None:
     def _fp6_gemv_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          N, K, stride_ym, rows_per_split, n_split,
                          M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr = False):
+                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr = False,
+                         ROW_GRID: tl.constexpr = False):
         # One row of the 2-bit plane covers 16 weights: the row j of each tile half of the 4-bit
         # plane (tile rows j and j + TILE/16), 8 fields each.
         LOW_ROWS: tl.constexpr = TILE // 16
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
+        # One row of (contiguous) x per grid row, as in intn_linear (rule 5 there).
+        if ROW_GRID:
+            x_ptr, y_ptr, part_ptr, count_ptr = grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         row_begin = pid_k * rows_per_split
@@ -398,15 +404,17 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
     """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md); None above
     ``PREFILL_ROWS`` rows, where dequantize-then-matmul is faster than the fused kernels.
 
-    ``decode`` overrides the one-row launch: (block_n, block_w, num_warps, programs_per_sm,
-    prefetch), block_w in rows of the 2-bit plane for FP6 (16 weights each), of words for FP4;
+    ``decode`` overrides the one-row launch (for FP6 also that of a few rows, once per row):
+    (block_n, block_w, num_warps, programs_per_sm, prefetch), block_w in rows of the 2-bit plane
+    for FP6 (16 weights each), of words for FP4;
     ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps, programs_per_sm[, evict_first[,
     swap[, num_stages]]]) (``swap``: the decoded weight as the first operand of ``tl.dot``;
     ``num_stages`` 3 unless given).
     ``programs_per_sm`` may be a fraction: below one program per output block, no split-K.
     """
     rows = w.in_features // (16 if w.fmt.bits == 6 else 8)
-    if m == 1:
+    per_row = w.fmt.bits == 6 and row_grid(m, w.in_features * w.out_features)
+    if m == 1 or w.fmt.bits == 6 and (decode is not None or per_row) and tensor_cores is None:
         if decode is None and w.fmt.bits == 6:
             decode = decode_shape(w.in_features * w.out_features, DECODE_SHAPES_FP6)
         block_n, block_w, warps, per_sm, prefetch = decode or DECODE_SHAPE_FP4
@@ -478,9 +486,11 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
                   BLOCK_W=config.block_w, num_warps=config.num_warps, num_stages=config.num_stages, **COMPILE_OPTIONS)
     low = w.planes[1] if fmt.bits == 6 else w.planes[0]
     if config.block_m == 1 and fmt.bits == 6:
-        _fp6_gemv_kernel[(grid_n, split.split)](
+        if m > 1 and x2.stride(0) != k:
+            x2 = x2.contiguous()  # one row of x per grid row, k apart
+        _fp6_gemv_kernel[(grid_n, split.split, m)](
             x2, w.planes[0], low, w.scale, y, part, count, n, k, y.stride(0),
-            split.rows_per_split, split.split, PREFETCH=config.prefetch, **common)
+            split.rows_per_split, split.split, PREFETCH=config.prefetch, ROW_GRID=m > 1, **common)
     elif config.block_m == 1:
         _fp4_gemv_kernel[(grid_n, split.split)](
             x2, w.planes[0], w.scale, y, part, count, n, k, y.stride(0),
@@ -549,7 +559,7 @@ def kernel_variants() -> list:
         aligned = (*pointers, "N", "K", "stride_ym", "rows_per_split")
         for limit, (block_n, block_w, warps, _, prefetch) in shapes:
             size = f"<2^{limit.bit_length() - 1}" if limit else "large"
-            extra = {"PREFETCH": prefetch} if fmt.bits == 6 else {}
+            extra = {"PREFETCH": prefetch, "ROW_GRID": False} if fmt.bits == 6 else {}
             variants.append(KernelVariant(f"fpx-gemv-{name}-{size}", gemv, {**pointers, **sizes},
                                           {**common, "BLOCK_N": block_n, "BLOCK_W": block_w, **extra},
                                           warps, 1, aligned))

@@ -28,6 +28,9 @@ Kernels (rules referred to in the code):
 3. Both split K when the output alone gives too few programs (``llmc.plugins.splitk``).
 4. More rows (prefill): :func:`intn_dequantize` writes the float16 weight and cuBLAS multiplies;
    the fused kernel ran 4-6x slower than cuBLAS there (``PREFILL_ROWS``).
+5. A few rows on a small linear (``ROW_GRID``): the decode kernel once per row of ``x``, a third
+   grid dimension with its own partials and counters; the rows' programs run together and share
+   the words through L2. Measured faster than the tensor-core kernel there (``ROW_GRID``).
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def intn_reference(x: torch.Tensor, w: IntNWeights) -> torch.Tensor:
 # --------------------------------------------------------------------------- Triton
 
 if triton is not None:
-    from llmc.plugins.splitk import _contiguous, finish_split
+    from llmc.plugins.splitk import _contiguous, finish_split, grid_row
 
     # Rule 1: x is scaled by 2^(100 - o), so u * 2^(o - 149) times it is u * x * 2^-49, normal.
     _X_SCALE = tl.constexpr(2.0**100)
@@ -137,12 +140,15 @@ if triton is not None:
                      WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
                      CHANNEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                      PREFETCH: tl.constexpr = False, INLINE_ZERO: tl.constexpr = False,
-                     EVICT_FIRST: tl.constexpr = False):
+                     EVICT_FIRST: tl.constexpr = False, ROW_GRID: tl.constexpr = False):
         FIELDS: tl.constexpr = 32 // WIDTH
         ROWS_PER_TILE: tl.constexpr = GROUP // FIELDS
         MASK: tl.constexpr = (1 << WIDTH) - 1
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
+        # Rule 5: one row of (contiguous) x per grid row; its own partials and counters.
+        if ROW_GRID:
+            x_ptr, y_ptr, part_ptr, count_ptr = grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         row_begin = pid_k * rows_per_split
@@ -319,14 +325,14 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md); None above
     ``PREFILL_ROWS`` rows, where dequantize-then-matmul is faster than the fused kernels.
 
-    ``decode`` overrides the one-row launch: (block_n, block_w, num_warps, programs_per_sm,
-    prefetch[, inline_zero[, evict_first]]); ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps,
+    ``decode`` overrides the one-row launch, also that of a few rows run once per row (rule 5):
+    (block_n, block_w, num_warps, programs_per_sm, prefetch[, inline_zero[, evict_first]]); ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps,
     programs_per_sm[, evict_first[, swap[, num_stages]]]) (``swap``: the decoded weight as the first
     operand of ``tl.dot``; ``num_stages`` 3 unless given). ``programs_per_sm`` may be a fraction: at or below one program per output
     block there is no split-K (no reduction across programs).
     """
     word_rows = w.in_features // fields_per_word(_width(w.bits))
-    if m == 1:
+    if m == 1 or (decode is not None or row_grid(m, w.in_features * w.out_features)) and tensor_cores is None:
         block_n, block_w, warps, per_sm, prefetch, *rest = decode or decode_shape(w.in_features * w.out_features, DECODE_SHAPES)
         inline_zero = bool(rest and rest[0])
         evict_first = bool(len(rest) > 1 and rest[1])
@@ -375,6 +381,16 @@ TENSOR_CORE_SHAPES = ((1 << 21, (32, 16, 4, 8)), (1 << 23, (64, 32, 8, 2, False,
 TENSOR_CORE_SHAPE = TENSOR_CORE_SHAPES[-1][1]
 TENSOR_CORE_SHAPE_DEEP = (32, 32, 4, 4)
 DEEP_WORD_ROWS = 96
+# (rows, weights): up to that many rows of x on linears below that many weights, the one-row
+# kernel runs once per row (rule 5), not the tensor-core kernel. Round 4 (H100, docs/benchmarks/
+# kernels.md): 576x576 int4 at 4 rows 3.6 us against 4.4, FP6 3.9 against 5.7; from 2^21 weights
+# only 2 rows won (896x4864 int4 5.5 against 7.4 us at 2 rows, 7.8 against 7.4 at 4).
+ROW_GRID = ((4, 1 << 21), (2, 1 << 23))
+
+
+def row_grid(m: int, weights: int) -> bool:
+    """Whether ``m`` rows on a linear of ``weights`` weights run the one-row kernel once per row."""
+    return any(m <= rows and weights < limit for rows, limit in ROW_GRID)
 # Above this many rows, llmc dequantizes to float16 and calls cuBLAS: Triton's tensor-core
 # kernels with a dequantized operand run at a fifth of cuBLAS's rate there (measured).
 PREFILL_ROWS = 16
@@ -427,10 +443,13 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
                   BLOCK_N=config.block_n, BLOCK_W=config.block_w, num_warps=config.num_warps,
                   num_stages=config.num_stages, **COMPILE_OPTIONS)
     if config.block_m == 1:
-        _gemv_kernel[(grid_n, split.split)](
+        if m > 1 and x2.stride(0) != k:
+            x2 = x2.contiguous()  # rule 5: rows of x k apart
+        _gemv_kernel[(grid_n, split.split, m)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, n, k, y.stride(0),
             split.rows_per_split, split.split, CHANNEL=w.group_size == k, PREFETCH=config.prefetch,
-            INLINE_ZERO=config.inline_zero and w.group_size != k, EVICT_FIRST=config.evict_first, **common)
+            INLINE_ZERO=config.inline_zero and w.group_size != k, EVICT_FIRST=config.evict_first,
+            ROW_GRID=m > 1, **common)
     else:
         _gemm_kernel[(grid_n, grid_m, split.split)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, m, n, k, x2.stride(0), y.stride(0),
@@ -478,7 +497,8 @@ def kernel_variants() -> list:
             variants.append(KernelVariant(
                 f"intn-gemv-{tag}-{size}", _gemv_kernel, gemv_args,
                 {**common, "CHANNEL": group == -1, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch,
-                 "INLINE_ZERO": inline_zero and group != -1, "EVICT_FIRST": bool(evict and evict[0])},
+                 "INLINE_ZERO": inline_zero and group != -1, "EVICT_FIRST": bool(evict and evict[0]),
+                 "ROW_GRID": False},
                 warps, 1, aligned))
         tensor_core_shapes = [(f"<2^{limit.bit_length() - 1}" if limit else "large", shape)
                               for limit, shape in TENSOR_CORE_SHAPES]

@@ -96,9 +96,22 @@ def test_tensor_core_launch_options_round_3():
     assert fp.fpx_config(16, fp6, SMS, tensor_cores=(64, 16, 4, 4)).num_stages == 3
     shallow = intn.pack_intn(rtn_quantize(weight(576, 576), 4, 64, True))
     deep = intn.pack_intn(rtn_quantize(weight(576, 1536), 4, 128, True))
-    assert intn.intn_config(4, shallow, SMS).block_w == 16
-    config = intn.intn_config(4, deep, SMS)
+    assert intn.intn_config(8, shallow, SMS).block_w == 16
+    config = intn.intn_config(8, deep, SMS)
     assert (config.block_n, config.block_w, config.num_stages) == intn.TENSOR_CORE_SHAPE_DEEP[:2] + (3,)
+
+
+def test_a_few_rows_on_a_small_linear_run_the_decode_kernel_per_row():
+    # ROW_GRID: up to 4 rows below 2^21 weights, 2 rows below 2^23; the tensor cores otherwise.
+    small = intn.pack_intn(rtn_quantize(weight(576, 576), 4, 64, True))
+    medium = intn.pack_intn(rtn_quantize(weight(4864, 896), 4, 128, True))
+    assert [intn.intn_config(m, small, SMS).block_m for m in (2, 4, 5, 16)] == [1, 1, 16, 16]
+    assert [intn.intn_config(m, medium, SMS).block_m for m in (2, 3, 4)] == [1, 16, 16]
+    assert intn.intn_config(4, small, SMS) == intn.intn_config(1, small, SMS)
+    fp6 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e3m2"], None, scale_dtype=torch.float16))
+    assert [fp.fpx_config(m, fp6, SMS).block_m for m in (2, 4, 5)] == [1, 1, 16]
+    fp4 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e2m1"], None, scale_dtype=torch.float16))
+    assert fp.fpx_config(2, fp4, SMS).block_m == 16  # the FP4 decode kernel has no row grid
 
 
 @pytest.mark.parametrize("programs", [0.5, 1, 66.0, 1056])
@@ -131,7 +144,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 
 @gpu
-@pytest.mark.parametrize("rows", [1, 4, 16, 40])
+@pytest.mark.parametrize("rows", [1, 3, 4, 16, 40])
 @pytest.mark.parametrize("kind", ["int4-g64", "int4-asym-g32", "int8-channel", "fp6", "fp6-g32", "fp4"])
 def test_kernels_match_their_references_on_fresh_inputs(kind, rows):
     generator = torch.Generator().manual_seed(rows)
