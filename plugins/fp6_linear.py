@@ -413,8 +413,9 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
     ``programs_per_sm`` may be a fraction: below one program per output block, no split-K.
     """
     rows = w.in_features // (16 if w.fmt.bits == 6 else 8)
-    per_row = w.fmt.bits == 6 and row_grid(m, w.in_features * w.out_features)
-    if m == 1 or w.fmt.bits == 6 and (decode is not None or per_row) and tensor_cores is None:
+    per_row = (w.fmt.bits == 6 and tensor_cores is None
+               and (decode is not None or row_grid(m, w.in_features * w.out_features)))
+    if m == 1 or per_row:
         if decode is None and w.fmt.bits == 6:
             decode = decode_shape(w.in_features * w.out_features, DECODE_SHAPES_FP6)
         block_n, block_w, warps, per_sm, prefetch = decode or DECODE_SHAPE_FP4

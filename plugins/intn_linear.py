@@ -326,7 +326,8 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     ``PREFILL_ROWS`` rows, where dequantize-then-matmul is faster than the fused kernels.
 
     ``decode`` overrides the one-row launch, also that of a few rows run once per row (rule 5):
-    (block_n, block_w, num_warps, programs_per_sm, prefetch[, inline_zero[, evict_first]]); ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps,
+    (block_n, block_w, num_warps, programs_per_sm, prefetch[, inline_zero[, evict_first]]);
+    ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps,
     programs_per_sm[, evict_first[, swap[, num_stages]]]) (``swap``: the decoded weight as the first
     operand of ``tl.dot``; ``num_stages`` 3 unless given). ``programs_per_sm`` may be a fraction: at or below one program per output
     block there is no split-K (no reduction across programs).
@@ -391,6 +392,8 @@ ROW_GRID = ((4, 1 << 21), (2, 1 << 23))
 def row_grid(m: int, weights: int) -> bool:
     """Whether ``m`` rows on a linear of ``weights`` weights run the one-row kernel once per row."""
     return any(m <= rows and weights < limit for rows, limit in ROW_GRID)
+
+
 # Above this many rows, llmc dequantizes to float16 and calls cuBLAS: Triton's tensor-core
 # kernels with a dequantized operand run at a fifth of cuBLAS's rate there (measured).
 PREFILL_ROWS = 16
