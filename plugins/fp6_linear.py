@@ -36,7 +36,7 @@ import torch
 
 from llmc.passes.bitplanes import default_tile, pack_fp_codes, unpack_fp_codes
 from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
-from llmc.plugins.intn_linear import PREFILL_ROWS, decode_shape, row_grid
+from llmc.plugins.intn_linear import PREFILL_ROWS, decode_classes, decode_shape, row_grid, wide_linear
 from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
@@ -410,14 +410,15 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
     ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps, programs_per_sm[, evict_first[,
     swap[, num_stages]]]) (``swap``: the decoded weight as the first operand of ``tl.dot``;
     ``num_stages`` 3 unless given).
-    ``programs_per_sm`` may be a fraction: below one program per output block, no split-K.
+    ``programs_per_sm`` may be a fraction (0: no split-K): below one program per output block, no split-K.
     """
     rows = w.in_features // (16 if w.fmt.bits == 6 else 8)
     per_row = (w.fmt.bits == 6 and tensor_cores is None
                and (decode is not None or row_grid(m, w.in_features * w.out_features)))
     if m == 1 or per_row:
         if decode is None and w.fmt.bits == 6:
-            decode = decode_shape(w.in_features * w.out_features, DECODE_SHAPES_FP6)
+            decode = (DECODE_SHAPE_WIDE_FP6 if wide_linear(w.in_features, w.out_features, sms)
+                      else decode_shape(w.in_features * w.out_features, DECODE_SHAPES_FP6))
         block_n, block_w, warps, per_sm, prefetch = decode or DECODE_SHAPE_FP4
         if w.fmt.bits != 6:
             prefetch = False  # the FP4 kernel has no prefetch variant
@@ -444,6 +445,11 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
 DECODE_SHAPES_FP6 = ((1 << 20, (16, 128, 8, 1, False)), (1 << 23, (16, 64, 8, 1, False)),
                      (1 << 25, (32, 256, 8, 0.5, False)), (1 << 26, (128, 8, 4, 4, False)),
                      (None, (1024, 1, 4, 8, False)))
+# One row on a wide linear (``intn_linear.wide_linear``: the 7B-13B gate/up projections): one program
+# per block of 16 outputs over all of K (64 rows of the 2-bit plane per step, 4 warps, prefetch), no
+# split-K. Round 6 (H100): 4096->14336 26.6 -> 24.0 us, 5120->13824 32.4 -> 28.8, 4096->11008
+# 20.8 -> 20.2.
+DECODE_SHAPE_WIDE_FP6 = (16, 64, 4, 0, True)
 DECODE_SHAPE_FP4 = (512, 2, 2, 8, False)  # not swept: FP4 is not a speed target
 # (block_n, block_w, num_warps, programs per SM[, evict-first[, swap[, num_stages]]]) of the 2-16
 # row tensor-core FP6 kernel by weight count. Round 3 (three probe processes,
@@ -550,16 +556,15 @@ def kernel_variants() -> list:
         if fmt.bits == 6:
             weights = dict(x_ptr="*fp16", hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16")
             gemv, gemm = _fp6_gemv_kernel, _fp6_gemm_kernel
-            shapes = DECODE_SHAPES_FP6
+            shapes = decode_classes(DECODE_SHAPES_FP6, DECODE_SHAPE_WIDE_FP6)
         else:
             weights = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16")
             gemv, gemm = _fp4_gemv_kernel, _fp4_gemm_kernel
-            shapes = ((None, DECODE_SHAPE_FP4),)
+            shapes = (("large", DECODE_SHAPE_FP4),)
         tensor_core_shapes = TENSOR_CORE_SHAPES_FPX if fmt.bits == 6 else TENSOR_CORE_SHAPES_FP4
         pointers = {**weights, **out}
         aligned = (*pointers, "N", "K", "stride_ym", "rows_per_split")
-        for limit, (block_n, block_w, warps, _, prefetch) in shapes:
-            size = f"<2^{limit.bit_length() - 1}" if limit else "large"
+        for size, (block_n, block_w, warps, _, prefetch) in shapes:
             extra = {"PREFETCH": prefetch, "ROW_GRID": False} if fmt.bits == 6 else {}
             variants.append(KernelVariant(f"fpx-gemv-{name}-{size}", gemv, {**pointers, **sizes},
                                           {**common, "BLOCK_N": block_n, "BLOCK_W": block_w, **extra},

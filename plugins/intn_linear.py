@@ -329,12 +329,16 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     (block_n, block_w, num_warps, programs_per_sm, prefetch[, inline_zero[, evict_first]]);
     ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps,
     programs_per_sm[, evict_first[, swap[, num_stages]]]) (``swap``: the decoded weight as the first
-    operand of ``tl.dot``; ``num_stages`` 3 unless given). ``programs_per_sm`` may be a fraction: at or below one program per output
-    block there is no split-K (no reduction across programs).
+    operand of ``tl.dot``; ``num_stages`` 3 unless given). ``programs_per_sm`` may be a fraction: at
+    or below one program per output block (0 included) there is no split-K (no reduction across
+    programs).
     """
     word_rows = w.in_features // fields_per_word(_width(w.bits))
     if m == 1 or (decode is not None or row_grid(m, w.in_features * w.out_features)) and tensor_cores is None:
-        block_n, block_w, warps, per_sm, prefetch, *rest = decode or decode_shape(w.in_features * w.out_features, DECODE_SHAPES)
+        if decode is None:
+            decode = (DECODE_SHAPE_WIDE if wide_linear(w.in_features, w.out_features, sms)
+                      else decode_shape(w.in_features * w.out_features, DECODE_SHAPES))
+        block_n, block_w, warps, per_sm, prefetch, *rest = decode
         inline_zero = bool(rest and rest[0])
         evict_first = bool(len(rest) > 1 and rest[1])
         block_n = min(block_n, max(16, _pow2_at_least(w.out_features)))
@@ -365,6 +369,23 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
 DECODE_SHAPES = ((1 << 20, (16, 256, 4, 1, False, True)), (1 << 23, (64, 128, 8, 0.5, False, True)),
                  (1 << 25, (32, 512, 8, 0.5, False, True, True)), (1 << 26, (64, 16, 2, 8, True, True, True)),
                  (None, (64, 8, 2, 16, True, True, True)))
+
+
+# One row on a wide linear: from 2^25 to 2^27 weights with at least WIDE_OUTPUTS_PER_SM outputs per SM
+# (the 7B-13B gate/up projections), one program per block of 32 outputs reads all of K (64 rows of
+# words per step, 4 warps, prefetch, evict-first): no split-K, so no partials and no last-program
+# sum. Round 6 (H100, docs/benchmarks/kernels.md): 4096->11008 14.4 -> 12.9 us, 4096->14336
+# 17.1 -> 15.5, 5120->13824 19.6 -> 18.5; with fewer outputs (11008->4096: 128 programs) or more
+# weights (8192->28672) the split-K launches above stay faster.
+DECODE_SHAPE_WIDE = (32, 64, 4, 0, True, True, True)
+WIDE_WEIGHTS = (1 << 25, 1 << 27)
+WIDE_OUTPUTS_PER_SM = 80
+
+
+def wide_linear(in_features: int, out_features: int, sms: int) -> bool:
+    """Whether a one-row launch on this linear takes the wide, no-split shape."""
+    low, high = WIDE_WEIGHTS
+    return low <= in_features * out_features < high and out_features >= WIDE_OUTPUTS_PER_SM * sms
 
 
 def decode_shape(weights: int, table) -> tuple:
@@ -479,6 +500,13 @@ def intn_dequantize(w: IntNWeights, dtype: torch.dtype = torch.float16,
     return (out if dtype == torch.float16 else out.to(dtype)).t()
 
 
+def decode_classes(table, wide: tuple) -> list:
+    """(name, launch shape) of every one-row launch the heuristics pick from ``table`` and the wide
+    shape, for the compile table."""
+    return [*((f"<2^{limit.bit_length() - 1}" if limit else "large", shape) for limit, shape in table),
+            ("wide", wide)]
+
+
 def kernel_variants() -> list:
     """The kernels :func:`intn_linear` and :func:`intn_dequantize` launch at their shipped launch
     shapes, for ``llmc.plugins.aot``."""
@@ -495,8 +523,7 @@ def kernel_variants() -> list:
         tag = f"int{bits}-{'sym' if symmetric else 'asym'}-{'channel' if group == -1 else f'g{group}'}"
         common = dict(WIDTH=INT_PLANE_WIDTHS[bits][0], GROUP=4096 if group == -1 else group,
                       SYMMETRIC=symmetric, ZERO=float(1 << (bits - 1)))
-        for limit, (block_n, block_w, warps, _, prefetch, inline_zero, *evict) in DECODE_SHAPES:
-            size = f"<2^{limit.bit_length() - 1}" if limit else "large"
+        for size, (block_n, block_w, warps, _, prefetch, inline_zero, *evict) in decode_classes(DECODE_SHAPES, DECODE_SHAPE_WIDE):
             variants.append(KernelVariant(
                 f"intn-gemv-{tag}-{size}", _gemv_kernel, gemv_args,
                 {**common, "CHANNEL": group == -1, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch,

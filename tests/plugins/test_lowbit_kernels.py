@@ -73,10 +73,19 @@ def test_launch_heuristics_by_rows_and_size():
     fp6 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e3m2"], None, scale_dtype=torch.float16))
     assert fp.fpx_config(1, fp6, SMS).block_n == 16 and fp.fpx_config(100, fp6, SMS) is None
     assert intn.decode_shape(8192 * 28672, intn.DECODE_SHAPES)[:4] == (64, 8, 2, 16)
-    mlp = intn.IntNWeights((torch.zeros(512, 11008, dtype=torch.int32),), torch.zeros(32, 11008),
-                           torch.zeros(32, 11008), 4, 128, True, 4096, 11008)
-    config = intn.intn_config(1, mlp, SMS)
+    down = intn.IntNWeights((torch.zeros(1376, 4096, dtype=torch.int32),), torch.zeros(86, 4096),
+                            torch.zeros(86, 4096), 4, 128, True, 11008, 4096)
+    config = intn.intn_config(1, down, SMS)
     assert (config.block_n, config.num_warps, config.evict_first) == (64, 2, True) and config.split.split > 1
+    # A wide linear (7B gate/up: 11008 outputs, 83 per SM): one program per 32 outputs, no split-K.
+    up = intn.IntNWeights((torch.zeros(512, 11008, dtype=torch.int32),), torch.zeros(32, 11008),
+                          torch.zeros(32, 11008), 4, 128, True, 4096, 11008)
+    config = intn.intn_config(1, up, SMS)
+    assert (config.block_n, config.num_warps, config.split.split) == (32, 4, 1)
+    assert intn.intn_config(1, up, 140).split.split > 1  # fewer than 80 outputs per SM: split-K
+    up6 = fp.FpxWeights((torch.zeros(512, 11008, dtype=torch.int32), torch.zeros(256, 11008, dtype=torch.int32)),
+                        torch.zeros(1, 11008), FORMATS["e3m2"], 4096, 256, 4096, 11008)
+    assert (fp.fpx_config(1, up6, SMS).block_n, fp.fpx_config(1, up6, SMS).split.split) == (16, 1)
     assert not intn.intn_config(1, small, SMS).evict_first
     # 4096x4096: one program per 32 outputs over all of K (fewer programs than SMs), no split-K.
     big = intn.IntNWeights((torch.zeros(512, 4096, dtype=torch.int32),), torch.zeros(32, 4096), torch.zeros(32, 4096),
@@ -166,7 +175,7 @@ def test_kernels_match_their_references_on_fresh_inputs(kind, rows):
 
 
 @gpu
-@pytest.mark.parametrize("size", range(5))
+@pytest.mark.parametrize("size", range(6))
 @pytest.mark.parametrize("kind", ["int4-g128", "int4-asym-g32", "int8-channel", "fp6"])
 def test_every_shipped_decode_launch_matches_its_reference(kind, size):
     """Each size class's one-row launch (block shape, split-K, prefetch, evict-first), forced onto
@@ -175,11 +184,13 @@ def test_every_shipped_decode_launch_matches_its_reference(kind, size):
     if kind.startswith("int"):
         bits, group = (8, -1) if kind == "int8-channel" else (4, 32 if "g32" in kind else 128)
         packed = intn.pack_intn(rtn_quantize(w, bits, group, "asym" not in kind)).to("cuda")
-        config = intn.intn_config(1, packed, SMS, decode=intn.DECODE_SHAPES[size][1])
+        shape = intn.decode_classes(intn.DECODE_SHAPES, intn.DECODE_SHAPE_WIDE)[size][1]
+        config = intn.intn_config(1, packed, SMS, decode=shape)
         linear, reference = intn.intn_linear, intn.intn_reference
     else:
         packed = fp.pack_fpx(fpx_quantize(w, FORMATS["e3m2"], None, scale_dtype=torch.float16)).to("cuda")
-        config = fp.fpx_config(1, packed, SMS, decode=fp.DECODE_SHAPES_FP6[size][1])
+        shape = intn.decode_classes(fp.DECODE_SHAPES_FP6, fp.DECODE_SHAPE_WIDE_FP6)[size][1]
+        config = fp.fpx_config(1, packed, SMS, decode=shape)
         linear, reference = fp.fpx_linear, fp.fpx_reference
     for seed in range(2):  # twice: the split-K counters must be back at zero after a launch
         x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(seed)).half().cuda()
