@@ -36,7 +36,7 @@ import torch
 
 from llmc.passes.bitplanes import default_tile, pack_fp_codes, unpack_fp_codes
 from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
-from llmc.plugins.intn_linear import PREFILL_ROWS, decode_classes, decode_shape, row_grid, wide_linear
+from llmc.plugins.intn_linear import PREFILL_ROWS, decode_classes, decode_shape, one_row_shape, row_grid
 from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
@@ -417,8 +417,7 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
                and (decode is not None or row_grid(m, w.in_features * w.out_features)))
     if m == 1 or per_row:
         if decode is None and w.fmt.bits == 6:
-            decode = (DECODE_SHAPE_WIDE_FP6 if wide_linear(w.in_features, w.out_features, sms)
-                      else decode_shape(w.in_features * w.out_features, DECODE_SHAPES_FP6))
+            decode = one_row_shape(w.in_features, w.out_features, sms, DECODE_SHAPES_FP6, DECODE_SHAPE_WIDE_FP6)
         block_n, block_w, warps, per_sm, prefetch = decode or DECODE_SHAPE_FP4
         if w.fmt.bits != 6:
             prefetch = False  # the FP4 kernel has no prefetch variant
@@ -445,10 +444,10 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
 DECODE_SHAPES_FP6 = ((1 << 20, (16, 128, 8, 1, False)), (1 << 23, (16, 64, 8, 1, False)),
                      (1 << 25, (32, 256, 8, 0.5, False)), (1 << 26, (128, 8, 4, 4, False)),
                      (None, (1024, 1, 4, 8, False)))
-# One row on a wide linear (``intn_linear.wide_linear``: the 7B-13B gate/up projections): one program
-# per block of 16 outputs over all of K (64 rows of the 2-bit plane per step, 4 warps, prefetch), no
-# split-K. Round 6 (H100): 4096->14336 26.6 -> 24.0 us, 5120->13824 32.4 -> 28.8, 4096->11008
-# 20.8 -> 20.2.
+# One row on a wide linear (``intn_linear.one_row_shape``: gate/up projections of 1B-13B models): one
+# program per block of 16 outputs over all of K (64 rows of the 2-bit plane per step, 4 warps,
+# prefetch), no split-K. Round 6 (H100): 4096->14336 26.6 -> 24.0 us, 5120->13824 32.4 -> 28.8,
+# 2048->11008 23.6 -> 11.9.
 DECODE_SHAPE_WIDE_FP6 = (16, 64, 4, 0, True)
 DECODE_SHAPE_FP4 = (512, 2, 2, 8, False)  # not swept: FP4 is not a speed target
 # (block_n, block_w, num_warps, programs per SM[, evict-first[, swap[, num_stages]]]) of the 2-16

@@ -336,8 +336,7 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     word_rows = w.in_features // fields_per_word(_width(w.bits))
     if m == 1 or (decode is not None or row_grid(m, w.in_features * w.out_features)) and tensor_cores is None:
         if decode is None:
-            decode = (DECODE_SHAPE_WIDE if wide_linear(w.in_features, w.out_features, sms)
-                      else decode_shape(w.in_features * w.out_features, DECODE_SHAPES))
+            decode = one_row_shape(w.in_features, w.out_features, sms, DECODE_SHAPES, DECODE_SHAPE_WIDE)
         block_n, block_w, warps, per_sm, prefetch, *rest = decode
         inline_zero = bool(rest and rest[0])
         evict_first = bool(len(rest) > 1 and rest[1])
@@ -371,21 +370,30 @@ DECODE_SHAPES = ((1 << 20, (16, 256, 4, 1, False, True)), (1 << 23, (64, 128, 8,
                  (None, (64, 8, 2, 16, True, True, True)))
 
 
-# One row on a wide linear: from 2^25 to 2^27 weights with at least WIDE_OUTPUTS_PER_SM outputs per SM
-# (the 7B-13B gate/up projections), one program per block of 32 outputs reads all of K (64 rows of
-# words per step, 4 warps, prefetch, evict-first): no split-K, so no partials and no last-program
-# sum. Round 6 (H100, docs/benchmarks/kernels.md): 4096->11008 14.4 -> 12.9 us, 4096->14336
-# 17.1 -> 15.5, 5120->13824 19.6 -> 18.5; with fewer outputs (11008->4096: 128 programs) or more
-# weights (8192->28672) the split-K launches above stay faster.
+# One row from 2^23 to 2^27 weights, by the number of outputs (round 6, H100, docs/benchmarks/kernels.md):
+# - at least WIDE_OUTPUTS_PER_SM outputs per SM (gate/up projections of 1B-13B models): one program
+#   per block of 32 outputs reads all of K (64 rows of words per step, 4 warps, prefetch,
+#   evict-first), with no split-K, so no partials and no last-program sum. 4096->11008 14.4 -> 12.9 us,
+#   2048->11008 16.3 -> 7.7 (the 2^23-2^25 shape runs 344 one-per-SM programs in three waves there);
+# - below 2^25 weights with at most NARROW_OUTPUTS_PER_SM outputs per SM (down projections of
+#   1B-3B models): the split-K launch of the next size class, since one program per 32 outputs would
+#   leave SMs idle (8960->1536 13.1 -> 9.7 us, 11008->2048 14.1 -> 10.7).
+# 4096x4096 and 3584x3584 keep their class's launch; from 2^27 weights (8192->28672) split-K wins.
 DECODE_SHAPE_WIDE = (32, 64, 4, 0, True, True, True)
-WIDE_WEIGHTS = (1 << 25, 1 << 27)
-WIDE_OUTPUTS_PER_SM = 80
+WIDE_WEIGHTS = (1 << 23, 1 << 27)
+WIDE_OUTPUTS_PER_SM = 60
+NARROW_OUTPUTS_PER_SM = 24
 
 
-def wide_linear(in_features: int, out_features: int, sms: int) -> bool:
-    """Whether a one-row launch on this linear takes the wide, no-split shape."""
-    low, high = WIDE_WEIGHTS
-    return low <= in_features * out_features < high and out_features >= WIDE_OUTPUTS_PER_SM * sms
+def one_row_shape(in_features: int, out_features: int, sms: int, table, wide: tuple) -> tuple:
+    """The one-row launch shape: ``wide`` or a size class of ``table`` (see above)."""
+    weights = in_features * out_features
+    if WIDE_WEIGHTS[0] <= weights < WIDE_WEIGHTS[1]:
+        if out_features >= WIDE_OUTPUTS_PER_SM * sms:
+            return wide
+        if weights < 1 << 25 and out_features <= NARROW_OUTPUTS_PER_SM * sms:
+            return decode_shape(1 << 25, table)
+    return decode_shape(weights, table)
 
 
 def decode_shape(weights: int, table) -> tuple:

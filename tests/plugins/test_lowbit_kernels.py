@@ -82,7 +82,15 @@ def test_launch_heuristics_by_rows_and_size():
                           torch.zeros(32, 11008), 4, 128, True, 4096, 11008)
     config = intn.intn_config(1, up, SMS)
     assert (config.block_n, config.num_warps, config.split.split) == (32, 4, 1)
-    assert intn.intn_config(1, up, 140).split.split > 1  # fewer than 80 outputs per SM: split-K
+    assert intn.intn_config(1, up, 200).split.split > 1  # fewer than 60 outputs per SM: split-K
+    # By outputs per SM from 2^23 weights: wide gate/up, split-K for narrow down projections below
+    # 2^25, and the size class's own launch for square 4096x4096 and from 2^27 weights.
+    shapes = intn.DECODE_SHAPES
+    assert intn.one_row_shape(2048, 11008, SMS, shapes, intn.DECODE_SHAPE_WIDE) == intn.DECODE_SHAPE_WIDE
+    assert intn.one_row_shape(8960, 1536, SMS, shapes, intn.DECODE_SHAPE_WIDE) == intn.decode_shape(1 << 25, shapes)
+    assert intn.one_row_shape(4096, 4096, SMS, shapes, intn.DECODE_SHAPE_WIDE) == intn.decode_shape(4096 * 4096, shapes)
+    assert intn.one_row_shape(8192, 28672, SMS, shapes, intn.DECODE_SHAPE_WIDE) == shapes[-1][1]
+    assert intn.one_row_shape(1536, 1536, SMS, shapes, intn.DECODE_SHAPE_WIDE) == intn.decode_shape(1536 * 1536, shapes)
     up6 = fp.FpxWeights((torch.zeros(512, 11008, dtype=torch.int32), torch.zeros(256, 11008, dtype=torch.int32)),
                         torch.zeros(1, 11008), FORMATS["e3m2"], 4096, 256, 4096, 11008)
     assert (fp.fpx_config(1, up6, SMS).block_n, fp.fpx_config(1, up6, SMS).split.split) == (16, 1)
