@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llmc.catalog import GpuSku, load_catalog, lookup, suggest
 from llmc.errors import ConfigError, InputError
+from llmc.schemes import fp6_group_problem
 
 API_VERSION = "llmc/v1"
 
@@ -270,9 +271,10 @@ class Quantization(_Strict):
         mixed = self.mixed_precision
         if mixed is not None and self.method not in ("rtn", "gptq"):
             raise FieldPathError("mixed_precision", f"applies to methods rtn and gptq, not '{self.method}'")
-        if mixed is not None and mixed.granularity == "layer" and 6 in mixed.bits and self.group_size == 8:
-            raise FieldPathError("group_size", "8 does not fit FP6 (width 6 in mixed_precision.bits), whose codes "
-                                               "are packed in tiles of 16; use 16 or more, or -1")
+        problem = mixed and mixed.granularity == "layer" and fp6_group_problem(
+            mixed.bits, self.group_size, "mixed_precision.bits")
+        if problem:
+            raise FieldPathError("group_size", problem)
         if mixed is not None and mixed.granularity == "output-feature" and self.bits >= 8:
             raise FieldPathError("mixed_precision.granularity",
                                  f"output-feature mixes keep the salient features at 8 bits and the rest at "

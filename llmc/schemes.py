@@ -139,6 +139,15 @@ def at_width(scheme: Scheme, bits: int) -> Scheme | None:
     return replace(scheme, bits=bits)
 
 
+def fp6_group_problem(widths, group_size: int, field: str) -> str | None:
+    """Why ``group_size`` cannot hold FP6 when a per-layer policy may pick width 6 (``field`` names
+    the list of widths), or None. FP6 codes are packed in tiles of 16 weights."""
+    if FP6_BITS in widths and group_size == 8:
+        return (f"8 does not fit FP6 (width 6 in {field}), whose codes are packed in tiles of 16; "
+                "use 16 or more, or -1")
+    return None
+
+
 def effective_group(scheme: Scheme, in_features: int, name: str) -> int:
     """Columns per group for one linear; ``InputError`` (exit 2) when the size does not divide."""
     if scheme.group_size == -1:

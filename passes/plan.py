@@ -32,7 +32,7 @@ from llmc.passes.partition import CostTables, PartitionNotSolved, PlanInstance, 
 from llmc.passes.partition import heuristic_plans
 from llmc.passes.partition_sat import Solution, solve_partition
 from llmc.pipeline import Pass, PassContext, PassResult
-from llmc.schemes import FP6_BITS, QuantizationRules, at_width, effective_group, resolve_schemes
+from llmc.schemes import QuantizationRules, at_width, effective_group, fp6_group_problem, resolve_schemes
 
 MAX_DEFAULT_MICRO_BATCH_SIZES = 8
 
@@ -448,10 +448,9 @@ def plan_pass_from_config(model, base: Path, *, compiling: bool) -> PlanPass:
                 "model.yaml", "planner.bits",
                 f"{planner.bits} and quantization.mixed_precision both choose per-layer widths; keep one",
             )
-        if FP6_BITS in planner.bits and q.group_size == 8:
-            raise ConfigError("model.yaml", "quantization.group_size",
-                              "8 does not fit FP6 (width 6 in planner.bits), whose codes are packed in tiles "
-                              "of 16; use 16 or more, or -1")
+        problem = fp6_group_problem(planner.bits, q.group_size, "planner.bits")
+        if problem:
+            raise ConfigError("model.yaml", "quantization.group_size", problem)
     paths = {}
     for field, reader in (("sensitivity", read_sensitivity), ("profile", read_profile)):
         value = getattr(planner, field)

@@ -359,3 +359,12 @@ def test_compile_refuses_two_policies_for_the_per_layer_widths(configs, tmp_path
                              planner="planner:\n  bits: [3, 4, 8]\n")
     assert result.exit_code == EXIT_USAGE
     assert "model.yaml: planner.bits" in result.output and "mixed_precision" in result.output
+
+
+def test_fp6_in_the_plans_widths_needs_groups_of_16_or_more(configs, tmp_path):
+    model, _ = configs
+    model.write_text(model.read_text().replace("group_size: 32", "group_size: 8"))
+    result, out = compile_with(configs, tmp_path, planner="planner:\n  bits: [4, 6]\n")
+    assert result.exit_code == EXIT_USAGE
+    assert "model.yaml: quantization.group_size: 8 does not fit FP6 (width 6 in planner.bits)" in result.output
+    assert not out.exists()
