@@ -336,7 +336,9 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     word_rows = w.in_features // fields_per_word(_width(w.bits))
     if m == 1 or (decode is not None or row_grid(m, w.in_features * w.out_features)) and tensor_cores is None:
         if decode is None:
-            decode = one_row_shape(w.in_features, w.out_features, sms, DECODE_SHAPES, DECODE_SHAPE_WIDE)
+            decode = (one_row_shape(w.in_features, w.out_features, sms, DECODE_SHAPES, DECODE_SHAPE_WIDE,
+                                    DECODE_SHAPES_SHORT) if m == 1
+                      else decode_shape(w.in_features * w.out_features, DECODE_SHAPES))
         block_n, block_w, warps, per_sm, prefetch, *rest = decode
         inline_zero = bool(rest and rest[0])
         evict_first = bool(len(rest) > 1 and rest[1])
@@ -370,29 +372,39 @@ DECODE_SHAPES = ((1 << 20, (16, 256, 4, 1, False, True)), (1 << 23, (64, 128, 8,
                  (None, (64, 8, 2, 16, True, True, True)))
 
 
-# One row from 2^23 to 2^27 weights, by the number of outputs (round 6, H100, docs/benchmarks/kernels.md):
-# - at least WIDE_OUTPUTS_PER_SM outputs per SM (gate/up projections of 1B-13B models): one program
-#   per block of 32 outputs reads all of K (64 rows of words per step, 4 warps, prefetch,
-#   evict-first), with no split-K, so no partials and no last-program sum. 4096->11008 14.4 -> 12.9 us,
-#   2048->11008 16.3 -> 7.7 (the 2^23-2^25 shape runs 344 one-per-SM programs in three waves there);
-# - below 2^25 weights with at most NARROW_OUTPUTS_PER_SM outputs per SM (down projections of
-#   1B-3B models): the split-K launch of the next size class, since one program per 32 outputs would
-#   leave SMs idle (8960->1536 13.1 -> 9.7 us, 11008->2048 14.1 -> 10.7).
-# 4096x4096 and 3584x3584 keep their class's launch; from 2^27 weights (8192->28672) split-K wins.
+# One row below 2^27 weights, by the shape (round 6, H100, docs/benchmarks/kernels.md):
+# - from 2^23 weights, at least WIDE_OUTPUTS_PER_SM outputs per SM (gate/up projections of 1B-13B
+#   models): one program per block of 32 outputs reads all of K (64 rows of words per step, 4 warps,
+#   prefetch, evict-first), with no split-K, so no partials and no last-program sum. 4096->11008
+#   14.4 -> 12.9 us, 2048->11008 16.3 -> 7.7 (the 2^23-2^25 shape runs 344 one-per-SM programs in three
+#   waves there);
+# - from 2^23 to 2^25 weights, down projections (K at least twice N) with at most
+#   NARROW_OUTPUTS_PER_SM outputs per SM: the split-K launch of the next size class, since one program
+#   per 32 outputs would leave SMs idle (8960->1536 13.1 -> 9.7 us, 11008->2048 14.1 -> 10.7);
+# - int4/int8 with K up to SHORT_K: one program per block of 16 outputs (32 from 2^21 weights) reads
+#   all of K in steps of 128 rows of words, 8 warps, no split-K (896x896 3.8 -> 2.5 us, 2048x2048
+#   6.2 -> 4.2, 3072x3072 6.8 -> 5.6).
+# Otherwise the size class's launch: 4864->896, 3584x3584, 4096x4096, 11008->4096, and from 2^27
+# weights (8192->28672), where split-K wins.
 DECODE_SHAPE_WIDE = (32, 64, 4, 0, True, True, True)
+DECODE_SHAPES_SHORT = ((1 << 21, (16, 128, 8, 0, True, True, True)), (None, (32, 128, 8, 0, True, True, True)))
 WIDE_WEIGHTS = (1 << 23, 1 << 27)
 WIDE_OUTPUTS_PER_SM = 60
 NARROW_OUTPUTS_PER_SM = 24
+SHORT_K = 3072
 
 
-def one_row_shape(in_features: int, out_features: int, sms: int, table, wide: tuple) -> tuple:
-    """The one-row launch shape: ``wide`` or a size class of ``table`` (see above)."""
+def one_row_shape(in_features: int, out_features: int, sms: int, table, wide: tuple, short=None) -> tuple:
+    """The one-row launch shape: ``wide``, a size class of ``short`` or of ``table`` (see above)."""
     weights = in_features * out_features
     if WIDE_WEIGHTS[0] <= weights < WIDE_WEIGHTS[1]:
         if out_features >= WIDE_OUTPUTS_PER_SM * sms:
             return wide
-        if weights < 1 << 25 and out_features <= NARROW_OUTPUTS_PER_SM * sms:
+        if (weights < 1 << 25 and in_features >= 2 * out_features
+                and out_features <= NARROW_OUTPUTS_PER_SM * sms):
             return decode_shape(1 << 25, table)
+    if short is not None and weights < 1 << 25 and in_features <= SHORT_K:
+        return decode_shape(weights, short)
     return decode_shape(weights, table)
 
 
@@ -508,11 +520,13 @@ def intn_dequantize(w: IntNWeights, dtype: torch.dtype = torch.float16,
     return (out if dtype == torch.float16 else out.to(dtype)).t()
 
 
-def decode_classes(table, wide: tuple) -> list:
-    """(name, launch shape) of every one-row launch the heuristics pick from ``table`` and the wide
-    shape, for the compile table."""
-    return [*((f"<2^{limit.bit_length() - 1}" if limit else "large", shape) for limit, shape in table),
-            ("wide", wide)]
+def decode_classes(table, wide: tuple, short=()) -> list:
+    """(name, launch shape) of every one-row launch the heuristics pick from ``table``, the wide
+    shape and ``short``'s, for the compile table."""
+    def name(limit):
+        return f"<2^{limit.bit_length() - 1}" if limit else "large"
+    return [*((name(limit), shape) for limit, shape in table), ("wide", wide),
+            *((f"short{name(limit)}", shape) for limit, shape in short)]
 
 
 def kernel_variants() -> list:
@@ -531,7 +545,7 @@ def kernel_variants() -> list:
         tag = f"int{bits}-{'sym' if symmetric else 'asym'}-{'channel' if group == -1 else f'g{group}'}"
         common = dict(WIDTH=INT_PLANE_WIDTHS[bits][0], GROUP=4096 if group == -1 else group,
                       SYMMETRIC=symmetric, ZERO=float(1 << (bits - 1)))
-        for size, (block_n, block_w, warps, _, prefetch, inline_zero, *evict) in decode_classes(DECODE_SHAPES, DECODE_SHAPE_WIDE):
+        for size, (block_n, block_w, warps, _, prefetch, inline_zero, *evict) in decode_classes(DECODE_SHAPES, DECODE_SHAPE_WIDE, DECODE_SHAPES_SHORT):
             variants.append(KernelVariant(
                 f"intn-gemv-{tag}-{size}", _gemv_kernel, gemv_args,
                 {**common, "CHANNEL": group == -1, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch,
