@@ -526,7 +526,7 @@ def decode_classes(table, wide: tuple, short=()) -> list:
     def name(limit):
         return f"<2^{limit.bit_length() - 1}" if limit else "large"
     return [*((name(limit), shape) for limit, shape in table), ("wide", wide),
-            *((f"short{name(limit)}", shape) for limit, shape in short)]
+            *((f"short-{name(limit)}", shape) for limit, shape in short)]
 
 
 def kernel_variants() -> list:
