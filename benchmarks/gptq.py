@@ -232,18 +232,17 @@ def measure(models: list[str], cache: Path, results: dict, save, reference_pytho
 
         if reference_python:
             for bits, size, symmetric, act_order in reference_runs(group, grid):
-                if True:
-                    key = f"reference {label(bits, size, symmetric)}{' act-order' if act_order else ''}"
-                    if key in rows:
-                        continue
-                    command = [reference_python, str(ROOT / "benchmarks" / "gptq_reference.py"),
-                               json.dumps(dict(paths, bits=bits, group_size=size, symmetric=symmetric,
-                                               act_order=act_order))]
-                    done = subprocess.run(command, capture_output=True, text=True)
-                    if done.returncode != 0:
-                        record(key, {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"})
-                    else:
-                        record(key, json.loads(done.stdout.strip().splitlines()[-1]))
+                key = f"reference {label(bits, size, symmetric)}{' act-order' if act_order else ''}"
+                if key in rows:
+                    continue
+                command = [reference_python, str(ROOT / "benchmarks" / "gptq_reference.py"),
+                           json.dumps(dict(paths, bits=bits, group_size=size, symmetric=symmetric,
+                                           act_order=act_order))]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    record(key, {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"})
+                else:
+                    record(key, json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def _round_on_grid(weight, bits, group, fit_grid):
