@@ -19,13 +19,14 @@ Kernels (rules referred to in the code):
    product is subnormal. The zero point's share, ``scale * zero * sum(x)``, is added after the
    hot loop: per group (decode splits hold whole groups), or once per output channel. No int-to-float conversion
    (a quarter-rate instruction), and no FTZ: Triton's float32 arithmetic keeps subnormals (no
-   ``.ftz`` in its PTX). Every instruction per weight counts: a first version at 3.7 per weight
-   reached 65% of DRAM bandwidth on an H100 with 0.55 issued warps per scheduler (ncu); this one
-   issues 2.6-3.4 (docs/benchmarks/kernels.md).
+   ``.ftz`` in its PTX). On the 7B shapes, fewer instructions per weight did not make it faster
+   (round 5); what it spends beyond a read-only stream of the same words is the split-K finish
+   and the decode's arithmetic, about equally (round 6, docs/benchmarks/kernels.md).
 2. 2 to 16 rows: tensor cores. A field becomes the float16 ``1024 + u`` by OR-ing 0x6400; minus
    ``1024 + zero``, times the scale, it is a float16 operand of ``tl.dot`` with float32
    accumulation.
-3. Both split K when the output alone gives too few programs (``llmc.plugins.splitk``).
+3. Both split K when the output alone gives too few programs (``llmc.plugins.splitk``); one row
+   on a wide linear, or int4/int8 with a short K, reads all of K per program (``one_row_shape``).
 4. More rows (prefill): :func:`intn_dequantize` writes the float16 weight and cuBLAS multiplies;
    the fused kernel ran 4-6x slower than cuBLAS there (``PREFILL_ROWS``).
 5. A few rows on a small linear (``ROW_GRID``): the decode kernel once per row of ``x``, a third
