@@ -22,8 +22,9 @@ Decoding (rules referred to in the code):
    subnormal, and the result ``2^(127 - bias - 64)`` and the scale.
 3. 2 to 16 rows: tensor cores. The decoded float32 times ``2^(127 - bias)`` is ``V`` exactly;
    times the scale it becomes the float16 operand of ``tl.dot`` (float32 accumulation).
-4. Split-K as in ``llmc.plugins.splitk``; more rows dequantize (:func:`fpx_dequantize`) and
-   call cuBLAS, as in ``llmc.plugins.intn_linear``.
+4. Split-K as in ``llmc.plugins.splitk``, except one row of FP6 on a wide linear
+   (``intn_linear.one_row_shape``); more rows dequantize (:func:`fpx_dequantize`) and call
+   cuBLAS, as in ``llmc.plugins.intn_linear``.
 5. A few rows of x on a small FP6 linear run the decode kernel once per row (a third grid
    dimension), as ``llmc.plugins.intn_linear`` rule 5 (``ROW_GRID``) says; FP4 keeps the tensor cores.
 """
