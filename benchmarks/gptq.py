@@ -58,8 +58,11 @@ REFERENCE_NOTE = (
     "remain: its symmetric grid is absmax / 7.5 with codes clamped to [-8, 7] (the group's largest "
     "positive weight is clipped by half a step), llmc's is max(max / 7, -min / 8) (nothing "
     "clipped); it computes all of a block's Hessians from one forward, llmc true-sequentially. "
-    "Both ran with `OMP_NUM_THREADS=1` on a host whose two cores other jobs shared (load average "
-    "5-10), so wall times compare runs made side by side, not absolute speed."
+    "Both ran with `OMP_NUM_THREADS=1`. The SmolLM2 runs shared the host's two cores with other jobs "
+    "(load average 5-10), so their wall times compare runs made side by side, not absolute speed. "
+    "The Qwen2.5-0.5B GPTQ rows and its reference ran on 2026-11-23 with one other single-threaded "
+    "job on the second core (load average about 2); the earlier, contended Qwen runs had taken "
+    "2929 s (int4) and 2376 s (int3) for the same perplexities."
 )
 # The settings grid each model gets by default: the full one where a run fits a session here.
 GRID = {"smollm2": "full", "qwen0.5b": "core"}
