@@ -37,7 +37,7 @@ import torch
 
 from llmc.passes.bitplanes import default_tile, pack_fp_codes, unpack_fp_codes
 from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
-from llmc.plugins.intn_linear import PREFILL_ROWS, decode_classes, decode_shape, one_row_shape, row_grid
+from llmc.plugins.intn_linear import PREFILL_ROWS, decode_classes, decode_shape, one_row_shape, row_grid, size_classes
 from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
@@ -411,7 +411,8 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
     ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps, programs_per_sm[, evict_first[,
     swap[, num_stages]]]) (``swap``: the decoded weight as the first operand of ``tl.dot``;
     ``num_stages`` 3 unless given).
-    ``programs_per_sm`` may be a fraction (0: no split-K): below one program per output block, no split-K.
+    ``programs_per_sm`` may be a fraction: at or below one program per output block (0 included),
+    no split-K.
     """
     rows = w.in_features // (16 if w.fmt.bits == 6 else 8)
     per_row = (w.fmt.bits == 6 and tensor_cores is None
@@ -569,8 +570,7 @@ def kernel_variants() -> list:
             variants.append(KernelVariant(f"fpx-gemv-{name}-{size}", gemv, {**pointers, **sizes},
                                           {**common, "BLOCK_N": block_n, "BLOCK_W": block_w, **extra},
                                           warps, 1, aligned))
-        for limit, (block_n, block_w, warps, _, *rest) in tensor_core_shapes:
-            size = f"<2^{limit.bit_length() - 1}" if limit else "large"
+        for size, (block_n, block_w, warps, _, *rest) in size_classes(tensor_core_shapes):
             extra = ({"EVICT_FIRST": bool(rest and rest[0]), "SWAP": bool(len(rest) > 1 and rest[1])}
                      if fmt.bits == 6 else {})
             variants.append(KernelVariant(

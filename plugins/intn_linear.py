@@ -337,9 +337,9 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     word_rows = w.in_features // fields_per_word(_width(w.bits))
     if m == 1 or (decode is not None or row_grid(m, w.in_features * w.out_features)) and tensor_cores is None:
         if decode is None:
-            decode = (one_row_shape(w.in_features, w.out_features, sms, DECODE_SHAPES, DECODE_SHAPE_WIDE,
-                                    DECODE_SHAPES_SHORT) if m == 1
-                      else decode_shape(w.in_features * w.out_features, DECODE_SHAPES))
+            # The short launch was measured at one row only: rows of x keep their size class's.
+            decode = one_row_shape(w.in_features, w.out_features, sms, DECODE_SHAPES, DECODE_SHAPE_WIDE,
+                                   DECODE_SHAPES_SHORT if m == 1 else None)
         block_n, block_w, warps, per_sm, prefetch, *rest = decode
         inline_zero = bool(rest and rest[0])
         evict_first = bool(len(rest) > 1 and rest[1])
@@ -521,13 +521,15 @@ def intn_dequantize(w: IntNWeights, dtype: torch.dtype = torch.float16,
     return (out if dtype == torch.float16 else out.to(dtype)).t()
 
 
+def size_classes(table) -> list:
+    """(name, launch shape) of each size class of ``table``: ``<2^20`` ... ``large``."""
+    return [(f"<2^{limit.bit_length() - 1}" if limit else "large", shape) for limit, shape in table]
+
+
 def decode_classes(table, wide: tuple, short=()) -> list:
     """(name, launch shape) of every one-row launch the heuristics pick from ``table``, the wide
     shape and ``short``'s, for the compile table."""
-    def name(limit):
-        return f"<2^{limit.bit_length() - 1}" if limit else "large"
-    return [*((name(limit), shape) for limit, shape in table), ("wide", wide),
-            *((f"short-{name(limit)}", shape) for limit, shape in short)]
+    return [*size_classes(table), ("wide", wide), *((f"short-{size}", shape) for size, shape in size_classes(short))]
 
 
 def kernel_variants() -> list:
@@ -553,9 +555,8 @@ def kernel_variants() -> list:
                  "INLINE_ZERO": inline_zero and group != -1, "EVICT_FIRST": bool(evict and evict[0]),
                  "ROW_GRID": False},
                 warps, 1, aligned))
-        tensor_core_shapes = [(f"<2^{limit.bit_length() - 1}" if limit else "large", shape)
-                              for limit, shape in TENSOR_CORE_SHAPES]
-        for size, (block_n, block_w, warps, _, *rest) in [*tensor_core_shapes, ("<2^21-deep", TENSOR_CORE_SHAPE_DEEP)]:
+        tensor_core_shapes = [*size_classes(TENSOR_CORE_SHAPES), ("<2^21-deep", TENSOR_CORE_SHAPE_DEEP)]
+        for size, (block_n, block_w, warps, _, *rest) in tensor_core_shapes:
             variants.append(KernelVariant(
                 f"intn-gemm16-{tag}-{size}", _gemm_kernel, gemm_args,
                 {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w,
