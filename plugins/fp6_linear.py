@@ -22,11 +22,11 @@ Decoding (rules referred to in the code):
    subnormal, and the result ``2^(127 - bias - 64)`` and the scale.
 3. 2 to 16 rows: tensor cores. The decoded float32 times ``2^(127 - bias)`` is ``V`` exactly;
    times the scale it becomes the float16 operand of ``tl.dot`` (float32 accumulation).
-4. Split-K as in ``llmc.plugins.splitk``, except one row of FP6 on a wide linear
-   (``intn_linear.one_row_shape``); more rows dequantize (:func:`fpx_dequantize`) and call
-   cuBLAS, as in ``llmc.plugins.intn_linear``.
+4. Split-K as in ``llmc.plugins.splitk``, except FP6 on a wide linear (``intn_linear.one_row_shape``)
+   and on small ones (``fp6_one_row_shape``); more rows dequantize (:func:`fpx_dequantize`) and
+   call cuBLAS, as in ``llmc.plugins.intn_linear``.
 5. A few rows of x on a small FP6 linear run the decode kernel once per row (a third grid
-   dimension), as ``llmc.plugins.intn_linear`` rule 5 (``ROW_GRID``) says; FP4 keeps the tensor cores.
+   dimension), as ``llmc.plugins.intn_linear`` rule 5 (``row_grid``) says; FP4 keeps the tensor cores.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ import torch
 
 from llmc.passes.bitplanes import default_tile, pack_fp_codes, unpack_fp_codes
 from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
-from llmc.plugins.intn_linear import PREFILL_ROWS, decode_classes, decode_shape, one_row_shape, row_grid, size_classes
+from llmc.plugins.intn_linear import (PREFILL_ROWS, decode_classes, decode_shape, no_split_rows, one_row_shape, row_grid,
+                                     size_classes)
 from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
@@ -416,10 +417,10 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
     """
     rows = w.in_features // (16 if w.fmt.bits == 6 else 8)
     per_row = (w.fmt.bits == 6 and tensor_cores is None
-               and (decode is not None or row_grid(m, w.in_features * w.out_features)))
+               and (decode is not None or row_grid(m, w.in_features, w.out_features, 6)))
     if m == 1 or per_row:
         if decode is None and w.fmt.bits == 6:
-            decode = one_row_shape(w.in_features, w.out_features, sms, DECODE_SHAPES_FP6, DECODE_SHAPE_WIDE_FP6)
+            decode = fp6_one_row_shape(m, w.in_features, w.out_features, sms)
         block_n, block_w, warps, per_sm, prefetch = decode or DECODE_SHAPE_FP4
         if w.fmt.bits != 6:
             prefetch = False  # the FP4 kernel has no prefetch variant
@@ -451,6 +452,13 @@ DECODE_SHAPES_FP6 = ((1 << 20, (16, 128, 8, 1, False)), (1 << 23, (16, 64, 8, 1,
 # prefetch), no split-K. Round 6 (H100): 4096->14336 26.6 -> 24.0 us, 5120->13824 32.4 -> 28.8,
 # 2048->11008 23.6 -> 11.9.
 DECODE_SHAPE_WIDE_FP6 = (16, 64, 4, 0, True)
+# Below 2^23 weights, one row with at least as many outputs as inputs, and each row of a few rows
+# of x with K up to 4096 (``intn_linear.no_split_rows``): one program per block of 16 outputs over
+# all of K (64 rows of the 2-bit plane per step, 8 warps, prefetch), no split-K. Round 7 (H100): one
+# row 576->1536 3.5 -> 3.0 us, 2048x2048 5.9 -> 5.2, but 1536->576 3.7 -> 4.0 and 4864->896 6.4 -> 7.2
+# (too few programs); per row of x, 576x576 at 4 rows 3.9 -> 3.1, 2048x2048 at 2 rows 7.8 -> 6.0.
+DECODE_SHAPE_NO_SPLIT_FP6 = (16, 64, 8, 0, True)
+NO_SPLIT_WEIGHTS_FP6 = 1 << 23
 DECODE_SHAPE_FP4 = (512, 2, 2, 8, False)  # not swept: FP4 is not a speed target
 # (block_n, block_w, num_warps, programs per SM[, evict-first[, swap[, num_stages]]]) of the 2-16
 # row tensor-core FP6 kernel by weight count. Round 3 (three probe processes,
@@ -464,6 +472,14 @@ TENSOR_CORE_SHAPE_FPX = TENSOR_CORE_SHAPES_FPX[-1][1]
 # FP4 keeps the round-1 table: the round-3 shapes were measured on FP6 only.
 TENSOR_CORE_SHAPES_FP4 = ((1 << 23, (32, 16, 4, 8)), (None, (64, 16, 4, 4)))
 DEQUANTIZE_SHAPE_FPX = (256, 4)
+
+
+def fp6_one_row_shape(m: int, in_features: int, out_features: int, sms: int) -> tuple:
+    """The FP6 decode launch of ``m`` rows (one row, or each row of a few): see the tables above."""
+    if in_features * out_features < NO_SPLIT_WEIGHTS_FP6 and (
+            out_features >= in_features if m == 1 else no_split_rows(in_features, 6)):
+        return DECODE_SHAPE_NO_SPLIT_FP6
+    return one_row_shape(in_features, out_features, sms, DECODE_SHAPES_FP6, DECODE_SHAPE_WIDE_FP6)
 
 
 def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
@@ -541,6 +557,11 @@ def fpx_format(name: str) -> FpFormat:
 
 
 
+def fp6_decode_classes() -> list:
+    """(name, launch shape) of every FP6 decode launch the heuristics pick, for the compile table."""
+    return [*decode_classes(DECODE_SHAPES_FP6, DECODE_SHAPE_WIDE_FP6), ("no-split", DECODE_SHAPE_NO_SPLIT_FP6)]
+
+
 def kernel_variants() -> list:
     """The kernels :func:`fpx_linear` and :func:`fpx_dequantize` launch at their shipped launch
     shapes, for ``llmc.plugins.aot``."""
@@ -557,7 +578,7 @@ def kernel_variants() -> list:
         if fmt.bits == 6:
             weights = dict(x_ptr="*fp16", hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16")
             gemv, gemm = _fp6_gemv_kernel, _fp6_gemm_kernel
-            shapes = decode_classes(DECODE_SHAPES_FP6, DECODE_SHAPE_WIDE_FP6)
+            shapes = fp6_decode_classes()
         else:
             weights = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16")
             gemv, gemm = _fp4_gemv_kernel, _fp4_gemm_kernel

@@ -26,10 +26,11 @@ Kernels (rules referred to in the code):
    ``1024 + zero``, times the scale, it is a float16 operand of ``tl.dot`` with float32
    accumulation.
 3. Both split K when the output alone gives too few programs (``llmc.plugins.splitk``); one row
-   on a wide linear, or int4/int8 with a short K, reads all of K per program (``one_row_shape``).
+   on a wide linear, or int4/int8 with a short K, reads all of K per program (``one_row_shape``),
+   and so does each row of a few (rule 5).
 4. More rows (prefill): :func:`intn_dequantize` writes the float16 weight and cuBLAS multiplies;
    the fused kernel ran 4-6x slower than cuBLAS there (``PREFILL_ROWS``).
-5. A few rows on a small linear (``ROW_GRID``): the decode kernel once per row of ``x``, a third
+5. A few rows on a small linear (``row_grid``): the decode kernel once per row of ``x``, a third
    grid dimension with its own partials and counters; the rows' programs run together and share
    the words through L2. Measured faster than the tensor-core kernel there (``ROW_GRID``).
 """
@@ -335,11 +336,12 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     programs).
     """
     word_rows = w.in_features // fields_per_word(_width(w.bits))
-    if m == 1 or (decode is not None or row_grid(m, w.in_features * w.out_features)) and tensor_cores is None:
-        if decode is None:
-            # The short launch was measured at one row only: rows of x keep their size class's.
+    if m == 1 or (decode is not None or row_grid(m, w.in_features, w.out_features, w.bits)) and tensor_cores is None:
+        if decode is None and (m == 1 or not no_split_rows(w.in_features, w.bits)):
             decode = one_row_shape(w.in_features, w.out_features, sms, DECODE_SHAPES, DECODE_SHAPE_WIDE,
                                    DECODE_SHAPES_SHORT if m == 1 else None)
+        elif decode is None:  # rows of x: the short launch per row (no split-K)
+            decode = decode_shape(w.in_features * w.out_features, DECODE_SHAPES_SHORT)
         block_n, block_w, warps, per_sm, prefetch, *rest = decode
         inline_zero = bool(rest and rest[0])
         evict_first = bool(len(rest) > 1 and rest[1])
@@ -424,16 +426,32 @@ TENSOR_CORE_SHAPES = ((1 << 21, (32, 16, 4, 8)), (1 << 23, (64, 32, 8, 2, False,
 TENSOR_CORE_SHAPE = TENSOR_CORE_SHAPES[-1][1]
 TENSOR_CORE_SHAPE_DEEP = (32, 32, 4, 4)
 DEEP_WORD_ROWS = 96
-# (rows, weights): up to that many rows of x on linears below that many weights, the one-row
-# kernel runs once per row (rule 5), not the tensor-core kernel. Round 4 (H100, docs/benchmarks/
-# kernels.md): 576x576 int4 at 4 rows 3.6 us against 4.4, FP6 3.9 against 5.7; from 2^21 weights
-# only 2 rows won (896x4864 int4 5.5 against 7.4 us at 2 rows, 7.8 against 7.4 at 4).
+# A few rows of x on a small linear run the one-row kernel once per row (rule 5), not the
+# tensor-core kernel: up to 4 rows below 2^21 weights and 2 rows below 2^23 (round 5), and from
+# round 7 also 3-4 rows of int-N weights from 2^21 to 2^23 whose rows take the no-split launch,
+# except on wide linears (at least 4 outputs per input). Each row takes the no-split launch (int:
+# the short one, FP6: ``fp6_linear.DECODE_SHAPE_NO_SPLIT_FP6``) where K x bits is at most
+# NO_SPLIT_ROW_BITS, else its size class's. Round 7 (H100, docs/benchmarks/kernels.md), int4 at 4
+# rows, us: 576x576 3.6 -> 2.8, 1536->576 4.3 -> 3.8, 4864->896 8.2 -> 6.8, 2048x2048 6.9 -> 5.4;
+# per channel int8 on 4864->896 (K x bits 38912) 7.9 -> 10.6 at 2 rows with the short launch.
 ROW_GRID = ((4, 1 << 21), (2, 1 << 23))
+NO_SPLIT_ROW_BITS = 3072 * 8
+WIDE_OUTPUTS_PER_INPUT = 4
 
 
-def row_grid(m: int, weights: int) -> bool:
-    """Whether ``m`` rows on a linear of ``weights`` weights run the one-row kernel once per row."""
-    return any(m <= rows and weights < limit for rows, limit in ROW_GRID)
+def no_split_rows(in_features: int, bits: int) -> bool:
+    """Whether each row of a few rows of x takes the no-split launch (see ``ROW_GRID``)."""
+    return in_features * bits <= NO_SPLIT_ROW_BITS
+
+
+def row_grid(m: int, in_features: int, out_features: int, bits: int) -> bool:
+    """Whether ``m`` rows on a [out_features, in_features] linear of ``bits``-bit weights (6: FP6)
+    run the one-row kernel once per row."""
+    weights = in_features * out_features
+    if any(m <= rows and weights < limit for rows, limit in ROW_GRID):
+        return True
+    return (bits != 6 and m <= ROW_GRID[0][0] and weights < ROW_GRID[1][1] and no_split_rows(in_features, bits)
+            and out_features < WIDE_OUTPUTS_PER_INPUT * in_features)
 
 
 # Above this many rows, llmc dequantizes to float16 and calls cuBLAS: Triton's tensor-core

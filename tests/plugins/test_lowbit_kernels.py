@@ -100,7 +100,6 @@ def test_launch_heuristics_by_rows_and_size():
     up6 = fp.FpxWeights((torch.zeros(512, 11008, dtype=torch.int32), torch.zeros(256, 11008, dtype=torch.int32)),
                         torch.zeros(1, 11008), FORMATS["e3m2"], 4096, 256, 4096, 11008)
     assert (fp.fpx_config(1, up6, SMS).block_n, fp.fpx_config(1, up6, SMS).split.split) == (16, 1)
-    assert not intn.intn_config(4, small, SMS).evict_first
     # 4096x4096: one program per 32 outputs over all of K (fewer programs than SMs), no split-K.
     big = intn.IntNWeights((torch.zeros(512, 4096, dtype=torch.int32),), torch.zeros(32, 4096), torch.zeros(32, 4096),
                            4, 128, True, 4096, 4096)
@@ -125,15 +124,34 @@ def test_tensor_core_launch_options_round_3():
 
 
 def test_a_few_rows_on_a_small_linear_run_the_decode_kernel_per_row():
-    # ROW_GRID: up to 4 rows below 2^21 weights, 2 rows below 2^23; the tensor cores otherwise.
+    # Up to 4 rows below 2^21 weights, 2 below 2^23, and 3-4 rows of int-N weights below 2^23 whose
+    # rows take the no-split launch (K x bits up to 3072 x 8) unless the linear is wide.
     small = intn.pack_intn(rtn_quantize(weight(576, 576), 4, 64, True))
-    medium = intn.pack_intn(rtn_quantize(weight(4864, 896), 4, 128, True))
+    down = intn.pack_intn(rtn_quantize(weight(896, 4864), 4, 128, True))  # 4864 -> 896
+    up = intn.pack_intn(rtn_quantize(weight(4864, 896), 4, 128, True))  # 896 -> 4864
     assert [intn.intn_config(m, small, SMS).block_m for m in (2, 4, 5, 16)] == [1, 1, 16, 16]
-    assert [intn.intn_config(m, medium, SMS).block_m for m in (2, 3, 4)] == [1, 16, 16]
-    # Rows of x run the size class's one-row launch (the short launch was measured at one row only).
-    assert intn.intn_config(4, small, SMS) == intn.intn_config(1, small, SMS, decode=intn.DECODE_SHAPES[0][1])
+    assert [intn.intn_config(m, down, SMS).block_m for m in (2, 3, 4, 5)] == [1, 1, 1, 16]
+    assert [intn.intn_config(m, up, SMS).block_m for m in (2, 3)] == [1, 16]
+    assert not intn.row_grid(2, 4096, 4096, 4)  # 2^24 weights
+    assert not intn.row_grid(3, 4864, 896, 8) and intn.row_grid(2, 4864, 896, 8)  # int8: K x bits 38912
+    assert not intn.row_grid(3, 1536, 1536, 6) and intn.row_grid(2, 1536, 1536, 6)  # FP6 keeps round 5's rows
+    # Each row of x takes the short launch (no split-K) of its weight count, also past SHORT_K ...
+    assert intn.intn_config(4, small, SMS) == intn.intn_config(1, small, SMS, decode=intn.DECODE_SHAPES_SHORT[0][1])
+    config = intn.intn_config(3, down, SMS)
+    assert (config.block_n, config.block_w, config.split.split) == (32, 128, 1)
+    # ... up to K x bits = 3072 x 8; beyond, its size class's launch.
+    down8 = intn.pack_intn(rtn_quantize(weight(896, 4864), 8, -1, True))
+    assert intn.intn_config(2, down8, SMS) == intn.intn_config(1, down8, SMS, decode=intn.decode_shape(4864 * 896, intn.DECODE_SHAPES))
     fp6 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e3m2"], None, scale_dtype=torch.float16))
     assert [fp.fpx_config(m, fp6, SMS).block_m for m in (2, 4, 5)] == [1, 1, 16]
+    # FP6 below 2^23 weights: the no-split launch at one row where the outputs are at least the
+    # inputs, and for each row of a few with K up to 4096; otherwise the size class's.
+    no_split = fp.DECODE_SHAPE_NO_SPLIT_FP6
+    assert fp.fpx_config(4, fp6, SMS) == fp.fpx_config(1, fp6, SMS) == fp.fpx_config(1, fp6, SMS, decode=no_split)
+    assert fp.fp6_one_row_shape(1, 1536, 576, SMS) == intn.decode_shape(1536 * 576, fp.DECODE_SHAPES_FP6)
+    assert fp.fp6_one_row_shape(2, 1536, 576, SMS) == fp.fp6_one_row_shape(1, 576, 1536, SMS) == no_split
+    assert fp.fp6_one_row_shape(2, 4864, 896, SMS) != no_split
+    assert fp.fp6_one_row_shape(1, 4096, 4096, SMS) != no_split  # 2^24 weights
     fp4 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e2m1"], None, scale_dtype=torch.float16))
     assert fp.fpx_config(2, fp4, SMS).block_m == 16  # the FP4 decode kernel has no row grid
 
@@ -204,7 +222,7 @@ def test_every_shipped_decode_launch_matches_its_reference(kind, size):
         linear, reference = intn.intn_linear, intn.intn_reference
     else:
         packed = fp.pack_fpx(fpx_quantize(w, FORMATS["e3m2"], None, scale_dtype=torch.float16)).to("cuda")
-        shapes = intn.decode_classes(fp.DECODE_SHAPES_FP6, fp.DECODE_SHAPE_WIDE_FP6)
+        shapes = fp.fp6_decode_classes()
         if size >= len(shapes):
             pytest.skip("FP6 has fewer one-row launch shapes")
         shape = shapes[size][1]
