@@ -337,11 +337,11 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     """
     word_rows = w.in_features // fields_per_word(_width(w.bits))
     if m == 1 or (decode is not None or row_grid(m, w.in_features, w.out_features, w.bits)) and tensor_cores is None:
-        if decode is None and (m == 1 or not no_split_rows(w.in_features, w.bits)):
+        if decode is None and m > 1 and no_split_rows(w.in_features, w.bits):
+            decode = decode_shape(w.in_features * w.out_features, DECODE_SHAPES_SHORT)  # per row, no split-K
+        elif decode is None:
             decode = one_row_shape(w.in_features, w.out_features, sms, DECODE_SHAPES, DECODE_SHAPE_WIDE,
                                    DECODE_SHAPES_SHORT if m == 1 else None)
-        elif decode is None:  # rows of x: the short launch per row (no split-K)
-            decode = decode_shape(w.in_features * w.out_features, DECODE_SHAPES_SHORT)
         block_n, block_w, warps, per_sm, prefetch, *rest = decode
         inline_zero = bool(rest and rest[0])
         evict_first = bool(len(rest) > 1 and rest[1])
