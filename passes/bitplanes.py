@@ -12,11 +12,14 @@ to by the kernels in ``llmc.plugins``):
 2. Words are stored input-major, ``[K / F, N]``: a row of words runs along the output dimension,
    so consecutive threads of a kernel read consecutive words (coalesced, 16-byte vectors) and
    every word in one row of words meets the same activations.
-3. Slabs. K is cut into tiles of ``tile`` consecutive inputs (the quantization group, so one
-   scale serves a whole tile). Within a tile, field ``i`` of word-row ``j`` holds input
-   ``tile_start + i * (tile / F) + j``: field ``i`` of a run of word-rows covers one contiguous
-   slab of inputs. A kernel then extracts field ``i`` of many words with one shift and one mask
-   each, and multiplies them by a contiguous slice of ``x``, with no interleaving step.
+3. Slabs. K is cut into tiles of ``tile`` consecutive inputs. Within a tile, field ``i`` of
+   word-row ``j`` holds input ``tile_start + i * (tile / F) + j``. The kernels' layout is the
+   smallest tile, :func:`kernel_tile`: ``F`` inputs, so word-row ``j`` of a one-plane format
+   holds inputs ``F j .. F j + F - 1`` and the ``F`` activations a word meets are one 8-32 byte
+   vector load (FP6: row ``j`` of the 2-bit plane holds inputs ``16 j .. 16 j + 15``, rows ``2 j``
+   and ``2 j + 1`` of the 4-bit plane the even and the odd ones). Round 8 measured it against
+   tiles of a whole quantization group, whose field ``i`` of a run of word-rows is one contiguous
+   slab of ``x`` (docs/benchmarks/kernels.md). Checkpoints may use larger tiles (``FpxLinear``).
 4. FP6 (1 sign, 5 magnitude bits) keeps the top 4 magnitude bits in the 4-bit plane and the
    lowest magnitude bit with the sign in the 2-bit plane, where the two bits of a field sit
    ``8 + M`` bits apart (mod 32; M the mantissa width). One rotate then puts both where a
@@ -70,6 +73,12 @@ def rotation_pairs(distance: int) -> tuple[tuple[int, int], ...]:
 
 def _is_run(bit_positions: tuple[int, ...]) -> bool:
     return list(bit_positions) == list(range(bit_positions[0], bit_positions[0] + len(bit_positions)))
+
+
+def kernel_tile(widths: tuple[int, ...]) -> int:
+    """The tile of the kernels' layout for planes of ``widths`` bits: the most fields per word
+    (rule 3)."""
+    return max(fields_per_word(width) for width in widths)
 
 
 def slab_inputs(in_features: int, tile: int, fields: int) -> torch.Tensor:
@@ -167,6 +176,9 @@ def fp6_low_positions(mantissa_bits: int) -> tuple[tuple[int, int], ...]:
     return rotation_pairs(8 + mantissa_bits)
 
 
+FP_PLANE_WIDTHS = {4: (4,), 6: (4, 2), 8: (8,)}
+
+
 def pack_fp_codes(codes: torch.Tensor, bits: int, mantissa_bits: int, tile: int) -> tuple[torch.Tensor, ...]:
     """FP codes [N, K] (sign in bit ``bits - 1``) to planes: FP4/FP8 as is, FP6 by rule 4."""
     c = codes.to(torch.int64)
@@ -188,12 +200,3 @@ def unpack_fp_codes(planes: tuple[torch.Tensor, ...], bits: int, mantissa_bits: 
     low = unpack_plane(low_words, 2, tile, fp6_low_positions(mantissa_bits))
     return (high << 1) | (low & 1) | ((low >> 1) << 5)
 
-
-def default_tile(in_features: int, fields: int, largest: int = 256) -> int:
-    """The largest power-of-two tile up to ``largest`` that divides K and holds whole words."""
-    tile = largest
-    while tile >= fields:
-        if in_features % tile == 0:
-            return tile
-        tile //= 2
-    raise ValueError(f"input size {in_features} is not a multiple of {fields}; it cannot be packed")

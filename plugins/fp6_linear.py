@@ -19,11 +19,12 @@ Decoding (rules referred to in the code):
    and two logic operations (see ``llmc.passes.bitplanes`` rule 4), FP4 two shifts and two.
 2. Decode rows (``M == 1``): CUDA cores. The decoded weight may be a float32 subnormal, which
    FFMA multiplies exactly (Triton emits no FTZ); ``x`` carries ``2^64`` so that no product is
-   subnormal, and the result ``2^(127 - bias - 64)`` and the scale.
+   subnormal, and the result ``2^(127 - bias - 64)`` and the scale. The activations of a row of
+   words come in one or two vector loads, as in ``llmc.plugins.intn_linear`` rule 6.
 3. 2 to 16 rows: tensor cores. The decoded float32 times ``2^(127 - bias)`` is ``V`` exactly;
    times the scale it becomes the float16 operand of ``tl.dot`` (float32 accumulation).
-4. Split-K as in ``llmc.plugins.splitk``, except FP6 on a wide linear (``intn_linear.one_row_shape``)
-   and on small ones (``fp6_one_row_shape``); more rows dequantize (:func:`fpx_dequantize`) and
+4. Split-K as in ``llmc.plugins.splitk``, except FP6 from 2^23 to 2^26 weights at one row
+   (``intn_linear.one_row_shape``) and on small linears (``fp6_one_row_shape``); more rows dequantize (:func:`fpx_dequantize`) and
    call cuBLAS, as in ``llmc.plugins.intn_linear``.
 5. A few rows of x on a small FP6 linear run the decode kernel once per row (a third grid
    dimension), as ``llmc.plugins.intn_linear`` rule 5 (``row_grid``) says; FP4 keeps the tensor cores.
@@ -35,9 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llmc.passes.bitplanes import default_tile, pack_fp_codes, unpack_fp_codes
+from llmc.passes.bitplanes import FP_PLANE_WIDTHS, kernel_tile, pack_fp_codes, unpack_fp_codes
 from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
-from llmc.plugins.intn_linear import (PREFILL_ROWS, decode_classes, decode_shape, no_split_rows, one_row_shape, row_grid,
+from llmc.plugins.intn_linear import (PREFILL_ROWS, decode_classes, decode_rows, decode_shape, no_split_rows, one_row_shape, row_grid,
                                      size_classes)
 from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
@@ -55,7 +56,7 @@ class FpxWeights:
     scale: torch.Tensor  # float16 [K / group, N]: one row when there is one scale per output
     fmt: FpFormat
     group_size: int  # K for one scale per output channel
-    tile: int  # the bit planes' tile: the group, or a power of two up to 256 dividing K
+    tile: int  # the bit planes' tile (bitplanes rule 3): kernel_tile(fmt), the only one the kernels read
     in_features: int
     out_features: int
 
@@ -68,6 +69,12 @@ class FpxWeights:
                           self.group_size, self.tile, self.in_features, self.out_features)
 
 
+def fpx_kernel_tile(fmt: FpFormat) -> int:
+    """The planes' tile the kernels read (``llmc.passes.bitplanes`` rule 3): 16 inputs per row of
+    FP6's 2-bit plane, 8 per word of FP4."""
+    return kernel_tile(FP_PLANE_WIDTHS[fmt.bits])
+
+
 def pack_fpx(weights: FpxLinear, scale_dtype: torch.dtype = torch.float16) -> FpxWeights:
     """Bit planes and scales of ``weights`` in the kernels' layout.
 
@@ -77,9 +84,9 @@ def pack_fpx(weights: FpxLinear, scale_dtype: torch.dtype = torch.float16) -> Fp
     if weights.fmt.name not in KERNEL_FORMATS:
         raise ValueError(f"pack_fpx: no kernel for {weights.fmt.name} (kernels: {KERNEL_FORMATS})")
     out_features, in_features = weights.codes.shape
-    tile = weights.group_size if weights.group_size < in_features else default_tile(in_features, 16)
-    if tile % 16:
-        raise ValueError(f"pack_fpx: group_size {weights.group_size} must be a multiple of 16")
+    tile = fpx_kernel_tile(weights.fmt)
+    if weights.group_size % tile:
+        raise ValueError(f"pack_fpx: group_size {weights.group_size} must be a multiple of {tile}")
     planes = pack_fp_codes(weights.codes, weights.fmt.bits, weights.fmt.mantissa_bits, tile)
     return FpxWeights(planes, weights.scale.t().contiguous().to(scale_dtype), weights.fmt,
                       weights.group_size, tile, in_features, out_features)
@@ -102,7 +109,8 @@ def fpx_reference(x: torch.Tensor, w: FpxWeights) -> torch.Tensor:
 # --------------------------------------------------------------------------- Triton
 
 if triton is not None:
-    from llmc.plugins.splitk import _contiguous, finish_split, grid_row
+    from llmc.plugins.intn_linear import x_field, x_tile_fields, x_words
+    from llmc.plugins.splitk import finish_split, grid_row
 
     _X_SCALE = tl.constexpr(2.0**64)
 
@@ -127,7 +135,7 @@ if triton is not None:
         """float32 bits of field ``i`` of ``high`` (uint32) with its partner in ``low`` (rule 1)."""
         # The 4-bit field holds magnitude bits 4..1: they go to bits 24-M .. 27-M.
         top = _shift(high, 24 - M - 4 * i) & (0xF << (24 - M))
-        # Field 2i (first half of a tile) or 2i+1 of the 2-bit plane: its low bit sits at
+        # Field 2i (input 16 j + 2i, in ``high_a``) or 2i+1 (``high_b``) of the 2-bit plane: its low bit sits at
         # bitplanes.fp6_low_positions (4*(f//2) + f%2 for e3m2, 2f for e2m3) and the sign 8+M above.
         f: tl.constexpr = 2 * i + second_half
         if M == 2:
@@ -145,33 +153,34 @@ if triton is not None:
         return (magnitude | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _scales(s_ptr, tile, offs_n, ok, N, CHANNEL: tl.constexpr):
-        """float32 scales [rows, BLOCK_N]: of each row's tile, or the one row of per-channel scales."""
+    def _scales(s_ptr, group, offs_n, ok, N, CHANNEL: tl.constexpr):
+        """float32 scales [rows, BLOCK_N]: of each row's group, or the one row of per-channel scales."""
         if CHANNEL:
             return tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         else:
-            return tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            return tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, LOW_ROWS: tl.constexpr):
-        """The 2-bit plane's rows (below ``row_end``) and their two rows of the 4-bit plane, as uint32."""
+    def _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, EVICT_FIRST: tl.constexpr = False):
+        """The 2-bit plane's rows (below ``row_end``) and their two rows of the 4-bit plane (``2 j``:
+        the even inputs, ``2 j + 1``: the odd ones), as uint32."""
         ok = (rows < row_end)[:, None] & (offs_n < N)[None, :]
-        high_rows = (rows // LOW_ROWS) * (2 * LOW_ROWS) + rows % LOW_ROWS
-        low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
-        high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
-        high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0)
+        policy: tl.constexpr = "evict_first" if EVICT_FIRST else ""
+        low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy=policy)
+        high_a = tl.load(hi_ptr + (2 * rows)[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy=policy)
+        high_b = tl.load(hi_ptr + (2 * rows + 1)[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy=policy)
         return (low.to(tl.uint32, bitcast=True), high_a.to(tl.uint32, bitcast=True),
                 high_b.to(tl.uint32, bitcast=True))
 
     @triton.jit
     def _fp6_gemv_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          N, K, stride_ym, rows_per_split, n_split,
-                         M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
+                         M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr = False,
                          ROW_GRID: tl.constexpr = False):
-        # One row of the 2-bit plane covers 16 weights: the row j of each tile half of the 4-bit
-        # plane (tile rows j and j + TILE/16), 8 fields each.
-        LOW_ROWS: tl.constexpr = TILE // 16
+        # Row j of the 2-bit plane covers inputs 16 j .. 16 j + 15: rows 2 j (even inputs) and
+        # 2 j + 1 (odd) of the 4-bit plane, 8 fields each.
+        ROWS_PER_GROUP: tl.constexpr = GROUP // 16
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         # One row of (contiguous) x per grid row, as in intn_linear (rule 5 there).
@@ -183,32 +192,30 @@ if triton is not None:
         row_end = tl.minimum(row_begin + rows_per_split, K // 16)
         acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
         if PREFETCH:
-            low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, row_begin + tl.arange(0, BLOCK_W), offs_n, N, row_end, LOW_ROWS)
+            low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, row_begin + tl.arange(0, BLOCK_W), offs_n, N, row_end)
         for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
             rows = r0 + tl.arange(0, BLOCK_W)
             row_ok = rows < row_end
             ok = row_ok[:, None] & n_ok[None, :]
-            tile = rows // LOW_ROWS
-            j = rows % LOW_ROWS
             if PREFETCH:
                 # The next step's words are in flight while this step's are decoded.
                 low, high_a, high_b = low_n, high_a_n, high_b_n
-                low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, rows + BLOCK_W, offs_n, N, row_end, LOW_ROWS)
+                low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, rows + BLOCK_W, offs_n, N, row_end)
             else:
-                low, high_a, high_b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, LOW_ROWS)
-            k0 = _contiguous(tile * TILE + j, BLOCK_W, LOW_ROWS)
+                low, high_a, high_b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end)
+            xw = x_words(x_ptr, rows, row_ok, 16)
             dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
             for i in tl.static_range(8):
-                xa = tl.load(x_ptr + k0 + i * (TILE // 8), mask=row_ok, other=0.0).to(tl.float32) * _X_SCALE
-                xb = tl.load(x_ptr + k0 + i * (TILE // 8) + LOW_ROWS, mask=row_ok, other=0.0).to(tl.float32) * _X_SCALE
+                xa = x_field(xw, 2 * i, row_ok, x_ptr.dtype.element_ty) * _X_SCALE
+                xb = x_field(xw, 2 * i + 1, row_ok, x_ptr.dtype.element_ty) * _X_SCALE
                 if CHANNEL:
-                    acc += _fp6_bits(high_a, low, i, 0, M) * xa[:, None]
-                    acc += _fp6_bits(high_b, low, i, 1, M) * xb[:, None]
+                    acc += _fp6_bits(high_a, low, i, 0, M) * xa
+                    acc += _fp6_bits(high_b, low, i, 1, M) * xb
                 else:
-                    dot += _fp6_bits(high_a, low, i, 0, M) * xa[:, None]
-                    dot += _fp6_bits(high_b, low, i, 1, M) * xb[:, None]
+                    dot += _fp6_bits(high_a, low, i, 0, M) * xa
+                    dot += _fp6_bits(high_b, low, i, 1, M) * xb
             if not CHANNEL:
-                acc += dot * _scales(s_ptr, tile, offs_n, ok, N, CHANNEL)
+                acc += dot * _scales(s_ptr, rows // ROWS_PER_GROUP, offs_n, ok, N, CHANNEL)
         total = tl.sum(acc, axis=0)
         if CHANNEL:
             total = total * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -220,9 +227,9 @@ if triton is not None:
     @triton.jit
     def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          N, K, stride_ym, rows_per_split, n_split,
-                         M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
+                         M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-        ROWS_PER_TILE: tl.constexpr = TILE // 8
+        ROWS_PER_GROUP: tl.constexpr = GROUP // 8
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -234,17 +241,16 @@ if triton is not None:
             row_ok = rows < K // 8
             ok = row_ok[:, None] & n_ok[None, :]
             words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            tile = rows // ROWS_PER_TILE
-            k0 = _contiguous(tile * TILE + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
+            xw = x_words(x_ptr, rows, row_ok, 8)
             dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
             for i in tl.static_range(8):
-                xv = tl.load(x_ptr + k0 + i * ROWS_PER_TILE, mask=row_ok, other=0.0).to(tl.float32) * _X_SCALE
+                xv = x_field(xw, i, row_ok, x_ptr.dtype.element_ty) * _X_SCALE
                 if CHANNEL:
-                    acc += _fp4_bits(words, i, M) * xv[:, None]
+                    acc += _fp4_bits(words, i, M) * xv
                 else:
-                    dot += _fp4_bits(words, i, M) * xv[:, None]
+                    dot += _fp4_bits(words, i, M) * xv
             if not CHANNEL:
-                acc += dot * _scales(s_ptr, tile, offs_n, ok, N, CHANNEL)
+                acc += dot * _scales(s_ptr, rows // ROWS_PER_GROUP, offs_n, ok, N, CHANNEL)
         total = tl.sum(acc, axis=0)
         if CHANNEL:
             total = total * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -255,13 +261,13 @@ if triton is not None:
     @triton.jit
     def _fp6_gemm_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          M_ROWS, N, K, stride_xm, stride_ym, rows_per_split, n_split,
-                         M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
+                         M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                          EVICT_FIRST: tl.constexpr = False, SWAP: tl.constexpr = False):
         # Rows of the 2-bit plane, each with its two rows of the 4-bit plane, as in the GEMV.
         # EVICT_FIRST: the words are streamed (read once). SWAP: accumulate (W x^T) [BLOCK_N,
         # BLOCK_M], the decoded weight as the first operand of the product.
-        LOW_ROWS: tl.constexpr = TILE // 16
+        ROWS_PER_GROUP: tl.constexpr = GROUP // 16
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -278,30 +284,16 @@ if triton is not None:
             rows = r0 + tl.arange(0, BLOCK_W)
             row_ok = rows < K // 16
             ok = row_ok[:, None] & n_ok[None, :]
-            tile = rows // LOW_ROWS
-            j = rows % LOW_ROWS
-            high_rows = tile * (2 * LOW_ROWS) + j
-            if EVICT_FIRST:
-                low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy="evict_first")
-                high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy="evict_first")
-                high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy="evict_first")
-            else:
-                low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
-                high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
-                high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0)
-            low = low.to(tl.uint32, bitcast=True)
-            high_a = high_a.to(tl.uint32, bitcast=True)
-            high_b = high_b.to(tl.uint32, bitcast=True)
+            low, high_a, high_b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, K // 16, EVICT_FIRST)
             # Rule 3: V = decoded float32 * 2^(127 - bias), exact; the scale rides along.
-            scale = _scales(s_ptr, tile, offs_n, ok, N, CHANNEL)
+            scale = _scales(s_ptr, rows // ROWS_PER_GROUP, offs_n, ok, N, CHANNEL)
             scale = scale * (2.0 ** (127 - BIAS))
-            k0 = _contiguous(tile * TILE + j, BLOCK_W, LOW_ROWS)
-            x_mask = m_ok[:, None] & row_ok[None, :]
+            xs = x_tile_fields(x_ptr, offs_m, rows, m_ok[:, None] & row_ok[None, :], stride_xm, BLOCK_M, BLOCK_W, 16)
             for i in tl.static_range(8):
                 wa = (_fp6_bits(high_a, low, i, 0, M) * scale).to(x_ptr.dtype.element_ty)
-                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * (TILE // 8))[None, :], mask=x_mask, other=0.0)
+                xa = xs[2 * i]
                 wb = (_fp6_bits(high_b, low, i, 1, M) * scale).to(x_ptr.dtype.element_ty)
-                xb = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * (TILE // 8) + LOW_ROWS)[None, :], mask=x_mask, other=0.0)
+                xb = xs[2 * i + 1]
                 if SWAP:
                     acc = tl.dot(tl.trans(wa), tl.trans(xa), acc)
                     acc = tl.dot(tl.trans(wb), tl.trans(xb), acc)
@@ -317,9 +309,9 @@ if triton is not None:
     @triton.jit
     def _fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          M_ROWS, N, K, stride_xm, stride_ym, rows_per_split, n_split,
-                         M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
+                         M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-        ROWS_PER_TILE: tl.constexpr = TILE // 8
+        ROWS_PER_GROUP: tl.constexpr = GROUP // 8
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -334,14 +326,12 @@ if triton is not None:
             row_ok = rows < K // 8
             ok = row_ok[:, None] & n_ok[None, :]
             words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            tile = rows // ROWS_PER_TILE
-            k0 = _contiguous(tile * TILE + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
-            scale = _scales(s_ptr, tile, offs_n, ok, N, CHANNEL)
+            scale = _scales(s_ptr, rows // ROWS_PER_GROUP, offs_n, ok, N, CHANNEL)
             scale = scale * (2.0 ** (127 - BIAS))
+            xs = x_tile_fields(x_ptr, offs_m, rows, m_ok[:, None] & row_ok[None, :], stride_xm, BLOCK_M, BLOCK_W, 8)
             for i in tl.static_range(8):
                 w = (_fp4_bits(words, i, M) * scale).to(x_ptr.dtype.element_ty)
-                xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * ROWS_PER_TILE)[None, :],
-                             mask=m_ok[:, None] & row_ok[None, :], other=0.0)
+                xk = xs[i]
                 acc = tl.dot(xk, w, acc)
         n_blocks = tl.num_programs(0)
         finish_split(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, M_ROWS, N, stride_ym,
@@ -349,7 +339,7 @@ if triton is not None:
 
     @triton.jit
     def _fpx_dequantize_kernel(hi_ptr, lo_ptr, s_ptr, out_ptr, N, K,
-                               BITS: tl.constexpr, M: tl.constexpr, BIAS: tl.constexpr, TILE: tl.constexpr, CHANNEL: tl.constexpr,
+                               BITS: tl.constexpr, M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
         # W.T as float16 [K, N] (coalesced stores along N) for dequantize-then-matmul. Rows are
         # rows of the 2-bit plane for FP6 (16 weights), of the 4-bit plane for FP4 (8 weights).
@@ -357,33 +347,23 @@ if triton is not None:
         rows = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         n_ok = offs_n[None, :] < N
         if BITS == 6:
-            LOW_ROWS: tl.constexpr = TILE // 16
             ok = (rows[:, None] < K // 16) & n_ok
-            tile = rows // LOW_ROWS
-            j = rows % LOW_ROWS
-            high_rows = tile * (2 * LOW_ROWS) + j
-            low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            high_a = tl.load(hi_ptr + high_rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            high_b = tl.load(hi_ptr + (high_rows + LOW_ROWS)[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            scale = _scales(s_ptr, tile, offs_n, ok, N, CHANNEL)
+            low, high_a, high_b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, K // 16)
+            scale = _scales(s_ptr, rows // (GROUP // 16), offs_n, ok, N, CHANNEL)
             scale = scale * (2.0 ** (127 - BIAS))
-            k0 = tile * TILE + j
             for i in tl.static_range(8):
                 wa = (_fp6_bits(high_a, low, i, 0, M) * scale).to(tl.float16)
-                tl.store(out_ptr + (k0 + i * (TILE // 8))[:, None] * N + offs_n[None, :], wa, mask=ok)
+                tl.store(out_ptr + (16 * rows + 2 * i)[:, None] * N + offs_n[None, :], wa, mask=ok)
                 wb = (_fp6_bits(high_b, low, i, 1, M) * scale).to(tl.float16)
-                tl.store(out_ptr + (k0 + i * (TILE // 8) + LOW_ROWS)[:, None] * N + offs_n[None, :], wb, mask=ok)
+                tl.store(out_ptr + (16 * rows + 2 * i + 1)[:, None] * N + offs_n[None, :], wb, mask=ok)
         else:
-            ROWS_PER_TILE: tl.constexpr = TILE // 8
             ok = (rows[:, None] < K // 8) & n_ok
-            tile = rows // ROWS_PER_TILE
-            k0 = tile * TILE + rows % ROWS_PER_TILE
             words = tl.load(hi_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            scale = _scales(s_ptr, tile, offs_n, ok, N, CHANNEL)
+            scale = _scales(s_ptr, rows // (GROUP // 8), offs_n, ok, N, CHANNEL)
             scale = scale * (2.0 ** (127 - BIAS))
             for i in tl.static_range(8):
                 w = (_fp4_bits(words, i, M) * scale).to(tl.float16)
-                tl.store(out_ptr + (k0 + i * ROWS_PER_TILE)[:, None] * N + offs_n[None, :], w, mask=ok)
+                tl.store(out_ptr + (8 * rows + i)[:, None] * N + offs_n[None, :], w, mask=ok)
 
 
 @dataclass(frozen=True)
@@ -438,20 +418,18 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
 
 
 # Launch shapes by weight count as in intn_linear (picked by `benchmarks/kernels.py --explore`
-# on an H100, docs/benchmarks/kernels.md): per-program blocks of 16-32 outputs and 64-256 rows
-# (one step, all loads in flight at once) on the small and 4096-class shapes; below 2^23 weights
-# 8 warps per program of 16 outputs (round 4: 576x576 4.1 -> 3.0 us, 4864x896 7.1 -> 6.4), with no split-K
-# at 4096x4096 (programs_per_sm 0.5: one program per output block, reduced inside the program);
-# 128 outputs x 8 rows, 4 programs per SM on the 7B MLP shapes (4-9% over 256 x 8 at 2 per SM).
-# Evict-first weight loads, which help int4, were neutral here (measured) and are not used.
-DECODE_SHAPES_FP6 = ((1 << 20, (16, 128, 8, 1, False)), (1 << 23, (16, 64, 8, 1, False)),
-                     (1 << 25, (32, 256, 8, 0.5, False)), (1 << 26, (128, 8, 4, 4, False)),
-                     (None, (1024, 1, 4, 8, False)))
-# One row on a wide linear (``intn_linear.one_row_shape``: gate/up projections of 1B-13B models): one
-# program per block of 16 outputs over all of K (64 rows of the 2-bit plane per step, 4 warps,
-# prefetch), no split-K. Round 6 (H100): 4096->14336 26.6 -> 24.0 us, 5120->13824 32.4 -> 28.8,
-# 2048->11008 23.6 -> 11.9.
+# on an H100, docs/benchmarks/kernels.md), below 2^23 weights: 16 outputs x 64-128 rows, 8 warps
+# (round 4: 576x576 4.1 -> 3.0 us, 4864x896 7.1 -> 6.4), split-K.
+DECODE_SHAPES_FP6 = ((1 << 20, (16, 128, 8, 1, False)), (None, (16, 64, 8, 1, False)))
+# From 2^23 weights as intn_linear.one_row_shape says, no split-K: at most 32 outputs per SM, 16
+# outputs x 256 rows of the 2-bit plane, 8 warps (round 8, H100: 4096x4096 10.6 -> 8.6 us, 11008->2048
+# 14.6 -> 12.2, 8192->3072 14.7 -> 12.7); more, 16 outputs x 64 rows, 4 warps, prefetch (round 6:
+# 4096->14336 26.6 -> 24.0 us, 2048->11008 23.6 -> 11.9; round 8: 5120x5120 25.8 -> 12.9). From
+# 2^26 weights, split-K: 64 outputs x 16 rows, 4 warps, 4 programs per SM (round 8: 8192->28672 84.6
+# -> 70.8, 5120->27648 53.3 -> 47.3, 5120->13824 29.4 -> 26.8).
 DECODE_SHAPE_WIDE_FP6 = (16, 64, 4, 0, True)
+DECODE_SHAPE_NARROW_FP6 = (16, 256, 8, 0, False)
+DECODE_SHAPE_LARGE_FP6 = (1 << 26, (64, 16, 4, 4, True))
 # Below 2^23 weights, one row with at least as many outputs as inputs, and each row of a few rows
 # of x with K up to 4096 (``intn_linear.no_split_rows``): one program per block of 16 outputs over
 # all of K (64 rows of the 2-bit plane per step, 8 warps, prefetch), no split-K. Round 7 (H100): one
@@ -479,7 +457,8 @@ def fp6_one_row_shape(m: int, in_features: int, out_features: int, sms: int) -> 
     if in_features * out_features < NO_SPLIT_WEIGHTS_FP6 and (
             out_features >= in_features if m == 1 else no_split_rows(in_features, 6)):
         return DECODE_SHAPE_NO_SPLIT_FP6
-    return one_row_shape(in_features, out_features, sms, DECODE_SHAPES_FP6, DECODE_SHAPE_WIDE_FP6)
+    return one_row_shape(in_features, out_features, sms, DECODE_SHAPES_FP6, DECODE_SHAPE_WIDE_FP6,
+                         DECODE_SHAPE_NARROW_FP6, DECODE_SHAPE_LARGE_FP6)
 
 
 def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
@@ -491,6 +470,7 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
     require_triton()
     if x.shape[-1] != w.in_features:
         raise ValueError(f"fpx_linear: x has {x.shape[-1]} features, the weight takes {w.in_features}")
+    _check_tile(w)
     x2 = x.reshape(-1, w.in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -506,18 +486,17 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
     part = torch.empty(split.split if split.split > 1 else 1, m, n, dtype=torch.float32, device=x.device)
     count = counters(x.device, grid_n * grid_m)
     fmt = w.fmt
-    common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, TILE=w.tile, CHANNEL=w.group_size == k, BLOCK_N=config.block_n,
+    common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, GROUP=w.group_size, CHANNEL=w.group_size == k, BLOCK_N=config.block_n,
                   BLOCK_W=config.block_w, num_warps=config.num_warps, num_stages=config.num_stages, **COMPILE_OPTIONS)
     low = w.planes[1] if fmt.bits == 6 else w.planes[0]
     if config.block_m == 1 and fmt.bits == 6:
-        if m > 1 and x2.stride(0) != k:
-            x2 = x2.contiguous()  # one row of x per grid row, k apart
+        x2 = decode_rows(x2)
         _fp6_gemv_kernel[(grid_n, split.split, m)](
             x2, w.planes[0], low, w.scale, y, part, count, n, k, y.stride(0),
             split.rows_per_split, split.split, PREFETCH=config.prefetch, ROW_GRID=m > 1, **common)
     elif config.block_m == 1:
         _fp4_gemv_kernel[(grid_n, split.split)](
-            x2, w.planes[0], w.scale, y, part, count, n, k, y.stride(0),
+            decode_rows(x2), w.planes[0], w.scale, y, part, count, n, k, y.stride(0),
             split.rows_per_split, split.split, **common)
     elif fmt.bits == 6:
         _fp6_gemm_kernel[(grid_n, grid_m, split.split)](
@@ -538,16 +517,22 @@ def fpx_dequantize(w: FpxWeights, dtype: torch.dtype = torch.float16,
     Returned as the transposed view of a [K, N] tensor, which cuBLAS reads as it is.
     """
     require_triton()
+    _check_tile(w)
     out = torch.empty(w.in_features, w.out_features, dtype=torch.float16, device=w.planes[0].device)
     block_n, block_w = block or DEQUANTIZE_SHAPE_FPX
     rows = w.in_features // (16 if w.fmt.bits == 6 else 8)
     grid = (-(-w.out_features // block_n), -(-rows // block_w))
     low = w.planes[1] if w.fmt.bits == 6 else w.planes[0]
     _fpx_dequantize_kernel[grid](w.planes[0], low, w.scale, out, w.out_features, w.in_features,
-                                 BITS=w.fmt.bits, M=w.fmt.mantissa_bits, BIAS=w.fmt.bias, TILE=w.tile,
+                                 BITS=w.fmt.bits, M=w.fmt.mantissa_bits, BIAS=w.fmt.bias, GROUP=w.group_size,
                                  CHANNEL=w.group_size == w.in_features,
                                  BLOCK_N=block_n, BLOCK_W=block_w, **COMPILE_OPTIONS)
     return (out if dtype == torch.float16 else out.to(dtype)).t()
+
+
+def _check_tile(w: FpxWeights) -> None:
+    if w.tile != fpx_kernel_tile(w.fmt):
+        raise ValueError(f"fpx: planes of tile {w.tile}; the kernels read tile {fpx_kernel_tile(w.fmt)} (pack_fpx)")
 
 
 def fpx_format(name: str) -> FpFormat:
@@ -559,7 +544,8 @@ def fpx_format(name: str) -> FpFormat:
 
 def fp6_decode_classes() -> list:
     """(name, launch shape) of every FP6 decode launch the heuristics pick, for the compile table."""
-    return [*decode_classes(DECODE_SHAPES_FP6, DECODE_SHAPE_WIDE_FP6), ("no-split", DECODE_SHAPE_NO_SPLIT_FP6)]
+    return [*decode_classes(DECODE_SHAPES_FP6, DECODE_SHAPE_WIDE_FP6, DECODE_SHAPE_NARROW_FP6, DECODE_SHAPE_LARGE_FP6),
+            ("no-split", DECODE_SHAPE_NO_SPLIT_FP6)]
 
 
 def kernel_variants() -> list:
@@ -572,9 +558,9 @@ def kernel_variants() -> list:
     gemm_sizes = dict(M_ROWS="i32", N="i32", K="i32", stride_xm="i32", stride_ym="i32",
                       rows_per_split="i32", n_split="i32")
     variants = []
-    for name, tile, channel in (("e3m2", 256, True), ("e2m3", 128, False), ("e2m1", 256, True)):
+    for name, group, channel in (("e3m2", 4096, True), ("e2m3", 128, False), ("e2m1", 4096, True)):
         fmt = FORMATS[name]
-        common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, TILE=tile, CHANNEL=channel)
+        common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, GROUP=group, CHANNEL=channel)
         if fmt.bits == 6:
             weights = dict(x_ptr="*fp16", hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16")
             gemv, gemm = _fp6_gemv_kernel, _fp6_gemm_kernel

@@ -13,7 +13,7 @@ The operators, as the ONNX node and the TensorRT plugin see them (``y = x @ W``,
   codes); ``scale`` float16 [K / group_size, N] (the pass rounds scales to float16, so this is
   exact).
 - attributes: ``exponent_bits``, ``mantissa_bits`` (the format), ``group_size`` (K for one
-  scale per output channel), ``tile`` (the planes' tile), and for FP6 ``low_positions``: the
+  scale per output channel), ``tile`` (the planes' tile: 16 for FP6, 8 for FP4, the kernels' layout), and for FP6 ``low_positions``: the
   32 bit positions (lowest magnitude bit, sign) of the 2-bit plane's 16 fields, checked against
   the kernel's layout when TensorRT creates the plugin.
 - output: float32 [..., N], ``W[k, n] = scale[k // group_size, n] * decode(code[k, n])``.
@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc.passes.bitplanes import fp6_low_positions
+from llmc.passes.bitplanes import FP_PLANE_WIDTHS, fp6_low_positions, kernel_tile
 from llmc.passes.fpx import FpFormat, format_of
 from llmc.plugins.linear_plugin import FunctionBody, LinearOp, device_tensor, function, rows_and_features
 
-VERSION = "1"
+VERSION = "2"  # 2: the kernels' tile (16 inputs per row of FP6's 2-bit plane, 8 per FP4 word); 1: any tile
 NAMESPACE = "llmc"
 FIELDS = ("exponent_bits", "mantissa_bits", "group_size", "tile")
 FP6_FORMATS = ("e3m2", "e2m3")
@@ -185,9 +185,10 @@ def _checker(formats: tuple[str, ...]):
         if fmt is None or fmt.name not in formats:
             raise ValueError(f"exponent_bits {values['exponent_bits']}, mantissa_bits {values['mantissa_bits']} "
                              f"is not one of {', '.join(formats)}")
-        if values["group_size"] <= 0 or values["group_size"] % 16 or values["tile"] <= 0 or values["tile"] % 16:
-            raise ValueError(f"group_size {values['group_size']} and tile {values['tile']} must be positive "
-                             "multiples of 16")
+        tile = kernel_tile(FP_PLANE_WIDTHS[fmt.bits])
+        if values["tile"] != tile or values["group_size"] <= 0 or values["group_size"] % tile:
+            raise ValueError(f"tile {values['tile']} and group_size {values['group_size']}: {fmt.name} takes "
+                             f"tile {tile} and a positive group_size that is a multiple of it")
         if fmt.bits == 6 and fields["low_positions"] != low_positions(fmt.mantissa_bits):
             raise ValueError(f"low_positions {list(fields['low_positions'])} are not the kernel's layout "
                              f"{list(low_positions(fmt.mantissa_bits))}")

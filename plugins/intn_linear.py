@@ -1,8 +1,8 @@
 """Group-wise int-N weight-only linear, ``y = x @ W.T``, dequantizing W on the fly (Triton).
 
 Weights come from a :class:`~llmc.packed.PackedLinear` (RTN or GPTQ, symmetric or asymmetric)
-through :func:`pack_intn`: codes as bit planes (``llmc.passes.bitplanes``, tile = group size),
-float16 scales and zero points ``[K / group, N]``. The math every path computes:
+through :func:`pack_intn`: codes as bit planes (``llmc.passes.bitplanes`` at its kernel tile: word-row
+``j`` holds inputs ``F j .. F j + F - 1``, ``F = 32 / b`` fields per word), float16 scales and zero points ``[K / group, N]``. The math every path computes:
 
     W[n, k] = scale[g, n] * (u[n, k] - zero[g, n]),  g = k // group,
 
@@ -26,13 +26,20 @@ Kernels (rules referred to in the code):
    ``1024 + zero``, times the scale, it is a float16 operand of ``tl.dot`` with float32
    accumulation.
 3. Both split K when the output alone gives too few programs (``llmc.plugins.splitk``); one row
-   on a wide linear, or int4/int8 with a short K, reads all of K per program (``one_row_shape``),
-   and so does each row of a few (rule 5).
+   from 2^23 to 2^27 weights, or with a short K below, reads all of K per program
+   (``one_row_shape``), and so does each row of a few (rule 5).
 4. More rows (prefill): :func:`intn_dequantize` writes the float16 weight and cuBLAS multiplies;
    the fused kernel ran 4-6x slower than cuBLAS there (``PREFILL_ROWS``).
 5. A few rows on a small linear (``row_grid``): the decode kernel once per row of ``x``, a third
    grid dimension with its own partials and counters; the rows' programs run together and share
    the words through L2. Measured faster than the tensor-core kernel there (``ROW_GRID``).
+6. The decode kernel reads the ``F`` activations of a row of words with one vector load
+   (``ld.global.nc.v2/v4``, inline PTX) into the registers of the threads that hold that row's
+   words. A ``tl.load`` of a 1-D block of ``x`` is laid out for coalescing instead, and on large
+   blocks Triton moved it through shared memory behind a barrier per field (16 per step at 32
+   outputs x 512 rows). Round 8 (H100): int4 4096x4096 8.2 -> 5.8 us, 1536->576 3.4 -> 2.6
+   (docs/benchmarks/kernels.md). The tensor-core kernel loads a contiguous tile of ``x`` and splits
+   it into the fields' tiles in registers (:func:`x_tile_fields`). ``x`` must be 16-byte aligned (:func:`intn_linear` copies it if not).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from llmc.packed import PackedLinear
-from llmc.passes.bitplanes import INT_PLANE_WIDTHS, fields_per_word, pack_int_codes, unpack_int_codes
+from llmc.passes.bitplanes import INT_PLANE_WIDTHS, fields_per_word, kernel_tile, pack_int_codes, unpack_int_codes
 from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
@@ -88,7 +95,7 @@ def pack_intn(packed: PackedLinear, scale_dtype: torch.dtype = torch.float16) ->
     else:
         unsigned = packed.q.to(torch.int64)
         zero = packed.zero.to(torch.float32)
-    planes = pack_int_codes(unsigned, packed.bits, packed.group_size)
+    planes = pack_int_codes(unsigned, packed.bits, kernel_tile(INT_PLANE_WIDTHS[packed.bits]))
     return IntNWeights(
         planes=planes,
         scale=packed.scale.t().contiguous().to(scale_dtype),
@@ -103,7 +110,7 @@ def pack_intn(packed: PackedLinear, scale_dtype: torch.dtype = torch.float16) ->
 
 def intn_dequantize_reference(w: IntNWeights) -> torch.Tensor:
     """The float32 weight [N, K] the kernels compute with (module docstring formula)."""
-    u = unpack_int_codes(w.planes, w.bits, w.group_size).to(torch.float32)
+    u = unpack_int_codes(w.planes, w.bits, kernel_tile(INT_PLANE_WIDTHS[w.bits])).to(torch.float32)
     scale = w.scale.float().t().repeat_interleave(w.group_size, dim=1)
     zero = w.zero.float().t().repeat_interleave(w.group_size, dim=1)
     return scale * (u - zero)
@@ -119,7 +126,7 @@ def intn_reference(x: torch.Tensor, w: IntNWeights) -> torch.Tensor:
 # --------------------------------------------------------------------------- Triton
 
 if triton is not None:
-    from llmc.plugins.splitk import _contiguous, finish_split, grid_row
+    from llmc.plugins.splitk import finish_split, grid_row
 
     # Rule 1: x is scaled by 2^(100 - o), so u * 2^(o - 149) times it is u * x * 2^-49, normal.
     _X_SCALE = tl.constexpr(2.0**100)
@@ -137,6 +144,90 @@ if triton is not None:
         return words
 
     @triton.jit
+    def x_words(x_ptr, rows, row_ok, FIELDS: tl.constexpr):
+        """The ``FIELDS`` activations word-row ``rows`` meets (inputs ``FIELDS * rows + i``,
+        bitplanes rule 3) as ``FIELDS / 2`` int32 tensors [rows, 1] of two 16-bit values each: one
+        vector load per row, in the words' own register layout (rule 6). Rows not ``row_ok`` read
+        row 0; :func:`x_field` masks them."""
+        ptr = x_ptr + (tl.where(row_ok, rows, 0) * FIELDS)[:, None]
+        if FIELDS == 4:
+            words = tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [ptr],
+                                              dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        elif FIELDS == 8:
+            words = tl.inline_asm_elementwise("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+                                              [ptr], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        else:
+            words = tl.inline_asm_elementwise(
+                "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8]; ld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8 + 16];",
+                "=r,=r,=r,=r,=r,=r,=r,=r,l", [ptr], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+        return words
+
+    @triton.jit
+    def x_field(words, i: tl.constexpr, row_ok, DTYPE: tl.constexpr):
+        """Activation ``i`` of :func:`x_words` as float32 [rows, 1]; 0 on rows not ``row_ok``."""
+        word = words[i // 2]
+        if DTYPE == tl.bfloat16:
+            if i % 2 == 1:
+                value = (word & -65536).to(tl.float32, bitcast=True)
+            else:
+                value = (word << 16).to(tl.float32, bitcast=True)
+        else:
+            if i % 2 == 1:
+                word = word >> 16
+            value = word.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return tl.where(row_ok[:, None], value, 0.0)
+
+    @triton.jit
+    def _halves(t, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, HALF: tl.constexpr):
+        """[BLOCK_M, BLOCK_W, 2 HALF] -> its even and its odd elements along the last axis."""
+        if HALF == 1:
+            return tl.split(t)
+        else:
+            return tl.split(tl.reshape(t, [BLOCK_M, BLOCK_W, HALF, 2]))
+
+    @triton.jit
+    def x_tile_fields(x_ptr, offs_m, rows, ok, stride_xm, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
+                      FIELDS: tl.constexpr):
+        """The [BLOCK_M, BLOCK_W] tiles of x that fields 0 .. FIELDS - 1 of word-rows ``rows`` meet
+        (inputs ``FIELDS * rows + i``; ``ok`` [BLOCK_M, BLOCK_W] masks), as a tuple: one contiguous
+        load of [BLOCK_M, BLOCK_W * FIELDS], then split in registers (a load per field would
+        read x ``FIELDS`` elements apart)."""
+        inputs = (rows * FIELDS)[None, :, None] + tl.arange(0, FIELDS)[None, None, :]
+        t = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + inputs, mask=ok[:, :, None], other=0.0)
+        if FIELDS == 4:
+            e, o = _halves(t, BLOCK_M, BLOCK_W, 2)
+            f0, f2 = _halves(e, BLOCK_M, BLOCK_W, 1)
+            f1, f3 = _halves(o, BLOCK_M, BLOCK_W, 1)
+            fields = (f0, f1, f2, f3)
+        elif FIELDS == 8:
+            e, o = _halves(t, BLOCK_M, BLOCK_W, 4)
+            ee, eo = _halves(e, BLOCK_M, BLOCK_W, 2)
+            oe, oo = _halves(o, BLOCK_M, BLOCK_W, 2)
+            f0, f4 = _halves(ee, BLOCK_M, BLOCK_W, 1)
+            f2, f6 = _halves(eo, BLOCK_M, BLOCK_W, 1)
+            f1, f5 = _halves(oe, BLOCK_M, BLOCK_W, 1)
+            f3, f7 = _halves(oo, BLOCK_M, BLOCK_W, 1)
+            fields = (f0, f1, f2, f3, f4, f5, f6, f7)
+        else:
+            e, o = _halves(t, BLOCK_M, BLOCK_W, 8)
+            ee, eo = _halves(e, BLOCK_M, BLOCK_W, 4)
+            oe, oo = _halves(o, BLOCK_M, BLOCK_W, 4)
+            eee, eeo = _halves(ee, BLOCK_M, BLOCK_W, 2)
+            eoe, eoo = _halves(eo, BLOCK_M, BLOCK_W, 2)
+            oee, oeo = _halves(oe, BLOCK_M, BLOCK_W, 2)
+            ooe, ooo = _halves(oo, BLOCK_M, BLOCK_W, 2)
+            f0, f8 = _halves(eee, BLOCK_M, BLOCK_W, 1)
+            f4, f12 = _halves(eeo, BLOCK_M, BLOCK_W, 1)
+            f2, f10 = _halves(eoe, BLOCK_M, BLOCK_W, 1)
+            f6, f14 = _halves(eoo, BLOCK_M, BLOCK_W, 1)
+            f1, f9 = _halves(oee, BLOCK_M, BLOCK_W, 1)
+            f5, f13 = _halves(oeo, BLOCK_M, BLOCK_W, 1)
+            f3, f11 = _halves(ooe, BLOCK_M, BLOCK_W, 1)
+            f7, f15 = _halves(ooo, BLOCK_M, BLOCK_W, 1)
+            fields = (f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15)
+        return fields
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
                      N, K, stride_ym, rows_per_split, n_split,
                      WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
@@ -144,7 +235,7 @@ if triton is not None:
                      PREFETCH: tl.constexpr = False, INLINE_ZERO: tl.constexpr = False,
                      EVICT_FIRST: tl.constexpr = False, ROW_GRID: tl.constexpr = False):
         FIELDS: tl.constexpr = 32 // WIDTH
-        ROWS_PER_TILE: tl.constexpr = GROUP // FIELDS
+        ROWS_PER_GROUP: tl.constexpr = GROUP // FIELDS
         MASK: tl.constexpr = (1 << WIDTH) - 1
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -170,10 +261,10 @@ if triton is not None:
             else:
                 words = _load_words(w_ptr, rows, offs_n, row_end, n_ok, N, EVICT_FIRST).to(tl.uint32, bitcast=True)
             high = words >> 12
-            tile = rows // ROWS_PER_TILE
-            k0 = _contiguous(tile * GROUP + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
+            group = rows // ROWS_PER_GROUP
+            xw = x_words(x_ptr, rows, row_ok, FIELDS)
             dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-            x_rows = tl.zeros([BLOCK_W], dtype=tl.float32)
+            x_rows = tl.zeros([BLOCK_W, 1], dtype=tl.float32)
             for i in tl.static_range(FIELDS):
                 # Rule 1: the masked field, read as float32, is u * 2^(o - 149); it must end
                 # below bit 23, so later fields are read from the word shifted right by 12.
@@ -183,35 +274,34 @@ if triton is not None:
                 else:
                     o = WIDTH * i - 12
                     v = (high & (MASK << o)).to(tl.float32, bitcast=True)
-                xv = tl.load(x_ptr + k0 + i * ROWS_PER_TILE, mask=row_ok, other=0.0).to(tl.float32)
+                xv = x_field(xw, i, row_ok, x_ptr.dtype.element_ty)
                 if INLINE_ZERO:
                     x_rows += xv
                 if CHANNEL:
-                    acc += v * (xv * (_X_SCALE / (1 << o)))[:, None]
+                    acc += v * (xv * (_X_SCALE / (1 << o)))
                 else:
-                    dot += v * (xv * (_X_SCALE / (1 << o)))[:, None]
+                    dot += v * (xv * (_X_SCALE / (1 << o)))
             if not CHANNEL:
-                scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+                scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
                 if INLINE_ZERO:
                     # The zero point's share of this block, per row of words (its x values'
                     # sum, scaled like the products): no pass over the groups after the loop.
                     if SYMMETRIC:
-                        dot -= (x_rows * (ZERO * _PRODUCT_SCALE))[:, None]
+                        dot -= x_rows * (ZERO * _PRODUCT_SCALE)
                     else:
-                        zero = tl.load(z_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
-                        dot -= zero * (x_rows * _PRODUCT_SCALE)[:, None]
+                        zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+                        dot -= zero * (x_rows * _PRODUCT_SCALE)
                 acc += dot * scale
         # sum over k of u * x * 2^-49 (times the scale per group): undo the 2^-49.
         total = tl.sum(acc, axis=0) * (1.0 / _PRODUCT_SCALE)
-        # The zero point's share, scale * zero * sum(x), off the hot loop: per tile of the
-        # program's range (whole tiles; choose_split aligns splits to tiles), or once per channel.
+        # The zero point's share, scale * zero * sum(x), off the hot loop: per group of the
+        # program's range (whole groups; choose_split aligns splits to groups), or once per channel.
         correction = tl.zeros([BLOCK_N], dtype=tl.float32)
         if CHANNEL:
-            x_sum = tl.zeros([BLOCK_W], dtype=tl.float32)
-            for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
-                rows = r0 + tl.arange(0, BLOCK_W)
-                for i in tl.static_range(FIELDS):
-                    x_sum += tl.load(x_ptr + rows + i * ROWS_PER_TILE, mask=rows < row_end, other=0.0).to(tl.float32)
+            x_sum = tl.zeros([BLOCK_W * FIELDS], dtype=tl.float32)
+            for r0 in range(row_begin * FIELDS, (row_begin + rows_per_split) * FIELDS, BLOCK_W * FIELDS):
+                inputs = r0 + tl.arange(0, BLOCK_W * FIELDS)
+                x_sum += tl.load(x_ptr + inputs, mask=inputs < row_end * FIELDS, other=0.0).to(tl.float32)
             scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             if SYMMETRIC:
                 zero = ZERO
@@ -219,13 +309,13 @@ if triton is not None:
                 zero = tl.load(z_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             total = (total - zero * tl.sum(x_sum, axis=0)) * scale
         elif not INLINE_ZERO:
-            for t in range(row_begin // ROWS_PER_TILE, tl.cdiv(row_end, ROWS_PER_TILE)):
-                x_sum = tl.sum(tl.load(x_ptr + t * GROUP + tl.arange(0, GROUP)).to(tl.float32), axis=0)
-                scale = tl.load(s_ptr + t * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            for g in range(row_begin // ROWS_PER_GROUP, tl.cdiv(row_end, ROWS_PER_GROUP)):
+                x_sum = tl.sum(tl.load(x_ptr + g * GROUP + tl.arange(0, GROUP)).to(tl.float32), axis=0)
+                scale = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
                 if SYMMETRIC:
                     correction += scale * (ZERO * x_sum)
                 else:
-                    zero = tl.load(z_ptr + t * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                    zero = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
                     correction += scale * zero * x_sum
             total = total - correction
         finish_split(total[None, :], y_ptr, part_ptr, count_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym,
@@ -240,7 +330,7 @@ if triton is not None:
         # EVICT_FIRST: the words are streamed (read once). SWAP: accumulate (W x^T) [BLOCK_N,
         # BLOCK_M], the decoded weight as the first operand of the product.
         FIELDS: tl.constexpr = 32 // WIDTH
-        ROWS_PER_TILE: tl.constexpr = GROUP // FIELDS
+        ROWS_PER_GROUP: tl.constexpr = GROUP // FIELDS
         MASK: tl.constexpr = (1 << WIDTH) - 1
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -260,19 +350,18 @@ if triton is not None:
             row_ok = rows < row_end
             words = _load_words(w_ptr, rows, offs_n, row_end, n_ok, N, EVICT_FIRST)
             ok = row_ok[:, None] & n_ok[None, :]
-            tile = rows // ROWS_PER_TILE
-            k0 = _contiguous(tile * GROUP + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
-            scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+            group = rows // ROWS_PER_GROUP
+            scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
             if SYMMETRIC:
                 offset = 1024.0 + ZERO
             else:
-                offset = 1024.0 + tl.load(z_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+                offset = 1024.0 + tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+            xs = x_tile_fields(x_ptr, offs_m, rows, m_ok[:, None] & row_ok[None, :], stride_xm, BLOCK_M, BLOCK_W, FIELDS)
             for i in tl.static_range(FIELDS):
                 # Rule 2: float16 1024 + u from one mask-and-or.
                 bits16 = (((words >> (WIDTH * i)) & MASK) | 0x6400).to(tl.int16)
                 w = ((bits16.to(tl.float16, bitcast=True) - offset) * scale).to(x_ptr.dtype.element_ty)
-                xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + i * ROWS_PER_TILE)[None, :],
-                             mask=m_ok[:, None] & row_ok[None, :], other=0.0)
+                xk = xs[i]
                 if SWAP:
                     acc = tl.dot(tl.trans(w), tl.trans(xk), acc)
                 else:
@@ -288,20 +377,19 @@ if triton is not None:
                    WIDTH: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
         # W.T as float16 [K, N] (coalesced stores along N) for dequantize-then-matmul.
         FIELDS: tl.constexpr = 32 // WIDTH
-        ROWS_PER_TILE: tl.constexpr = GROUP // FIELDS
+        ROWS_PER_GROUP: tl.constexpr = GROUP // FIELDS
         MASK: tl.constexpr = (1 << WIDTH) - 1
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         ok = (rows[:, None] < K // FIELDS) & (offs_n[None, :] < N)
         words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
-        tile = rows // ROWS_PER_TILE
-        k0 = _contiguous(tile * GROUP + rows % ROWS_PER_TILE, BLOCK_W, ROWS_PER_TILE)
-        scale = tl.load(s_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
-        offset = 1024.0 + tl.load(z_ptr + tile[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+        group = rows // ROWS_PER_GROUP
+        scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+        offset = 1024.0 + tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
         for i in tl.static_range(FIELDS):
             bits16 = (((words >> (WIDTH * i)) & MASK) | 0x6400).to(tl.int16)
             w = ((bits16.to(tl.float16, bitcast=True) - offset) * scale).to(tl.float16)
-            tl.store(out_ptr + (k0 + i * ROWS_PER_TILE)[:, None] * N + offs_n[None, :], w, mask=ok)
+            tl.store(out_ptr + (rows * FIELDS + i)[:, None] * N + offs_n[None, :], w, mask=ok)
 
 
 
@@ -341,7 +429,7 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
             decode = decode_shape(w.in_features * w.out_features, DECODE_SHAPES_SHORT)  # per row, no split-K
         elif decode is None:
             decode = one_row_shape(w.in_features, w.out_features, sms, DECODE_SHAPES, DECODE_SHAPE_WIDE,
-                                   DECODE_SHAPES_SHORT if m == 1 else None)
+                                   DECODE_SHAPE_NARROW, DECODE_SHAPE_LARGE, DECODE_SHAPES_SHORT if m == 1 else None)
         block_n, block_w, warps, per_sm, prefetch, *rest = decode
         inline_zero = bool(rest and rest[0])
         evict_first = bool(len(rest) > 1 and rest[1])
@@ -363,50 +451,47 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
 
 
 # (block_n, block_w, num_warps, programs per SM, prefetch, inline zero point, evict-first) of the
-# one-row kernel by weight count (below 2^20, 2^23, 2^25, 2^26, above). Picked by
-# `benchmarks/kernels.py --explore` and repeated A/B runs on an H100 (docs/benchmarks/kernels.md):
-# up to 2^25 weights, narrow blocks of outputs with 128-512 rows of words (one step per program,
-# every load in flight at once) won, and at 4096x4096 no split-K at all (programs per SM 0.5: one
-# program per block of 32 outputs, reduced inside the program), which needs the zero point inside
-# the hot loop. From 2^25 up, narrow blocks (64 outputs) of 8-16 rows, 2 warps, 8-16 programs per
-# SM (many small independent streams) with evict-first weight loads won (4-13% on the 7B MLP shapes).
-DECODE_SHAPES = ((1 << 20, (16, 256, 4, 1, False, True)), (1 << 23, (64, 128, 8, 0.5, False, True)),
-                 (1 << 25, (32, 512, 8, 0.5, False, True, True)), (1 << 26, (64, 16, 2, 8, True, True, True)),
-                 (None, (64, 8, 2, 16, True, True, True)))
+# one-row kernel below 2^23 weights where K is longer than SHORT_K, by weight count (below 2^20,
+# above). Picked by `benchmarks/kernels.py --explore` and repeated A/B runs on an H100
+# (docs/benchmarks/kernels.md): narrow blocks of outputs with 128-256 rows of words, split-K.
+DECODE_SHAPES = ((1 << 20, (16, 256, 4, 1, False, True)), (None, (64, 128, 8, 0.5, False, True)))
 
 
-# One row below 2^27 weights, by the shape (round 6, H100, docs/benchmarks/kernels.md):
-# - from 2^23 weights, at least WIDE_OUTPUTS_PER_SM outputs per SM (gate/up projections of 1B-13B
-#   models): one program per block of 32 outputs reads all of K (64 rows of words per step, 4 warps,
-#   prefetch, evict-first), with no split-K, so no partials and no last-program sum. 4096->11008
-#   14.4 -> 12.9 us, 2048->11008 16.3 -> 7.7 (the 2^23-2^25 shape runs 344 one-per-SM programs in three
-#   waves there);
-# - from 2^23 to 2^25 weights, down projections (K at least twice N) with at most
-#   NARROW_OUTPUTS_PER_SM outputs per SM: the split-K launch of the next size class, since one program
-#   per 32 outputs would leave SMs idle (8960->1536 13.1 -> 9.7 us, 11008->2048 14.1 -> 10.7);
-# - int4/int8 with K up to SHORT_K: one program per block of 16 outputs (32 from 2^21 weights) reads
-#   all of K in steps of 128 rows of words, 8 warps, no split-K (896x896 3.8 -> 2.5 us, 2048x2048
-#   6.2 -> 4.2, 3072x3072 6.8 -> 5.6).
-# Otherwise the size class's launch: 4864->896, 3584x3584, 4096x4096, 11008->4096, and from 2^27
-# weights (8192->28672), where split-K wins.
-DECODE_SHAPE_WIDE = (32, 64, 4, 0, True, True, True)
+# One row from NO_SPLIT_WEIGHTS weights: one program per block of outputs reads all of K, no split-K
+# (no partials, no last-program sum). Round 8 (H100, with x in the words' layout, rule 6,
+# docs/benchmarks/kernels.md), int4 us against round 7's launches:
+# - at most NARROW_OUTPUTS_PER_SM outputs per SM (q/k/v/o and down projections): 16 outputs x 512
+#   rows of words per step, 8 warps (4096x4096 6.5 -> 5.6, 8960->1536 9.5 -> 7.3, 11008->2048 10.8 ->
+#   8.0, 14336->4096 16.5 -> 15.2);
+# - more (gate/up projections, 5120x5120): 32 outputs x 64 rows of words per step, 8 warps, prefetch,
+#   evict-first (4096->11008 14.5 -> 11.8, 2048->8192 7.9 -> 5.9, 5120x5120 17.3 -> 9.9; 3584->18944
+#   17.0 -> 18.0 is the one loss measured);
+# - from 2^27 weights, the split-K launch of round 2 (64 outputs x 8 rows, 2 warps, 16 programs per
+#   SM): without split-K, asymmetric int4 g32 and int8 lost 8-27 us on 8192->28672 and 28672->8192
+#   (int4 g32 28672->8192 59.5 -> 86.2), where symmetric int4 g128 gained at most 2 us.
+# Below that, int4/int8 with K up to SHORT_K: one program per block of 16 outputs (32 from 2^21
+# weights) reads all of K in steps of 128 rows of words, 8 warps, no split-K (round 6: 896x896 3.8
+# -> 2.5 us, 2048x2048 6.2 -> 4.2); otherwise the size class's split-K launch (4864->896, 8192->512).
+DECODE_SHAPE_WIDE = (32, 64, 8, 0, True, True, True)
+DECODE_SHAPE_NARROW = (16, 512, 8, 0, False, True, True)
+DECODE_SHAPE_LARGE = (1 << 27, (64, 8, 2, 16, True, True, True))
 DECODE_SHAPES_SHORT = ((1 << 21, (16, 128, 8, 0, True, True, True)), (None, (32, 128, 8, 0, True, True, True)))
-WIDE_WEIGHTS = (1 << 23, 1 << 27)
-WIDE_OUTPUTS_PER_SM = 60
-NARROW_OUTPUTS_PER_SM = 24
+NO_SPLIT_WEIGHTS = 1 << 23
+NARROW_OUTPUTS_PER_SM = 32
 SHORT_K = 3072
 
 
-def one_row_shape(in_features: int, out_features: int, sms: int, table, wide: tuple, short=None) -> tuple:
-    """The one-row launch shape: ``wide``, a size class of ``short`` or of ``table`` (see above)."""
+def one_row_shape(in_features: int, out_features: int, sms: int, table, wide: tuple, narrow: tuple,
+                  large: tuple | None = None, short=None) -> tuple:
+    """The one-row launch shape (see above): from NO_SPLIT_WEIGHTS weights ``narrow`` or ``wide``,
+    or ``large`` = (weights, shape) from that many weights; below, a size class of ``short`` (K up
+    to SHORT_K) or of ``table``."""
     weights = in_features * out_features
-    if WIDE_WEIGHTS[0] <= weights < WIDE_WEIGHTS[1]:
-        if out_features >= WIDE_OUTPUTS_PER_SM * sms:
-            return wide
-        if (weights < 1 << 25 and in_features >= 2 * out_features
-                and out_features <= NARROW_OUTPUTS_PER_SM * sms):
-            return decode_shape(1 << 25, table)
-    if short is not None and weights < 1 << 25 and in_features <= SHORT_K:
+    if weights >= NO_SPLIT_WEIGHTS:
+        if large is not None and weights >= large[0]:
+            return large[1]
+        return narrow if out_features <= NARROW_OUTPUTS_PER_SM * sms else wide
+    if short is not None and in_features <= SHORT_K:
         return decode_shape(weights, short)
     return decode_shape(weights, table)
 
@@ -506,8 +591,7 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
                   BLOCK_N=config.block_n, BLOCK_W=config.block_w, num_warps=config.num_warps,
                   num_stages=config.num_stages, **COMPILE_OPTIONS)
     if config.block_m == 1:
-        if m > 1 and x2.stride(0) != k:
-            x2 = x2.contiguous()  # rule 5: rows of x k apart
+        x2 = decode_rows(x2)
         _gemv_kernel[(grid_n, split.split, m)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, n, k, y.stride(0),
             split.rows_per_split, split.split, CHANNEL=w.group_size == k, PREFETCH=config.prefetch,
@@ -519,6 +603,14 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
             split.rows_per_split, split.split, BLOCK_M=config.block_m, EVICT_FIRST=config.evict_first,
             SWAP=config.swap, **common)
     return y.reshape(*x.shape[:-1], n)
+
+
+def decode_rows(x2: torch.Tensor) -> torch.Tensor:
+    """``x2`` [rows, K] as the decode kernels read it: rows K apart (rule 5), and 16-byte aligned
+    for the vector loads of rule 6 (a copy if it is not)."""
+    if (x2.shape[0] > 1 and x2.stride(0) != x2.shape[1]) or x2.data_ptr() % 16:
+        return x2.clone(memory_format=torch.contiguous_format)
+    return x2
 
 
 def intn_dequantize(w: IntNWeights, dtype: torch.dtype = torch.float16,
@@ -544,10 +636,11 @@ def size_classes(table) -> list:
     return [(f"<2^{limit.bit_length() - 1}" if limit else "large", shape) for limit, shape in table]
 
 
-def decode_classes(table, wide: tuple, short=()) -> list:
-    """(name, launch shape) of every one-row launch the heuristics pick from ``table``, the wide
-    shape and ``short``'s, for the compile table."""
-    return [*size_classes(table), ("wide", wide), *((f"short-{size}", shape) for size, shape in size_classes(short))]
+def decode_classes(table, wide: tuple, narrow: tuple, large: tuple, short=()) -> list:
+    """(name, launch shape) of every one-row launch the heuristics pick from ``table``, the wide,
+    narrow and large shapes and ``short``'s, for the compile table."""
+    return [*size_classes(table), ("wide", wide), ("narrow", narrow), (f"from-2^{large[0].bit_length() - 1}", large[1]),
+            *((f"short-{size}", shape) for size, shape in size_classes(short))]
 
 
 def kernel_variants() -> list:
@@ -566,7 +659,7 @@ def kernel_variants() -> list:
         tag = f"int{bits}-{'sym' if symmetric else 'asym'}-{'channel' if group == -1 else f'g{group}'}"
         common = dict(WIDTH=INT_PLANE_WIDTHS[bits][0], GROUP=4096 if group == -1 else group,
                       SYMMETRIC=symmetric, ZERO=float(1 << (bits - 1)))
-        for size, (block_n, block_w, warps, _, prefetch, inline_zero, *evict) in decode_classes(DECODE_SHAPES, DECODE_SHAPE_WIDE, DECODE_SHAPES_SHORT):
+        for size, (block_n, block_w, warps, _, prefetch, inline_zero, *evict) in decode_classes(DECODE_SHAPES, DECODE_SHAPE_WIDE, DECODE_SHAPE_NARROW, DECODE_SHAPE_LARGE, DECODE_SHAPES_SHORT):
             variants.append(KernelVariant(
                 f"intn-gemv-{tag}-{size}", _gemv_kernel, gemv_args,
                 {**common, "CHANNEL": group == -1, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch,

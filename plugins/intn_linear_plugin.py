@@ -8,7 +8,8 @@ The operator, as the ONNX node and the TensorRT plugin see it (``y = x @ W``, ``
 
 - inputs: ``x`` float32 [..., K]; ``planes`` int32 [K / F, N], the unsigned codes as one bit
   plane of ``width`` bits (``F = 32 / width`` fields per word) in the kernels' layout
-  (:mod:`llmc.passes.bitplanes`, tile = ``group_size``); ``scale`` float32 [K / group_size, N];
+  (:mod:`llmc.passes.bitplanes` at its kernel tile: word-row ``j`` holds inputs ``F j .. F j + F - 1``);
+  ``scale`` float32 [K / group_size, N];
   ``zero`` float16 [K / group_size, N] (integers, exact in float16).
 - attributes: ``bits`` (2, 3 or 4: the codes' range), ``width`` (2 or 4: the plane holding them;
   3-bit codes ride in a 4-bit plane, exactly), ``group_size``.
@@ -32,7 +33,7 @@ import numpy as np
 from llmc.plugins.linear_plugin import FunctionBody, LinearOp, device_tensor, function, rows_and_features
 
 NAME = "IntNLinear"
-VERSION = "1"
+VERSION = "2"  # 2: word-row j holds inputs F j .. F j + F - 1 (1: tiles of a group)
 NAMESPACE = "llmc"  # also the ONNX domain of the node
 PLANE_WIDTH = {2: 2, 3: 4, 4: 4}  # code bits -> plane width (a kernel exists for these widths)
 
@@ -43,7 +44,8 @@ def onnx_function():
 
     body = FunctionBody()
     width, group = body.attribute("width"), body.attribute("group_size")
-    codes, out_features = body.contiguous_fields("planes", width, group, "plane")
+    fields = body.op("Div", [body.scalar("word_bits", 32), width], "fields")  # the kernel tile
+    codes, out_features = body.contiguous_fields("planes", width, fields, "plane")
     grouped_shape = body.op("Concat", [body.int64s("minus_one", [-1]),
                                        body.op("Unsqueeze", [group, body.int64s("axis0", [0])], "group_1d"),
                                        out_features], "grouped_shape", axis=0)
@@ -68,7 +70,7 @@ def node_inputs(packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(planes int32 [K / F, N], scale float32 [K / g, N], zero float16 [K / g, N]) of an asymmetric PackedLinear."""
     import torch
 
-    from llmc.passes.bitplanes import pack_plane
+    from llmc.passes.bitplanes import kernel_tile, pack_plane
 
     if packed.symmetric or packed.bits not in PLANE_WIDTH:
         raise ValueError(f"{NAME} takes asymmetric {sorted(PLANE_WIDTH)}-bit codes, got "
@@ -77,7 +79,8 @@ def node_inputs(packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     high = 2**packed.bits - 1
     if int(codes.min()) < 0 or int(codes.max()) > high or int(packed.zero.min()) < 0 or int(packed.zero.max()) > high:
         raise ValueError(f"codes and zero points must lie in [0, {high}] for {packed.bits}-bit")
-    planes = pack_plane(codes, PLANE_WIDTH[packed.bits], packed.group_size)
+    width = PLANE_WIDTH[packed.bits]
+    planes = pack_plane(codes, width, kernel_tile((width,)))
     return (planes.numpy(), packed.scale.t().contiguous().float().numpy(),
             packed.zero.t().contiguous().to(torch.float16).numpy())
 
@@ -86,9 +89,9 @@ def reference(x, planes, scale, zero, width: int, group_size: int):
     """torch reference of the operator in float32, from the node's own tensors."""
     import torch
 
-    from llmc.passes.bitplanes import unpack_plane
+    from llmc.passes.bitplanes import kernel_tile, unpack_plane
 
-    codes = unpack_plane(torch.as_tensor(planes).cpu(), width, group_size).t().to(torch.float32)  # [K, N]
+    codes = unpack_plane(torch.as_tensor(planes).cpu(), width, kernel_tile((width,))).t().to(torch.float32)  # [K, N]
     groups = lambda t: torch.as_tensor(t).cpu().to(torch.float32).repeat_interleave(group_size, dim=0)  # noqa: E731
     weight = groups(scale) * (codes - groups(zero))
     return torch.as_tensor(x).cpu().to(torch.float32) @ weight

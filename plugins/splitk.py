@@ -100,13 +100,3 @@ if triton is not None:
         row = tl.program_id(2)
         return (x_ptr + row * K, y_ptr + row * stride_ym, part_ptr + row * n_split * N,
                 count_ptr + row * tl.num_programs(0))
-
-    @triton.jit
-    def _contiguous(k0, BLOCK_W: tl.constexpr, ROWS_PER_TILE: tl.constexpr):
-        """Tell Triton that slab offsets run contiguously within a tile (bitplanes rule 3).
-
-        A block of rows starts at a multiple of BLOCK_W, so its offsets come in runs of
-        min(BLOCK_W, ROWS_PER_TILE), each starting at a multiple of that run length.
-        """
-        RUN: tl.constexpr = BLOCK_W if BLOCK_W < ROWS_PER_TILE else ROWS_PER_TILE
-        return tl.max_contiguous(tl.multiple_of(k0, RUN), RUN)

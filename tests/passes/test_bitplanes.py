@@ -7,9 +7,9 @@ import torch
 
 from llmc.passes.bitplanes import (
     contiguous_positions,
-    default_tile,
     fields_per_word,
     fp6_low_positions,
+    kernel_tile,
     pack_fp_codes,
     pack_int_codes,
     pack_plane,
@@ -55,6 +55,24 @@ def test_words_are_input_major_and_slabs_contiguous():
     assert words.shape == (16, 3)  # [K / F, N]
 
 
+@pytest.mark.parametrize("widths", [(4,), (8,), (2,), (4, 2)])
+def test_at_the_kernel_tile_each_word_holds_consecutive_inputs(widths):
+    # Rule 3 at kernel_tile: word-row j of a one-plane format holds inputs F j .. F j + F - 1, so
+    # the activations a word meets are one vector load; FP6's 2-bit row j holds 16 j .. 16 j + 15
+    # and rows 2 j, 2 j + 1 of its 4-bit plane the even and the odd ones.
+    tile = kernel_tile(widths)
+    for width in widths:
+        index = slab_inputs(in_features=256, tile=tile, fields=fields_per_word(width))
+        if tile == fields_per_word(width):
+            assert index.tolist() == torch.arange(256).reshape(-1, tile).tolist()
+        else:
+            assert index[4].tolist() == list(range(32, 48, 2)) and index[5].tolist() == list(range(33, 48, 2))
+    values = codes(6, seed=3)
+    assert torch.equal(unpack_fp_codes(pack_fp_codes(values, 6, 2, 16), 6, 2, 16), values)
+    values = codes(4, seed=4)
+    assert torch.equal(unpack_int_codes(pack_int_codes(values, 4, 8), 4, 8), values)
+
+
 @pytest.mark.parametrize("mantissa", [2, 3])
 def test_fp6_pairs_put_magnitude_bit_and_sign_one_rotation_apart(mantissa):
     # Rule 4: the low magnitude bit and the sign sit 8 + M apart, so one rotation by
@@ -91,6 +109,4 @@ def test_declines_what_it_cannot_pack():
         pack_int_codes(codes(5), 5, 64)
     with pytest.raises(ValueError, match="width"):
         fields_per_word(3)
-    assert default_tile(576, 16) == 64 and default_tile(4096, 16) == 256
-    with pytest.raises(ValueError, match="not a multiple of 16"):
-        default_tile(40, 16)
+    assert kernel_tile((4,)) == 8 and kernel_tile((4, 2)) == 16 and kernel_tile((8,)) == 4

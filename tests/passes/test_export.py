@@ -188,7 +188,7 @@ def test_asymmetric_weights_export_as_intn_plugin_nodes_carrying_their_function(
     assert {n.op_type for n in plugin_nodes} == {"IntNLinear"} and len(plugin_nodes) == len(quantized)
     assert not any(n.op_type == "DequantizeLinear" for n in stage.graph.node)
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in plugin_nodes[0].attribute}
-    assert attributes == {"bits": 4, "width": 4, "group_size": 32, "plugin_version": b"1", "plugin_namespace": b"llmc"}
+    assert attributes == {"bits": 4, "width": 4, "group_size": 32, "plugin_version": b"2", "plugin_namespace": b"llmc"}
     # The ONNX Runtime equivalent travels in the file: one function body per plugin op.
     assert [(f.domain, f.name) for f in stage.functions] == [("llmc", "IntNLinear")]
     assert ("llmc", 1) in [(o.domain, o.version) for o in stage.opset_import]

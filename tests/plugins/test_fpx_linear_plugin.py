@@ -90,7 +90,7 @@ def test_creators_check_the_fields_and_serialise_them():
         return trt.PluginFieldCollection([trt.PluginField(k, np.array(v, np.int32).reshape(-1), trt.PluginFieldType.INT32)
                                           for k, v in values.items()])
 
-    good = dict(exponent_bits=3, mantissa_bits=2, group_size=256, tile=256, low_positions=plugin.low_positions(2))
+    good = dict(exponent_bits=3, mantissa_bits=2, group_size=256, tile=16, low_positions=plugin.low_positions(2))
     made = make_creator(trt, plugin.FP6).create_plugin("linear", fields(**good), trt.TensorRTPhase.BUILD)
     assert {f.name: tuple(int(v) for v in np.asarray(f.data)) for f in made.get_fields_to_serialize()} == {
         k: (v,) if isinstance(v, int) else tuple(v) for k, v in good.items()}
@@ -100,9 +100,11 @@ def test_creators_check_the_fields_and_serialise_them():
     with pytest.raises(ValueError, match="not one of e2m1"):
         make_creator(trt, plugin.FP4).create_plugin("linear", fields(exponent_bits=3, mantissa_bits=2, group_size=32,
                                                                      tile=32), trt.TensorRTPhase.BUILD)
-    with pytest.raises(ValueError, match="multiples of 16"):
-        make_creator(trt, plugin.FP4).create_plugin("linear", fields(exponent_bits=2, mantissa_bits=1, group_size=24,
-                                                                     tile=24), trt.TensorRTPhase.BUILD)
+    with pytest.raises(ValueError, match="e2m1 takes tile 8"):  # a group that is not a multiple of the tile
+        make_creator(trt, plugin.FP4).create_plugin("linear", fields(exponent_bits=2, mantissa_bits=1, group_size=20,
+                                                                     tile=8), trt.TensorRTPhase.BUILD)
+    with pytest.raises(ValueError, match="e3m2 takes tile 16"):  # planes of another tile (plugin version 1)
+        make_creator(trt, plugin.FP6).create_plugin("linear", fields(**{**good, "tile": 256}), trt.TensorRTPhase.BUILD)
 
 
 # --- GPU: the enqueue path on raw device pointers and a raw stream, as TensorRT calls it ------

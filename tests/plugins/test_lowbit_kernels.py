@@ -41,7 +41,7 @@ def test_int_reference_is_the_packed_weight_with_float16_scales(bits, symmetric,
 def test_fp_reference_is_exactly_the_quantized_weight(name, group):
     q = fpx_quantize(weight(), FORMATS[name], group, scale_dtype=torch.float16)
     w = fp.pack_fpx(q)
-    assert w.tile % 16 == 0 and 256 % w.tile == 0
+    assert w.tile == (16 if FORMATS[name].bits == 6 else 8)
     assert torch.equal(fp.fpx_dequantize_reference(w), q.dequantize())
     assert w.nbytes == 96 * 256 * FORMATS[name].bits // 8 + w.scale.numel() * 2
 
@@ -72,39 +72,45 @@ def test_launch_heuristics_by_rows_and_size():
     assert intn.intn_config(17, small, SMS) is None  # prefill: dequantize, then cuBLAS
     fp6 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e3m2"], None, scale_dtype=torch.float16))
     assert fp.fpx_config(1, fp6, SMS).block_n == 16 and fp.fpx_config(100, fp6, SMS) is None
-    assert intn.decode_shape(8192 * 28672, intn.DECODE_SHAPES)[:4] == (64, 8, 2, 16)
+    # From 2^23 weights one row reads all of K per program, no split-K: 16 outputs x 512 rows of
+    # words with at most 32 outputs per SM (7B down: 4096 outputs, 31 per SM), else 32 x 64.
     down = intn.IntNWeights((torch.zeros(1376, 4096, dtype=torch.int32),), torch.zeros(86, 4096),
                             torch.zeros(86, 4096), 4, 128, True, 11008, 4096)
     config = intn.intn_config(1, down, SMS)
-    assert (config.block_n, config.num_warps, config.evict_first) == (64, 2, True) and config.split.split > 1
-    # A wide linear (7B gate/up: 11008 outputs, 83 per SM): one program per 32 outputs, no split-K.
+    assert (config.block_n, config.block_w, config.num_warps, config.split.split) == (16, 512, 8, 1)
+    assert intn.intn_config(1, down, 100).block_n == 32  # 41 outputs per SM on a 100-SM GPU
     up = intn.IntNWeights((torch.zeros(512, 11008, dtype=torch.int32),), torch.zeros(32, 11008),
                           torch.zeros(32, 11008), 4, 128, True, 4096, 11008)
     config = intn.intn_config(1, up, SMS)
-    assert (config.block_n, config.num_warps, config.split.split) == (32, 4, 1)
-    assert intn.intn_config(1, up, 200).split.split > 1  # fewer than 60 outputs per SM: split-K
-    # By outputs per SM from 2^23 weights: wide gate/up, split-K for narrow down projections below
-    # 2^25, and the size class's own launch for square 4096x4096 and from 2^27 weights.
-    shapes = intn.DECODE_SHAPES
-    assert intn.one_row_shape(2048, 11008, SMS, shapes, intn.DECODE_SHAPE_WIDE) == intn.DECODE_SHAPE_WIDE
-    assert intn.one_row_shape(8960, 1536, SMS, shapes, intn.DECODE_SHAPE_WIDE) == intn.decode_shape(1 << 25, shapes)
-    assert intn.one_row_shape(4096, 4096, SMS, shapes, intn.DECODE_SHAPE_WIDE) == intn.decode_shape(4096 * 4096, shapes)
-    assert intn.one_row_shape(8192, 28672, SMS, shapes, intn.DECODE_SHAPE_WIDE) == shapes[-1][1]
-    assert intn.one_row_shape(1536, 1536, SMS, shapes, intn.DECODE_SHAPE_WIDE) == intn.decode_shape(1536 * 1536, shapes)
-    # int4/int8 with K up to 3072: no split-K, 16 outputs per program (32 from 2^21 weights).
+    assert (config.block_n, config.block_w, config.num_warps, config.split.split) == (32, 64, 8, 1)
+    shapes, wide, narrow = intn.DECODE_SHAPES, intn.DECODE_SHAPE_WIDE, intn.DECODE_SHAPE_NARROW
+    assert intn.one_row_shape(8192, 28672, SMS, shapes, wide, narrow) == wide
+    large = intn.DECODE_SHAPE_LARGE  # from 2^27 weights, split-K again
+    assert intn.one_row_shape(8192, 28672, SMS, shapes, wide, narrow, large) == large[1]
+    assert intn.one_row_shape(4096, 11008, SMS, shapes, wide, narrow, large) == wide
+    assert intn.one_row_shape(4096, 4096, SMS, shapes, wide, narrow) == narrow
+    assert intn.one_row_shape(8960, 1536, SMS, shapes, wide, narrow) == narrow
+    assert intn.one_row_shape(5120, 5120, SMS, shapes, wide, narrow) == wide  # 39 outputs per SM
+    assert intn.one_row_shape(1536, 1536, SMS, shapes, wide, narrow) == intn.decode_shape(1536 * 1536, shapes)
+    # Below 2^23 weights, int4/int8 with K up to 3072: no split-K, 16 outputs per program (32 from
+    # 2^21 weights); longer K, the size class's split-K launch.
     short = intn.DECODE_SHAPES_SHORT
-    assert intn.one_row_shape(3072, 3072, SMS, shapes, intn.DECODE_SHAPE_WIDE, short) == short[1][1]
-    assert intn.one_row_shape(2048, 512, SMS, shapes, intn.DECODE_SHAPE_WIDE, short) == short[0][1]
-    assert intn.one_row_shape(4864, 896, SMS, shapes, intn.DECODE_SHAPE_WIDE, short) == intn.decode_shape(4864 * 896, shapes)
-    assert intn.one_row_shape(8960, 1536, SMS, shapes, intn.DECODE_SHAPE_WIDE, short) == intn.decode_shape(1 << 25, shapes)
-    up6 = fp.FpxWeights((torch.zeros(512, 11008, dtype=torch.int32), torch.zeros(256, 11008, dtype=torch.int32)),
-                        torch.zeros(1, 11008), FORMATS["e3m2"], 4096, 256, 4096, 11008)
-    assert (fp.fpx_config(1, up6, SMS).block_n, fp.fpx_config(1, up6, SMS).split.split) == (16, 1)
-    # 4096x4096: one program per 32 outputs over all of K (fewer programs than SMs), no split-K.
-    big = intn.IntNWeights((torch.zeros(512, 4096, dtype=torch.int32),), torch.zeros(32, 4096), torch.zeros(32, 4096),
-                           4, 128, True, 4096, 4096)
-    config = intn.intn_config(1, big, SMS)
-    assert (config.block_n, config.block_w, config.split.split) == (32, 512, 1)
+    assert intn.one_row_shape(2048, 2048, SMS, shapes, wide, narrow, short=short) == short[1][1]
+    assert intn.one_row_shape(2048, 512, SMS, shapes, wide, narrow, short=short) == short[0][1]
+    assert intn.one_row_shape(3072, 3072, SMS, shapes, wide, narrow, short=short) == narrow  # 2^23.2 weights
+    assert intn.one_row_shape(4864, 896, SMS, shapes, wide, narrow, short=short) == intn.decode_shape(4864 * 896, shapes)
+    assert intn.intn_config(1, intn.IntNWeights((torch.zeros(608, 896, dtype=torch.int32),), torch.zeros(38, 896),
+                                                torch.zeros(38, 896), 4, 128, True, 4864, 896), SMS).split.split > 1
+    # FP6: the same from 2^23 weights, but split-K again from 2^26 (the large launch).
+    def fp6_of(k, n):
+        return fp.FpxWeights((torch.zeros(k // 8, n, dtype=torch.int32), torch.zeros(k // 16, n, dtype=torch.int32)),
+                             torch.zeros(1, n), FORMATS["e3m2"], k, 16, k, n)
+    config = fp.fpx_config(1, fp6_of(4096, 11008), SMS)
+    assert (config.block_n, config.block_w, config.split.split) == fp.DECODE_SHAPE_WIDE_FP6[:2] + (1,)
+    config = fp.fpx_config(1, fp6_of(4096, 4096), SMS)
+    assert (config.block_n, config.block_w, config.split.split) == fp.DECODE_SHAPE_NARROW_FP6[:2] + (1,)
+    config = fp.fpx_config(1, fp6_of(8192, 28672), SMS)
+    assert (config.block_n, config.block_w) == fp.DECODE_SHAPE_LARGE_FP6[1][:2] and config.split.split > 1
 
 
 def test_tensor_core_launch_options_round_3():
@@ -172,8 +178,8 @@ def test_kernels_compile_for_ampere_and_hopper_without_a_gpu(capability):
     from llmc.plugins.aot import compile_kernel, kernel_variants, loop_instruction_mix, sass
 
     variants = {v.name: v for v in kernel_variants()}
-    for name in ("intn-gemv-int4-sym-g128-large", "fpx-gemv-e3m2-large", "fpx-gemm16-e3m2-large",
-                 "intn-gemv-int4-sym-g128-<2^25", "fpx-gemm16-e3m2-<2^26", "intn-gemm16-int4-sym-g128-<2^23"):
+    for name in ("intn-gemv-int4-sym-g128-from-2^27", "fpx-gemv-e3m2-from-2^26", "fpx-gemm16-e3m2-large",
+                 "intn-gemv-int4-sym-g128-narrow", "fpx-gemm16-e3m2-<2^26", "intn-gemm16-int4-sym-g128-<2^23"):
         compiled = compile_kernel(variants[name], capability)
         assert compiled.cubin and compiled.spills == 0
         assert ".ftz" not in compiled.ptx  # the subnormal decodes need float32 subnormals kept
@@ -208,7 +214,33 @@ def test_kernels_match_their_references_on_fresh_inputs(kind, rows):
 
 
 @gpu
-@pytest.mark.parametrize("size", range(8))
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("kind", ["int4-g64", "int8-channel", "int2-g32", "fp6", "fp4"])
+def test_bfloat16_and_unaligned_activations(kind, rows):
+    """bfloat16 x (decoded from its bits in the vector-load path, intn_linear rule 6), and x whose
+    rows are neither contiguous nor 16-byte aligned (a view one element in)."""
+    generator = torch.Generator().manual_seed(10 + rows)
+    w = weight(200, 576, seed=4)
+    if kind.startswith("int"):
+        bits, group = {"int4-g64": (4, 64), "int8-channel": (8, -1), "int2-g32": (2, 32)}[kind]
+        packed = intn.pack_intn(rtn_quantize(w, bits, group, True)).to("cuda")
+        linear, reference = intn.intn_linear, intn.intn_reference
+    else:
+        fmt = FORMATS["e2m1" if kind == "fp4" else "e3m2"]
+        packed = fp.pack_fpx(fpx_quantize(w, fmt, None, scale_dtype=torch.float16)).to("cuda")
+        linear, reference = fp.fpx_linear, fp.fpx_reference
+    for dtype, unaligned in ((torch.bfloat16, False), (torch.float16, True), (torch.bfloat16, True)):
+        base = torch.randn(rows, 577, generator=generator).to(dtype).cuda()
+        x = base[:, 1:] if unaligned else base[:, :576].contiguous()
+        out = torch.full((rows, 200), float("nan"), dtype=dtype, device="cuda")
+        linear(x, packed, out=out)
+        expected = reference(x, packed).float()
+        assert bool(torch.isfinite(out).all())
+        assert float((out.float() - expected).norm() / expected.norm()) < (8e-3 if dtype == torch.bfloat16 else 2e-3)
+
+
+@gpu
+@pytest.mark.parametrize("size", range(7))
 @pytest.mark.parametrize("kind", ["int4-g128", "int4-asym-g32", "int8-channel", "fp6"])
 def test_every_shipped_decode_launch_matches_its_reference(kind, size):
     """Each size class's one-row launch (block shape, split-K, prefetch, evict-first), forced onto
@@ -217,7 +249,8 @@ def test_every_shipped_decode_launch_matches_its_reference(kind, size):
     if kind.startswith("int"):
         bits, group = (8, -1) if kind == "int8-channel" else (4, 32 if "g32" in kind else 128)
         packed = intn.pack_intn(rtn_quantize(w, bits, group, "asym" not in kind)).to("cuda")
-        shape = intn.decode_classes(intn.DECODE_SHAPES, intn.DECODE_SHAPE_WIDE, intn.DECODE_SHAPES_SHORT)[size][1]
+        shape = intn.decode_classes(intn.DECODE_SHAPES, intn.DECODE_SHAPE_WIDE, intn.DECODE_SHAPE_NARROW,
+                                    intn.DECODE_SHAPE_LARGE, intn.DECODE_SHAPES_SHORT)[size][1]
         config = intn.intn_config(1, packed, SMS, decode=shape)
         linear, reference = intn.intn_linear, intn.intn_reference
     else:
