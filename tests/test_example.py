@@ -105,6 +105,6 @@ def test_the_example_in_fp6_compiles_through_its_plugin(assets, tmp_path):
     for engine in built:
         meta = json.loads((out / engine["path"]).with_suffix(".json").read_text())
         layers = stages[meta["stage"]]["layer_end"] - stages[meta["stage"]]["layer_start"]
-        assert engine["plugins"] == [f"llmc::Fp6Linear v1 x{7 * layers}"]
+        assert engine["plugins"] == [f"llmc::Fp6Linear v2 x{7 * layers}"]
         # Six bits per weight inside the engine, in int32 words.
         assert abs(meta["network"]["constant_bytes"]["INT32"] - layers * layer_weights * 6 / 8) < 1024
