@@ -162,6 +162,11 @@ def unpack_int_codes(planes: tuple[torch.Tensor, ...], bits: int, tile: int) -> 
     return codes
 
 
+def int_kernel_tile(bits: int) -> int:
+    """The kernels' tile for integer codes of ``bits`` bits (rule 3)."""
+    return kernel_tile(_int_widths(bits))
+
+
 def _int_widths(bits: int) -> tuple[int, ...]:
     if bits not in INT_PLANE_WIDTHS:
         raise ValueError(f"integer codes of {bits} bits are not packed; use one of {sorted(INT_PLANE_WIDTHS)}")
@@ -177,6 +182,11 @@ def fp6_low_positions(mantissa_bits: int) -> tuple[tuple[int, int], ...]:
 
 
 FP_PLANE_WIDTHS = {4: (4,), 6: (4, 2), 8: (8,)}
+
+
+def fp_kernel_tile(bits: int) -> int:
+    """The kernels' tile for FP codes of ``bits`` bits (rule 3): 16 for FP6, 8 for FP4, 4 for FP8."""
+    return kernel_tile(FP_PLANE_WIDTHS[bits])
 
 
 def pack_fp_codes(codes: torch.Tensor, bits: int, mantissa_bits: int, tile: int) -> tuple[torch.Tensor, ...]:

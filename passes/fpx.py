@@ -150,9 +150,9 @@ class FpxLinear:
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Flat tensors for a safetensors file, the codes at ``fmt.bits`` bits per weight (the bit
         planes of :mod:`llmc.passes.bitplanes`); inverse of :meth:`from_tensors`."""
-        from llmc.passes.bitplanes import FP_PLANE_WIDTHS, kernel_tile, pack_fp_codes
+        from llmc.passes.bitplanes import fp_kernel_tile, pack_fp_codes
 
-        tile = kernel_tile(FP_PLANE_WIDTHS[self.fmt.bits])  # the kernels' layout, so engines share the planes
+        tile = fp_kernel_tile(self.fmt.bits)  # the kernels' layout, so engines share the planes
         planes = pack_fp_codes(self.codes, self.fmt.bits, self.fmt.mantissa_bits, tile)
         tensors = {f"{prefix}.fpx_plane{i}": plane.contiguous() for i, plane in enumerate(planes)}
         tensors[f"{prefix}.fpx_scale"] = self.scale.contiguous()

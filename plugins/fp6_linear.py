@@ -36,10 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
-from llmc.passes.bitplanes import FP_PLANE_WIDTHS, kernel_tile, pack_fp_codes, unpack_fp_codes
+from llmc.passes.bitplanes import fp_kernel_tile, pack_fp_codes, unpack_fp_codes
 from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
-from llmc.plugins.intn_linear import (PREFILL_ROWS, decode_classes, decode_rows, decode_shape, no_split_rows, one_row_shape, row_grid,
-                                     size_classes)
+from llmc.plugins.intn_linear import (NO_SPLIT_WEIGHTS, PREFILL_ROWS, decode_classes, decode_rows, decode_shape,
+                                     no_split_rows, one_row_shape, row_grid, size_classes)
 from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
@@ -56,7 +56,7 @@ class FpxWeights:
     scale: torch.Tensor  # float16 [K / group, N]: one row when there is one scale per output
     fmt: FpFormat
     group_size: int  # K for one scale per output channel
-    tile: int  # the bit planes' tile (bitplanes rule 3): kernel_tile(fmt), the only one the kernels read
+    tile: int  # the bit planes' tile (bitplanes rule 3): fp_kernel_tile, the only one the kernels read
     in_features: int
     out_features: int
 
@@ -69,12 +69,6 @@ class FpxWeights:
                           self.group_size, self.tile, self.in_features, self.out_features)
 
 
-def fpx_kernel_tile(fmt: FpFormat) -> int:
-    """The planes' tile the kernels read (``llmc.passes.bitplanes`` rule 3): 16 inputs per row of
-    FP6's 2-bit plane, 8 per word of FP4."""
-    return kernel_tile(FP_PLANE_WIDTHS[fmt.bits])
-
-
 def pack_fpx(weights: FpxLinear, scale_dtype: torch.dtype = torch.float16) -> FpxWeights:
     """Bit planes and scales of ``weights`` in the kernels' layout.
 
@@ -84,7 +78,7 @@ def pack_fpx(weights: FpxLinear, scale_dtype: torch.dtype = torch.float16) -> Fp
     if weights.fmt.name not in KERNEL_FORMATS:
         raise ValueError(f"pack_fpx: no kernel for {weights.fmt.name} (kernels: {KERNEL_FORMATS})")
     out_features, in_features = weights.codes.shape
-    tile = fpx_kernel_tile(weights.fmt)
+    tile = fp_kernel_tile(weights.fmt.bits)
     if weights.group_size % tile:
         raise ValueError(f"pack_fpx: group_size {weights.group_size} must be a multiple of {tile}")
     planes = pack_fp_codes(weights.codes, weights.fmt.bits, weights.fmt.mantissa_bits, tile)
@@ -436,7 +430,6 @@ DECODE_SHAPE_LARGE_FP6 = (1 << 26, (64, 16, 4, 4, True))
 # row 576->1536 3.5 -> 3.0 us, 2048x2048 5.9 -> 5.2, but 1536->576 3.7 -> 4.0 and 4864->896 6.4 -> 7.2
 # (too few programs); per row of x, 576x576 at 4 rows 3.9 -> 3.1, 2048x2048 at 2 rows 7.8 -> 6.0.
 DECODE_SHAPE_NO_SPLIT_FP6 = (16, 64, 8, 0, True)
-NO_SPLIT_WEIGHTS_FP6 = 1 << 23
 DECODE_SHAPE_FP4 = (512, 2, 2, 8, False)  # not swept: FP4 is not a speed target
 # (block_n, block_w, num_warps, programs per SM[, evict-first[, swap[, num_stages]]]) of the 2-16
 # row tensor-core FP6 kernel by weight count. Round 3 (three probe processes,
@@ -454,7 +447,7 @@ DEQUANTIZE_SHAPE_FPX = (256, 4)
 
 def fp6_one_row_shape(m: int, in_features: int, out_features: int, sms: int) -> tuple:
     """The FP6 decode launch of ``m`` rows (one row, or each row of a few): see the tables above."""
-    if in_features * out_features < NO_SPLIT_WEIGHTS_FP6 and (
+    if in_features * out_features < NO_SPLIT_WEIGHTS and (
             out_features >= in_features if m == 1 else no_split_rows(in_features, 6)):
         return DECODE_SHAPE_NO_SPLIT_FP6
     return one_row_shape(in_features, out_features, sms, DECODE_SHAPES_FP6, DECODE_SHAPE_WIDE_FP6,
@@ -531,8 +524,8 @@ def fpx_dequantize(w: FpxWeights, dtype: torch.dtype = torch.float16,
 
 
 def _check_tile(w: FpxWeights) -> None:
-    if w.tile != fpx_kernel_tile(w.fmt):
-        raise ValueError(f"fpx: planes of tile {w.tile}; the kernels read tile {fpx_kernel_tile(w.fmt)} (pack_fpx)")
+    if w.tile != fp_kernel_tile(w.fmt.bits):
+        raise ValueError(f"fpx: planes of tile {w.tile}; the kernels read tile {fp_kernel_tile(w.fmt.bits)} (pack_fpx)")
 
 
 def fpx_format(name: str) -> FpFormat:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc.passes.bitplanes import FP_PLANE_WIDTHS, fp6_low_positions, kernel_tile
+from llmc.passes.bitplanes import fp6_low_positions, fp_kernel_tile
 from llmc.passes.fpx import FpFormat, format_of
 from llmc.plugins.linear_plugin import FunctionBody, LinearOp, device_tensor, function, rows_and_features
 
@@ -185,7 +185,7 @@ def _checker(formats: tuple[str, ...]):
         if fmt is None or fmt.name not in formats:
             raise ValueError(f"exponent_bits {values['exponent_bits']}, mantissa_bits {values['mantissa_bits']} "
                              f"is not one of {', '.join(formats)}")
-        tile = kernel_tile(FP_PLANE_WIDTHS[fmt.bits])
+        tile = fp_kernel_tile(fmt.bits)
         if values["tile"] != tile or values["group_size"] <= 0 or values["group_size"] % tile:
             raise ValueError(f"tile {values['tile']} and group_size {values['group_size']}: {fmt.name} takes "
                              f"tile {tile} and a positive group_size that is a multiple of it")

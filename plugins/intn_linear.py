@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from llmc.packed import PackedLinear
-from llmc.passes.bitplanes import INT_PLANE_WIDTHS, fields_per_word, kernel_tile, pack_int_codes, unpack_int_codes
+from llmc.passes.bitplanes import INT_PLANE_WIDTHS, fields_per_word, int_kernel_tile, pack_int_codes, unpack_int_codes
 from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
@@ -95,7 +95,7 @@ def pack_intn(packed: PackedLinear, scale_dtype: torch.dtype = torch.float16) ->
     else:
         unsigned = packed.q.to(torch.int64)
         zero = packed.zero.to(torch.float32)
-    planes = pack_int_codes(unsigned, packed.bits, kernel_tile(INT_PLANE_WIDTHS[packed.bits]))
+    planes = pack_int_codes(unsigned, packed.bits, int_kernel_tile(packed.bits))
     return IntNWeights(
         planes=planes,
         scale=packed.scale.t().contiguous().to(scale_dtype),
@@ -110,7 +110,7 @@ def pack_intn(packed: PackedLinear, scale_dtype: torch.dtype = torch.float16) ->
 
 def intn_dequantize_reference(w: IntNWeights) -> torch.Tensor:
     """The float32 weight [N, K] the kernels compute with (module docstring formula)."""
-    u = unpack_int_codes(w.planes, w.bits, kernel_tile(INT_PLANE_WIDTHS[w.bits])).to(torch.float32)
+    u = unpack_int_codes(w.planes, w.bits, int_kernel_tile(w.bits)).to(torch.float32)
     scale = w.scale.float().t().repeat_interleave(w.group_size, dim=1)
     zero = w.zero.float().t().repeat_interleave(w.group_size, dim=1)
     return scale * (u - zero)
@@ -476,7 +476,7 @@ DECODE_SHAPE_WIDE = (32, 64, 8, 0, True, True, True)
 DECODE_SHAPE_NARROW = (16, 512, 8, 0, False, True, True)
 DECODE_SHAPE_LARGE = (1 << 27, (64, 8, 2, 16, True, True, True))
 DECODE_SHAPES_SHORT = ((1 << 21, (16, 128, 8, 0, True, True, True)), (None, (32, 128, 8, 0, True, True, True)))
-NO_SPLIT_WEIGHTS = 1 << 23
+NO_SPLIT_WEIGHTS = 1 << 23  # also FP6's bound for its small no-split launch (fp6_linear)
 NARROW_OUTPUTS_PER_SM = 32
 SHORT_K = 3072
 
