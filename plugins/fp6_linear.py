@@ -26,8 +26,8 @@ Decoding (rules referred to in the code):
 4. Split-K as in ``llmc.plugins.splitk``, except FP6 from 2^23 to 2^26 weights at one row
    (``intn_linear.one_row_shape``) and on small linears (``fp6_one_row_shape``); more rows dequantize (:func:`fpx_dequantize`) and
    call cuBLAS, as in ``llmc.plugins.intn_linear``.
-5. A few rows of x on a small FP6 linear run the decode kernel once per row (a third grid
-   dimension), as ``llmc.plugins.intn_linear`` rule 5 (``row_grid``) says; FP4 keeps the tensor cores.
+5. A few rows of x run the FP6 decode kernel, one or several rows per program, as
+   ``llmc.plugins.intn_linear`` rule 5 (``rows_per_program``) says; FP4 keeps the tensor cores.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ import torch
 
 from llmc.passes.bitplanes import fp_kernel_tile, pack_fp_codes, unpack_fp_codes
 from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
-from llmc.plugins.intn_linear import (NO_SPLIT_WEIGHTS, PREFILL_ROWS, decode_classes, decode_rows, decode_shape,
-                                     no_split_rows, one_row_shape, row_grid, size_classes)
+from llmc.plugins.intn_linear import (NO_SPLIT_WEIGHTS, PREFILL_ROWS, ROWS_PER_PROGRAM, decode_classes, decode_rows,
+                                     decode_shape, multi_row_shape, no_split_rows, one_row_shape, rows_per_program,
+                                     size_classes)
 from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
@@ -103,7 +104,7 @@ def fpx_reference(x: torch.Tensor, w: FpxWeights) -> torch.Tensor:
 # --------------------------------------------------------------------------- Triton
 
 if triton is not None:
-    from llmc.plugins.intn_linear import x_field, x_tile_fields, x_words
+    from llmc.plugins.intn_linear import lead_rows, x_field, x_offsets, x_tile_fields, x_words
     from llmc.plugins.splitk import finish_split, grid_row
 
     _X_SCALE = tl.constexpr(2.0**64)
@@ -147,22 +148,25 @@ if triton is not None:
         return (magnitude | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _scales(s_ptr, group, offs_n, ok, N, CHANNEL: tl.constexpr):
+    def _scales(s_ptr, group, offs_n, ok, N, CHANNEL: tl.constexpr, ROWS: tl.constexpr = 1):
         """float32 scales [rows, BLOCK_N]: of each row's group, or the one row of per-channel scales."""
         if CHANNEL:
-            return tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            return lead_rows(tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :], ROWS)
         else:
-            return tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            return tl.load(lead_rows(s_ptr + group[:, None] * N + offs_n[None, :], ROWS), mask=ok, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, EVICT_FIRST: tl.constexpr = False):
+    def _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, EVICT_FIRST: tl.constexpr = False,
+                  ROWS: tl.constexpr = 1):
         """The 2-bit plane's rows (below ``row_end``) and their two rows of the 4-bit plane (``2 j``:
-        the even inputs, ``2 j + 1``: the odd ones), as uint32."""
-        ok = (rows < row_end)[:, None] & (offs_n < N)[None, :]
+        the even inputs, ``2 j + 1``: the odd ones), as uint32 (shaped by ``intn_linear.lead_rows``)."""
+        ok = lead_rows((rows < row_end)[:, None] & (offs_n < N)[None, :], ROWS)
         policy: tl.constexpr = "evict_first" if EVICT_FIRST else ""
-        low = tl.load(lo_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy=policy)
-        high_a = tl.load(hi_ptr + (2 * rows)[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy=policy)
-        high_b = tl.load(hi_ptr + (2 * rows + 1)[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy=policy)
+        low = tl.load(lead_rows(lo_ptr + rows[:, None] * N + offs_n[None, :], ROWS), mask=ok, other=0, eviction_policy=policy)
+        high_a = tl.load(lead_rows(hi_ptr + (2 * rows)[:, None] * N + offs_n[None, :], ROWS), mask=ok, other=0,
+                         eviction_policy=policy)
+        high_b = tl.load(lead_rows(hi_ptr + (2 * rows + 1)[:, None] * N + offs_n[None, :], ROWS), mask=ok, other=0,
+                         eviction_policy=policy)
         return (low.to(tl.uint32, bitcast=True), high_a.to(tl.uint32, bitcast=True),
                 high_b.to(tl.uint32, bitcast=True))
 
@@ -179,7 +183,7 @@ if triton is not None:
         pid_k = tl.program_id(1)
         # One row of (contiguous) x per grid row, as in intn_linear (rule 5 there).
         if ROW_GRID:
-            x_ptr, y_ptr, part_ptr, count_ptr = grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N)
+            x_ptr, y_ptr, part_ptr, count_ptr = grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, 1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         row_begin = pid_k * rows_per_split
@@ -197,11 +201,11 @@ if triton is not None:
                 low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, rows + BLOCK_W, offs_n, N, row_end)
             else:
                 low, high_a, high_b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end)
-            xw = x_words(x_ptr, rows, row_ok, 16)
+            xw = x_words(x_ptr, (tl.where(row_ok, rows, 0) * 16)[:, None], 16)
             dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
             for i in tl.static_range(8):
-                xa = x_field(xw, 2 * i, row_ok, x_ptr.dtype.element_ty) * _X_SCALE
-                xb = x_field(xw, 2 * i + 1, row_ok, x_ptr.dtype.element_ty) * _X_SCALE
+                xa = x_field(xw, 2 * i, row_ok[:, None], x_ptr.dtype.element_ty) * _X_SCALE
+                xb = x_field(xw, 2 * i + 1, row_ok[:, None], x_ptr.dtype.element_ty) * _X_SCALE
                 if CHANNEL:
                     acc += _fp6_bits(high_a, low, i, 0, M) * xa
                     acc += _fp6_bits(high_b, low, i, 1, M) * xb
@@ -216,6 +220,60 @@ if triton is not None:
         # Rule 2: undo 2^(bias - 127) of the decode and 2^64 of x.
         part = (total * (2.0 ** (127 - BIAS - 64)))[None, :]
         finish_split(part, y_ptr, part_ptr, count_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym,
+                     pid_n, pid_k, n_split)
+
+    @triton.jit
+    def _fp6_gemv_rows_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
+                         N, K, stride_ym, rows_per_split, n_split, x_rows,
+                         M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr = False,
+                         ROWS: tl.constexpr = 2, ROW_BLOCKS: tl.constexpr = False):
+        # _fp6_gemv_kernel with ROWS >= 2 rows of x per program: every tensor [ROWS, rows, outputs].
+        ROWS_PER_GROUP: tl.constexpr = GROUP // 16
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        # A block of ROWS rows of (contiguous) x per grid row with ROW_BLOCKS, as in intn_linear (rule 5 there).
+        if ROW_BLOCKS:
+            x_ptr, y_ptr, part_ptr, count_ptr = grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, ROWS)
+        rows_here = tl.minimum(ROWS, x_rows - tl.program_id(2) * ROWS)
+        x_row = tl.minimum(tl.arange(0, ROWS), rows_here - 1)  # past the last row: a copy of it
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        row_begin = pid_k * rows_per_split
+        row_end = tl.minimum(row_begin + rows_per_split, K // 16)
+        acc = tl.zeros([ROWS, BLOCK_W, BLOCK_N], dtype=tl.float32)
+        if PREFETCH:
+            low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, row_begin + tl.arange(0, BLOCK_W), offs_n, N, row_end, ROWS=ROWS)
+        for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
+            rows = r0 + tl.arange(0, BLOCK_W)
+            row_ok = rows < row_end
+            ok = lead_rows(row_ok[:, None] & n_ok[None, :], ROWS)
+            if PREFETCH:
+                # The next step's words are in flight while this step's are decoded.
+                low, high_a, high_b = low_n, high_a_n, high_b_n
+                low_n, high_a_n, high_b_n = _fp6_load(lo_ptr, hi_ptr, rows + BLOCK_W, offs_n, N, row_end, ROWS=ROWS)
+            else:
+                low, high_a, high_b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, ROWS=ROWS)
+            xw = x_words(x_ptr, x_offsets(x_row, rows, row_ok, K, 16), 16)
+            x_ok = lead_rows(row_ok[:, None], ROWS)
+            dot = tl.zeros([ROWS, BLOCK_W, BLOCK_N], dtype=tl.float32)
+            for i in tl.static_range(8):
+                xa = x_field(xw, 2 * i, x_ok, x_ptr.dtype.element_ty) * _X_SCALE
+                xb = x_field(xw, 2 * i + 1, x_ok, x_ptr.dtype.element_ty) * _X_SCALE
+                if CHANNEL:
+                    acc += _fp6_bits(high_a, low, i, 0, M) * xa
+                    acc += _fp6_bits(high_b, low, i, 1, M) * xb
+                else:
+                    dot += _fp6_bits(high_a, low, i, 0, M) * xa
+                    dot += _fp6_bits(high_b, low, i, 1, M) * xb
+            if not CHANNEL:
+                acc += dot * _scales(s_ptr, rows // ROWS_PER_GROUP, offs_n, ok, N, CHANNEL, ROWS=ROWS)
+        total = tl.sum(acc, axis=1)
+        if CHANNEL:
+            total = total * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        # Rule 2: undo 2^(bias - 127) of the decode and 2^64 of x.
+        part = total * (2.0 ** (127 - BIAS - 64))
+        finish_split(part, y_ptr, part_ptr, count_ptr, tl.arange(0, ROWS), offs_n, rows_here, N, stride_ym,
                      pid_n, pid_k, n_split)
 
     @triton.jit
@@ -235,10 +293,10 @@ if triton is not None:
             row_ok = rows < K // 8
             ok = row_ok[:, None] & n_ok[None, :]
             words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            xw = x_words(x_ptr, rows, row_ok, 8)
+            xw = x_words(x_ptr, (tl.where(row_ok, rows, 0) * 8)[:, None], 8)
             dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
             for i in tl.static_range(8):
-                xv = x_field(xw, i, row_ok, x_ptr.dtype.element_ty) * _X_SCALE
+                xv = x_field(xw, i, row_ok[:, None], x_ptr.dtype.element_ty) * _X_SCALE
                 if CHANNEL:
                     acc += _fp4_bits(words, i, M) * xv
                 else:
@@ -373,6 +431,7 @@ class FpxConfig:
     prefetch: bool = False
     evict_first: bool = False  # 2-16 rows (FP6): weight words loaded with the evict-first L2 policy
     swap: bool = False  # 2-16 rows (FP6): the decoded weight is the first operand of tl.dot
+    rows: int = 1  # FP6 decode kernel (block_m 1): rows of x per program (intn_linear rule 5)
 
 
 def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
@@ -380,7 +439,9 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
     """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md); None above
     ``PREFILL_ROWS`` rows, where dequantize-then-matmul is faster than the fused kernels.
 
-    ``decode`` overrides the one-row launch (for FP6 also that of a few rows, once per row):
+    ``decode`` overrides the decode kernel's launch (for FP6 also that of a few rows, as many per
+    program as ``intn_linear.rows_per_program`` says, or ``ROWS_PER_PROGRAM`` where it picks the
+    tensor cores):
     (block_n, block_w, num_warps, programs_per_sm, prefetch), block_w in rows of the 2-bit plane
     for FP6 (16 weights each), of words for FP4;
     ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps, programs_per_sm[, evict_first[,
@@ -390,17 +451,24 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
     no split-K.
     """
     rows = w.in_features // (16 if w.fmt.bits == 6 else 8)
-    per_row = (w.fmt.bits == 6 and tensor_cores is None
-               and (decode is not None or row_grid(m, w.in_features, w.out_features, 6)))
-    if m == 1 or per_row:
-        if decode is None and w.fmt.bits == 6:
+    x_rows = 1 if m == 1 else 0  # rows of x per decode program; 0: tensor cores
+    if w.fmt.bits == 6 and tensor_cores is None and m > 1:
+        x_rows = rows_per_program(m, w.in_features, w.out_features, 6)
+        if decode is not None and not x_rows and m <= PREFILL_ROWS:
+            x_rows = min(ROWS_PER_PROGRAM, 1 << (m - 1).bit_length())
+    if x_rows:
+        if decode is None and x_rows > 1:
+            decode = multi_row_shape(m, w.in_features, w.out_features, MULTI_ROW_SHAPE_SMALL_FP6, None,
+                                     MULTI_ROW_SHAPE_NARROW_FP6)
+        elif decode is None and w.fmt.bits == 6:
             decode = fp6_one_row_shape(m, w.in_features, w.out_features, sms)
         block_n, block_w, warps, per_sm, prefetch = decode or DECODE_SHAPE_FP4
         if w.fmt.bits != 6:
             prefetch = False  # the FP4 kernel has no prefetch variant
         block_n = min(block_n, max(16, 1 << max(0, (w.out_features - 1).bit_length())))
         blocks = -(-w.out_features // block_n)
-        return FpxConfig(1, block_n, block_w, warps, 1, choose_split(blocks, rows, block_w, per_sm * sms), prefetch)
+        return FpxConfig(1, block_n, block_w, warps, 1, choose_split(blocks, rows, block_w, per_sm * sms), prefetch,
+                         rows=x_rows)
     if m > PREFILL_ROWS:
         return None
     block_n, block_w, warps, per_sm, *rest = tensor_cores or decode_shape(
@@ -431,6 +499,13 @@ DECODE_SHAPE_LARGE_FP6 = (1 << 26, (64, 16, 4, 4, True))
 # (too few programs); per row of x, 576x576 at 4 rows 3.9 -> 3.1, 2048x2048 at 2 rows 7.8 -> 6.0.
 DECODE_SHAPE_NO_SPLIT_FP6 = (16, 64, 8, 0, True)
 DECODE_SHAPE_FP4 = (512, 2, 2, 8, False)  # not swept: FP4 is not a speed target
+# Several rows of x per program (intn_linear rule 5, ``multi_row_shape``), no split-K: 16 outputs x
+# 64 rows of the 2-bit plane, 8 warps where the outputs are at most the inputs and up to 8 rows,
+# otherwise 16 x 32, 4 warps (round 9, H100: 4096x4096 at 2 rows 15.0 -> 10.1 us against the tensor
+# cores, 11008->4096 at 4 rows 36.1 -> 28.9; 4096->11008 at 4 rows 34.1 -> 31.6; 896->4864 at 4 rows
+# 9.9 -> 6.7).
+MULTI_ROW_SHAPE_NARROW_FP6 = (16, 64, 8, 0, True)
+MULTI_ROW_SHAPE_SMALL_FP6 = (16, 32, 4, 0, True)
 # (block_n, block_w, num_warps, programs per SM[, evict-first[, swap[, num_stages]]]) of the 2-16
 # row tensor-core FP6 kernel by weight count. Round 3 (three probe processes,
 # docs/benchmarks/kernels.md): num_stages 2 instead of 3 took 4096x4096 from 15.6 to 13.9 us at 4 rows
@@ -476,17 +551,23 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
     split = config.split
     grid_n = -(-n // config.block_n)
     grid_m = -(-m // config.block_m)
-    part = torch.empty(split.split if split.split > 1 else 1, m, n, dtype=torch.float32, device=x.device)
-    count = counters(x.device, grid_n * grid_m)
     fmt = w.fmt
+    rows = config.rows if config.block_m == 1 and fmt.bits == 6 else 1
+    row_blocks = -(-m // rows)
+    part = torch.empty(split.split if split.split > 1 else 1, row_blocks * rows, n, dtype=torch.float32, device=x.device)
+    count = counters(x.device, grid_n * max(grid_m, row_blocks))
     common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, GROUP=w.group_size, CHANNEL=w.group_size == k, BLOCK_N=config.block_n,
                   BLOCK_W=config.block_w, num_warps=config.num_warps, num_stages=config.num_stages, **COMPILE_OPTIONS)
     low = w.planes[1] if fmt.bits == 6 else w.planes[0]
-    if config.block_m == 1 and fmt.bits == 6:
-        x2 = decode_rows(x2)
+    if config.block_m == 1 and fmt.bits == 6 and rows == 1:
         _fp6_gemv_kernel[(grid_n, split.split, m)](
-            x2, w.planes[0], low, w.scale, y, part, count, n, k, y.stride(0),
+            decode_rows(x2), w.planes[0], low, w.scale, y, part, count, n, k, y.stride(0),
             split.rows_per_split, split.split, PREFETCH=config.prefetch, ROW_GRID=m > 1, **common)
+    elif config.block_m == 1 and fmt.bits == 6:
+        _fp6_gemv_rows_kernel[(grid_n, split.split, row_blocks)](
+            decode_rows(x2), w.planes[0], low, w.scale, y, part, count, n, k, y.stride(0),
+            split.rows_per_split, split.split, m, PREFETCH=config.prefetch, ROWS=rows, ROW_BLOCKS=row_blocks > 1,
+            **common)
     elif config.block_m == 1:
         _fp4_gemv_kernel[(grid_n, split.split)](
             decode_rows(x2), w.planes[0], w.scale, y, part, count, n, k, y.stride(0),
@@ -557,17 +638,21 @@ def kernel_variants() -> list:
         if fmt.bits == 6:
             weights = dict(x_ptr="*fp16", hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16")
             gemv, gemm = _fp6_gemv_kernel, _fp6_gemm_kernel
-            shapes = fp6_decode_classes()
+            shapes = [(f"gemv-{name}-{size}", shape, 1) for size, shape in fp6_decode_classes()] + [
+                (f"gemv{ROWS_PER_PROGRAM}-{name}-narrow", MULTI_ROW_SHAPE_NARROW_FP6, ROWS_PER_PROGRAM),
+                (f"gemv{ROWS_PER_PROGRAM}-{name}-small", MULTI_ROW_SHAPE_SMALL_FP6, ROWS_PER_PROGRAM)]
         else:
             weights = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16")
             gemv, gemm = _fp4_gemv_kernel, _fp4_gemm_kernel
-            shapes = (("large", DECODE_SHAPE_FP4),)
+            shapes = ((f"gemv-{name}-large", DECODE_SHAPE_FP4, 1),)
         tensor_core_shapes = TENSOR_CORE_SHAPES_FPX if fmt.bits == 6 else TENSOR_CORE_SHAPES_FP4
         pointers = {**weights, **out}
         aligned = (*pointers, "N", "K", "stride_ym", "rows_per_split")
-        for size, (block_n, block_w, warps, _, prefetch) in shapes:
-            extra = {"PREFETCH": prefetch, "ROW_GRID": False} if fmt.bits == 6 else {}
-            variants.append(KernelVariant(f"fpx-gemv-{name}-{size}", gemv, {**pointers, **sizes},
+        for variant, (block_n, block_w, warps, _, prefetch), x_rows in shapes:
+            extra = ({} if fmt.bits != 6 else {"PREFETCH": prefetch, "ROW_GRID": False} if x_rows == 1
+                     else {"PREFETCH": prefetch, "ROWS": x_rows, "ROW_BLOCKS": False})
+            variants.append(KernelVariant(f"fpx-{variant}", gemv if x_rows == 1 else _fp6_gemv_rows_kernel,
+                                          {**pointers, **sizes, **({"x_rows": "i32"} if x_rows > 1 else {})},
                                           {**common, "BLOCK_N": block_n, "BLOCK_W": block_w, **extra},
                                           warps, 1, aligned))
         for size, (block_n, block_w, warps, _, *rest) in size_classes(tensor_core_shapes):

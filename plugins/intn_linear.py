@@ -133,10 +133,21 @@ if triton is not None:
     _PRODUCT_SCALE = tl.constexpr(2.0**-49)
 
     @triton.jit
-    def _load_words(w_ptr, rows, offs_n, row_end, n_ok, N, EVICT_FIRST: tl.constexpr):
-        # A [rows, outputs] block of words; EVICT_FIRST marks the lines as streamed (read once).
-        ptrs = w_ptr + rows[:, None] * N + offs_n[None, :]
-        ok = (rows < row_end)[:, None] & n_ok[None, :]
+    def lead_rows(t, ROWS: tl.constexpr):
+        """``t`` [rows, outputs] as [1, rows, outputs] for a decode kernel with ROWS > 1 rows of x per
+        program (its tensors are [ROWS, rows, outputs]); as it is for one row. Pointers made in
+        this shape before a load need no layout conversion after it (round 9: expanding loaded
+        words moved them through shared memory)."""
+        if ROWS > 1:
+            return t[None, :, :]
+        else:
+            return t
+
+    @triton.jit
+    def _load_words(w_ptr, rows, offs_n, row_end, n_ok, N, EVICT_FIRST: tl.constexpr, ROWS: tl.constexpr = 1):
+        # A [rows, outputs] block of words (see lead_rows); EVICT_FIRST marks the lines as streamed (read once).
+        ptrs = lead_rows(w_ptr + rows[:, None] * N + offs_n[None, :], ROWS)
+        ok = lead_rows((rows < row_end)[:, None] & n_ok[None, :], ROWS)
         if EVICT_FIRST:
             words = tl.load(ptrs, mask=ok, other=0, eviction_policy="evict_first")
         else:
@@ -144,12 +155,12 @@ if triton is not None:
         return words
 
     @triton.jit
-    def x_words(x_ptr, rows, row_ok, FIELDS: tl.constexpr):
-        """The ``FIELDS`` activations word-row ``rows`` meets (inputs ``FIELDS * rows + i``,
-        bitplanes rule 3) as ``FIELDS / 2`` int32 tensors [rows, 1] of two 16-bit values each: one
-        vector load per row, in the words' own register layout (rule 6). Rows not ``row_ok`` read
-        row 0; :func:`x_field` masks them."""
-        ptr = x_ptr + (tl.where(row_ok, rows, 0) * FIELDS)[:, None]
+    def x_words(x_ptr, offsets, FIELDS: tl.constexpr):
+        """The ``FIELDS`` activations from ``x_ptr + offsets`` on (one word-row's inputs,
+        bitplanes rule 3) as ``FIELDS / 2`` int32 tensors of ``offsets``' shape, two 16-bit values
+        each: one vector load per element, in the words' own register layout (rule 6). Every
+        offset must be inside x; :func:`x_field` masks."""
+        ptr = x_ptr + offsets
         if FIELDS == 4:
             words = tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [ptr],
                                               dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
@@ -163,8 +174,14 @@ if triton is not None:
         return words
 
     @triton.jit
-    def x_field(words, i: tl.constexpr, row_ok, DTYPE: tl.constexpr):
-        """Activation ``i`` of :func:`x_words` as float32 [rows, 1]; 0 on rows not ``row_ok``."""
+    def x_offsets(x_rows, rows, row_ok, K, FIELDS: tl.constexpr):
+        """Offsets [ROWS, rows, 1] of word-row ``rows``' activations in rows ``x_rows`` of x (rows K
+        apart) for :func:`x_words`; word-rows not ``row_ok`` read word-row 0."""
+        return (x_rows * K)[:, None, None] + (tl.where(row_ok, rows, 0) * FIELDS)[None, :, None]
+
+    @triton.jit
+    def x_field(words, i: tl.constexpr, ok, DTYPE: tl.constexpr):
+        """Activation ``i`` of :func:`x_words` as float32; 0 where not ``ok``."""
         word = words[i // 2]
         if DTYPE == tl.bfloat16:
             if i % 2 == 1:
@@ -175,7 +192,7 @@ if triton is not None:
             if i % 2 == 1:
                 word = word >> 16
             value = word.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        return tl.where(row_ok[:, None], value, 0.0)
+        return tl.where(ok, value, 0.0)
 
     @triton.jit
     def _halves(t, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, HALF: tl.constexpr):
@@ -241,7 +258,7 @@ if triton is not None:
         pid_k = tl.program_id(1)
         # Rule 5: one row of (contiguous) x per grid row; its own partials and counters.
         if ROW_GRID:
-            x_ptr, y_ptr, part_ptr, count_ptr = grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N)
+            x_ptr, y_ptr, part_ptr, count_ptr = grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, 1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         row_begin = pid_k * rows_per_split
@@ -262,7 +279,7 @@ if triton is not None:
                 words = _load_words(w_ptr, rows, offs_n, row_end, n_ok, N, EVICT_FIRST).to(tl.uint32, bitcast=True)
             high = words >> 12
             group = rows // ROWS_PER_GROUP
-            xw = x_words(x_ptr, rows, row_ok, FIELDS)
+            xw = x_words(x_ptr, (tl.where(row_ok, rows, 0) * FIELDS)[:, None], FIELDS)
             dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
             x_rows = tl.zeros([BLOCK_W, 1], dtype=tl.float32)
             for i in tl.static_range(FIELDS):
@@ -274,7 +291,7 @@ if triton is not None:
                 else:
                     o = WIDTH * i - 12
                     v = (high & (MASK << o)).to(tl.float32, bitcast=True)
-                xv = x_field(xw, i, row_ok, x_ptr.dtype.element_ty)
+                xv = x_field(xw, i, row_ok[:, None], x_ptr.dtype.element_ty)
                 if INLINE_ZERO:
                     x_rows += xv
                 if CHANNEL:
@@ -319,6 +336,106 @@ if triton is not None:
                     correction += scale * zero * x_sum
             total = total - correction
         finish_split(total[None, :], y_ptr, part_ptr, count_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym,
+                     pid_n, pid_k, n_split)
+
+    @triton.jit
+    def _gemv_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
+                     N, K, stride_ym, rows_per_split, n_split, x_rows,
+                     WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
+                     CHANNEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                     PREFETCH: tl.constexpr = False, INLINE_ZERO: tl.constexpr = False,
+                     EVICT_FIRST: tl.constexpr = False, ROWS: tl.constexpr = 2, ROW_BLOCKS: tl.constexpr = False):
+        FIELDS: tl.constexpr = 32 // WIDTH
+        ROWS_PER_GROUP: tl.constexpr = GROUP // FIELDS
+        MASK: tl.constexpr = (1 << WIDTH) - 1
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        # Rule 5: ROWS >= 2 rows of (contiguous) x per program, each word decoded once for all of
+        # them; with ROW_BLOCKS, a block of rows per grid row, each with its own partials and
+        # counters. _gemv_kernel's loop with a leading axis of ROWS on every tensor.
+        if ROW_BLOCKS:
+            x_ptr, y_ptr, part_ptr, count_ptr = grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, ROWS)
+        rows_here = tl.minimum(ROWS, x_rows - tl.program_id(2) * ROWS)
+        x_row = tl.minimum(tl.arange(0, ROWS), rows_here - 1)  # past the last row: a copy of it
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        row_begin = pid_k * rows_per_split
+        row_end = tl.minimum(row_begin + rows_per_split, K // FIELDS)
+        acc = tl.zeros([ROWS, BLOCK_W, BLOCK_N], dtype=tl.float32)
+        if PREFETCH:
+            rows = row_begin + tl.arange(0, BLOCK_W)
+            ahead = _load_words(w_ptr, rows, offs_n, row_end, n_ok, N, EVICT_FIRST, ROWS)
+        for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
+            rows = r0 + tl.arange(0, BLOCK_W)
+            row_ok = rows < row_end
+            ok = lead_rows(row_ok[:, None] & n_ok[None, :], ROWS)
+            if PREFETCH:
+                # The next step's words are in flight while this step's are decoded.
+                words = ahead.to(tl.uint32, bitcast=True)
+                ahead = _load_words(w_ptr, rows + BLOCK_W, offs_n, row_end, n_ok, N, EVICT_FIRST, ROWS)
+            else:
+                words = _load_words(w_ptr, rows, offs_n, row_end, n_ok, N, EVICT_FIRST, ROWS).to(tl.uint32, bitcast=True)
+            high = words >> 12
+            group = rows // ROWS_PER_GROUP
+            xw = x_words(x_ptr, x_offsets(x_row, rows, row_ok, K, FIELDS), FIELDS)
+            dot = tl.zeros([ROWS, BLOCK_W, BLOCK_N], dtype=tl.float32)
+            x_sums = tl.zeros([ROWS, BLOCK_W, 1], dtype=tl.float32)
+            for i in tl.static_range(FIELDS):
+                # Rule 1: the masked field, read as float32, is u * 2^(o - 149); it must end
+                # below bit 23, so later fields are read from the word shifted right by 12.
+                if WIDTH * i + WIDTH <= 23:
+                    o = WIDTH * i
+                    v = (words & (MASK << o)).to(tl.float32, bitcast=True)
+                else:
+                    o = WIDTH * i - 12
+                    v = (high & (MASK << o)).to(tl.float32, bitcast=True)
+                xv = x_field(xw, i, lead_rows(row_ok[:, None], ROWS), x_ptr.dtype.element_ty)
+                if INLINE_ZERO:
+                    x_sums += xv
+                if CHANNEL:
+                    acc += v * (xv * (_X_SCALE / (1 << o)))
+                else:
+                    dot += v * (xv * (_X_SCALE / (1 << o)))
+            if not CHANNEL:
+                scale = tl.load(lead_rows(s_ptr + group[:, None] * N + offs_n[None, :], ROWS), mask=ok, other=0.0).to(tl.float32)
+                if INLINE_ZERO:
+                    # The zero point's share of this block, per row of words (its x values'
+                    # sum, scaled like the products): no pass over the groups after the loop.
+                    if SYMMETRIC:
+                        dot -= x_sums * (ZERO * _PRODUCT_SCALE)
+                    else:
+                        zero = tl.load(lead_rows(z_ptr + group[:, None] * N + offs_n[None, :], ROWS), mask=ok, other=0.0).to(tl.float32)
+                        dot -= zero * (x_sums * _PRODUCT_SCALE)
+                acc += dot * scale
+        # sum over k of u * x * 2^-49 (times the scale per group): undo the 2^-49.
+        total = tl.sum(acc, axis=1) * (1.0 / _PRODUCT_SCALE)
+        # The zero point's share, scale * zero * sum(x), off the hot loop: per group of the
+        # program's range (whole groups; choose_split aligns splits to groups), or once per channel.
+        x_base = x_ptr + (x_row * K)[:, None]
+        correction = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        if CHANNEL:
+            x_sum = tl.zeros([ROWS, BLOCK_W * FIELDS], dtype=tl.float32)
+            for r0 in range(row_begin * FIELDS, (row_begin + rows_per_split) * FIELDS, BLOCK_W * FIELDS):
+                inputs = r0 + tl.arange(0, BLOCK_W * FIELDS)
+                x_sum += tl.load(x_base + inputs[None, :], mask=(inputs < row_end * FIELDS)[None, :],
+                                 other=0.0).to(tl.float32)
+            scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            if SYMMETRIC:
+                zero = ZERO
+            else:
+                zero = tl.load(z_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            total = (total - zero * tl.sum(x_sum, axis=1)[:, None]) * scale[None, :]
+        elif not INLINE_ZERO:
+            for g in range(row_begin // ROWS_PER_GROUP, tl.cdiv(row_end, ROWS_PER_GROUP)):
+                x_sum = tl.sum(tl.load(x_base + g * GROUP + tl.arange(0, GROUP)[None, :]).to(tl.float32), axis=1)
+                scale = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                if SYMMETRIC:
+                    correction += scale[None, :] * (ZERO * x_sum)[:, None]
+                else:
+                    zero = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                    correction += (scale * zero)[None, :] * x_sum[:, None]
+            total = total - correction
+        finish_split(total, y_ptr, part_ptr, count_ptr, tl.arange(0, ROWS), offs_n, rows_here, N, stride_ym,
                      pid_n, pid_k, n_split)
 
     @triton.jit
@@ -408,6 +525,7 @@ class IntNConfig:
     inline_zero: bool = False
     evict_first: bool = False  # weight words loaded with the evict-first L2 policy
     swap: bool = False  # 2-16 rows: the decoded weight is the first operand of tl.dot
+    rows: int = 1  # decode kernel (block_m 1): rows of x per program (rule 5)
 
 
 def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
@@ -415,7 +533,8 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md); None above
     ``PREFILL_ROWS`` rows, where dequantize-then-matmul is faster than the fused kernels.
 
-    ``decode`` overrides the one-row launch, also that of a few rows run once per row (rule 5):
+    ``decode`` overrides the decode kernel's launch, of one row and of a few (rule 5; rows per
+    program as :func:`rows_per_program` says, or ``ROWS_PER_PROGRAM`` where it picks the tensor cores):
     (block_n, block_w, num_warps, programs_per_sm, prefetch[, inline_zero[, evict_first]]);
     ``tensor_cores`` the 2-16 row launch: (block_n, block_w, num_warps,
     programs_per_sm[, evict_first[, swap[, num_stages]]]) (``swap``: the decoded weight as the first
@@ -424,8 +543,19 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     programs).
     """
     word_rows = w.in_features // fields_per_word(_width(w.bits))
-    if m == 1 or (decode is not None or row_grid(m, w.in_features, w.out_features, w.bits)) and tensor_cores is None:
-        if decode is None and m > 1 and no_split_rows(w.in_features, w.bits):
+    rows = 0 if tensor_cores is not None else rows_per_program(m, w.in_features, w.out_features, w.bits)
+    if rows > 2 and not w.symmetric and w.out_features > w.in_features and w.in_features * w.out_features >= NO_SPLIT_WEIGHTS:
+        # Asymmetric weights on wider linears keep the tensor cores from 3 rows: the zero points in
+        # the loop made the 32 x 64 launch slower there (round 9, int4 g32 at 4 rows: 4096->11008
+        # 23.0 -> 26.5 us, 8192->28672 93.7 -> 99.6).
+        rows = 0
+    if decode is not None and tensor_cores is None and not rows and m <= PREFILL_ROWS:
+        rows = min(ROWS_PER_PROGRAM, _pow2_at_least(m))
+    if rows:
+        if decode is None and rows > 1:
+            decode = multi_row_shape(m, w.in_features, w.out_features, MULTI_ROW_SHAPE_SMALL, MULTI_ROW_SHAPE_WIDE,
+                                     MULTI_ROW_SHAPE_NARROW)
+        elif decode is None and m > 1 and no_split_rows(w.in_features, w.bits):
             decode = decode_shape(w.in_features * w.out_features, DECODE_SHAPES_SHORT)  # per row, no split-K
         elif decode is None:
             decode = one_row_shape(w.in_features, w.out_features, sms, DECODE_SHAPES, DECODE_SHAPE_WIDE,
@@ -436,7 +566,7 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
         block_n = min(block_n, max(16, _pow2_at_least(w.out_features)))
         blocks = -(-w.out_features // block_n)
         split = choose_split(blocks, word_rows, gemv_split_rows(w, block_w, inline_zero), per_sm * sms)
-        return IntNConfig(1, block_n, block_w, warps, 1, split, prefetch, inline_zero, evict_first)
+        return IntNConfig(1, block_n, block_w, warps, 1, split, prefetch, inline_zero, evict_first, rows=rows)
     if m > PREFILL_ROWS:
         return None
     if tensor_cores is None:
@@ -511,32 +641,55 @@ TENSOR_CORE_SHAPES = ((1 << 21, (32, 16, 4, 8)), (1 << 23, (64, 32, 8, 2, False,
 TENSOR_CORE_SHAPE = TENSOR_CORE_SHAPES[-1][1]
 TENSOR_CORE_SHAPE_DEEP = (32, 32, 4, 4)
 DEEP_WORD_ROWS = 96
-# A few rows of x on a small linear run the one-row kernel once per row (rule 5), not the
-# tensor-core kernel: up to 4 rows below 2^21 weights and 2 rows below 2^23 (round 5), and from
-# round 7 also 3-4 rows of int-N weights from 2^21 to 2^23 whose rows take the no-split launch,
-# except on wide linears (at least 4 outputs per input). Each row takes the no-split launch (int:
-# the short one, FP6: ``fp6_linear.DECODE_SHAPE_NO_SPLIT_FP6``) where K x bits is at most
-# NO_SPLIT_ROW_BITS, else its size class's. Round 7 (H100, docs/benchmarks/kernels.md), int4 at 4
-# rows, us: 576x576 3.6 -> 2.8, 1536->576 4.3 -> 3.8, 4864->896 8.2 -> 6.8, 2048x2048 6.9 -> 5.4;
-# per channel int8 on 4864->896 (K x bits 38912) 7.9 -> 10.6 at 2 rows with the short launch.
-ROW_GRID = ((4, 1 << 21), (2, 1 << 23))
+# A few rows of x run the decode kernel too (rule 5), not the tensor-core kernel:
+# - below ROW_GRID_WEIGHTS weights, up to ROW_GRID_ROWS rows, one row per program (round 5: the
+#   rows' programs run together and share the words through L2; 576x576 at 4 rows 4.4 -> 3.6 us
+#   against the tensor cores). Each row takes the short launch (no split-K) where K x bits is at most
+#   NO_SPLIT_ROW_BITS (round 7: 576x576 at 4 rows 3.6 -> 2.8 us), else its size class's;
+# - elsewhere up to the rows of MULTI_ROW (FP6: MULTI_ROW_FP6) below their weight counts,
+#   ROWS_PER_PROGRAM rows per program (2 for two rows), each word decoded once for all of them
+#   (round 9, H100, int4 us against the tensor cores: 4096x4096 at 2 rows 13.2 -> 7.5, at 4 rows
+#   13.4 -> 9.8; 11008->4096 30.7 -> 20.1 at 4 rows; 896->4864 10.0 -> 5.7 at 4 rows, 10.0 -> 7.5 at
+#   8; 576x576 4.7 -> 3.8 at 16; docs/benchmarks/kernels.md). More rows or weights: tensor cores.
+#   Launch (``multi_row_shape``): no split-K; 16 outputs x 128 rows of words, 8 warps where the
+#   outputs are at most the inputs and up to 8 rows; 32 x 64, 8 warps on wider linears from
+#   NO_SPLIT_WEIGHTS; otherwise 16 x 32, 4 warps (its registers hold 4 rows x 4 words per thread).
+ROW_GRID_WEIGHTS = 1 << 21
+ROW_GRID_ROWS = 4
 NO_SPLIT_ROW_BITS = 3072 * 8
-WIDE_OUTPUTS_PER_INPUT = 4
+MULTI_ROW = ((4, None), (8, 1 << 23), (16, 1 << 20))
+MULTI_ROW_FP6 = ((2, None), (4, 1 << 26), (8, 1 << 23), (16, 1 << 20))
+ROWS_PER_PROGRAM = 4
+MULTI_ROW_SHAPE_NARROW = (16, 128, 8, 0, True, True, True)
+MULTI_ROW_SHAPE_WIDE = (32, 64, 8, 0, True, True, True)
+MULTI_ROW_SHAPE_SMALL = (16, 32, 4, 0, True, True, True)
+MULTI_ROW_NARROW_ROWS = 8
 
 
 def no_split_rows(in_features: int, bits: int) -> bool:
-    """Whether each row of a few rows of x takes the no-split launch (see ``ROW_GRID``)."""
+    """Whether each row of a few rows of x, one row per program, takes the no-split launch."""
     return in_features * bits <= NO_SPLIT_ROW_BITS
 
 
-def row_grid(m: int, in_features: int, out_features: int, bits: int) -> bool:
-    """Whether ``m`` rows on a [out_features, in_features] linear of ``bits``-bit weights (6: FP6)
-    run the one-row kernel once per row."""
+def rows_per_program(m: int, in_features: int, out_features: int, bits: int) -> int:
+    """Rows of x per program of the decode kernel for ``m`` rows on a [out_features, in_features]
+    linear of ``bits``-bit weights (6: FP6); 0 where the tensor-core kernel runs (see above)."""
     weights = in_features * out_features
-    if any(m <= rows and weights < limit for rows, limit in ROW_GRID):
-        return True
-    return (bits != 6 and m <= ROW_GRID[0][0] and weights < ROW_GRID[1][1] and no_split_rows(in_features, bits)
-            and out_features < WIDE_OUTPUTS_PER_INPUT * in_features)
+    if m == 1 or m <= ROW_GRID_ROWS and weights < ROW_GRID_WEIGHTS:
+        return 1
+    if any(m <= rows and (limit is None or weights < limit) for rows, limit in (MULTI_ROW_FP6 if bits == 6 else MULTI_ROW)):
+        return min(ROWS_PER_PROGRAM, _pow2_at_least(m))
+    return 0
+
+
+def multi_row_shape(m: int, in_features: int, out_features: int, small: tuple, wide: tuple, narrow: tuple) -> tuple:
+    """The decode launch of ``m`` rows taken several per program (see above); ``wide`` None: ``small``
+    on every linear with more outputs than inputs."""
+    if m <= MULTI_ROW_NARROW_ROWS and out_features <= in_features:
+        return narrow
+    if wide is not None and m <= MULTI_ROW_NARROW_ROWS and in_features * out_features >= NO_SPLIT_WEIGHTS:
+        return wide
+    return small
 
 
 # Above this many rows, llmc dequantizes to float16 and calls cuBLAS: Triton's tensor-core
@@ -584,19 +737,26 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
     split = config.split
     grid_n = -(-n // config.block_n)
     grid_m = -(-m // config.block_m)
-    part = torch.empty(split.split if split.split > 1 else 1, m, n, dtype=torch.float32, device=x.device)
-    count = counters(x.device, grid_n * grid_m)
+    rows = config.rows if config.block_m == 1 else 1
+    row_blocks = -(-m // rows)
+    part = torch.empty(split.split if split.split > 1 else 1, row_blocks * rows, n, dtype=torch.float32, device=x.device)
+    count = counters(x.device, grid_n * max(grid_m, row_blocks))
     require_triton()
     common = dict(WIDTH=width, GROUP=w.group_size, SYMMETRIC=w.symmetric, ZERO=float(1 << (w.bits - 1)),
                   BLOCK_N=config.block_n, BLOCK_W=config.block_w, num_warps=config.num_warps,
                   num_stages=config.num_stages, **COMPILE_OPTIONS)
     if config.block_m == 1:
         x2 = decode_rows(x2)
-        _gemv_kernel[(grid_n, split.split, m)](
-            x2, w.planes[0], w.scale, w.zero, y, part, count, n, k, y.stride(0),
-            split.rows_per_split, split.split, CHANNEL=w.group_size == k, PREFETCH=config.prefetch,
-            INLINE_ZERO=config.inline_zero and w.group_size != k, EVICT_FIRST=config.evict_first,
-            ROW_GRID=m > 1, **common)
+        decode = dict(CHANNEL=w.group_size == k, PREFETCH=config.prefetch, INLINE_ZERO=config.inline_zero and w.group_size != k,
+                      EVICT_FIRST=config.evict_first, **common)
+        if rows == 1:
+            _gemv_kernel[(grid_n, split.split, m)](
+                x2, w.planes[0], w.scale, w.zero, y, part, count, n, k, y.stride(0),
+                split.rows_per_split, split.split, ROW_GRID=m > 1, **decode)
+        else:
+            _gemv_rows_kernel[(grid_n, split.split, row_blocks)](
+                x2, w.planes[0], w.scale, w.zero, y, part, count, n, k, y.stride(0),
+                split.rows_per_split, split.split, m, ROWS=rows, ROW_BLOCKS=row_blocks > 1, **decode)
     else:
         _gemm_kernel[(grid_n, grid_m, split.split)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, m, n, k, x2.stride(0), y.stride(0),
@@ -659,12 +819,17 @@ def kernel_variants() -> list:
         tag = f"int{bits}-{'sym' if symmetric else 'asym'}-{'channel' if group == -1 else f'g{group}'}"
         common = dict(WIDTH=INT_PLANE_WIDTHS[bits][0], GROUP=4096 if group == -1 else group,
                       SYMMETRIC=symmetric, ZERO=float(1 << (bits - 1)))
-        for size, (block_n, block_w, warps, _, prefetch, inline_zero, *evict) in decode_classes(DECODE_SHAPES, DECODE_SHAPE_WIDE, DECODE_SHAPE_NARROW, DECODE_SHAPE_LARGE, DECODE_SHAPES_SHORT):
+        one_row = [(f"gemv-{tag}-{size}", shape, 1) for size, shape in decode_classes(
+            DECODE_SHAPES, DECODE_SHAPE_WIDE, DECODE_SHAPE_NARROW, DECODE_SHAPE_LARGE, DECODE_SHAPES_SHORT)]
+        several = [(f"gemv{ROWS_PER_PROGRAM}-{tag}-{size}", shape, ROWS_PER_PROGRAM) for size, shape in
+                   (("narrow", MULTI_ROW_SHAPE_NARROW), ("wide", MULTI_ROW_SHAPE_WIDE), ("small", MULTI_ROW_SHAPE_SMALL))]
+        for name, (block_n, block_w, warps, _, prefetch, inline_zero, *evict), rows in one_row + several:
             variants.append(KernelVariant(
-                f"intn-gemv-{tag}-{size}", _gemv_kernel, gemv_args,
+                f"intn-{name}", _gemv_kernel if rows == 1 else _gemv_rows_kernel,
+                gemv_args if rows == 1 else {**gemv_args, "x_rows": "i32"},
                 {**common, "CHANNEL": group == -1, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch,
                  "INLINE_ZERO": inline_zero and group != -1, "EVICT_FIRST": bool(evict and evict[0]),
-                 "ROW_GRID": False},
+                 **({"ROW_GRID": False} if rows == 1 else {"ROWS": rows, "ROW_BLOCKS": False})},
                 warps, 1, aligned))
         tensor_core_shapes = [*size_classes(TENSOR_CORE_SHAPES), ("<2^21-deep", TENSOR_CORE_SHAPE_DEEP)]
         for size, (block_n, block_w, warps, _, *rest) in tensor_core_shapes:

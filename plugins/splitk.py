@@ -94,9 +94,10 @@ if triton is not None:
                 tl.atomic_xchg(count_ptr + pid_mn, 0)
 
     @triton.jit
-    def grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N):
-        """The pointers of grid row ``program_id(2)`` of a one-row kernel run once per row of a
-        contiguous ``x``: its row of x and y, its own split-K partials and counters."""
-        row = tl.program_id(2)
-        return (x_ptr + row * K, y_ptr + row * stride_ym, part_ptr + row * n_split * N,
-                count_ptr + row * tl.num_programs(0))
+    def grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, ROWS: tl.constexpr):
+        """The pointers of grid row ``program_id(2)`` of a decode kernel taking ``ROWS`` rows of a
+        contiguous ``x`` per program: its first row of x and y, its own split-K partials and
+        counters."""
+        block = tl.program_id(2)
+        return (x_ptr + block * ROWS * K, y_ptr + block * ROWS * stride_ym, part_ptr + block * n_split * ROWS * N,
+                count_ptr + block * tl.num_programs(0))

@@ -7,6 +7,8 @@ references. The full check and timing on every benchmarked shape is benchmarks/k
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -59,6 +61,19 @@ def test_splits_cover_every_row_in_whole_blocks(word_rows, block, blocks, wanted
     assert split.split * split.rows_per_split >= word_rows > (split.split - 1) * split.rows_per_split
 
 
+def weights_of(in_features, out_features, bits=4):
+    """int-N weights of a shape, zeros (for the launch heuristics)."""
+    words = in_features * bits // 32
+    groups = in_features // 128
+    return intn.IntNWeights((torch.zeros(words, out_features, dtype=torch.int32),), torch.zeros(groups, out_features),
+                            torch.zeros(groups, out_features), bits, 128, True, in_features, out_features)
+
+
+def fp6_of(k, n):
+    return fp.FpxWeights((torch.zeros(k // 8, n, dtype=torch.int32), torch.zeros(k // 16, n, dtype=torch.int32)),
+                         torch.zeros(1, n), FORMATS["e3m2"], k, 16, k, n)
+
+
 def test_launch_heuristics_by_rows_and_size():
     small = intn.pack_intn(rtn_quantize(weight(576, 576), 4, 64, True))
     config = intn.intn_config(1, small, SMS)
@@ -68,7 +83,7 @@ def test_launch_heuristics_by_rows_and_size():
     # the loop works per group).
     split = intn.intn_config(1, small, SMS, decode=(64, 4, 2, 8, True, False)).split
     assert split.rows_per_split % (64 // 8) == 0 and split.split > 1
-    assert intn.intn_config(16, small, SMS).block_m == 16
+    assert intn.intn_config(16, weights_of(4096, 4096), SMS).block_m == 16
     assert intn.intn_config(17, small, SMS) is None  # prefill: dequantize, then cuBLAS
     fp6 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e3m2"], None, scale_dtype=torch.float16))
     assert fp.fpx_config(1, fp6, SMS).block_n == 16 and fp.fpx_config(100, fp6, SMS) is None
@@ -102,9 +117,6 @@ def test_launch_heuristics_by_rows_and_size():
     assert intn.intn_config(1, intn.IntNWeights((torch.zeros(608, 896, dtype=torch.int32),), torch.zeros(38, 896),
                                                 torch.zeros(38, 896), 4, 128, True, 4864, 896), SMS).split.split > 1
     # FP6: the same from 2^23 weights, but split-K again from 2^26 (the large launch).
-    def fp6_of(k, n):
-        return fp.FpxWeights((torch.zeros(k // 8, n, dtype=torch.int32), torch.zeros(k // 16, n, dtype=torch.int32)),
-                             torch.zeros(1, n), FORMATS["e3m2"], k, 16, k, n)
     config = fp.fpx_config(1, fp6_of(4096, 11008), SMS)
     assert (config.block_n, config.block_w, config.split.split) == fp.DECODE_SHAPE_WIDE_FP6[:2] + (1,)
     config = fp.fpx_config(1, fp6_of(4096, 4096), SMS)
@@ -116,50 +128,61 @@ def test_launch_heuristics_by_rows_and_size():
 def test_tensor_core_launch_options_round_3():
     # 2-16 rows: the optional fields (evict-first, swap, num_stages) reach the config, and int4
     # below 2^21 weights with many rows of words takes the deeper, less split launch.
-    fp6 = fp.pack_fpx(fpx_quantize(weight(2048, 4096), FORMATS["e3m2"], None, scale_dtype=torch.float16))
-    config = fp.fpx_config(4, fp6, SMS)
-    assert (config.block_n, config.num_stages, config.evict_first, config.swap) == (64, 2, False, False)
-    config = fp.fpx_config(4, fp6, SMS, tensor_cores=(128, 16, 4, 4, True, True, 2))
+    config = fp.fpx_config(16, fp6_of(4096, 2048), SMS)
+    assert (config.block_m, config.block_n, config.num_stages, config.evict_first, config.swap) == (16, 64, 2, False, False)
+    config = fp.fpx_config(4, fp6_of(4096, 2048), SMS, tensor_cores=(128, 16, 4, 4, True, True, 2))
     assert (config.block_n, config.num_stages, config.evict_first, config.swap) == (128, 2, True, True)
-    assert fp.fpx_config(16, fp6, SMS, tensor_cores=(64, 16, 4, 4)).num_stages == 3
-    shallow = intn.pack_intn(rtn_quantize(weight(576, 576), 4, 64, True))
-    deep = intn.pack_intn(rtn_quantize(weight(576, 1536), 4, 128, True))
-    assert intn.intn_config(8, shallow, SMS).block_w == 16
-    config = intn.intn_config(8, deep, SMS)
+    assert fp.fpx_config(16, fp6_of(4096, 2048), SMS, tensor_cores=(64, 16, 4, 4)).num_stages == 3
+    assert intn.intn_config(16, weights_of(512, 2560), SMS).block_w == 16  # 2^20.3 weights, 64 rows of words
+    config = intn.intn_config(16, weights_of(1536, 768), SMS)  # 192 rows of words
     assert (config.block_n, config.block_w, config.num_stages) == intn.TENSOR_CORE_SHAPE_DEEP[:2] + (3,)
 
 
-def test_a_few_rows_on_a_small_linear_run_the_decode_kernel_per_row():
-    # Up to 4 rows below 2^21 weights, 2 below 2^23, and 3-4 rows of int-N weights below 2^23 whose
-    # rows take the no-split launch (K x bits up to 3072 x 8) unless the linear is wide.
+def test_a_few_rows_run_the_decode_kernel_one_or_several_per_program():
+    # One row per program up to 4 rows below 2^21 weights; elsewhere 4 rows per program (2 for two
+    # rows) up to 4 rows (FP6: 2 from 2^26 weights), 8 below 2^23 weights and 16 below 2^20.
+    def picks(config_of, weights):
+        return [(c.block_m, c.rows) if c.block_m == 1 else "tc" for c in (config_of(m, weights, SMS) for m in (2, 3, 4, 8, 16))]
+
+    assert picks(intn.intn_config, weights_of(576, 576)) == [(1, 1), (1, 1), (1, 1), (1, 4), (1, 4)]
+    assert picks(intn.intn_config, weights_of(4864, 896)) == [(1, 2), (1, 4), (1, 4), (1, 4), "tc"]
+    assert picks(intn.intn_config, weights_of(4096, 4096)) == [(1, 2), (1, 4), (1, 4), "tc", "tc"]
+    assert picks(intn.intn_config, weights_of(8192, 28672)) == [(1, 2), (1, 4), (1, 4), "tc", "tc"]
+    asymmetric = dataclasses.replace(weights_of(4096, 11008), symmetric=False)  # wider: tensor cores from 3 rows
+    assert picks(intn.intn_config, asymmetric) == [(1, 2), "tc", "tc", "tc", "tc"]
+    assert picks(intn.intn_config, dataclasses.replace(weights_of(11008, 4096), symmetric=False))[:3] == [(1, 2), (1, 4), (1, 4)]
+    assert picks(fp.fpx_config, fp6_of(576, 576)) == [(1, 1), (1, 1), (1, 1), (1, 4), (1, 4)]
+    assert picks(fp.fpx_config, fp6_of(4096, 11008)) == [(1, 2), (1, 4), (1, 4), "tc", "tc"]
+    assert picks(fp.fpx_config, fp6_of(8192, 28672)) == [(1, 2), "tc", "tc", "tc", "tc"]
+    fp4 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e2m1"], None, scale_dtype=torch.float16))
+    assert fp.fpx_config(2, fp4, SMS).block_m == 16  # the FP4 decode kernel takes one row only
+    # Several rows per program: no split-K; 16 outputs x 128 rows of words (FP6: x 64 rows of the
+    # 2-bit plane) where the outputs are at most the inputs and up to 8 rows, 32 x 64 on wider int
+    # linears from 2^23 weights, else 16 x 32.
+    def launch(config):
+        return config.block_n, config.block_w, config.num_warps, config.split.split
+
+    assert launch(intn.intn_config(4, weights_of(4096, 4096), SMS)) == (16, 128, 8, 1)
+    assert launch(intn.intn_config(4, weights_of(4096, 11008), SMS)) == (32, 64, 8, 1)
+    assert launch(intn.intn_config(4, weights_of(896, 4864), SMS)) == (16, 32, 4, 1)
+    assert launch(intn.intn_config(16, weights_of(896, 896), SMS)) == (16, 32, 4, 1)
+    assert launch(fp.fpx_config(4, fp6_of(11008, 4096), SMS)) == (16, 64, 8, 1)
+    assert launch(fp.fpx_config(4, fp6_of(4096, 11008), SMS)) == (16, 32, 4, 1)
+    # One row per program: each row takes the short launch (no split-K) of its weight count, also
+    # past SHORT_K, up to K x bits = 3072 x 8; beyond, its size class's.
     small = intn.pack_intn(rtn_quantize(weight(576, 576), 4, 64, True))
-    down = intn.pack_intn(rtn_quantize(weight(896, 4864), 4, 128, True))  # 4864 -> 896
-    up = intn.pack_intn(rtn_quantize(weight(4864, 896), 4, 128, True))  # 896 -> 4864
-    assert [intn.intn_config(m, small, SMS).block_m for m in (2, 4, 5, 16)] == [1, 1, 16, 16]
-    assert [intn.intn_config(m, down, SMS).block_m for m in (2, 3, 4, 5)] == [1, 1, 1, 16]
-    assert [intn.intn_config(m, up, SMS).block_m for m in (2, 3)] == [1, 16]
-    assert not intn.row_grid(2, 4096, 4096, 4)  # 2^24 weights
-    assert not intn.row_grid(3, 4864, 896, 8) and intn.row_grid(2, 4864, 896, 8)  # int8: K x bits 38912
-    assert not intn.row_grid(3, 1536, 1536, 6) and intn.row_grid(2, 1536, 1536, 6)  # FP6 keeps round 5's rows
-    # Each row of x takes the short launch (no split-K) of its weight count, also past SHORT_K ...
     assert intn.intn_config(4, small, SMS) == intn.intn_config(1, small, SMS, decode=intn.DECODE_SHAPES_SHORT[0][1])
-    config = intn.intn_config(3, down, SMS)
-    assert (config.block_n, config.block_w, config.split.split) == (32, 128, 1)
-    # ... up to K x bits = 3072 x 8; beyond, its size class's launch.
-    down8 = intn.pack_intn(rtn_quantize(weight(896, 4864), 8, -1, True))
-    assert intn.intn_config(2, down8, SMS) == intn.intn_config(1, down8, SMS, decode=intn.decode_shape(4864 * 896, intn.DECODE_SHAPES))
-    fp6 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e3m2"], None, scale_dtype=torch.float16))
-    assert [fp.fpx_config(m, fp6, SMS).block_m for m in (2, 4, 5)] == [1, 1, 16]
+    narrow8 = weights_of(8192, 128, bits=8)  # 2^20 weights, K x bits 65536
+    assert intn.intn_config(2, narrow8, SMS) == intn.intn_config(1, narrow8, SMS, decode=intn.decode_shape(8192 * 128, intn.DECODE_SHAPES))
     # FP6 below 2^23 weights: the no-split launch at one row where the outputs are at least the
     # inputs, and for each row of a few with K up to 4096; otherwise the size class's.
+    fp6 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e3m2"], None, scale_dtype=torch.float16))
     no_split = fp.DECODE_SHAPE_NO_SPLIT_FP6
     assert fp.fpx_config(4, fp6, SMS) == fp.fpx_config(1, fp6, SMS) == fp.fpx_config(1, fp6, SMS, decode=no_split)
     assert fp.fp6_one_row_shape(1, 1536, 576, SMS) == intn.decode_shape(1536 * 576, fp.DECODE_SHAPES_FP6)
     assert fp.fp6_one_row_shape(2, 1536, 576, SMS) == fp.fp6_one_row_shape(1, 576, 1536, SMS) == no_split
     assert fp.fp6_one_row_shape(2, 4864, 896, SMS) != no_split
     assert fp.fp6_one_row_shape(1, 4096, 4096, SMS) != no_split  # 2^24 weights
-    fp4 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e2m1"], None, scale_dtype=torch.float16))
-    assert fp.fpx_config(2, fp4, SMS).block_m == 16  # the FP4 decode kernel has no row grid
 
 
 @pytest.mark.parametrize("programs", [0.5, 1, 66.0, 1056])
@@ -192,7 +215,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 
 @gpu
-@pytest.mark.parametrize("rows", [1, 3, 4, 16, 40])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 16, 40])
 @pytest.mark.parametrize("kind", ["int4-g64", "int4-asym-g32", "int8-channel", "fp6", "fp6-g32", "fp4"])
 def test_kernels_match_their_references_on_fresh_inputs(kind, rows):
     generator = torch.Generator().manual_seed(rows)
@@ -268,6 +291,37 @@ def test_every_shipped_decode_launch_matches_its_reference(kind, size):
         expected = reference(x, packed).float()
         assert bool(torch.isfinite(out).all())
         assert float((out.float() - expected).norm() / expected.norm()) < 2e-3
+
+
+@gpu
+@pytest.mark.parametrize("rows", [2, 3, 7])
+@pytest.mark.parametrize("kind", ["int4-g128", "int4-asym-g32", "int8-channel", "fp6", "fp6-g32"])
+def test_several_rows_per_program_match_the_reference(kind, rows):
+    """The decode kernel with 2 or 4 rows of x per program (intn_linear rule 5) at each of its
+    shipped launches and with split-K, the last block of rows partly filled (3 and 7 rows)."""
+    w = weight(320, 1024, seed=8)
+    if kind.startswith("int"):
+        bits, group = (8, -1) if kind == "int8-channel" else (4, 32 if "g32" in kind else 128)
+        packed = intn.pack_intn(rtn_quantize(w, bits, group, "asym" not in kind)).to("cuda")
+        shapes = [intn.MULTI_ROW_SHAPE_NARROW, intn.MULTI_ROW_SHAPE_WIDE, intn.MULTI_ROW_SHAPE_SMALL,
+                  (16, 32, 4, 4, True, True, True), (64, 8, 2, 16, True, False, True)]
+        configs = [intn.intn_config(rows, packed, SMS, decode=s) for s in shapes]
+        linear, reference = intn.intn_linear, intn.intn_reference
+    else:
+        packed = fp.pack_fpx(fpx_quantize(w, FORMATS["e3m2"], 32 if "g32" in kind else None,
+                                          scale_dtype=torch.float16)).to("cuda")
+        shapes = [fp.MULTI_ROW_SHAPE_NARROW_FP6, fp.MULTI_ROW_SHAPE_SMALL_FP6, (64, 16, 4, 4, True)]
+        configs = [fp.fpx_config(rows, packed, SMS, decode=s) for s in shapes]
+        linear, reference = fp.fpx_linear, fp.fpx_reference
+    for config in configs:
+        config = dataclasses.replace(config, rows=min(4, 1 << (rows - 1).bit_length()))
+        for seed in range(2):  # twice: the split-K counters must be back at zero after a launch
+            x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(seed)).half().cuda()
+            out = torch.full((rows, 320), float("nan"), dtype=torch.float16, device="cuda")
+            linear(x, packed, config, out=out)
+            expected = reference(x, packed).float()
+            assert bool(torch.isfinite(out).all()), config
+            assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, config
 
 
 @gpu
