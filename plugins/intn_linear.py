@@ -651,12 +651,17 @@ DEEP_WORD_ROWS = 96
 #   (round 9, H100, int4 us against the tensor cores: 4096x4096 at 2 rows 13.2 -> 7.5, at 4 rows
 #   13.4 -> 9.8; 11008->4096 30.7 -> 20.1 at 4 rows; 896->4864 10.0 -> 5.7 at 4 rows, 10.0 -> 7.5 at
 #   8; 576x576 4.7 -> 3.8 at 16; docs/benchmarks/kernels.md). More rows or weights: tensor cores.
+#   Round 7's rows of int-N weights keep one row per program below NO_SPLIT_WEIGHTS: 3-4 rows where
+#   each row takes the short launch (K x bits up to NO_SPLIT_ROW_BITS) on linears with fewer than
+#   WIDE_OUTPUTS_PER_INPUT outputs per input (round 9, int4 4864->896 at 4 rows: 7.6 us against 8.0
+#   with 4 rows per program), and int8 at 2 rows (4864->896: 8.7 against 10.5).
 #   Launch (``multi_row_shape``): no split-K; 16 outputs x 128 rows of words, 8 warps where the
 #   outputs are at most the inputs and up to 8 rows; 32 x 64, 8 warps on wider linears from
 #   NO_SPLIT_WEIGHTS; otherwise 16 x 32, 4 warps (its registers hold 4 rows x 4 words per thread).
 ROW_GRID_WEIGHTS = 1 << 21
 ROW_GRID_ROWS = 4
 NO_SPLIT_ROW_BITS = 3072 * 8
+WIDE_OUTPUTS_PER_INPUT = 4
 MULTI_ROW = ((4, None), (8, 1 << 23), (16, 1 << 20))
 MULTI_ROW_FP6 = ((2, None), (4, 1 << 26), (8, 1 << 23), (16, 1 << 20))
 ROWS_PER_PROGRAM = 4
@@ -676,6 +681,10 @@ def rows_per_program(m: int, in_features: int, out_features: int, bits: int) -> 
     linear of ``bits``-bit weights (6: FP6); 0 where the tensor-core kernel runs (see above)."""
     weights = in_features * out_features
     if m == 1 or m <= ROW_GRID_ROWS and weights < ROW_GRID_WEIGHTS:
+        return 1
+    if bits != 6 and weights < NO_SPLIT_WEIGHTS and (
+            m <= 2 and bits == 8
+            or 2 < m <= ROW_GRID_ROWS and no_split_rows(in_features, bits) and out_features < WIDE_OUTPUTS_PER_INPUT * in_features):
         return 1
     if any(m <= rows and (limit is None or weights < limit) for rows, limit in (MULTI_ROW_FP6 if bits == 6 else MULTI_ROW)):
         return min(ROWS_PER_PROGRAM, _pow2_at_least(m))

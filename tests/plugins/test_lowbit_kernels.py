@@ -139,13 +139,16 @@ def test_tensor_core_launch_options_round_3():
 
 
 def test_a_few_rows_run_the_decode_kernel_one_or_several_per_program():
-    # One row per program up to 4 rows below 2^21 weights; elsewhere 4 rows per program (2 for two
-    # rows) up to 4 rows (FP6: 2 from 2^26 weights), 8 below 2^23 weights and 16 below 2^20.
+    # One row per program up to 4 rows below 2^21 weights, and below 2^23 for int-N at 3-4 rows with
+    # the short launch per row (not on wide linears) and int8 at 2; elsewhere 4 rows per program (2
+    # for two rows) up to 4 rows (FP6: 2 from 2^26 weights), 8 below 2^23 weights and 16 below 2^20.
     def picks(config_of, weights):
         return [(c.block_m, c.rows) if c.block_m == 1 else "tc" for c in (config_of(m, weights, SMS) for m in (2, 3, 4, 8, 16))]
 
     assert picks(intn.intn_config, weights_of(576, 576)) == [(1, 1), (1, 1), (1, 1), (1, 4), (1, 4)]
-    assert picks(intn.intn_config, weights_of(4864, 896)) == [(1, 2), (1, 4), (1, 4), (1, 4), "tc"]
+    assert picks(intn.intn_config, weights_of(4864, 896)) == [(1, 2), (1, 1), (1, 1), (1, 4), "tc"]
+    assert picks(intn.intn_config, weights_of(4864, 896, bits=8))[:3] == [(1, 1), (1, 4), (1, 4)]  # K x bits 38912
+    assert picks(intn.intn_config, weights_of(896, 4864))[:3] == [(1, 2), (1, 4), (1, 4)]  # wide: 5.4 outputs per input
     assert picks(intn.intn_config, weights_of(4096, 4096)) == [(1, 2), (1, 4), (1, 4), "tc", "tc"]
     assert picks(intn.intn_config, weights_of(8192, 28672)) == [(1, 2), (1, 4), (1, 4), "tc", "tc"]
     asymmetric = dataclasses.replace(weights_of(4096, 11008), symmetric=False)  # wider: tensor cores from 3 rows
