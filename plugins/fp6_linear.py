@@ -40,7 +40,7 @@ from llmc.passes.bitplanes import fp_kernel_tile, pack_fp_codes, unpack_fp_codes
 from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
 from llmc.plugins.intn_linear import (NO_SPLIT_WEIGHTS, PREFILL_ROWS, ROWS_PER_PROGRAM, decode_classes, decode_rows,
                                      decode_shape, multi_row_shape, no_split_rows, one_row_shape, rows_per_program,
-                                     size_classes)
+                                     several_rows, size_classes)
 from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
@@ -105,7 +105,7 @@ def fpx_reference(x: torch.Tensor, w: FpxWeights) -> torch.Tensor:
 
 if triton is not None:
     from llmc.plugins.intn_linear import lead_rows, x_field, x_offsets, x_tile_fields, x_words
-    from llmc.plugins.splitk import finish_split, grid_row
+    from llmc.plugins.splitk import finish_split, grid_row, row_block
 
     _X_SCALE = tl.constexpr(2.0**64)
 
@@ -233,10 +233,8 @@ if triton is not None:
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         # A block of ROWS rows of (contiguous) x per grid row with ROW_BLOCKS, as in intn_linear (rule 5 there).
-        if ROW_BLOCKS:
-            x_ptr, y_ptr, part_ptr, count_ptr = grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, ROWS)
-        rows_here = tl.minimum(ROWS, x_rows - tl.program_id(2) * ROWS)
-        x_row = tl.minimum(tl.arange(0, ROWS), rows_here - 1)  # past the last row: a copy of it
+        x_ptr, y_ptr, part_ptr, count_ptr, rows_here, x_row = row_block(
+            x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, x_rows, ROWS, ROW_BLOCKS)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         row_begin = pid_k * rows_per_split
@@ -455,7 +453,7 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
     if w.fmt.bits == 6 and tensor_cores is None and m > 1:
         x_rows = rows_per_program(m, w.in_features, w.out_features, 6)
         if decode is not None and not x_rows and m <= PREFILL_ROWS:
-            x_rows = min(ROWS_PER_PROGRAM, 1 << (m - 1).bit_length())
+            x_rows = several_rows(m)
     if x_rows:
         if decode is None and x_rows > 1:
             decode = multi_row_shape(m, w.in_features, w.out_features, MULTI_ROW_SHAPE_SMALL_FP6, None,

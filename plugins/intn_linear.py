@@ -128,7 +128,7 @@ def intn_reference(x: torch.Tensor, w: IntNWeights) -> torch.Tensor:
 # --------------------------------------------------------------------------- Triton
 
 if triton is not None:
-    from llmc.plugins.splitk import finish_split, grid_row
+    from llmc.plugins.splitk import finish_split, grid_row, row_block
 
     # Rule 1: x is scaled by 2^(100 - o), so u * 2^(o - 149) times it is u * x * 2^-49, normal.
     _X_SCALE = tl.constexpr(2.0**100)
@@ -355,10 +355,8 @@ if triton is not None:
         # Rule 5: ROWS >= 2 rows of (contiguous) x per program, each word decoded once for all of
         # them; with ROW_BLOCKS, a block of rows per grid row, each with its own partials and
         # counters. _gemv_kernel's loop with a leading axis of ROWS on every tensor.
-        if ROW_BLOCKS:
-            x_ptr, y_ptr, part_ptr, count_ptr = grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, ROWS)
-        rows_here = tl.minimum(ROWS, x_rows - tl.program_id(2) * ROWS)
-        x_row = tl.minimum(tl.arange(0, ROWS), rows_here - 1)  # past the last row: a copy of it
+        x_ptr, y_ptr, part_ptr, count_ptr, rows_here, x_row = row_block(
+            x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, x_rows, ROWS, ROW_BLOCKS)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         row_begin = pid_k * rows_per_split
@@ -552,7 +550,7 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
         # 23.0 -> 26.5 us, 8192->28672 93.7 -> 99.6).
         rows = 0
     if decode is not None and tensor_cores is None and not rows and m <= PREFILL_ROWS:
-        rows = min(ROWS_PER_PROGRAM, _pow2_at_least(m))
+        rows = several_rows(m)
     if rows:
         if decode is None and rows > 1:
             decode = multi_row_shape(m, w.in_features, w.out_features, MULTI_ROW_SHAPE_SMALL, MULTI_ROW_SHAPE_WIDE,
@@ -689,8 +687,13 @@ def rows_per_program(m: int, in_features: int, out_features: int, bits: int) -> 
             or 2 < m <= ROW_GRID_ROWS and no_split_rows(in_features, bits) and out_features < WIDE_OUTPUTS_PER_INPUT * in_features):
         return 1
     if any(m <= rows and (limit is None or weights < limit) for rows, limit in (MULTI_ROW_FP6 if bits == 6 else MULTI_ROW)):
-        return min(ROWS_PER_PROGRAM, _pow2_at_least(m))
+        return several_rows(m)
     return 0
+
+
+def several_rows(m: int) -> int:
+    """Rows of x per program where ``m`` rows take several per program: 2 for two, else 4."""
+    return min(ROWS_PER_PROGRAM, _pow2_at_least(m))
 
 
 def multi_row_shape(m: int, in_features: int, out_features: int, small: tuple, wide: tuple, narrow: tuple) -> tuple:

@@ -101,3 +101,14 @@ if triton is not None:
         block = tl.program_id(2)
         return (x_ptr + block * ROWS * K, y_ptr + block * ROWS * stride_ym, part_ptr + block * n_split * ROWS * N,
                 count_ptr + block * tl.num_programs(0))
+
+    @triton.jit
+    def row_block(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, x_rows, ROWS: tl.constexpr,
+                  ROW_BLOCKS: tl.constexpr):
+        """For a decode kernel with ``ROWS`` >= 2 rows of a contiguous ``x`` (``x_rows`` in all) per
+        program: the pointers of its block of rows (:func:`grid_row`, with ``ROW_BLOCKS``), how many
+        rows it has, and the rows of x it reads [ROWS] (past the last row: a copy of it)."""
+        if ROW_BLOCKS:
+            x_ptr, y_ptr, part_ptr, count_ptr = grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, ROWS)
+        rows_here = tl.minimum(ROWS, x_rows - tl.program_id(2) * ROWS)
+        return x_ptr, y_ptr, part_ptr, count_ptr, rows_here, tl.minimum(tl.arange(0, ROWS), rows_here - 1)

@@ -217,6 +217,19 @@ def test_kernels_compile_for_ampere_and_hopper_without_a_gpu(capability):
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the kernels are Triton)")
 
 
+def launches_match_the_reference(linear, reference, packed, configs, rows):
+    """Each forced launch of ``configs`` on ``rows`` rows of a fresh x against the reference, into a
+    NaN-poisoned [rows, 320] output of a [320, 1024] weight."""
+    for config in configs:
+        for seed in range(2):  # twice: the split-K counters must be back at zero after a launch
+            x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(seed)).half().cuda()
+            out = torch.full((rows, 320), float("nan"), dtype=torch.float16, device="cuda")
+            linear(x, packed, config, out=out)
+            expected = reference(x, packed).float()
+            assert bool(torch.isfinite(out).all()), config
+            assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, config
+
+
 @gpu
 @pytest.mark.parametrize("rows", [1, 3, 4, 6, 16, 40])
 @pytest.mark.parametrize("kind", ["int4-g64", "int4-asym-g32", "int8-channel", "fp6", "fp6-g32", "fp4"])
@@ -287,13 +300,7 @@ def test_every_shipped_decode_launch_matches_its_reference(kind, size):
         shape = shapes[size][1]
         config = fp.fpx_config(1, packed, SMS, decode=shape)
         linear, reference = fp.fpx_linear, fp.fpx_reference
-    for seed in range(2):  # twice: the split-K counters must be back at zero after a launch
-        x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(seed)).half().cuda()
-        out = torch.full((1, 320), float("nan"), dtype=torch.float16, device="cuda")
-        linear(x, packed, config, out=out)
-        expected = reference(x, packed).float()
-        assert bool(torch.isfinite(out).all())
-        assert float((out.float() - expected).norm() / expected.norm()) < 2e-3
+    launches_match_the_reference(linear, reference, packed, [config], 1)
 
 
 @gpu
@@ -316,15 +323,8 @@ def test_several_rows_per_program_match_the_reference(kind, rows):
         shapes = [fp.MULTI_ROW_SHAPE_NARROW_FP6, fp.MULTI_ROW_SHAPE_SMALL_FP6, (64, 16, 4, 4, True)]
         configs = [fp.fpx_config(rows, packed, SMS, decode=s) for s in shapes]
         linear, reference = fp.fpx_linear, fp.fpx_reference
-    for config in configs:
-        config = dataclasses.replace(config, rows=min(4, 1 << (rows - 1).bit_length()))
-        for seed in range(2):  # twice: the split-K counters must be back at zero after a launch
-            x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(seed)).half().cuda()
-            out = torch.full((rows, 320), float("nan"), dtype=torch.float16, device="cuda")
-            linear(x, packed, config, out=out)
-            expected = reference(x, packed).float()
-            assert bool(torch.isfinite(out).all()), config
-            assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, config
+    configs = [dataclasses.replace(config, rows=intn.several_rows(rows)) for config in configs]
+    launches_match_the_reference(linear, reference, packed, configs, rows)
 
 
 @gpu
@@ -344,11 +344,4 @@ def test_every_shipped_tensor_core_launch_matches_its_reference(kind, rows):
         shapes = [s for _, s in fp.TENSOR_CORE_SHAPES_FPX] + [(64, 16, 4, 4, True, True, 2)]
         configs = [fp.fpx_config(rows, packed, SMS, tensor_cores=s) for s in shapes]
         linear, reference = fp.fpx_linear, fp.fpx_reference
-    for config in configs:
-        for seed in range(2):  # twice: the split-K counters must be back at zero after a launch
-            x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(seed)).half().cuda()
-            out = torch.full((rows, 320), float("nan"), dtype=torch.float16, device="cuda")
-            linear(x, packed, config, out=out)
-            expected = reference(x, packed).float()
-            assert bool(torch.isfinite(out).all()), config
-            assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, config
+    launches_match_the_reference(linear, reference, packed, configs, rows)
