@@ -24,7 +24,7 @@ Kernels (rules referred to in the code):
    and the decode's arithmetic, about equally (round 6, docs/benchmarks/kernels.md).
 2. 2 to 16 rows: tensor cores. A field becomes the float16 ``1024 + u`` by OR-ing 0x6400; minus
    ``1024 + zero``, times the scale, it is a float16 operand of ``tl.dot`` with float32
-   accumulation.
+   accumulation (for float16 x and scales, in pairs: rule 7).
 3. Both split K when the output alone gives too few programs (``llmc.plugins.splitk``); one row
    from 2^23 to 2^27 weights, or with a short K below, reads all of K per program
    (``one_row_shape``), and so does each row of a few (rule 5).
@@ -42,6 +42,14 @@ Kernels (rules referred to in the code):
    outputs x 512 rows). Round 8 (H100): int4 4096x4096 8.2 -> 5.8 us, 1536->576 3.4 -> 2.6
    (docs/benchmarks/kernels.md). The tensor-core kernel loads a contiguous tile of ``x`` and splits
    it into the fields' tiles in registers (:func:`x_tile_fields`). ``x`` must be 16-byte aligned (:func:`intn_linear` copies it if not).
+7. The tensor-core kernel decodes two weights per instruction with float16 x and scales: one PTX
+   block per field (:func:`_pair_decode_asm`) takes the field from two neighbouring words into the
+   halves of one register (``prmt``, a shift, ``lop3`` with 0x6400: the pair ``1024 + u``), subtracts
+   ``1024 + zero`` and multiplies by the scale pair (``sub.f16x2``, ``mul.f16x2``). The result is
+   rule 2's float16 bit for bit (``u - zero`` is exact, one rounding in the product), in half the
+   instructions: Triton does float16 arithmetic in float32, with a conversion each way (sm_90 SASS,
+   64 x 16 rows: 499 -> 255 instructions a step). Round 10 (H100): int4 at 16 rows 4096->11008
+   25.6 -> 19.7 us, 8192->28672 103.7 -> 68.7 (docs/benchmarks/kernels.md). bfloat16 x keeps rule 2.
 """
 
 from __future__ import annotations
@@ -127,11 +135,37 @@ def intn_reference(x: torch.Tensor, w: IntNWeights) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- Triton
 
+
+def _pair_decode_asm(width: int, field: int, symmetric: bool) -> str:
+    """PTX of rule 7: field ``field`` of two neighbouring words ($1, $2) as a float16 pair, times the
+    scale pair $3, minus the zero point (2^(width-1), or the pair $4)."""
+    low = width * field < 16
+    shift = (width * field) % 16
+    mask = (1 << width) - 1
+    lines = [f"prmt.b32 t, $1, $2, {'0x5410' if low else '0x7632'};"]  # the half that holds the field, per word
+    if shift:
+        lines.append(f"shr.b32 t, t, {shift};")
+    lines.append(f"lop3.b32 t, t, {mask | mask << 16:#010x}, 0x64006400, 0xea;")  # (t & mask) | 1024: 1024 + u
+    if symmetric:
+        offset = 0x6400 + (1 << (width - 1))  # the float16 1024 + 2^(width-1)
+        lines.append(f"mov.b32 o, {offset | offset << 16:#010x};")
+    else:
+        lines += ["mov.b32 o, 0x64006400;", "add.f16x2 o, o, $4;"]  # 1024 + zero, exact (integer zero points)
+    lines += ["sub.f16x2 t, t, o;", "mul.f16x2 $0, t, $3;"]
+    return "{ .reg .b32 t, o; " + " ".join(lines) + " }"
+
+
+# The PTX of field i of the kernels' widths at [32 * width + 16 * symmetric + i]
+_PAIR_ASM = tuple(_pair_decode_asm(width, i, bool(sym)) if width in KERNEL_BITS and i < 32 // width else ""
+                  for width in range(max(KERNEL_BITS) + 1) for sym in (0, 1) for i in range(16))
+
+
 if triton is not None:
     from llmc.plugins.splitk import finish_split, grid_row, row_block
 
     # Rule 1: x is scaled by 2^(100 - o), so u * 2^(o - 149) times it is u * x * 2^-49, normal.
     _X_SCALE = tl.constexpr(2.0**100)
+    PAIR_ASM = tl.constexpr(_PAIR_ASM)
     _PRODUCT_SCALE = tl.constexpr(2.0**-49)
 
     @triton.jit
@@ -472,12 +506,22 @@ if triton is not None:
             if SYMMETRIC:
                 offset = 1024.0 + ZERO
             else:
-                offset = 1024.0 + tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+                zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+                offset = 1024.0 + zero
             xs = x_tile_fields(x_ptr, offs_m, rows, m_ok[:, None] & row_ok[None, :], stride_xm, BLOCK_M, BLOCK_W, FIELDS)
             for i in tl.static_range(FIELDS):
-                # Rule 2: float16 1024 + u from one mask-and-or.
-                bits16 = (((words >> (WIDTH * i)) & MASK) | 0x6400).to(tl.int16)
-                w = ((bits16.to(tl.float16, bitcast=True) - offset) * scale).to(x_ptr.dtype.element_ty)
+                if x_ptr.dtype.element_ty == tl.float16 and s_ptr.dtype.element_ty == tl.float16:
+                    # Rule 7: two weights per instruction, in float16 pairs.
+                    if SYMMETRIC:
+                        w = tl.inline_asm_elementwise(PAIR_ASM[32 * WIDTH + 16 + i], "=r,r,r,r", [words, scale],
+                                                      dtype=tl.float16, is_pure=True, pack=2)
+                    else:
+                        w = tl.inline_asm_elementwise(PAIR_ASM[32 * WIDTH + i], "=r,r,r,r,r", [words, scale, zero],
+                                                      dtype=tl.float16, is_pure=True, pack=2)
+                else:
+                    # Rule 2: float16 1024 + u from one mask-and-or.
+                    bits16 = (((words >> (WIDTH * i)) & MASK) | 0x6400).to(tl.int16)
+                    w = ((bits16.to(tl.float16, bitcast=True) - offset) * scale).to(x_ptr.dtype.element_ty)
                 xk = xs[i]
                 if SWAP:
                     acc = tl.dot(tl.trans(w), tl.trans(xk), acc)
@@ -544,11 +588,6 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     """
     word_rows = w.in_features // fields_per_word(_width(w.bits))
     rows = 0 if tensor_cores is not None else rows_per_program(m, w.in_features, w.out_features, w.bits)
-    if rows > 2 and not w.symmetric and w.out_features > w.in_features and w.in_features * w.out_features >= NO_SPLIT_WEIGHTS:
-        # Asymmetric weights on wider linears keep the tensor cores from 3 rows: the zero points in
-        # the loop made the 32 x 64 launch slower there (round 9, int4 g32 at 4 rows: 4096->11008
-        # 23.0 -> 26.5 us, 8192->28672 93.7 -> 99.6).
-        rows = 0
     if decode is not None and tensor_cores is None and not rows and m <= PREFILL_ROWS:
         rows = several_rows(m)
     if rows:
@@ -569,6 +608,8 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
         return IntNConfig(1, block_n, block_w, warps, 1, split, prefetch, inline_zero, evict_first, rows=rows)
     if m > PREFILL_ROWS:
         return None
+    if tensor_cores is None and wide_small(w.in_features, w.out_features):
+        tensor_cores = TENSOR_CORE_SHAPE_WIDE
     if tensor_cores is None:
         tensor_cores = decode_shape(w.in_features * w.out_features, TENSOR_CORE_SHAPES)
         if w.bits == 4 and w.in_features * w.out_features < TENSOR_CORE_SHAPES[0][0] and word_rows >= DEEP_WORD_ROWS:
@@ -632,14 +673,20 @@ def decode_shape(weights: int, table) -> tuple:
 
 
 # (block_n, block_w, num_warps, programs per SM) of the 2-16 row tensor-core kernel by weight count.
-# Optional fields as in ``intn_config``: evict-first, swap, num_stages. Round 3 (probe processes,
-# docs/benchmarks/kernels.md): from 2^21 to 2^23 weights 64 x 32 rows, 8 warps, 2 stages (Qwen2.5-0.5B
-# gate/up 7.7 -> 7.4 us at 4 rows, 8.8 -> 7.8 at 16; down 8.7 -> 8.4, 10.2 -> 8.9); below 2^21, with
-# at least DEEP_WORD_ROWS rows of words (int4 only, K >= 768), 32 x 32 rows at 4 per SM: half the
-# splits (SmolLM2 down 5.2 -> 5.0 us, Qwen2.5-0.5B q/o 5.1 -> 4.7 at 4 rows, in three processes).
-TENSOR_CORE_SHAPES = ((1 << 21, (32, 16, 4, 8)), (1 << 23, (64, 32, 8, 2, False, False, 2)), (None, (128, 16, 4, 2)))
+# Optional fields as in ``intn_config``: evict-first, swap, num_stages. Below 2^21, with at least
+# DEEP_WORD_ROWS rows of words (int4 only, K >= 768), 32 x 32 rows at 4 per SM: half the splits
+# (round 3: SmolLM2 down 5.2 -> 5.0 us, Qwen2.5-0.5B q/o 5.1 -> 4.7 at 4 rows, in three processes).
+# From 2^21 to 2^23 weights 64 x 16 rows, 4 warps, 2 stages (round 10, with rule 7's decode, H100, int4
+# at 16 rows against round 3's 64 x 32 rows, 8 warps: 896->4864 10.2 -> 7.8 us, 4864->896 10.9 -> 8.6,
+# 2048x2048 7.7 -> 7.1; round 3's launch held 120 registers a thread, two programs per SM, for 304 and
+# 266 programs there). TENSOR_CORE_SHAPE_WIDE: from 2^21 to 2^23 weights with at least
+# WIDE_OUTPUTS_PER_INPUT outputs per input (``wide_small``), 64 outputs a program over all of K, no
+# split-K, 3 stages (round 10, int4 896->4864: 7.7 -> 6.1 us at 16 rows, 7.4 -> 6.0 at 8; the one wide
+# shape of that size measured; on 2048x2048 and 4864->896 no split-K was slower).
+TENSOR_CORE_SHAPES = ((1 << 21, (32, 16, 4, 8)), (1 << 23, (64, 16, 4, 2, False, False, 2)), (None, (128, 16, 4, 2)))
 TENSOR_CORE_SHAPE = TENSOR_CORE_SHAPES[-1][1]
 TENSOR_CORE_SHAPE_DEEP = (32, 32, 4, 4)
+TENSOR_CORE_SHAPE_WIDE = (64, 16, 4, 0, False, False, 3)
 DEEP_WORD_ROWS = 96
 # A few rows of x run the decode kernel too (rule 5), not the tensor-core kernel:
 # - below ROW_GRID_WEIGHTS weights, up to ROW_GRID_ROWS rows, one row per program (round 5: the
@@ -655,13 +702,19 @@ DEEP_WORD_ROWS = 96
 #   each row takes the short launch (K x bits up to NO_SPLIT_ROW_BITS) on linears with fewer than
 #   WIDE_OUTPUTS_PER_INPUT outputs per input (round 9, int4 4864->896 at 4 rows: 7.6 us against 8.0
 #   with 4 rows per program), and int8 at 2 rows (4864->896: 8.7 against 10.5).
+#   Since rule 7's decode (round 10), int-N takes the tensor cores from 3 rows on linears with more
+#   outputs than inputs from NO_SPLIT_WEIGHTS and on every linear from TENSOR_CORE_ROWS_WEIGHTS (int4
+#   at 4 rows: 4096->11008 24.8 -> 19.5 us, 8192->28672 92.0 -> 71.8, 28672->8192 91.6 -> 78.4; 4096x4096,
+#   11008->4096 and 14336->4096 stay faster with 4 rows per program: 10.0, 19.9, 24.4 against 11.9,
+#   23.6, 28.8), and from 5 rows on ``wide_small`` linears (896->4864 at 8 rows: 7.2 -> 6.0).
 #   Launch (``multi_row_shape``): no split-K; 16 outputs x 128 rows of words, 8 warps where the
-#   outputs are at most the inputs and up to 8 rows; 32 x 64, 8 warps on wider linears from
+#   outputs are at most the inputs and up to 8 rows; 32 x 64, 8 warps on wider linears (int-N: at 2 rows) from
 #   NO_SPLIT_WEIGHTS; otherwise 16 x 32, 4 warps (its registers hold 4 rows x 4 words per thread).
 ROW_GRID_WEIGHTS = 1 << 21
 ROW_GRID_ROWS = 4
 NO_SPLIT_ROW_BITS = 3072 * 8
 WIDE_OUTPUTS_PER_INPUT = 4
+TENSOR_CORE_ROWS_WEIGHTS = 1 << 27
 MULTI_ROW = ((4, None), (8, 1 << 23), (16, 1 << 20))
 MULTI_ROW_FP6 = ((2, None), (4, 1 << 26), (8, 1 << 23), (16, 1 << 20))
 ROWS_PER_PROGRAM = 4
@@ -686,9 +739,19 @@ def rows_per_program(m: int, in_features: int, out_features: int, bits: int) -> 
             m <= 2 and bits == 8
             or 2 < m <= ROW_GRID_ROWS and no_split_rows(in_features, bits) and out_features < WIDE_OUTPUTS_PER_INPUT * in_features):
         return 1
+    if bits != 6 and (m > 2 and (weights >= TENSOR_CORE_ROWS_WEIGHTS or out_features > in_features and weights >= NO_SPLIT_WEIGHTS)
+                      or m > ROW_GRID_ROWS and wide_small(in_features, out_features)):
+        return 0
     if any(m <= rows and (limit is None or weights < limit) for rows, limit in (MULTI_ROW_FP6 if bits == 6 else MULTI_ROW)):
         return several_rows(m)
     return 0
+
+
+def wide_small(in_features: int, out_features: int) -> bool:
+    """From ROW_GRID_WEIGHTS to NO_SPLIT_WEIGHTS weights with at least WIDE_OUTPUTS_PER_INPUT outputs per
+    input: int-N's tensor cores run without split-K (TENSOR_CORE_SHAPE_WIDE), from 5 rows."""
+    weights = in_features * out_features
+    return ROW_GRID_WEIGHTS <= weights < NO_SPLIT_WEIGHTS and out_features >= WIDE_OUTPUTS_PER_INPUT * in_features
 
 
 def several_rows(m: int) -> int:
@@ -845,7 +908,8 @@ def kernel_variants() -> list:
                  "INLINE_ZERO": inline_zero and group != -1, "EVICT_FIRST": bool(evict and evict[0]),
                  **({"ROW_GRID": False} if rows == 1 else {"ROWS": rows, "ROW_BLOCKS": False})},
                 warps, 1, aligned))
-        tensor_core_shapes = [*size_classes(TENSOR_CORE_SHAPES), ("<2^21-deep", TENSOR_CORE_SHAPE_DEEP)]
+        tensor_core_shapes = [*size_classes(TENSOR_CORE_SHAPES), ("<2^21-deep", TENSOR_CORE_SHAPE_DEEP),
+                              ("<2^23-wide", TENSOR_CORE_SHAPE_WIDE)]
         for size, (block_n, block_w, warps, _, *rest) in tensor_core_shapes:
             variants.append(KernelVariant(
                 f"intn-gemm16-{tag}-{size}", _gemm_kernel, gemm_args,

@@ -134,6 +134,9 @@ def test_tensor_core_launch_options_round_3():
     assert (config.block_n, config.num_stages, config.evict_first, config.swap) == (128, 2, True, True)
     assert fp.fpx_config(16, fp6_of(4096, 2048), SMS, tensor_cores=(64, 16, 4, 4)).num_stages == 3
     assert intn.intn_config(16, weights_of(512, 2560), SMS).block_w == 16  # 2^20.3 weights, 64 rows of words
+    config = intn.intn_config(8, weights_of(896, 4864), SMS)  # wide, 2^22 weights: no split-K (round 10)
+    assert (config.block_n, config.split.split, config.num_stages) == (64, 1, 3)
+    assert intn.intn_config(16, weights_of(2048, 2048), SMS).split.split > 1
     config = intn.intn_config(16, weights_of(1536, 768), SMS)  # 192 rows of words
     assert (config.block_n, config.block_w, config.num_stages) == intn.TENSOR_CORE_SHAPE_DEEP[:2] + (3,)
 
@@ -141,17 +144,22 @@ def test_tensor_core_launch_options_round_3():
 def test_a_few_rows_run_the_decode_kernel_one_or_several_per_program():
     # One row per program up to 4 rows below 2^21 weights, and below 2^23 for int-N at 3-4 rows with
     # the short launch per row (not on wide linears) and int8 at 2; elsewhere 4 rows per program (2
-    # for two rows) up to 4 rows (FP6: 2 from 2^26 weights), 8 below 2^23 weights and 16 below 2^20.
+    # for two rows) up to 4 rows (FP6: 2 from 2^26 weights), 8 below 2^23 weights and 16 below 2^20;
+    # int-N takes the tensor cores from 3 rows on wider linears from 2^23 weights and on every linear
+    # from 2^27, and from 5 rows on wide ones from 2^21 (round 10).
     def picks(config_of, weights):
         return [(c.block_m, c.rows) if c.block_m == 1 else "tc" for c in (config_of(m, weights, SMS) for m in (2, 3, 4, 8, 16))]
 
     assert picks(intn.intn_config, weights_of(576, 576)) == [(1, 1), (1, 1), (1, 1), (1, 4), (1, 4)]
     assert picks(intn.intn_config, weights_of(4864, 896)) == [(1, 2), (1, 1), (1, 1), (1, 4), "tc"]
     assert picks(intn.intn_config, weights_of(4864, 896, bits=8))[:3] == [(1, 1), (1, 4), (1, 4)]  # K x bits 38912
-    assert picks(intn.intn_config, weights_of(896, 4864))[:3] == [(1, 2), (1, 4), (1, 4)]  # wide: 5.4 outputs per input
+    assert picks(intn.intn_config, weights_of(896, 4864)) == [(1, 2), (1, 4), (1, 4), "tc", "tc"]  # 5.4 outputs per input
     assert picks(intn.intn_config, weights_of(4096, 4096)) == [(1, 2), (1, 4), (1, 4), "tc", "tc"]
-    assert picks(intn.intn_config, weights_of(8192, 28672)) == [(1, 2), (1, 4), (1, 4), "tc", "tc"]
-    asymmetric = dataclasses.replace(weights_of(4096, 11008), symmetric=False)  # wider: tensor cores from 3 rows
+    assert picks(intn.intn_config, weights_of(8192, 28672)) == [(1, 2), "tc", "tc", "tc", "tc"]
+    assert picks(intn.intn_config, weights_of(28672, 8192)) == [(1, 2), "tc", "tc", "tc", "tc"]  # 2^27.8 weights
+    assert picks(intn.intn_config, weights_of(14336, 4096)) == [(1, 2), (1, 4), (1, 4), "tc", "tc"]
+    assert picks(intn.intn_config, weights_of(4096, 11008)) == [(1, 2), "tc", "tc", "tc", "tc"]  # wider
+    asymmetric = dataclasses.replace(weights_of(4096, 11008), symmetric=False)
     assert picks(intn.intn_config, asymmetric) == [(1, 2), "tc", "tc", "tc", "tc"]
     assert picks(intn.intn_config, dataclasses.replace(weights_of(11008, 4096), symmetric=False))[:3] == [(1, 2), (1, 4), (1, 4)]
     assert picks(fp.fpx_config, fp6_of(576, 576)) == [(1, 1), (1, 1), (1, 1), (1, 4), (1, 4)]
@@ -166,7 +174,7 @@ def test_a_few_rows_run_the_decode_kernel_one_or_several_per_program():
         return config.block_n, config.block_w, config.num_warps, config.split.split
 
     assert launch(intn.intn_config(4, weights_of(4096, 4096), SMS)) == (16, 128, 8, 1)
-    assert launch(intn.intn_config(4, weights_of(4096, 11008), SMS)) == (32, 64, 8, 1)
+    assert launch(intn.intn_config(2, weights_of(4096, 11008), SMS)) == (32, 64, 8, 1)
     assert launch(intn.intn_config(4, weights_of(896, 4864), SMS)) == (16, 32, 4, 1)
     assert launch(intn.intn_config(16, weights_of(896, 896), SMS)) == (16, 32, 4, 1)
     assert launch(fp.fpx_config(4, fp6_of(11008, 4096), SMS)) == (16, 64, 8, 1)
@@ -335,7 +343,8 @@ def test_every_shipped_tensor_core_launch_matches_its_reference(kind, rows):
     w = weight(320, 1024, seed=7)
     if kind.startswith("int"):
         packed = intn.pack_intn(rtn_quantize(w, 4, 32 if "g32" in kind else 128, "asym" not in kind)).to("cuda")
-        shapes = [s for _, s in intn.TENSOR_CORE_SHAPES] + [intn.TENSOR_CORE_SHAPE_DEEP, (32, 16, 4, 8, True, True, 2)]
+        shapes = [s for _, s in intn.TENSOR_CORE_SHAPES] + [intn.TENSOR_CORE_SHAPE_DEEP, intn.TENSOR_CORE_SHAPE_WIDE,
+                                                             (32, 16, 4, 8, True, True, 2)]
         configs = [intn.intn_config(rows, packed, SMS, tensor_cores=s) for s in shapes]
         linear, reference = intn.intn_linear, intn.intn_reference
     else:
