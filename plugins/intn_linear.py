@@ -593,7 +593,7 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     if rows:
         if decode is None and rows > 1:
             decode = multi_row_shape(m, w.in_features, w.out_features, MULTI_ROW_SHAPE_SMALL, MULTI_ROW_SHAPE_WIDE,
-                                     MULTI_ROW_SHAPE_NARROW)
+                                     MULTI_ROW_SHAPE_NARROW, MULTI_ROW_SHAPE_DEEP)
         elif decode is None and m > 1 and no_split_rows(w.in_features, w.bits):
             decode = decode_shape(w.in_features * w.out_features, DECODE_SHAPES_SHORT)  # per row, no split-K
         elif decode is None:
@@ -709,7 +709,11 @@ DEEP_WORD_ROWS = 96
 #   23.6, 28.8), and from 5 rows on ``wide_small`` linears (896->4864 at 8 rows: 7.2 -> 6.0).
 #   Launch (``multi_row_shape``): no split-K; 16 outputs x 128 rows of words, 8 warps where the
 #   outputs are at most the inputs and up to 8 rows; 32 x 64, 8 warps on wider linears (int-N: at 2 rows) from
-#   NO_SPLIT_WEIGHTS; otherwise 16 x 32, 4 warps (its registers hold 4 rows x 4 words per thread).
+#   NO_SPLIT_WEIGHTS; otherwise 16 x 32, 4 warps (its registers hold 4 rows x 4 words per thread),
+#   or for int-N from 9 rows with at least MULTI_ROW_DEEP_INPUTS inputs 16 x 64, 4 warps: half the
+#   steps (round 10, H100, at 16 rows: 1536->576 int4 5.7 -> 5.2 us, asymmetric g32 7.1 -> 5.5, int8
+#   8.3 -> 7.8; 896x896 4.5 -> 4.4, 5.5 -> 4.7, 5.8 -> 5.8; at K = 576 it lost, 576->1536 4.5 -> 5.5).
+#   8 or 16 rows of x per program were slower than 4 on all seven small shapes measured (round 10).
 ROW_GRID_WEIGHTS = 1 << 21
 ROW_GRID_ROWS = 4
 NO_SPLIT_ROW_BITS = 3072 * 8
@@ -721,6 +725,8 @@ ROWS_PER_PROGRAM = 4
 MULTI_ROW_SHAPE_NARROW = (16, 128, 8, 0, True, True, True)
 MULTI_ROW_SHAPE_WIDE = (32, 64, 8, 0, True, True, True)
 MULTI_ROW_SHAPE_SMALL = (16, 32, 4, 0, True, True, True)
+MULTI_ROW_SHAPE_DEEP = (16, 64, 4, 0, True, True, True)
+MULTI_ROW_DEEP_INPUTS = 768
 MULTI_ROW_NARROW_ROWS = 8
 
 
@@ -759,13 +765,16 @@ def several_rows(m: int) -> int:
     return min(ROWS_PER_PROGRAM, _pow2_at_least(m))
 
 
-def multi_row_shape(m: int, in_features: int, out_features: int, small: tuple, wide: tuple, narrow: tuple) -> tuple:
+def multi_row_shape(m: int, in_features: int, out_features: int, small: tuple, wide: tuple, narrow: tuple,
+                    deep: tuple | None = None) -> tuple:
     """The decode launch of ``m`` rows taken several per program (see above); ``wide`` None: ``small``
-    on every linear with more outputs than inputs."""
+    on every linear with more outputs than inputs; ``deep`` None: ``small`` from 9 rows."""
     if m <= MULTI_ROW_NARROW_ROWS and out_features <= in_features:
         return narrow
     if wide is not None and m <= MULTI_ROW_NARROW_ROWS and in_features * out_features >= NO_SPLIT_WEIGHTS:
         return wide
+    if deep is not None and m > MULTI_ROW_NARROW_ROWS and in_features >= MULTI_ROW_DEEP_INPUTS:
+        return deep
     return small
 
 
@@ -899,7 +908,8 @@ def kernel_variants() -> list:
         one_row = [(f"gemv-{tag}-{size}", shape, 1) for size, shape in decode_classes(
             DECODE_SHAPES, DECODE_SHAPE_WIDE, DECODE_SHAPE_NARROW, DECODE_SHAPE_LARGE, DECODE_SHAPES_SHORT)]
         several = [(f"gemv{ROWS_PER_PROGRAM}-{tag}-{size}", shape, ROWS_PER_PROGRAM) for size, shape in
-                   (("narrow", MULTI_ROW_SHAPE_NARROW), ("wide", MULTI_ROW_SHAPE_WIDE), ("small", MULTI_ROW_SHAPE_SMALL))]
+                   (("narrow", MULTI_ROW_SHAPE_NARROW), ("wide", MULTI_ROW_SHAPE_WIDE), ("small", MULTI_ROW_SHAPE_SMALL),
+                    ("deep", MULTI_ROW_SHAPE_DEEP))]
         for name, (block_n, block_w, warps, _, prefetch, inline_zero, *evict), rows in one_row + several:
             variants.append(KernelVariant(
                 f"intn-{name}", _gemv_kernel if rows == 1 else _gemv_rows_kernel,

@@ -169,14 +169,17 @@ def test_a_few_rows_run_the_decode_kernel_one_or_several_per_program():
     assert fp.fpx_config(2, fp4, SMS).block_m == 16  # the FP4 decode kernel takes one row only
     # Several rows per program: no split-K; 16 outputs x 128 rows of words (FP6: x 64 rows of the
     # 2-bit plane) where the outputs are at most the inputs and up to 8 rows, 32 x 64 on wider int
-    # linears from 2^23 weights, else 16 x 32.
+    # linears from 2^23 weights, else 16 x 32 (int from 9 rows and 768 inputs: 16 x 64).
     def launch(config):
         return config.block_n, config.block_w, config.num_warps, config.split.split
 
     assert launch(intn.intn_config(4, weights_of(4096, 4096), SMS)) == (16, 128, 8, 1)
     assert launch(intn.intn_config(2, weights_of(4096, 11008), SMS)) == (32, 64, 8, 1)
     assert launch(intn.intn_config(4, weights_of(896, 4864), SMS)) == (16, 32, 4, 1)
-    assert launch(intn.intn_config(16, weights_of(896, 896), SMS)) == (16, 32, 4, 1)
+    assert launch(intn.intn_config(16, weights_of(576, 576), SMS)) == (16, 32, 4, 1)
+    assert launch(intn.intn_config(16, weights_of(896, 896), SMS)) == (16, 64, 4, 1)  # from 768 inputs, 9+ rows
+    assert launch(intn.intn_config(8, weights_of(896, 896), SMS)) == (16, 128, 8, 1)
+    assert launch(fp.fpx_config(16, fp6_of(896, 896), SMS)) == (16, 32, 4, 1)
     assert launch(fp.fpx_config(4, fp6_of(11008, 4096), SMS)) == (16, 64, 8, 1)
     assert launch(fp.fpx_config(4, fp6_of(4096, 11008), SMS)) == (16, 32, 4, 1)
     # One row per program: each row takes the short launch (no split-K) of its weight count, also
@@ -322,7 +325,7 @@ def test_several_rows_per_program_match_the_reference(kind, rows):
         bits, group = (8, -1) if kind == "int8-channel" else (4, 32 if "g32" in kind else 128)
         packed = intn.pack_intn(rtn_quantize(w, bits, group, "asym" not in kind)).to("cuda")
         shapes = [intn.MULTI_ROW_SHAPE_NARROW, intn.MULTI_ROW_SHAPE_WIDE, intn.MULTI_ROW_SHAPE_SMALL,
-                  (16, 32, 4, 4, True, True, True), (64, 8, 2, 16, True, False, True)]
+                  intn.MULTI_ROW_SHAPE_DEEP, (16, 32, 4, 4, True, True, True), (64, 8, 2, 16, True, False, True)]
         configs = [intn.intn_config(rows, packed, SMS, decode=s) for s in shapes]
         linear, reference = intn.intn_linear, intn.intn_reference
     else:
