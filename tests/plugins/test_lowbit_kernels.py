@@ -199,6 +199,66 @@ def test_a_few_rows_run_the_decode_kernel_one_or_several_per_program():
     assert fp.fp6_one_row_shape(1, 4096, 4096, SMS) != no_split  # 2^24 weights
 
 
+def _run_pair_ptx(asm: str, registers: dict) -> int:
+    """Run rule 7's PTX block on 32-bit ``registers`` ($1 ...): the six instructions it uses, float16
+    halves rounded to nearest (numpy's float16 arithmetic); returns $0."""
+    import numpy as np
+
+    def halves(v):
+        return np.array([v & 0xFFFF, v >> 16], dtype=np.uint16).view(np.float16)
+
+    def word(h):
+        lo, hi = (int(b) for b in np.asarray(h, dtype=np.float16).view(np.uint16))
+        return lo | hi << 16
+
+    regs = dict(registers)
+    value = lambda name: regs[name] if name in regs else int(name, 0)
+    for statement in asm.strip("{} ").split(";"):
+        op, _, args = statement.strip().partition(" ")
+        if not op or op == ".reg":
+            continue
+        d, *a = [x.strip() for x in args.split(",")]
+        a = [value(x) for x in a]
+        if op == "prmt.b32":
+            source = a[0] | a[1] << 32
+            regs[d] = sum(((source >> (8 * ((a[2] >> 4 * k) & 7))) & 0xFF) << 8 * k for k in range(4))
+        elif op == "shr.b32":
+            regs[d] = a[0] >> a[1]
+        elif op == "lop3.b32":
+            assert a[3] == 0xEA  # (a & b) | c
+            regs[d] = (a[0] & a[1]) | a[2]
+        elif op == "mov.b32":
+            regs[d] = a[0]
+        else:
+            fn = {"add.f16x2": np.add, "sub.f16x2": np.subtract, "mul.f16x2": np.multiply}[op]
+            regs[d] = word(fn(halves(a[0]), halves(a[1])))
+    return regs["$0"]
+
+
+@pytest.mark.parametrize("width", intn.KERNEL_BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_float16_pair_decode_is_rule_2_bit_for_bit(width, symmetric):
+    # Rule 7's PTX, run instruction by instruction: every code of every field of two words, with
+    # their scales and zero points, gives float16((u - zero) * scale) in the halves, element 0 low.
+    import numpy as np
+
+    gen = np.random.default_rng(width)
+    fields, codes = 32 // width, 1 << width
+    for i in range(fields):
+        asm = intn._PAIR_ASM[32 * width + 16 * symmetric + i]
+        assert asm == intn._pair_decode_asm(width, i, symmetric)
+        u = np.stack(np.meshgrid(np.arange(codes), np.arange(codes)), -1).reshape(-1, 2)[:64]
+        for u0, u1 in u:
+            noise = [int(v) & ~((codes - 1) << (width * i)) for v in gen.integers(0, 2**32, 2, dtype=np.uint64)]
+            w0, w1 = noise[0] | int(u0) << (width * i), noise[1] | int(u1) << (width * i)
+            scale = gen.uniform(1e-4, 0.05, 2).astype(np.float16)
+            zero = (np.full(2, codes // 2) if symmetric else gen.integers(0, codes, 2)).astype(np.float16)
+            registers = {"$1": w0, "$2": w1, "$3": int(scale.view(np.uint32)[0]), "$4": int(zero.view(np.uint32)[0])}
+            out = _run_pair_ptx(asm, registers)
+            expected = ((np.array([u0, u1], np.float32) - zero.astype(np.float32)) * scale.astype(np.float32)).astype(np.float16)
+            assert [out & 0xFFFF, out >> 16] == [int(v) for v in expected.view(np.uint16)], (i, u0, u1)
+
+
 @pytest.mark.parametrize("programs", [0.5, 1, 66.0, 1056])
 def test_fractional_programs_per_sm_never_split_below_one_per_block(programs):
     split = choose_split(128, 512, 16, programs)
