@@ -28,6 +28,14 @@ Decoding (rules referred to in the code):
    call cuBLAS, as in ``llmc.plugins.intn_linear``.
 5. A few rows of x run the FP6 decode kernel, one or several rows per program, as
    ``llmc.plugins.intn_linear`` rule 5 (``rows_per_program``) says; FP4 keeps the tensor cores.
+6. With float16 x and scales, FP6's tensor-core kernel decodes two weights at a time, as
+   ``intn_linear`` rule 7 does for int-N (:func:`_fp6_pair_decode_asm`): ``prmt`` and a shift put
+   the 4-bit field of two words at float16's magnitude bits, one more ``prmt`` and two shifts the
+   2-bit plane's low bit and sign, two ``lop3`` join them into the float16 pair ``V * 2^(bias - 15)``
+   (rule 1 in float16, subnormals included), and ``mul.f16x2`` by ``2^(15 - bias)`` and by the scale
+   pair gives rule 3's operand bit for bit. sm_90 loop of 64 x 16 rows of the 2-bit plane: 925 -> 757
+   instructions; round 10 (H100): 4096->11008 at 16 rows 35.2 -> 33.3 us, 8192->28672 119.5 -> 113.2
+   (docs/benchmarks/kernels.md).
 """
 
 from __future__ import annotations
@@ -42,6 +50,37 @@ from llmc.plugins.intn_linear import (NO_SPLIT_WEIGHTS, PREFILL_ROWS, ROWS_PER_P
                                      decode_shape, multi_row_shape, no_split_rows, one_row_shape, rows_per_program,
                                      several_rows, size_classes)
 from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
+
+
+def _fp6_pair_decode_asm(mantissa: int, bias: int, field: int, second_half: int) -> str:
+    """PTX of rule 6: field ``field`` of two neighbouring words of the 4-bit plane ($1, $2) with its
+    partner ``2 field + second_half`` in their 2-bit plane words ($3, $4) as a float16 pair, times
+    the scale pair $5. The magnitude bits land where float16 keeps them (``V * 2^(bias - 15)``,
+    subnormals included, as in rule 1), times ``2^(15 - bias)`` is ``V`` exactly."""
+    m = mantissa
+    byte = field // 2
+    shift = 3 - m - 4 * (field % 2)  # the nibble from bit 8 (+4) of each half to bit 11 - m
+    f = 2 * field + second_half
+    low = 4 * (f // 2) + f % 2 if m == 2 else 2 * f  # bitplanes.fp6_low_positions
+    sign = (low + 8 + m) % 32
+    lines = [f"prmt.b32 a, $1, $2, {(4 + byte) << 12 | (4 + byte) << 8 | byte << 4 | byte:#06x};"]
+    if shift:
+        lines.append(f"{'shl' if shift > 0 else 'shr'}.b32 a, a, {abs(shift)};")
+    # the bytes holding the low bit and the sign: of $3 into bytes 0 and 1, of $4 into 2 and 3
+    lines.append(f"prmt.b32 l, $3, $4, {(4 + sign // 8) << 12 | (4 + low // 8) << 8 | (sign // 8) << 4 | low // 8:#06x};")
+    lines.append(f"shl.b32 m, l, {10 - m - low % 8};")  # low bit to bit 10 - m
+    lines.append(f"shl.b32 s, l, {7 - sign % 8};" if sign % 8 != 7 else "mov.b32 s, l;")  # sign to bit 15
+    lines.append("and.b32 s, s, 0x80008000;")
+    lines.append(f"lop3.b32 m, m, {(1 << (10 - m)) * 0x10001:#010x}, s, 0xea;")
+    lines.append(f"lop3.b32 a, a, {(0xF << (11 - m)) * 0x10001:#010x}, m, 0xea;")
+    power = (30 - bias) << 10  # the float16 2^(15 - bias)
+    lines += [f"mov.b32 c, {power | power << 16:#010x};", "mul.f16x2 a, a, c;", "mul.f16x2 $0, a, $5;"]
+    return "{ .reg .b32 a, l, m, s, c; " + " ".join(lines) + " }"
+
+
+# The PTX of rule 6 for FP6 (e3m2, e2m3) at [32 * (mantissa - 2) + 16 * second_half + field]
+_FP6_PAIR_ASM = tuple(_fp6_pair_decode_asm(mantissa, FORMATS[name].bias, field, half) if field < 8 else ""
+                      for mantissa, name in ((2, "e3m2"), (3, "e2m3")) for half in (0, 1) for field in range(16))
 
 if triton is not None:
     import triton.language as tl
@@ -108,6 +147,7 @@ if triton is not None:
     from llmc.plugins.splitk import finish_split, grid_row, row_block
 
     _X_SCALE = tl.constexpr(2.0**64)
+    FP6_PAIR_ASM = tl.constexpr(_FP6_PAIR_ASM)
 
     @triton.jit
     def _shift(v, amount: tl.constexpr):
@@ -335,14 +375,28 @@ if triton is not None:
             row_ok = rows < K // 16
             ok = row_ok[:, None] & n_ok[None, :]
             low, high_a, high_b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, K // 16, EVICT_FIRST)
-            # Rule 3: V = decoded float32 * 2^(127 - bias), exact; the scale rides along.
-            scale = _scales(s_ptr, rows // ROWS_PER_GROUP, offs_n, ok, N, CHANNEL)
-            scale = scale * (2.0 ** (127 - BIAS))
+            PAIRS: tl.constexpr = x_ptr.dtype.element_ty == tl.float16 and s_ptr.dtype.element_ty == tl.float16
+            if PAIRS:
+                # Rule 6: the float16 scales as they are, two weights per instruction.
+                if CHANNEL:
+                    scale = tl.broadcast_to(tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :], [BLOCK_W, BLOCK_N])
+                else:
+                    scale = tl.load(s_ptr + (rows // ROWS_PER_GROUP)[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+            else:
+                # Rule 3: V = decoded float32 * 2^(127 - bias), exact; the scale rides along.
+                scale = _scales(s_ptr, rows // ROWS_PER_GROUP, offs_n, ok, N, CHANNEL)
+                scale = scale * (2.0 ** (127 - BIAS))
             xs = x_tile_fields(x_ptr, offs_m, rows, m_ok[:, None] & row_ok[None, :], stride_xm, BLOCK_M, BLOCK_W, 16)
             for i in tl.static_range(8):
-                wa = (_fp6_bits(high_a, low, i, 0, M) * scale).to(x_ptr.dtype.element_ty)
+                if PAIRS:
+                    wa = tl.inline_asm_elementwise(FP6_PAIR_ASM[32 * (M - 2) + i], "=r,r,r,r,r,r", [high_a, low, scale],
+                                                   dtype=tl.float16, is_pure=True, pack=2)
+                    wb = tl.inline_asm_elementwise(FP6_PAIR_ASM[32 * (M - 2) + 16 + i], "=r,r,r,r,r,r",
+                                                   [high_b, low, scale], dtype=tl.float16, is_pure=True, pack=2)
+                else:
+                    wa = (_fp6_bits(high_a, low, i, 0, M) * scale).to(x_ptr.dtype.element_ty)
+                    wb = (_fp6_bits(high_b, low, i, 1, M) * scale).to(x_ptr.dtype.element_ty)
                 xa = xs[2 * i]
-                wb = (_fp6_bits(high_b, low, i, 1, M) * scale).to(x_ptr.dtype.element_ty)
                 xb = xs[2 * i + 1]
                 if SWAP:
                     acc = tl.dot(tl.trans(wa), tl.trans(xa), acc)

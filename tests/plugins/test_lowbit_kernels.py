@@ -200,7 +200,8 @@ def test_a_few_rows_run_the_decode_kernel_one_or_several_per_program():
 
 
 def _run_pair_ptx(asm: str, registers: dict) -> int:
-    """Run rule 7's PTX block on 32-bit ``registers`` ($1 ...): the six instructions it uses, float16
+    """Run a PTX block of intn_linear rule 7 or fp6_linear rule 6 on 32-bit ``registers`` ($1 ...): the
+    instructions they use, float16
     halves rounded to nearest (numpy's float16 arithmetic); returns $0."""
     import numpy as np
 
@@ -224,6 +225,10 @@ def _run_pair_ptx(asm: str, registers: dict) -> int:
             regs[d] = sum(((source >> (8 * ((a[2] >> 4 * k) & 7))) & 0xFF) << 8 * k for k in range(4))
         elif op == "shr.b32":
             regs[d] = a[0] >> a[1]
+        elif op == "shl.b32":
+            regs[d] = (a[0] << a[1]) & 0xFFFFFFFF
+        elif op == "and.b32":
+            regs[d] = a[0] & a[1]
         elif op == "lop3.b32":
             assert a[3] == 0xEA  # (a & b) | c
             regs[d] = (a[0] & a[1]) | a[2]
@@ -257,6 +262,39 @@ def test_float16_pair_decode_is_rule_2_bit_for_bit(width, symmetric):
             out = _run_pair_ptx(asm, registers)
             expected = ((np.array([u0, u1], np.float32) - zero.astype(np.float32)) * scale.astype(np.float32)).astype(np.float16)
             assert [out & 0xFFFF, out >> 16] == [int(v) for v in expected.view(np.uint16)], (i, u0, u1)
+
+
+@pytest.mark.parametrize("name", ["e3m2", "e2m3"])
+def test_fp6_float16_pair_decode_is_rule_3_bit_for_bit(name):
+    # fp6_linear rule 6's PTX, run instruction by instruction on random plane words (every code
+    # occurs in every field), against rule 1's float32 bits times 2^(127 - bias) times the scale,
+    # rounded to float16 once: bit for bit in each half, element 0 low.
+    import numpy as np
+
+    fmt = FORMATS[name]
+    m = fmt.mantissa_bits
+    gen = np.random.default_rng(m)
+
+    def rule_1(high, low, i, half):  # fp6_linear._fp6_bits on uint32 words
+        top = ((high << (24 - m - 4 * i)) if 24 - m - 4 * i >= 0 else (high >> (4 * i + m - 24))) & (0xF << (24 - m))
+        f = 2 * i + half
+        p = 4 * (f // 2) + f % 2 if m == 2 else 2 * f
+        r = (23 - m - p) % 32
+        rotated = ((low << r) | (low >> (32 - r))) & 0xFFFFFFFF if r else low
+        return np.uint32((top & 0xFFFFFFFF) | (rotated & (1 << 31 | 1 << (23 - m)))).view(np.float32)
+
+    for i in range(8):
+        for half in (0, 1):
+            asm = fp._FP6_PAIR_ASM[32 * (m - 2) + 16 * half + i]
+            assert asm == fp._fp6_pair_decode_asm(m, fmt.bias, i, half)
+            for _ in range(256):
+                high, low = gen.integers(0, 2**32, (2, 2), dtype=np.uint64).tolist()
+                scale = gen.uniform(1e-4, 2.0, 2).astype(np.float16)
+                out = _run_pair_ptx(asm, {"$1": high[0], "$2": high[1], "$3": low[0], "$4": low[1],
+                                          "$5": int(scale.view(np.uint32)[0])})
+                expected = np.array([rule_1(high[e], low[e], i, half) * np.float32(2.0 ** (127 - fmt.bias))
+                                     * np.float32(scale[e]) for e in (0, 1)], np.float32).astype(np.float16)
+                assert [out & 0xFFFF, out >> 16] == [int(v) for v in expected.view(np.uint16)], (i, half, high, low)
 
 
 @pytest.mark.parametrize("programs", [0.5, 1, 66.0, 1056])
