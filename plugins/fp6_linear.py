@@ -211,6 +211,23 @@ if triton is not None:
                 high_b.to(tl.uint32, bitcast=True))
 
     @triton.jit
+    def _fp6_fields(acc, dot, high_a, high_b, low, xw, x_ok, M: tl.constexpr, CHANNEL: tl.constexpr,
+                    DTYPE: tl.constexpr):
+        """One step of the FP6 decode kernels over the 16 inputs of each row of the 2-bit plane
+        (``xw``: their activations, :func:`intn_linear.x_words`): the products into ``acc`` (per
+        channel) or ``dot`` (per group)."""
+        for i in tl.static_range(8):
+            xa = x_field(xw, 2 * i, x_ok, DTYPE) * _X_SCALE
+            xb = x_field(xw, 2 * i + 1, x_ok, DTYPE) * _X_SCALE
+            if CHANNEL:
+                acc += _fp6_bits(high_a, low, i, 0, M) * xa
+                acc += _fp6_bits(high_b, low, i, 1, M) * xb
+            else:
+                dot += _fp6_bits(high_a, low, i, 0, M) * xa
+                dot += _fp6_bits(high_b, low, i, 1, M) * xb
+        return acc, dot
+
+    @triton.jit
     def _fp6_gemv_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          N, K, stride_ym, rows_per_split, n_split,
                          M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
@@ -243,15 +260,7 @@ if triton is not None:
                 low, high_a, high_b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end)
             xw = x_words(x_ptr, (tl.where(row_ok, rows, 0) * 16)[:, None], 16)
             dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-            for i in tl.static_range(8):
-                xa = x_field(xw, 2 * i, row_ok[:, None], x_ptr.dtype.element_ty) * _X_SCALE
-                xb = x_field(xw, 2 * i + 1, row_ok[:, None], x_ptr.dtype.element_ty) * _X_SCALE
-                if CHANNEL:
-                    acc += _fp6_bits(high_a, low, i, 0, M) * xa
-                    acc += _fp6_bits(high_b, low, i, 1, M) * xb
-                else:
-                    dot += _fp6_bits(high_a, low, i, 0, M) * xa
-                    dot += _fp6_bits(high_b, low, i, 1, M) * xb
+            acc, dot = _fp6_fields(acc, dot, high_a, high_b, low, xw, row_ok[:, None], M, CHANNEL, x_ptr.dtype.element_ty)
             if not CHANNEL:
                 acc += dot * _scales(s_ptr, rows // ROWS_PER_GROUP, offs_n, ok, N, CHANNEL)
         total = tl.sum(acc, axis=0)
@@ -295,15 +304,7 @@ if triton is not None:
             xw = x_words(x_ptr, x_offsets(x_row, rows, row_ok, K, 16), 16)
             x_ok = lead_rows(row_ok[:, None], ROWS)
             dot = tl.zeros([ROWS, BLOCK_W, BLOCK_N], dtype=tl.float32)
-            for i in tl.static_range(8):
-                xa = x_field(xw, 2 * i, x_ok, x_ptr.dtype.element_ty) * _X_SCALE
-                xb = x_field(xw, 2 * i + 1, x_ok, x_ptr.dtype.element_ty) * _X_SCALE
-                if CHANNEL:
-                    acc += _fp6_bits(high_a, low, i, 0, M) * xa
-                    acc += _fp6_bits(high_b, low, i, 1, M) * xb
-                else:
-                    dot += _fp6_bits(high_a, low, i, 0, M) * xa
-                    dot += _fp6_bits(high_b, low, i, 1, M) * xb
+            acc, dot = _fp6_fields(acc, dot, high_a, high_b, low, xw, x_ok, M, CHANNEL, x_ptr.dtype.element_ty)
             if not CHANNEL:
                 acc += dot * _scales(s_ptr, rows // ROWS_PER_GROUP, offs_n, ok, N, CHANNEL, ROWS=ROWS)
         total = tl.sum(acc, axis=1)
@@ -358,6 +359,7 @@ if triton is not None:
         # EVICT_FIRST: the words are streamed (read once). SWAP: accumulate (W x^T) [BLOCK_N,
         # BLOCK_M], the decoded weight as the first operand of the product.
         ROWS_PER_GROUP: tl.constexpr = GROUP // 16
+        PAIRS: tl.constexpr = x_ptr.dtype.element_ty == tl.float16 and s_ptr.dtype.element_ty == tl.float16  # rule 6
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -375,7 +377,6 @@ if triton is not None:
             row_ok = rows < K // 16
             ok = row_ok[:, None] & n_ok[None, :]
             low, high_a, high_b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, K // 16, EVICT_FIRST)
-            PAIRS: tl.constexpr = x_ptr.dtype.element_ty == tl.float16 and s_ptr.dtype.element_ty == tl.float16
             if PAIRS:
                 # Rule 6: the float16 scales as they are, two weights per instruction.
                 if CHANNEL:

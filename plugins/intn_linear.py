@@ -281,6 +281,32 @@ if triton is not None:
         return fields
 
     @triton.jit
+    def _int_fields(acc, dot, x_sum, words, high, xw, x_ok, WIDTH: tl.constexpr, CHANNEL: tl.constexpr,
+                    INLINE_ZERO: tl.constexpr, DTYPE: tl.constexpr):
+        """One step of the decode kernels over every field of ``words`` (``high``: the words shifted
+        right by 12) and the activations ``xw`` (:func:`x_words`): the products into ``acc`` (per
+        channel) or ``dot`` (per group), the activations into ``x_sum`` (``INLINE_ZERO``)."""
+        FIELDS: tl.constexpr = 32 // WIDTH
+        MASK: tl.constexpr = (1 << WIDTH) - 1
+        for i in tl.static_range(FIELDS):
+            # Rule 1: the masked field, read as float32, is u * 2^(o - 149); it must end
+            # below bit 23, so later fields are read from the word shifted right by 12.
+            if WIDTH * i + WIDTH <= 23:
+                o = WIDTH * i
+                v = (words & (MASK << o)).to(tl.float32, bitcast=True)
+            else:
+                o = WIDTH * i - 12
+                v = (high & (MASK << o)).to(tl.float32, bitcast=True)
+            xv = x_field(xw, i, x_ok, DTYPE)
+            if INLINE_ZERO:
+                x_sum += xv
+            if CHANNEL:
+                acc += v * (xv * (_X_SCALE / (1 << o)))
+            else:
+                dot += v * (xv * (_X_SCALE / (1 << o)))
+        return acc, dot, x_sum
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
                      N, K, stride_ym, rows_per_split, n_split,
                      WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
@@ -289,7 +315,6 @@ if triton is not None:
                      EVICT_FIRST: tl.constexpr = False, ROW_GRID: tl.constexpr = False):
         FIELDS: tl.constexpr = 32 // WIDTH
         ROWS_PER_GROUP: tl.constexpr = GROUP // FIELDS
-        MASK: tl.constexpr = (1 << WIDTH) - 1
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         # Rule 5: one row of (contiguous) x per grid row; its own partials and counters.
@@ -318,22 +343,8 @@ if triton is not None:
             xw = x_words(x_ptr, (tl.where(row_ok, rows, 0) * FIELDS)[:, None], FIELDS)
             dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
             x_rows = tl.zeros([BLOCK_W, 1], dtype=tl.float32)
-            for i in tl.static_range(FIELDS):
-                # Rule 1: the masked field, read as float32, is u * 2^(o - 149); it must end
-                # below bit 23, so later fields are read from the word shifted right by 12.
-                if WIDTH * i + WIDTH <= 23:
-                    o = WIDTH * i
-                    v = (words & (MASK << o)).to(tl.float32, bitcast=True)
-                else:
-                    o = WIDTH * i - 12
-                    v = (high & (MASK << o)).to(tl.float32, bitcast=True)
-                xv = x_field(xw, i, row_ok[:, None], x_ptr.dtype.element_ty)
-                if INLINE_ZERO:
-                    x_rows += xv
-                if CHANNEL:
-                    acc += v * (xv * (_X_SCALE / (1 << o)))
-                else:
-                    dot += v * (xv * (_X_SCALE / (1 << o)))
+            acc, dot, x_rows = _int_fields(acc, dot, x_rows, words, high, xw, row_ok[:, None], WIDTH, CHANNEL, INLINE_ZERO,
+                                           x_ptr.dtype.element_ty)
             if not CHANNEL:
                 scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
                 if INLINE_ZERO:
@@ -383,7 +394,6 @@ if triton is not None:
                      EVICT_FIRST: tl.constexpr = False, ROWS: tl.constexpr = 2, ROW_BLOCKS: tl.constexpr = False):
         FIELDS: tl.constexpr = 32 // WIDTH
         ROWS_PER_GROUP: tl.constexpr = GROUP // FIELDS
-        MASK: tl.constexpr = (1 << WIDTH) - 1
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         # Rule 5: ROWS >= 2 rows of (contiguous) x per program, each word decoded once for all of
@@ -414,22 +424,8 @@ if triton is not None:
             xw = x_words(x_ptr, x_offsets(x_row, rows, row_ok, K, FIELDS), FIELDS)
             dot = tl.zeros([ROWS, BLOCK_W, BLOCK_N], dtype=tl.float32)
             x_sums = tl.zeros([ROWS, BLOCK_W, 1], dtype=tl.float32)
-            for i in tl.static_range(FIELDS):
-                # Rule 1: the masked field, read as float32, is u * 2^(o - 149); it must end
-                # below bit 23, so later fields are read from the word shifted right by 12.
-                if WIDTH * i + WIDTH <= 23:
-                    o = WIDTH * i
-                    v = (words & (MASK << o)).to(tl.float32, bitcast=True)
-                else:
-                    o = WIDTH * i - 12
-                    v = (high & (MASK << o)).to(tl.float32, bitcast=True)
-                xv = x_field(xw, i, lead_rows(row_ok[:, None], ROWS), x_ptr.dtype.element_ty)
-                if INLINE_ZERO:
-                    x_sums += xv
-                if CHANNEL:
-                    acc += v * (xv * (_X_SCALE / (1 << o)))
-                else:
-                    dot += v * (xv * (_X_SCALE / (1 << o)))
+            acc, dot, x_sums = _int_fields(acc, dot, x_sums, words, high, xw, lead_rows(row_ok[:, None], ROWS), WIDTH,
+                                           CHANNEL, INLINE_ZERO, x_ptr.dtype.element_ty)
             if not CHANNEL:
                 scale = tl.load(lead_rows(s_ptr + group[:, None] * N + offs_n[None, :], ROWS), mask=ok, other=0.0).to(tl.float32)
                 if INLINE_ZERO:
@@ -483,6 +479,8 @@ if triton is not None:
         FIELDS: tl.constexpr = 32 // WIDTH
         ROWS_PER_GROUP: tl.constexpr = GROUP // FIELDS
         MASK: tl.constexpr = (1 << WIDTH) - 1
+        # Rule 7: two weights per instruction, in float16 pairs, for float16 x and scales.
+        PAIRS: tl.constexpr = x_ptr.dtype.element_ty == tl.float16 and s_ptr.dtype.element_ty == tl.float16
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -510,8 +508,7 @@ if triton is not None:
                 offset = 1024.0 + zero
             xs = x_tile_fields(x_ptr, offs_m, rows, m_ok[:, None] & row_ok[None, :], stride_xm, BLOCK_M, BLOCK_W, FIELDS)
             for i in tl.static_range(FIELDS):
-                if x_ptr.dtype.element_ty == tl.float16 and s_ptr.dtype.element_ty == tl.float16:
-                    # Rule 7: two weights per instruction, in float16 pairs.
+                if PAIRS:
                     if SYMMETRIC:
                         w = tl.inline_asm_elementwise(PAIR_ASM[32 * WIDTH + 16 + i], "=r,r,r,r", [words, scale],
                                                       dtype=tl.float16, is_pure=True, pack=2)
