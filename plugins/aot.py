@@ -57,11 +57,14 @@ def compile_kernel(variant: KernelVariant, capability: int) -> CompiledVariant:
     from triton.compiler import ASTSource
 
     signature = dict(variant.signature)
-    for name in variant.constants:
+    # Compile-time constants the variant leaves out take their defaults, as a launch does.
+    constants = {p.name: p.default for p in variant.kernel.params if p.is_constexpr and p.has_default}
+    constants.update(variant.constants)
+    for name in constants:
         signature[name] = "constexpr"
     names = list(signature)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in variant.aligned}
-    source = ASTSource(fn=variant.kernel, signature=signature, constexprs=dict(variant.constants), attrs=attrs)
+    source = ASTSource(fn=variant.kernel, signature=signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                               options={"num_warps": variant.num_warps, "num_stages": variant.num_stages, **COMPILE_OPTIONS})
     cubin = compiled.asm["cubin"]

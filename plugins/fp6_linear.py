@@ -49,6 +49,7 @@ from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
 from llmc.plugins.intn_linear import (NO_SPLIT_WEIGHTS, PREFILL_ROWS, ROWS_PER_PROGRAM, decode_classes, decode_rows,
                                      decode_shape, multi_row_shape, no_split_rows, one_row_shape, rows_per_program,
                                      several_rows, size_classes)
+from llmc.plugins import splitk
 from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
 
@@ -144,7 +145,7 @@ def fpx_reference(x: torch.Tensor, w: FpxWeights) -> torch.Tensor:
 
 if triton is not None:
     from llmc.plugins.intn_linear import lead_rows, x_field, x_offsets, x_tile_fields, x_words
-    from llmc.plugins.splitk import finish_split, grid_row, row_block
+    from llmc.plugins.splitk import finish_split, grid_row, row_block, start_sum
 
     _X_SCALE = tl.constexpr(2.0**64)
     FP6_PAIR_ASM = tl.constexpr(_FP6_PAIR_ASM)
@@ -232,7 +233,8 @@ if triton is not None:
                          N, K, stride_ym, rows_per_split, n_split,
                          M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr = False,
-                         ROW_GRID: tl.constexpr = False):
+                         ROW_GRID: tl.constexpr = False, SEPARATE: tl.constexpr = False):
+        start_sum(SEPARATE)
         # Row j of the 2-bit plane covers inputs 16 j .. 16 j + 15: rows 2 j (even inputs) and
         # 2 j + 1 (odd) of the 4-bit plane, 8 fields each.
         ROWS_PER_GROUP: tl.constexpr = GROUP // 16
@@ -269,14 +271,15 @@ if triton is not None:
         # Rule 2: undo 2^(bias - 127) of the decode and 2^64 of x.
         part = (total * (2.0 ** (127 - BIAS - 64)))[None, :]
         finish_split(part, y_ptr, part_ptr, count_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym,
-                     pid_n, pid_k, n_split)
+                     pid_n, pid_k, n_split, SEPARATE)
 
     @triton.jit
     def _fp6_gemv_rows_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          N, K, stride_ym, rows_per_split, n_split, x_rows,
                          M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr = False,
-                         ROWS: tl.constexpr = 2, ROW_BLOCKS: tl.constexpr = False):
+                         ROWS: tl.constexpr = 2, ROW_BLOCKS: tl.constexpr = False, SEPARATE: tl.constexpr = False):
+        start_sum(SEPARATE)
         # _fp6_gemv_kernel with ROWS >= 2 rows of x per program: every tensor [ROWS, rows, outputs].
         ROWS_PER_GROUP: tl.constexpr = GROUP // 16
         pid_n = tl.program_id(0)
@@ -313,13 +316,14 @@ if triton is not None:
         # Rule 2: undo 2^(bias - 127) of the decode and 2^64 of x.
         part = total * (2.0 ** (127 - BIAS - 64))
         finish_split(part, y_ptr, part_ptr, count_ptr, tl.arange(0, ROWS), offs_n, rows_here, N, stride_ym,
-                     pid_n, pid_k, n_split)
+                     pid_n, pid_k, n_split, SEPARATE)
 
     @triton.jit
     def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          N, K, stride_ym, rows_per_split, n_split,
                          M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SEPARATE: tl.constexpr = False):
+        start_sum(SEPARATE)
         ROWS_PER_GROUP: tl.constexpr = GROUP // 8
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -347,14 +351,15 @@ if triton is not None:
             total = total * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         part = (total * (2.0 ** (127 - BIAS - 64)))[None, :]
         finish_split(part, y_ptr, part_ptr, count_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym,
-                     pid_n, pid_k, n_split)
+                     pid_n, pid_k, n_split, SEPARATE)
 
     @triton.jit
     def _fp6_gemm_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          M_ROWS, N, K, stride_xm, stride_ym, rows_per_split, n_split,
                          M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                         EVICT_FIRST: tl.constexpr = False, SWAP: tl.constexpr = False):
+                         EVICT_FIRST: tl.constexpr = False, SWAP: tl.constexpr = False, SEPARATE: tl.constexpr = False):
+        start_sum(SEPARATE)
         # Rows of the 2-bit plane, each with its two rows of the 4-bit plane, as in the GEMV.
         # EVICT_FIRST: the words are streamed (read once). SWAP: accumulate (W x^T) [BLOCK_N,
         # BLOCK_M], the decoded weight as the first operand of the product.
@@ -409,13 +414,15 @@ if triton is not None:
             acc = tl.trans(acc)
         n_blocks = tl.num_programs(0)
         finish_split(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, M_ROWS, N, stride_ym,
-                     pid_m * n_blocks + pid_n, pid_k, n_split)
+                     pid_m * n_blocks + pid_n, pid_k, n_split, SEPARATE)
 
     @triton.jit
     def _fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          M_ROWS, N, K, stride_xm, stride_ym, rows_per_split, n_split,
                          M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                         SEPARATE: tl.constexpr = False):
+        start_sum(SEPARATE)
         ROWS_PER_GROUP: tl.constexpr = GROUP // 8
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -440,7 +447,7 @@ if triton is not None:
                 acc = tl.dot(xk, w, acc)
         n_blocks = tl.num_programs(0)
         finish_split(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, M_ROWS, N, stride_ym,
-                     pid_m * n_blocks + pid_n, pid_k, n_split)
+                     pid_m * n_blocks + pid_n, pid_k, n_split, SEPARATE)
 
     @triton.jit
     def _fpx_dequantize_kernel(hi_ptr, lo_ptr, s_ptr, out_ptr, N, K,
@@ -563,10 +570,14 @@ MULTI_ROW_SHAPE_SMALL_FP6 = (16, 32, 4, 0, True)
 # row tensor-core FP6 kernel by weight count. Round 3 (three probe processes,
 # docs/benchmarks/kernels.md): num_stages 2 instead of 3 took 4096x4096 from 15.6 to 13.9 us at 4 rows
 # and 16.6 to 15.0 at 16; on the 7B MLP shapes 128 outputs x 16 rows, 4 programs per SM,
-# evict-first, 2 stages won (gate/up 32.5 -> 29.7 us at 4 rows). 8192x28672 keeps round 1's shape
-# (not re-measured at 2-16 rows this round).
-TENSOR_CORE_SHAPES_FPX = ((1 << 23, (32, 16, 4, 8)), (1 << 25, (64, 16, 4, 4, False, False, 2)),
-                          (1 << 26, (128, 16, 4, 4, True, False, 2)), (None, (64, 16, 4, 4)))
+# evict-first, 2 stages won (gate/up 32.5 -> 29.7 us at 4 rows). 8192x28672 keeps round 1's shape.
+# From 2^21 to 2^23 weights 64 x 16 rows, 2 per SM, 2 stages (round 11, with the separate split-K
+# finish, H100, at 16 rows against 32 x 16, 8 per SM: 896->4864 9.5 -> 7.4 us, 4864->896 10.4 -> 8.2,
+# 2048x2048 8.3 -> 6.5, 3584->2048 13.6 -> 9.1); below 2^21 32 x 16 stayed faster (1536->576 4.4
+# against 4.6, 896x896 4.2 against 4.4).
+TENSOR_CORE_SHAPES_FPX = ((1 << 21, (32, 16, 4, 8)), (1 << 23, (64, 16, 4, 2, False, False, 2)),
+                          (1 << 25, (64, 16, 4, 4, False, False, 2)), (1 << 26, (128, 16, 4, 4, True, False, 2)),
+                          (None, (64, 16, 4, 4)))
 TENSOR_CORE_SHAPE_FPX = TENSOR_CORE_SHAPES_FPX[-1][1]
 # FP4 keeps the round-1 table: the round-3 shapes were measured on FP6 only.
 TENSOR_CORE_SHAPES_FP4 = ((1 << 23, (32, 16, 4, 8)), (None, (64, 16, 4, 4)))
@@ -609,8 +620,10 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
     row_blocks = -(-m // rows)
     part = torch.empty(split.split if split.split > 1 else 1, row_blocks * rows, n, dtype=torch.float32, device=x.device)
     count = counters(x.device, grid_n * max(grid_m, row_blocks))
+    separate = splitk.separate_finish(x.device, split.split)
     common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, GROUP=w.group_size, CHANNEL=w.group_size == k, BLOCK_N=config.block_n,
-                  BLOCK_W=config.block_w, num_warps=config.num_warps, num_stages=config.num_stages, **COMPILE_OPTIONS)
+                  BLOCK_W=config.block_w, num_warps=config.num_warps, num_stages=config.num_stages, SEPARATE=separate,
+                  **COMPILE_OPTIONS)
     low = w.planes[1] if fmt.bits == 6 else w.planes[0]
     if config.block_m == 1 and fmt.bits == 6 and rows == 1:
         _fp6_gemv_kernel[(grid_n, split.split, m)](
@@ -634,6 +647,8 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
         _fp4_gemm_kernel[(grid_n, grid_m, split.split)](
             x2, w.planes[0], w.scale, y, part, count, m, n, k, x2.stride(0), y.stride(0),
             split.rows_per_split, split.split, BLOCK_M=config.block_m, **common)
+    if separate:
+        splitk.sum_splits(part, y, split.split, rows if config.block_m == 1 else m)
     return y.reshape(*x.shape[:-1], n)
 
 

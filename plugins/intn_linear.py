@@ -60,6 +60,7 @@ import torch
 
 from llmc.packed import PackedLinear
 from llmc.passes.bitplanes import INT_PLANE_WIDTHS, fields_per_word, int_kernel_tile, pack_int_codes, unpack_int_codes
+from llmc.plugins import splitk
 from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
 
 if triton is not None:
@@ -161,7 +162,7 @@ _PAIR_ASM = tuple(_pair_decode_asm(width, i, bool(sym)) if width in KERNEL_BITS 
 
 
 if triton is not None:
-    from llmc.plugins.splitk import finish_split, grid_row, row_block
+    from llmc.plugins.splitk import finish_split, grid_row, row_block, start_sum
 
     # Rule 1: x is scaled by 2^(100 - o), so u * 2^(o - 149) times it is u * x * 2^-49, normal.
     _X_SCALE = tl.constexpr(2.0**100)
@@ -312,7 +313,8 @@ if triton is not None:
                      WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
                      CHANNEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                      PREFETCH: tl.constexpr = False, INLINE_ZERO: tl.constexpr = False,
-                     EVICT_FIRST: tl.constexpr = False, ROW_GRID: tl.constexpr = False):
+                     EVICT_FIRST: tl.constexpr = False, ROW_GRID: tl.constexpr = False, SEPARATE: tl.constexpr = False):
+        start_sum(SEPARATE)
         FIELDS: tl.constexpr = 32 // WIDTH
         ROWS_PER_GROUP: tl.constexpr = GROUP // FIELDS
         pid_n = tl.program_id(0)
@@ -383,7 +385,7 @@ if triton is not None:
                     correction += scale * zero * x_sum
             total = total - correction
         finish_split(total[None, :], y_ptr, part_ptr, count_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym,
-                     pid_n, pid_k, n_split)
+                     pid_n, pid_k, n_split, SEPARATE)
 
     @triton.jit
     def _gemv_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
@@ -391,7 +393,9 @@ if triton is not None:
                      WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
                      CHANNEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                      PREFETCH: tl.constexpr = False, INLINE_ZERO: tl.constexpr = False,
-                     EVICT_FIRST: tl.constexpr = False, ROWS: tl.constexpr = 2, ROW_BLOCKS: tl.constexpr = False):
+                     EVICT_FIRST: tl.constexpr = False, ROWS: tl.constexpr = 2, ROW_BLOCKS: tl.constexpr = False,
+                     SEPARATE: tl.constexpr = False):
+        start_sum(SEPARATE)
         FIELDS: tl.constexpr = 32 // WIDTH
         ROWS_PER_GROUP: tl.constexpr = GROUP // FIELDS
         pid_n = tl.program_id(0)
@@ -466,14 +470,15 @@ if triton is not None:
                     correction += (scale * zero)[None, :] * x_sum[:, None]
             total = total - correction
         finish_split(total, y_ptr, part_ptr, count_ptr, tl.arange(0, ROWS), offs_n, rows_here, N, stride_ym,
-                     pid_n, pid_k, n_split)
+                     pid_n, pid_k, n_split, SEPARATE)
 
     @triton.jit
     def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
              M, N, K, stride_xm, stride_ym, rows_per_split, n_split,
              WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-             EVICT_FIRST: tl.constexpr = False, SWAP: tl.constexpr = False):
+             EVICT_FIRST: tl.constexpr = False, SWAP: tl.constexpr = False, SEPARATE: tl.constexpr = False):
+        start_sum(SEPARATE)
         # EVICT_FIRST: the words are streamed (read once). SWAP: accumulate (W x^T) [BLOCK_N,
         # BLOCK_M], the decoded weight as the first operand of the product.
         FIELDS: tl.constexpr = 32 // WIDTH
@@ -528,7 +533,7 @@ if triton is not None:
             acc = tl.trans(acc)
         n_blocks = tl.num_programs(0)
         finish_split(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, stride_ym,
-               pid_m * n_blocks + pid_n, pid_k, n_split)
+               pid_m * n_blocks + pid_n, pid_k, n_split, SEPARATE)
 
     @triton.jit
     def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
@@ -590,9 +595,9 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     if rows:
         if decode is None and rows > 1:
             decode = multi_row_shape(m, w.in_features, w.out_features, MULTI_ROW_SHAPE_SMALL, MULTI_ROW_SHAPE_WIDE,
-                                     MULTI_ROW_SHAPE_NARROW, MULTI_ROW_SHAPE_DEEP)
-        elif decode is None and m > 1 and no_split_rows(w.in_features, w.bits):
-            decode = decode_shape(w.in_features * w.out_features, DECODE_SHAPES_SHORT)  # per row, no split-K
+                                     MULTI_ROW_SHAPE_NARROW)
+        elif decode is None and m > 1 and no_split_rows(w.in_features, w.bits):  # per row, no split-K
+            decode = ROW_GRID_SHAPE if w.symmetric else decode_shape(w.in_features * w.out_features, DECODE_SHAPES_SHORT)
         elif decode is None:
             decode = one_row_shape(w.in_features, w.out_features, sms, DECODE_SHAPES, DECODE_SHAPE_WIDE,
                                    DECODE_SHAPE_NARROW, DECODE_SHAPE_LARGE, DECODE_SHAPES_SHORT if m == 1 else None)
@@ -609,8 +614,6 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
         tensor_cores = TENSOR_CORE_SHAPE_WIDE
     if tensor_cores is None:
         tensor_cores = decode_shape(w.in_features * w.out_features, TENSOR_CORE_SHAPES)
-        if w.bits == 4 and w.in_features * w.out_features < TENSOR_CORE_SHAPES[0][0] and word_rows >= DEEP_WORD_ROWS:
-            tensor_cores = TENSOR_CORE_SHAPE_DEEP
     block_n, block_w, warps, per_sm, *rest = tensor_cores
     stages = rest[2] if len(rest) > 2 else 3
     blocks = -(-w.out_features // block_n)
@@ -670,31 +673,40 @@ def decode_shape(weights: int, table) -> tuple:
 
 
 # (block_n, block_w, num_warps, programs per SM) of the 2-16 row tensor-core kernel by weight count.
-# Optional fields as in ``intn_config``: evict-first, swap, num_stages. Below 2^21, with at least
-# DEEP_WORD_ROWS rows of words (int4 only, K >= 768), 32 x 32 rows at 4 per SM: half the splits
-# (round 3: SmolLM2 down 5.2 -> 5.0 us, Qwen2.5-0.5B q/o 5.1 -> 4.7 at 4 rows, in three processes).
-# From 2^21 to 2^23 weights 64 x 16 rows, 4 warps, 2 stages (round 10, with rule 7's decode, H100, int4
-# at 16 rows against round 3's 64 x 32 rows, 8 warps: 896->4864 10.2 -> 7.8 us, 4864->896 10.9 -> 8.6,
-# 2048x2048 7.7 -> 7.1; round 3's launch held 120 registers a thread, two programs per SM, for 304 and
-# 266 programs there). TENSOR_CORE_SHAPE_WIDE: from 2^21 to 2^23 weights with at least
+# Optional fields as in ``intn_config``: evict-first, swap, num_stages. Below 2^23 weights 64 x 16
+# rows, 4 warps, 2 stages: round 10 took it for 2^21-2^23 (int4 at 16 rows against round 3's 64 x 32
+# rows, 8 warps: 896->4864 10.2 -> 7.8 us, 4864->896 10.9 -> 8.6), and with the separate split-K
+# finish (round 11, H100, ``splitk``) it also beat round 1's 32 x 16 rows, 8 per SM, and round 3's
+# 32 x 32 rows (int4 with K >= 768) below 2^21 (at 16 rows: 576->1536 4.2 -> 3.9 us, 1536->576 4.3
+# -> 4.1, 896x896 4.1 -> 4.0; 576x576 3.65 both). From 2^23, 128 x 16 rows (4096x4096 at 16 rows
+# 9.9 against 13.0 us for 64 x 16). TENSOR_CORE_SHAPE_WIDE: from 2^21 to 2^23 weights with at least
 # WIDE_OUTPUTS_PER_INPUT outputs per input (``wide_small``), 64 outputs a program over all of K, no
-# split-K, 3 stages (round 10, int4 896->4864: 7.7 -> 6.1 us at 16 rows, 7.4 -> 6.0 at 8; the one wide
-# shape of that size measured; on 2048x2048 and 4864->896 no split-K was slower).
-TENSOR_CORE_SHAPES = ((1 << 21, (32, 16, 4, 8)), (1 << 23, (64, 16, 4, 2, False, False, 2)), (None, (128, 16, 4, 2)))
+# split-K, 3 stages (round 10, int4 896->4864: 7.7 -> 6.1 us at 16 rows, 7.4 -> 6.0 at 8; round 11:
+# 5.7 against 6.4 for the split launch with the separate finish).
+TENSOR_CORE_SHAPES = ((1 << 23, (64, 16, 4, 2, False, False, 2)), (None, (128, 16, 4, 2)))
 TENSOR_CORE_SHAPE = TENSOR_CORE_SHAPES[-1][1]
-TENSOR_CORE_SHAPE_DEEP = (32, 32, 4, 4)
 TENSOR_CORE_SHAPE_WIDE = (64, 16, 4, 0, False, False, 3)
-DEEP_WORD_ROWS = 96
 # A few rows of x run the decode kernel too (rule 5), not the tensor-core kernel:
 # - below ROW_GRID_WEIGHTS weights, up to ROW_GRID_ROWS rows, one row per program (round 5: the
 #   rows' programs run together and share the words through L2; 576x576 at 4 rows 4.4 -> 3.6 us
-#   against the tensor cores). Each row takes the short launch (no split-K) where K x bits is at most
-#   NO_SPLIT_ROW_BITS (round 7: 576x576 at 4 rows 3.6 -> 2.8 us), else its size class's;
-# - elsewhere up to the rows of MULTI_ROW (FP6: MULTI_ROW_FP6) below their weight counts,
-#   ROWS_PER_PROGRAM rows per program (2 for two rows), each word decoded once for all of them
-#   (round 9, H100, int4 us against the tensor cores: 4096x4096 at 2 rows 13.2 -> 7.5, at 4 rows
-#   13.4 -> 9.8; 11008->4096 30.7 -> 20.1 at 4 rows; 896->4864 10.0 -> 5.7 at 4 rows, 10.0 -> 7.5 at
-#   8; 576x576 4.7 -> 3.8 at 16; docs/benchmarks/kernels.md). More rows or weights: tensor cores.
+#   against the tensor cores). Each row takes ROW_GRID_SHAPE (16 outputs x 128 rows of words, no
+#   split-K) where K x bits is at most NO_SPLIT_ROW_BITS (round 7: 576x576 at 4 rows 3.6 -> 2.8 us;
+#   round 11: 16 outputs, not 32, from 2^21 weights too, int4 at 4 rows 4864->896 7.6 -> 5.4 us,
+#   1536x1536 5.1 -> 4.3, int8 5.5 -> 5.0; asymmetric weights keep the short launch of their weight
+#   count, which was faster for them: int4 g32 at 4 rows 4864->896 7.8 against 8.9, 2048x2048 5.7
+#   against 6.4), else its size class's;
+# - elsewhere up to the rows of MULTI_ROW (FP6: MULTI_ROW_FP6) below their weight counts, and
+#   beyond ROW_GRID_ROWS rows only where the outputs are at least the inputs, ROWS_PER_PROGRAM rows
+#   per program (2 for two rows), each word decoded once for all of them (round 9, H100, int4 us
+#   against the tensor cores: 4096x4096 at 2 rows 13.2 -> 7.5, at 4 rows 13.4 -> 9.8; 11008->4096
+#   30.7 -> 20.1 at 4 rows; 896->4864 10.0 -> 5.7 at 4 rows; docs/benchmarks/kernels.md). More rows
+#   or weights: tensor cores. Round 11's separate split-K finish made the tensor cores cheaper at 5-16
+#   rows, and the limits moved down (H100, int4 / FP6 us, several rows per program against the tensor
+#   cores): at 8 rows 1536x1536 6.3 / 7.1 against 5.3 / 5.8, 2048x2048 6.7 / 7.4 against 5.7 / 6.5,
+#   4864->896 7.6 / 9.0 against 6.8 / 7.9, 1536->576 4.1 / 4.6 against 4.0 / 4.3; at 16 rows
+#   576->1536 4.3 / 5.7 against 3.9 / 4.6, 896x896 4.2 / 4.3 against 4.0 / 4.2; several rows per
+#   program stayed faster at 8 rows on 576x576, 576->1536 and 896x896 (int4 3.2, 3.7, 3.3 against
+#   3.6, 3.8, 3.9) and at 16 on 576x576 (3.5 against 3.7).
 #   Round 7's rows of int-N weights keep one row per program below NO_SPLIT_WEIGHTS: 3-4 rows where
 #   each row takes the short launch (K x bits up to NO_SPLIT_ROW_BITS) on linears with fewer than
 #   WIDE_OUTPUTS_PER_INPUT outputs per input (round 9, int4 4864->896 at 4 rows: 7.6 us against 8.0
@@ -703,27 +715,24 @@ DEEP_WORD_ROWS = 96
 #   outputs than inputs from NO_SPLIT_WEIGHTS and on every linear from TENSOR_CORE_ROWS_WEIGHTS (int4
 #   at 4 rows: 4096->11008 24.8 -> 19.5 us, 8192->28672 92.0 -> 71.8, 28672->8192 91.6 -> 78.4; 4096x4096,
 #   11008->4096 and 14336->4096 stay faster with 4 rows per program: 10.0, 19.9, 24.4 against 11.9,
-#   23.6, 28.8), and from 5 rows on ``wide_small`` linears (896->4864 at 8 rows: 7.2 -> 6.0).
+#   23.6, 28.8), and from 5 rows on ``wide_small`` linears (896->4864 at 8 rows: 7.2 -> 6.0); FP6 takes
+#   them from 3 rows on the wider linears too (round 11, 4096->11008 at 4 rows 32.2 -> 29.2 us).
 #   Launch (``multi_row_shape``): no split-K; 16 outputs x 128 rows of words, 8 warps where the
 #   outputs are at most the inputs and up to 8 rows; 32 x 64, 8 warps on wider linears (int-N: at 2 rows) from
-#   NO_SPLIT_WEIGHTS; otherwise 16 x 32, 4 warps (its registers hold 4 rows x 4 words per thread),
-#   or for int-N from 9 rows with at least MULTI_ROW_DEEP_INPUTS inputs 16 x 64, 4 warps: half the
-#   steps (round 10, H100, at 16 rows: 1536->576 int4 5.7 -> 5.2 us, asymmetric g32 7.1 -> 5.5, int8
-#   8.3 -> 7.8; 896x896 4.5 -> 4.4, 5.5 -> 4.7, 5.8 -> 5.8; at K = 576 it lost, 576->1536 4.5 -> 5.5).
+#   NO_SPLIT_WEIGHTS; otherwise 16 x 32, 4 warps (its registers hold 4 rows x 4 words per thread).
 #   8 or 16 rows of x per program were slower than 4 on all seven small shapes measured (round 10).
 ROW_GRID_WEIGHTS = 1 << 21
 ROW_GRID_ROWS = 4
+ROW_GRID_SHAPE = DECODE_SHAPES_SHORT[0][1]
 NO_SPLIT_ROW_BITS = 3072 * 8
 WIDE_OUTPUTS_PER_INPUT = 4
 TENSOR_CORE_ROWS_WEIGHTS = 1 << 27
-MULTI_ROW = ((4, None), (8, 1 << 23), (16, 1 << 20))
-MULTI_ROW_FP6 = ((2, None), (4, 1 << 26), (8, 1 << 23), (16, 1 << 20))
+MULTI_ROW = ((4, None), (8, 1 << 20), (16, 1 << 19))
+MULTI_ROW_FP6 = ((2, None), (4, 1 << 26), (8, 1 << 20), (16, 1 << 19))
 ROWS_PER_PROGRAM = 4
 MULTI_ROW_SHAPE_NARROW = (16, 128, 8, 0, True, True, True)
 MULTI_ROW_SHAPE_WIDE = (32, 64, 8, 0, True, True, True)
 MULTI_ROW_SHAPE_SMALL = (16, 32, 4, 0, True, True, True)
-MULTI_ROW_SHAPE_DEEP = (16, 64, 4, 0, True, True, True)
-MULTI_ROW_DEEP_INPUTS = 768
 MULTI_ROW_NARROW_ROWS = 8
 
 
@@ -742,8 +751,10 @@ def rows_per_program(m: int, in_features: int, out_features: int, bits: int) -> 
             m <= 2 and bits == 8
             or 2 < m <= ROW_GRID_ROWS and no_split_rows(in_features, bits) and out_features < WIDE_OUTPUTS_PER_INPUT * in_features):
         return 1
-    if bits != 6 and (m > 2 and (weights >= TENSOR_CORE_ROWS_WEIGHTS or out_features > in_features and weights >= NO_SPLIT_WEIGHTS)
-                      or m > ROW_GRID_ROWS and wide_small(in_features, out_features)):
+    if m > 2 and out_features > in_features and weights >= NO_SPLIT_WEIGHTS or bits != 6 and (
+            m > 2 and weights >= TENSOR_CORE_ROWS_WEIGHTS or m > ROW_GRID_ROWS and wide_small(in_features, out_features)):
+        return 0
+    if m > ROW_GRID_ROWS and out_features < in_features:
         return 0
     if any(m <= rows and (limit is None or weights < limit) for rows, limit in (MULTI_ROW_FP6 if bits == 6 else MULTI_ROW)):
         return several_rows(m)
@@ -762,16 +773,13 @@ def several_rows(m: int) -> int:
     return min(ROWS_PER_PROGRAM, _pow2_at_least(m))
 
 
-def multi_row_shape(m: int, in_features: int, out_features: int, small: tuple, wide: tuple, narrow: tuple,
-                    deep: tuple | None = None) -> tuple:
+def multi_row_shape(m: int, in_features: int, out_features: int, small: tuple, wide: tuple, narrow: tuple) -> tuple:
     """The decode launch of ``m`` rows taken several per program (see above); ``wide`` None: ``small``
-    on every linear with more outputs than inputs; ``deep`` None: ``small`` from 9 rows."""
+    on every linear with more outputs than inputs."""
     if m <= MULTI_ROW_NARROW_ROWS and out_features <= in_features:
         return narrow
     if wide is not None and m <= MULTI_ROW_NARROW_ROWS and in_features * out_features >= NO_SPLIT_WEIGHTS:
         return wide
-    if deep is not None and m > MULTI_ROW_NARROW_ROWS and in_features >= MULTI_ROW_DEEP_INPUTS:
-        return deep
     return small
 
 
@@ -825,9 +833,10 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
     part = torch.empty(split.split if split.split > 1 else 1, row_blocks * rows, n, dtype=torch.float32, device=x.device)
     count = counters(x.device, grid_n * max(grid_m, row_blocks))
     require_triton()
+    separate = splitk.separate_finish(x.device, split.split)
     common = dict(WIDTH=width, GROUP=w.group_size, SYMMETRIC=w.symmetric, ZERO=float(1 << (w.bits - 1)),
                   BLOCK_N=config.block_n, BLOCK_W=config.block_w, num_warps=config.num_warps,
-                  num_stages=config.num_stages, **COMPILE_OPTIONS)
+                  num_stages=config.num_stages, SEPARATE=separate, **COMPILE_OPTIONS)
     if config.block_m == 1:
         x2 = decode_rows(x2)
         decode = dict(CHANNEL=w.group_size == k, PREFETCH=config.prefetch, INLINE_ZERO=config.inline_zero and w.group_size != k,
@@ -845,6 +854,8 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
             x2, w.planes[0], w.scale, w.zero, y, part, count, m, n, k, x2.stride(0), y.stride(0),
             split.rows_per_split, split.split, BLOCK_M=config.block_m, EVICT_FIRST=config.evict_first,
             SWAP=config.swap, **common)
+    if separate:
+        splitk.sum_splits(part, y, split.split, rows if config.block_m == 1 else m)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -905,8 +916,7 @@ def kernel_variants() -> list:
         one_row = [(f"gemv-{tag}-{size}", shape, 1) for size, shape in decode_classes(
             DECODE_SHAPES, DECODE_SHAPE_WIDE, DECODE_SHAPE_NARROW, DECODE_SHAPE_LARGE, DECODE_SHAPES_SHORT)]
         several = [(f"gemv{ROWS_PER_PROGRAM}-{tag}-{size}", shape, ROWS_PER_PROGRAM) for size, shape in
-                   (("narrow", MULTI_ROW_SHAPE_NARROW), ("wide", MULTI_ROW_SHAPE_WIDE), ("small", MULTI_ROW_SHAPE_SMALL),
-                    ("deep", MULTI_ROW_SHAPE_DEEP))]
+                   (("narrow", MULTI_ROW_SHAPE_NARROW), ("wide", MULTI_ROW_SHAPE_WIDE), ("small", MULTI_ROW_SHAPE_SMALL))]
         for name, (block_n, block_w, warps, _, prefetch, inline_zero, *evict), rows in one_row + several:
             variants.append(KernelVariant(
                 f"intn-{name}", _gemv_kernel if rows == 1 else _gemv_rows_kernel,
@@ -915,8 +925,7 @@ def kernel_variants() -> list:
                  "INLINE_ZERO": inline_zero and group != -1, "EVICT_FIRST": bool(evict and evict[0]),
                  **({"ROW_GRID": False} if rows == 1 else {"ROWS": rows, "ROW_BLOCKS": False})},
                 warps, 1, aligned))
-        tensor_core_shapes = [*size_classes(TENSOR_CORE_SHAPES), ("<2^21-deep", TENSOR_CORE_SHAPE_DEEP),
-                              ("<2^23-wide", TENSOR_CORE_SHAPE_WIDE)]
+        tensor_core_shapes = [*size_classes(TENSOR_CORE_SHAPES), ("<2^23-wide", TENSOR_CORE_SHAPE_WIDE)]
         for size, (block_n, block_w, warps, _, *rest) in tensor_core_shapes:
             variants.append(KernelVariant(
                 f"intn-gemm16-{tag}-{size}", _gemm_kernel, gemm_args,

@@ -7,6 +7,17 @@ float32 partial, and the last one to finish (an atomic counter per output block)
 partials in split order and writes ``y``. One launch, no memset, and a deterministic sum. The
 counter returns to 0 after every launch, so one zeroed counter buffer per device serves every call.
 
+On Hopper and later (compute capability 9.0+), from ``SEPARATE_MIN_SPLIT`` splits, the finish is a
+second kernel instead (:func:`separate_finish`): the programs store their partials and nothing else,
+and :func:`sum_splits` sums them in the same split order (the same float32 sum, bit for bit) and
+writes ``y``. It is launched as a programmatic dependent launch: the first kernel lets it start at
+once (``griddepcontrol.launch_dependents``), and it waits in ``griddepcontrol.wait`` until the first
+kernel has finished and its stores are visible. The store fence, the atomic and the last program's
+re-reads of the in-kernel finish cost 2.4-3.4 us at 16 rows on small linears (round 10); the second
+kernel took 4096x4096 int4 at 16 rows from 12.3 to 10.0 us and 8192->28672 at one row from 52.1 to
+46.4 (round 11, docs/benchmarks/kernels.md). Without programmatic launch (before sm_90) two plain
+launches were slower than one, so the in-kernel finish stays there.
+
 Triton is optional: without it (a CPU-only host, CI) ``triton`` is None here, the kernels are
 not defined, and only the torch references run.
 """
@@ -74,13 +85,24 @@ def sm_count(device: torch.device) -> int:
 
 if triton is not None:
 
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def start_sum(SEPARATE: tl.constexpr):
+        """First thing in a kernel with a separate finish: let :func:`sum_splits`' launch start."""
+        if SEPARATE:
+            gdc_launch_dependents()
+
     @triton.jit
     def finish_split(part, y_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, stride_ym,
-               pid_mn, pid_k, n_split):
-        # Publish this split's partial; the last split of the block to arrive sums them in order.
+               pid_mn, pid_k, n_split, SEPARATE: tl.constexpr = False):
+        # Publish this split's partial; the last split of the block to arrive sums them in order
+        # (SEPARATE: sum_splits does, in a second kernel).
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         if n_split == 1:
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], part.to(y_ptr.dtype.element_ty), mask=mask)
+        elif SEPARATE:
+            tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], part, mask=mask)
         else:
             block = offs_m[:, None] * N + offs_n[None, :]
             tl.store(part_ptr + pid_k * M * N + block, part, mask=mask)
@@ -112,3 +134,43 @@ if triton is not None:
             x_ptr, y_ptr, part_ptr, count_ptr = grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, ROWS)
         rows_here = tl.minimum(ROWS, x_rows - tl.program_id(2) * ROWS)
         return x_ptr, y_ptr, part_ptr, count_ptr, rows_here, tl.minimum(tl.arange(0, ROWS), rows_here - 1)
+
+    @triton.jit
+    def _sum_splits_kernel(part_ptr, y_ptr, M, N, stride_ym, n_split, ROWS, BLOCK: tl.constexpr):
+        """``y`` [M, N] from the partials of a launch with a separate finish, in split order. The
+        partials of row m are in its block of ROWS rows (``grid_row``, ``row_block``; the whole of
+        M for the tensor-core kernels): [block][split][rows of the block][N]."""
+        gdc_wait()
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < M * N
+        m = offs // N
+        n = offs - m * N
+        block = m // ROWS
+        rows_here = tl.minimum(ROWS, M - block * ROWS)
+        first = block * n_split * ROWS * N + (m - block * ROWS) * N + n
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(0, n_split):
+            total += tl.load(part_ptr + first + s * rows_here * N, mask=ok, other=0.0, cache_modifier=".cg")
+        tl.store(y_ptr + m * stride_ym + n, total.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# The separate finish from this many splits: with 2 (FP6 at one row on 8192->28672, 448 blocks of 64
+# outputs) it was slower, 69.4 -> 77.2 us; int4 at 2 splits was within 0.4 us either way (round 11).
+SEPARATE_MIN_SPLIT = 3
+# Outputs per program of the sum kernel (1024 lost to the in-kernel finish at 12-19 splits, round 11).
+SUM_BLOCK = 256
+
+
+def separate_finish(device: torch.device, split: int) -> bool:
+    """Whether a launch of ``split`` splits per output block on ``device`` finishes in :func:`sum_splits`."""
+    return split > 1 and split >= SEPARATE_MIN_SPLIT and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def sum_splits(part: torch.Tensor, y: torch.Tensor, n_split: int, rows: int) -> None:
+    """The separate finish: ``y`` [M, N] (row stride free) from ``part``, the partials of the launch
+    just before it on the stream, whose blocks hold ``rows`` rows of x; a programmatic dependent
+    launch (see the module docstring)."""
+    require_triton()
+    m, n = y.shape
+    _sum_splits_kernel[(-(-m * n // SUM_BLOCK),)](part, y, m, n, y.stride(0), n_split, rows, BLOCK=SUM_BLOCK,
+                                                  num_warps=4, launch_pdl=True)

@@ -16,6 +16,7 @@ from llmc.passes.fpx import FORMATS, fpx_quantize
 from llmc.passes.quantize_rtn import rtn_quantize
 from llmc.plugins import fp6_linear as fp
 from llmc.plugins import intn_linear as intn
+from llmc.plugins import splitk
 from llmc.plugins.splitk import choose_split
 
 SMS = 132
@@ -126,32 +127,38 @@ def test_launch_heuristics_by_rows_and_size():
 
 
 def test_tensor_core_launch_options_round_3():
-    # 2-16 rows: the optional fields (evict-first, swap, num_stages) reach the config, and int4
-    # below 2^21 weights with many rows of words takes the deeper, less split launch.
+    # 2-16 rows: the optional fields (evict-first, swap, num_stages) reach the config; below 2^23
+    # weights int-N and (from 2^21) FP6 take 64 outputs x 16 rows, 2 stages (round 11).
     config = fp.fpx_config(16, fp6_of(4096, 2048), SMS)
     assert (config.block_m, config.block_n, config.num_stages, config.evict_first, config.swap) == (16, 64, 2, False, False)
     config = fp.fpx_config(4, fp6_of(4096, 2048), SMS, tensor_cores=(128, 16, 4, 4, True, True, 2))
     assert (config.block_n, config.num_stages, config.evict_first, config.swap) == (128, 2, True, True)
     assert fp.fpx_config(16, fp6_of(4096, 2048), SMS, tensor_cores=(64, 16, 4, 4)).num_stages == 3
-    assert intn.intn_config(16, weights_of(512, 2560), SMS).block_w == 16  # 2^20.3 weights, 64 rows of words
     config = intn.intn_config(8, weights_of(896, 4864), SMS)  # wide, 2^22 weights: no split-K (round 10)
     assert (config.block_n, config.split.split, config.num_stages) == (64, 1, 3)
     assert intn.intn_config(16, weights_of(2048, 2048), SMS).split.split > 1
-    config = intn.intn_config(16, weights_of(1536, 768), SMS)  # 192 rows of words
-    assert (config.block_n, config.block_w, config.num_stages) == intn.TENSOR_CORE_SHAPE_DEEP[:2] + (3,)
+    for k, n in ((1536, 768), (576, 1536), (4864, 896)):
+        config = intn.intn_config(16, weights_of(k, n), SMS)
+        assert (config.block_m, config.block_n, config.block_w, config.num_stages) == (16, 64, 16, 2)
+    assert intn.intn_config(16, weights_of(4096, 4096), SMS).block_n == 128
+    assert fp.fpx_config(16, fp6_of(4864, 896), SMS).block_n == 64
+    assert fp.fpx_config(16, fp6_of(896, 896), SMS).block_n == 32  # below 2^21
 
 
 def test_a_few_rows_run_the_decode_kernel_one_or_several_per_program():
     # One row per program up to 4 rows below 2^21 weights, and below 2^23 for int-N at 3-4 rows with
     # the short launch per row (not on wide linears) and int8 at 2; elsewhere 4 rows per program (2
-    # for two rows) up to 4 rows (FP6: 2 from 2^26 weights), 8 below 2^23 weights and 16 below 2^20;
-    # int-N takes the tensor cores from 3 rows on wider linears from 2^23 weights and on every linear
-    # from 2^27, and from 5 rows on wide ones from 2^21 (round 10).
+    # for two rows) up to 4 rows (FP6: 2 from 2^26 weights), and where the outputs are at least the
+    # inputs 8 below 2^20 weights and 16 below 2^19 (round 11); the tensor cores from 3 rows on wider
+    # linears from 2^23 weights, int-N on every linear from 2^27, and from 5 rows on wide ones from
+    # 2^21 (round 10).
     def picks(config_of, weights):
         return [(c.block_m, c.rows) if c.block_m == 1 else "tc" for c in (config_of(m, weights, SMS) for m in (2, 3, 4, 8, 16))]
 
     assert picks(intn.intn_config, weights_of(576, 576)) == [(1, 1), (1, 1), (1, 1), (1, 4), (1, 4)]
-    assert picks(intn.intn_config, weights_of(4864, 896)) == [(1, 2), (1, 1), (1, 1), (1, 4), "tc"]
+    assert picks(intn.intn_config, weights_of(576, 1536)) == [(1, 1), (1, 1), (1, 1), (1, 4), "tc"]  # 2^19.8
+    assert picks(intn.intn_config, weights_of(1536, 576)) == [(1, 1), (1, 1), (1, 1), "tc", "tc"]  # fewer outputs
+    assert picks(intn.intn_config, weights_of(4864, 896)) == [(1, 2), (1, 1), (1, 1), "tc", "tc"]
     assert picks(intn.intn_config, weights_of(4864, 896, bits=8))[:3] == [(1, 1), (1, 4), (1, 4)]  # K x bits 38912
     assert picks(intn.intn_config, weights_of(896, 4864)) == [(1, 2), (1, 4), (1, 4), "tc", "tc"]  # 5.4 outputs per input
     assert picks(intn.intn_config, weights_of(4096, 4096)) == [(1, 2), (1, 4), (1, 4), "tc", "tc"]
@@ -163,13 +170,14 @@ def test_a_few_rows_run_the_decode_kernel_one_or_several_per_program():
     assert picks(intn.intn_config, asymmetric) == [(1, 2), "tc", "tc", "tc", "tc"]
     assert picks(intn.intn_config, dataclasses.replace(weights_of(11008, 4096), symmetric=False))[:3] == [(1, 2), (1, 4), (1, 4)]
     assert picks(fp.fpx_config, fp6_of(576, 576)) == [(1, 1), (1, 1), (1, 1), (1, 4), (1, 4)]
-    assert picks(fp.fpx_config, fp6_of(4096, 11008)) == [(1, 2), (1, 4), (1, 4), "tc", "tc"]
+    assert picks(fp.fpx_config, fp6_of(4096, 11008)) == [(1, 2), "tc", "tc", "tc", "tc"]
+    assert picks(fp.fpx_config, fp6_of(11008, 4096)) == [(1, 2), (1, 4), (1, 4), "tc", "tc"]
     assert picks(fp.fpx_config, fp6_of(8192, 28672)) == [(1, 2), "tc", "tc", "tc", "tc"]
     fp4 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e2m1"], None, scale_dtype=torch.float16))
     assert fp.fpx_config(2, fp4, SMS).block_m == 16  # the FP4 decode kernel takes one row only
     # Several rows per program: no split-K; 16 outputs x 128 rows of words (FP6: x 64 rows of the
     # 2-bit plane) where the outputs are at most the inputs and up to 8 rows, 32 x 64 on wider int
-    # linears from 2^23 weights, else 16 x 32 (int from 9 rows and 768 inputs: 16 x 64).
+    # linears from 2^23 weights, else 16 x 32.
     def launch(config):
         return config.block_n, config.block_w, config.num_warps, config.split.split
 
@@ -177,15 +185,18 @@ def test_a_few_rows_run_the_decode_kernel_one_or_several_per_program():
     assert launch(intn.intn_config(2, weights_of(4096, 11008), SMS)) == (32, 64, 8, 1)
     assert launch(intn.intn_config(4, weights_of(896, 4864), SMS)) == (16, 32, 4, 1)
     assert launch(intn.intn_config(16, weights_of(576, 576), SMS)) == (16, 32, 4, 1)
-    assert launch(intn.intn_config(16, weights_of(896, 896), SMS)) == (16, 64, 4, 1)  # from 768 inputs, 9+ rows
     assert launch(intn.intn_config(8, weights_of(896, 896), SMS)) == (16, 128, 8, 1)
-    assert launch(fp.fpx_config(16, fp6_of(896, 896), SMS)) == (16, 32, 4, 1)
+    assert launch(fp.fpx_config(8, fp6_of(576, 1536), SMS)) == (16, 32, 4, 1)
     assert launch(fp.fpx_config(4, fp6_of(11008, 4096), SMS)) == (16, 64, 8, 1)
-    assert launch(fp.fpx_config(4, fp6_of(4096, 11008), SMS)) == (16, 32, 4, 1)
-    # One row per program: each row takes the short launch (no split-K) of its weight count, also
-    # past SHORT_K, up to K x bits = 3072 x 8; beyond, its size class's.
+    assert launch(fp.fpx_config(4, fp6_of(896, 4864), SMS)) == (16, 32, 4, 1)
+    # One row per program: each row takes 16 outputs x 128 rows of words (no split-K; asymmetric
+    # weights the short launch of their weight count), also past SHORT_K, up to K x bits = 3072 x 8;
+    # beyond, its size class's.
     small = intn.pack_intn(rtn_quantize(weight(576, 576), 4, 64, True))
     assert intn.intn_config(4, small, SMS) == intn.intn_config(1, small, SMS, decode=intn.DECODE_SHAPES_SHORT[0][1])
+    assert launch(intn.intn_config(4, weights_of(4864, 896), SMS)) == (16, 128, 8, 1)  # 2^22 weights
+    asymmetric = dataclasses.replace(weights_of(4864, 896), symmetric=False)
+    assert launch(intn.intn_config(4, asymmetric, SMS)) == (32, 128, 8, 1)  # the short launch of 2^22 weights
     narrow8 = weights_of(8192, 128, bits=8)  # 2^20 weights, K x bits 65536
     assert intn.intn_config(2, narrow8, SMS) == intn.intn_config(1, narrow8, SMS, decode=intn.decode_shape(8192 * 128, intn.DECODE_SHAPES))
     # FP6 below 2^23 weights: the no-split launch at one row where the outputs are at least the
@@ -323,6 +334,23 @@ def test_kernels_compile_for_ampere_and_hopper_without_a_gpu(capability):
             assert mix["FFMA"] >= 64, mix
 
 
+@pytest.mark.slow
+def test_the_separate_finish_compiles_to_a_dependent_launch_for_hopper():
+    """With SEPARATE, a split launch lets the sum kernel start (griddepcontrol.launch_dependents) and
+    has no atomic; the sum kernel waits for it (griddepcontrol.wait)."""
+    pytest.importorskip("triton")
+    from llmc.plugins.aot import KernelVariant, compile_kernel, kernel_variants
+
+    gemm = next(v for v in kernel_variants() if v.name == "intn-gemm16-int4-sym-g128-<2^23")
+    separate = compile_kernel(dataclasses.replace(gemm, constants={**gemm.constants, "SEPARATE": True}), 90)
+    assert "griddepcontrol.launch_dependents" in separate.ptx and "atom." not in separate.ptx
+    assert "atom." in compile_kernel(gemm, 90).ptx and "griddepcontrol" not in compile_kernel(gemm, 80).ptx
+    sums = KernelVariant("sum-splits", splitk._sum_splits_kernel,
+                         dict(part_ptr="*fp32", y_ptr="*fp16", M="i32", N="i32", stride_ym="i32", n_split="i32",
+                              ROWS="i32"), dict(BLOCK=splitk.SUM_BLOCK))
+    assert "griddepcontrol.wait" in compile_kernel(sums, 90).ptx
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the kernels are Triton)")
 
 
@@ -423,7 +451,7 @@ def test_several_rows_per_program_match_the_reference(kind, rows):
         bits, group = (8, -1) if kind == "int8-channel" else (4, 32 if "g32" in kind else 128)
         packed = intn.pack_intn(rtn_quantize(w, bits, group, "asym" not in kind)).to("cuda")
         shapes = [intn.MULTI_ROW_SHAPE_NARROW, intn.MULTI_ROW_SHAPE_WIDE, intn.MULTI_ROW_SHAPE_SMALL,
-                  intn.MULTI_ROW_SHAPE_DEEP, (16, 32, 4, 4, True, True, True), (64, 8, 2, 16, True, False, True)]
+                  (16, 32, 4, 4, True, True, True), (64, 8, 2, 16, True, False, True)]
         configs = [intn.intn_config(rows, packed, SMS, decode=s) for s in shapes]
         linear, reference = intn.intn_linear, intn.intn_reference
     else:
@@ -444,8 +472,7 @@ def test_every_shipped_tensor_core_launch_matches_its_reference(kind, rows):
     w = weight(320, 1024, seed=7)
     if kind.startswith("int"):
         packed = intn.pack_intn(rtn_quantize(w, 4, 32 if "g32" in kind else 128, "asym" not in kind)).to("cuda")
-        shapes = [s for _, s in intn.TENSOR_CORE_SHAPES] + [intn.TENSOR_CORE_SHAPE_DEEP, intn.TENSOR_CORE_SHAPE_WIDE,
-                                                             (32, 16, 4, 8, True, True, 2)]
+        shapes = [s for _, s in intn.TENSOR_CORE_SHAPES] + [intn.TENSOR_CORE_SHAPE_WIDE, (32, 16, 4, 8, True, True, 2)]
         configs = [intn.intn_config(rows, packed, SMS, tensor_cores=s) for s in shapes]
         linear, reference = intn.intn_linear, intn.intn_reference
     else:
@@ -455,3 +482,43 @@ def test_every_shipped_tensor_core_launch_matches_its_reference(kind, rows):
         configs = [fp.fpx_config(rows, packed, SMS, tensor_cores=s) for s in shapes]
         linear, reference = fp.fpx_linear, fp.fpx_reference
     launches_match_the_reference(linear, reference, packed, configs, rows)
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["int4-g128", "int4-asym-g32", "int8-channel", "fp6", "fp6-g32", "fp4"])
+def test_the_separate_split_k_finish_is_the_in_kernel_sum_bit_for_bit(kind, monkeypatch):
+    """Split-K launches of every decode kernel (one row, a row of x per program, several rows per
+    program) and of the tensor-core kernels, finished by the last program (``SEPARATE_MIN_SPLIT``
+    out of reach) and by ``splitk.sum_splits`` (from 2 splits): the same float32 sum in the same
+    order, so the same output bit for bit, and both match the reference."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the separate finish is a programmatic dependent launch (sm_90+)")
+    w = weight(320, 1024, seed=9)
+    if kind.startswith("int"):
+        bits, group = (8, -1) if kind == "int8-channel" else (4, 32 if "g32" in kind else 128)
+        packed = intn.pack_intn(rtn_quantize(w, bits, group, "asym" not in kind)).to("cuda")
+        config_of, linear = intn.intn_config, intn.intn_linear
+        reference = intn.intn_reference
+        decode, tensor_cores = (64, 8, 2, 16, True, False, True), (32, 16, 4, 8)
+    else:
+        fmt = FORMATS["e2m1" if kind == "fp4" else "e3m2"]
+        packed = fp.pack_fpx(fpx_quantize(w, fmt, 32 if "g32" in kind else None, scale_dtype=torch.float16)).to("cuda")
+        config_of, linear = fp.fpx_config, fp.fpx_linear
+        reference = fp.fpx_reference
+        decode, tensor_cores = (64, 4, 2, 16, True), (32, 16, 4, 8)
+    launches = [(1, config_of(1, packed, SMS, decode=decode)), (16, config_of(16, packed, SMS, tensor_cores=tensor_cores))]
+    if kind != "fp4":  # the FP4 decode kernel takes one row only
+        launches += [(3, config_of(3, packed, SMS, decode=decode)),  # a row of x per program (below 2^21 weights)
+                     (7, dataclasses.replace(config_of(7, packed, SMS, decode=decode), rows=4))]
+    for rows, config in launches:
+        assert config.split.split > 2, (rows, config)
+        x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(rows)).half().cuda()
+        outs = []
+        for least in (10**9, 2):
+            monkeypatch.setattr(splitk, "SEPARATE_MIN_SPLIT", least)
+            out = torch.full((rows, 320), float("nan"), dtype=torch.float16, device="cuda")
+            linear(x, packed, config, out=out)
+            outs.append(out)
+        expected = reference(x, packed).float()
+        assert bool(torch.isfinite(outs[1]).all()) and torch.equal(outs[0], outs[1]), (rows, config)
+        assert float((outs[1].float() - expected).norm() / expected.norm()) < 2e-3, (rows, config)
