@@ -531,8 +531,10 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
                          rows=x_rows)
     if m > PREFILL_ROWS:
         return None
+    if tensor_cores is None and w.fmt.bits == 6:
+        tensor_cores = fp6_tensor_core_shape(w.in_features, w.out_features, sms)
     block_n, block_w, warps, per_sm, *rest = tensor_cores or decode_shape(
-        w.in_features * w.out_features, TENSOR_CORE_SHAPES_FPX if w.fmt.bits == 6 else TENSOR_CORE_SHAPES_FP4)
+        w.in_features * w.out_features, TENSOR_CORE_SHAPES_FP4)
     stages = rest[2] if len(rest) > 2 else 3
     blocks = -(-w.out_features // block_n)
     return FpxConfig(16, block_n, block_w, warps, stages, choose_split(blocks, rows, block_w, per_sm * sms),
@@ -573,12 +575,30 @@ MULTI_ROW_SHAPE_SMALL_FP6 = (16, 32, 4, 0, True)
 # evict-first, 2 stages won (gate/up 32.5 -> 29.7 us at 4 rows). 8192x28672 keeps round 1's shape.
 # From 2^21 to 2^23 weights 64 x 16 rows, 2 per SM, 2 stages (round 11, with the separate split-K
 # finish, H100, at 16 rows against 32 x 16, 8 per SM: 896->4864 9.5 -> 7.4 us, 4864->896 10.4 -> 8.2,
-# 2048x2048 8.3 -> 6.5, 3584->2048 13.6 -> 9.1); below 2^21 32 x 16 stayed faster (1536->576 4.4
-# against 4.6, 896x896 4.2 against 4.4).
+# 2048x2048 8.3 -> 6.5, 3584->2048 13.6 -> 9.1); below 2^21 as well where that launch keeps enough
+# programs (``fp6_tensor_core_shape``).
 TENSOR_CORE_SHAPES_FPX = ((1 << 21, (32, 16, 4, 8)), (1 << 23, (64, 16, 4, 2, False, False, 2)),
                           (1 << 25, (64, 16, 4, 4, False, False, 2)), (1 << 26, (128, 16, 4, 4, True, False, 2)),
                           (None, (64, 16, 4, 4)))
 TENSOR_CORE_SHAPE_FPX = TENSOR_CORE_SHAPES_FPX[-1][1]
+# Below 2^21 weights the 2^21-2^23 launch where it still has at least half as many programs as SMs
+# (round 11, H100, at 16 rows: 576->1536 5.2 -> 4.6 us, 640->1792 5.5 -> 4.7, 896->1536 5.3 -> 4.6,
+# 1024->1536 5.4 -> 4.6, 768->2304 5.7 -> 4.9, 2304->768 5.9 -> 5.1, with 72-108 programs; with 54-64
+# it lost 2-4%: 1536->576 4.4 -> 4.6, 896x896 4.2 -> 4.3, 512->2048 5.2 -> 5.3).
+SMALL_TENSOR_CORE_PROGRAMS_PER_SM = 0.5
+
+
+def fp6_tensor_core_shape(in_features: int, out_features: int, sms: int) -> tuple:
+    """The FP6 2-16 row launch of a [out_features, in_features] linear (see the table above)."""
+    weights = in_features * out_features
+    shape = decode_shape(weights, TENSOR_CORE_SHAPES_FPX)
+    if weights < TENSOR_CORE_SHAPES_FPX[0][0]:
+        wider = TENSOR_CORE_SHAPES_FPX[1][1]
+        blocks = -(-out_features // wider[0])
+        split = choose_split(blocks, in_features // 16, wider[1], wider[3] * sms)
+        if blocks * split.split >= SMALL_TENSOR_CORE_PROGRAMS_PER_SM * sms:
+            return wider
+    return shape
 # FP4 keeps the round-1 table: the round-3 shapes were measured on FP6 only.
 TENSOR_CORE_SHAPES_FP4 = ((1 << 23, (32, 16, 4, 8)), (None, (64, 16, 4, 4)))
 DEQUANTIZE_SHAPE_FPX = (256, 4)

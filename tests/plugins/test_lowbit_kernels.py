@@ -128,7 +128,8 @@ def test_launch_heuristics_by_rows_and_size():
 
 def test_tensor_core_launch_options_round_3():
     # 2-16 rows: the optional fields (evict-first, swap, num_stages) reach the config; below 2^23
-    # weights int-N and (from 2^21) FP6 take 64 outputs x 16 rows, 2 stages (round 11).
+    # weights int-N and FP6 take 64 outputs x 16 rows, 2 stages (round 11; FP6 below 2^21 only with
+    # at least half as many programs as SMs).
     config = fp.fpx_config(16, fp6_of(4096, 2048), SMS)
     assert (config.block_m, config.block_n, config.num_stages, config.evict_first, config.swap) == (16, 64, 2, False, False)
     config = fp.fpx_config(4, fp6_of(4096, 2048), SMS, tensor_cores=(128, 16, 4, 4, True, True, 2))
@@ -142,7 +143,8 @@ def test_tensor_core_launch_options_round_3():
         assert (config.block_m, config.block_n, config.block_w, config.num_stages) == (16, 64, 16, 2)
     assert intn.intn_config(16, weights_of(4096, 4096), SMS).block_n == 128
     assert fp.fpx_config(16, fp6_of(4864, 896), SMS).block_n == 64
-    assert fp.fpx_config(16, fp6_of(896, 896), SMS).block_n == 32  # below 2^21
+    assert fp.fpx_config(16, fp6_of(896, 896), SMS).block_n == 32  # below 2^21: 56 programs of 64 outputs
+    assert fp.fpx_config(16, fp6_of(576, 1536), SMS).block_n == 64  # 72 programs, at least half the SMs
 
 
 def test_a_few_rows_run_the_decode_kernel_one_or_several_per_program():
