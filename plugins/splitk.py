@@ -101,19 +101,19 @@ if triton is not None:
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         if n_split == 1:
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], part.to(y_ptr.dtype.element_ty), mask=mask)
-        elif SEPARATE:
-            tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], part, mask=mask)
         else:
             block = offs_m[:, None] * N + offs_n[None, :]
             tl.store(part_ptr + pid_k * M * N + block, part, mask=mask)
-            tl.debug_barrier()
-            done = tl.atomic_add(count_ptr + pid_mn, 1, sem="acq_rel")
-            if done == n_split - 1:
-                total = tl.zeros_like(part)
-                for s in range(0, n_split):
-                    total += tl.load(part_ptr + s * M * N + block, mask=mask, other=0.0, cache_modifier=".cg")
-                tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], total.to(y_ptr.dtype.element_ty), mask=mask)
-                tl.atomic_xchg(count_ptr + pid_mn, 0)
+            if not SEPARATE:
+                tl.debug_barrier()
+                done = tl.atomic_add(count_ptr + pid_mn, 1, sem="acq_rel")
+                if done == n_split - 1:
+                    total = tl.zeros_like(part)
+                    for s in range(0, n_split):
+                        total += tl.load(part_ptr + s * M * N + block, mask=mask, other=0.0, cache_modifier=".cg")
+                    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], total.to(y_ptr.dtype.element_ty),
+                             mask=mask)
+                    tl.atomic_xchg(count_ptr + pid_mn, 0)
 
     @triton.jit
     def grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, ROWS: tl.constexpr):
