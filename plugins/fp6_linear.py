@@ -50,7 +50,7 @@ from llmc.plugins.intn_linear import (NO_SPLIT_WEIGHTS, PREFILL_ROWS, ROWS_PER_P
                                      decode_shape, multi_row_shape, no_split_rows, one_row_shape, rows_per_program,
                                      several_rows, size_classes)
 from llmc.plugins import splitk
-from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
+from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, require_triton, sm_count, triton
 
 
 def _fp6_pair_decode_asm(mantissa: int, bias: int, field: int, second_half: int) -> str:
@@ -638,9 +638,7 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
     fmt = w.fmt
     rows = config.rows if config.block_m == 1 and fmt.bits == 6 else 1
     row_blocks = -(-m // rows)
-    part = torch.empty(split.split if split.split > 1 else 1, row_blocks * rows, n, dtype=torch.float32, device=x.device)
-    count = counters(x.device, grid_n * max(grid_m, row_blocks))
-    separate = splitk.separate_finish(x.device, split.split)
+    part, count, separate = splitk.workspace(x.device, split.split, row_blocks * rows, n, grid_n * max(grid_m, row_blocks))
     common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, GROUP=w.group_size, CHANNEL=w.group_size == k, BLOCK_N=config.block_n,
                   BLOCK_W=config.block_w, num_warps=config.num_warps, num_stages=config.num_stages, SEPARATE=separate,
                   **COMPILE_OPTIONS)

@@ -61,7 +61,7 @@ import torch
 from llmc.packed import PackedLinear
 from llmc.passes.bitplanes import INT_PLANE_WIDTHS, fields_per_word, int_kernel_tile, pack_int_codes, unpack_int_codes
 from llmc.plugins import splitk
-from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, counters, require_triton, sm_count, triton
+from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, require_triton, sm_count, triton
 
 if triton is not None:
     import triton.language as tl
@@ -830,10 +830,8 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
     grid_m = -(-m // config.block_m)
     rows = config.rows if config.block_m == 1 else 1
     row_blocks = -(-m // rows)
-    part = torch.empty(split.split if split.split > 1 else 1, row_blocks * rows, n, dtype=torch.float32, device=x.device)
-    count = counters(x.device, grid_n * max(grid_m, row_blocks))
     require_triton()
-    separate = splitk.separate_finish(x.device, split.split)
+    part, count, separate = splitk.workspace(x.device, split.split, row_blocks * rows, n, grid_n * max(grid_m, row_blocks))
     common = dict(WIDTH=width, GROUP=w.group_size, SYMMETRIC=w.symmetric, ZERO=float(1 << (w.bits - 1)),
                   BLOCK_N=config.block_n, BLOCK_W=config.block_w, num_warps=config.num_warps,
                   num_stages=config.num_stages, SEPARATE=separate, **COMPILE_OPTIONS)

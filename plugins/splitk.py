@@ -166,6 +166,14 @@ def separate_finish(device: torch.device, split: int) -> bool:
     return split > 1 and split >= SEPARATE_MIN_SPLIT and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def workspace(device: torch.device, n_split: int, rows: int, n: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """What a launch of ``n_split`` splits per output block over ``rows`` rows of x (whole blocks of
+    rows) and ``n`` outputs needs: its float32 partials (in :func:`sum_splits`' layout), the zeroed
+    counters of its ``blocks`` output blocks, and whether it finishes in :func:`sum_splits`."""
+    part = torch.empty(max(n_split, 1), rows, n, dtype=torch.float32, device=device)
+    return part, counters(device, blocks), separate_finish(device, n_split)
+
+
 def sum_splits(part: torch.Tensor, y: torch.Tensor, n_split: int, rows: int) -> None:
     """The separate finish: ``y`` [M, N] (row stride free) from ``part``, the partials of the launch
     just before it on the stream, whose blocks hold ``rows`` rows of x; a programmatic dependent
