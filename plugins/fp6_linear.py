@@ -50,7 +50,8 @@ from llmc.plugins.intn_linear import (NO_SPLIT_WEIGHTS, PREFILL_ROWS, ROWS_PER_P
                                      decode_shape, multi_row_shape, no_split_rows, one_row_shape, rows_per_program,
                                      several_rows, size_classes)
 from llmc.plugins import splitk
-from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, require_triton, sm_count, triton
+from llmc.plugins.splitk import (COMPILE_OPTIONS, LaunchConfig, as_rows, decode_config, require_triton, sm_count,
+                                 tensor_core_config, triton)
 
 
 def _fp6_pair_decode_asm(mantissa: int, bias: int, field: int, second_half: int) -> str:
@@ -478,24 +479,8 @@ if triton is not None:
                 tl.store(out_ptr + (8 * rows + i)[:, None] * N + offs_n[None, :], w, mask=ok)
 
 
-@dataclass(frozen=True)
-class FpxConfig:
-    """Block shape and split of one launch; :func:`fpx_config` picks it from the shape."""
-
-    block_m: int
-    block_n: int
-    block_w: int
-    num_warps: int
-    num_stages: int
-    split: Split
-    prefetch: bool = False
-    evict_first: bool = False  # 2-16 rows (FP6): weight words loaded with the evict-first L2 policy
-    swap: bool = False  # 2-16 rows (FP6): the decoded weight is the first operand of tl.dot
-    rows: int = 1  # FP6 decode kernel (block_m 1): rows of x per program (intn_linear rule 5)
-
-
 def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
-               tensor_cores: tuple | None = None) -> FpxConfig | None:
+               tensor_cores: tuple | None = None) -> LaunchConfig | None:
     """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md); None above
     ``PREFILL_ROWS`` rows, where dequantize-then-matmul is faster than the fused kernels.
 
@@ -522,23 +507,15 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
                                      MULTI_ROW_SHAPE_NARROW_FP6)
         elif decode is None and w.fmt.bits == 6:
             decode = fp6_one_row_shape(m, w.in_features, w.out_features, sms)
-        block_n, block_w, warps, per_sm, prefetch = decode or DECODE_SHAPE_FP4
         if w.fmt.bits != 6:
-            prefetch = False  # the FP4 kernel has no prefetch variant
-        block_n = min(block_n, max(16, 1 << max(0, (w.out_features - 1).bit_length())))
-        blocks = -(-w.out_features // block_n)
-        return FpxConfig(1, block_n, block_w, warps, 1, choose_split(blocks, rows, block_w, per_sm * sms), prefetch,
-                         rows=x_rows)
+            decode = (*(decode or DECODE_SHAPE_FP4)[:4], False)  # the FP4 kernel has no prefetch variant
+        return decode_config(decode, w.out_features, rows, sms, x_rows)
     if m > PREFILL_ROWS:
         return None
     if tensor_cores is None and w.fmt.bits == 6:
-        tensor_cores = fp6_tensor_core_shape(w.in_features, w.out_features, sms)
-    block_n, block_w, warps, per_sm, *rest = tensor_cores or decode_shape(
-        w.in_features * w.out_features, TENSOR_CORE_SHAPES_FP4)
-    stages = rest[2] if len(rest) > 2 else 3
-    blocks = -(-w.out_features // block_n)
-    return FpxConfig(16, block_n, block_w, warps, stages, choose_split(blocks, rows, block_w, per_sm * sms),
-                     evict_first=bool(rest and rest[0]), swap=bool(len(rest) > 1 and rest[1]))
+        return fp6_tensor_core_config(w.in_features, w.out_features, sms)
+    return tensor_core_config(tensor_cores or decode_shape(w.in_features * w.out_features, TENSOR_CORE_SHAPES_FP4),
+                              w.out_features, rows, sms)
 
 
 # Launch shapes by weight count as in intn_linear (picked by `benchmarks/kernels.py --explore`
@@ -576,7 +553,7 @@ MULTI_ROW_SHAPE_SMALL_FP6 = (16, 32, 4, 0, True)
 # From 2^21 to 2^23 weights 64 x 16 rows, 2 per SM, 2 stages (round 11, with the separate split-K
 # finish, H100, at 16 rows against 32 x 16, 8 per SM: 896->4864 9.5 -> 7.4 us, 4864->896 10.4 -> 8.2,
 # 2048x2048 8.3 -> 6.5, 3584->2048 13.6 -> 9.1); below 2^21 as well where that launch keeps enough
-# programs (``fp6_tensor_core_shape``).
+# programs (``fp6_tensor_core_config``).
 TENSOR_CORE_SHAPES_FPX = ((1 << 21, (32, 16, 4, 8)), (1 << 23, (64, 16, 4, 2, False, False, 2)),
                           (1 << 25, (64, 16, 4, 4, False, False, 2)), (1 << 26, (128, 16, 4, 4, True, False, 2)),
                           (None, (64, 16, 4, 4)))
@@ -588,17 +565,14 @@ TENSOR_CORE_SHAPE_FPX = TENSOR_CORE_SHAPES_FPX[-1][1]
 SMALL_TENSOR_CORE_PROGRAMS_PER_SM = 0.5
 
 
-def fp6_tensor_core_shape(in_features: int, out_features: int, sms: int) -> tuple:
+def fp6_tensor_core_config(in_features: int, out_features: int, sms: int) -> LaunchConfig:
     """The FP6 2-16 row launch of a [out_features, in_features] linear (see the table above)."""
     weights = in_features * out_features
-    shape = decode_shape(weights, TENSOR_CORE_SHAPES_FPX)
     if weights < TENSOR_CORE_SHAPES_FPX[0][0]:
-        wider = TENSOR_CORE_SHAPES_FPX[1][1]
-        blocks = -(-out_features // wider[0])
-        split = choose_split(blocks, in_features // 16, wider[1], wider[3] * sms)
-        if blocks * split.split >= SMALL_TENSOR_CORE_PROGRAMS_PER_SM * sms:
+        wider = tensor_core_config(TENSOR_CORE_SHAPES_FPX[1][1], out_features, in_features // 16, sms)
+        if -(-out_features // wider.block_n) * wider.split.split >= SMALL_TENSOR_CORE_PROGRAMS_PER_SM * sms:
             return wider
-    return shape
+    return tensor_core_config(decode_shape(weights, TENSOR_CORE_SHAPES_FPX), out_features, in_features // 16, sms)
 # FP4 keeps the round-1 table: the round-3 shapes were measured on FP6 only.
 TENSOR_CORE_SHAPES_FP4 = ((1 << 23, (32, 16, 4, 8)), (None, (64, 16, 4, 4)))
 DEQUANTIZE_SHAPE_FPX = (256, 4)
@@ -613,60 +587,51 @@ def fp6_one_row_shape(m: int, in_features: int, out_features: int, sms: int) -> 
                          DECODE_SHAPE_NARROW_FP6, DECODE_SHAPE_LARGE_FP6)
 
 
-def fpx_linear(x: torch.Tensor, w: FpxWeights, config: FpxConfig | None = None,
+def fpx_linear(x: torch.Tensor, w: FpxWeights, config: LaunchConfig | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` for float16/bfloat16 ``x`` [..., K] on a CUDA device, in ``x``'s dtype.
 
     ``out``, if given, is a contiguous [rows, N] tensor of ``x``'s dtype to write into.
     """
     require_triton()
-    if x.shape[-1] != w.in_features:
-        raise ValueError(f"fpx_linear: x has {x.shape[-1]} features, the weight takes {w.in_features}")
     _check_tile(w)
-    x2 = x.reshape(-1, w.in_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x, w.in_features, "fpx_linear")
     m, n, k = x2.shape[0], w.out_features, w.in_features
     if config is None and m > PREFILL_ROWS:  # prefill: dequantize, then cuBLAS
         y = torch.matmul(x2, fpx_dequantize(w, x.dtype).t(), out=out)
         return y.reshape(*x.shape[:-1], n)
     config = config or fpx_config(m, w, sm_count(x.device))
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
-    split = config.split
-    grid_n = -(-n // config.block_n)
-    grid_m = -(-m // config.block_m)
-    fmt = w.fmt
-    rows = config.rows if config.block_m == 1 and fmt.bits == 6 else 1
-    row_blocks = -(-m // rows)
-    part, count, separate = splitk.workspace(x.device, split.split, row_blocks * rows, n, grid_n * max(grid_m, row_blocks))
+    split, fmt = config.split, w.fmt
+    run = splitk.launch(config, m, n, x.device)
+    part, count, grid_n = run.part, run.count, run.grid_n
     common = dict(M=fmt.mantissa_bits, BIAS=fmt.bias, GROUP=w.group_size, CHANNEL=w.group_size == k, BLOCK_N=config.block_n,
-                  BLOCK_W=config.block_w, num_warps=config.num_warps, num_stages=config.num_stages, SEPARATE=separate,
+                  BLOCK_W=config.block_w, num_warps=config.num_warps, num_stages=config.num_stages, SEPARATE=run.separate,
                   **COMPILE_OPTIONS)
     low = w.planes[1] if fmt.bits == 6 else w.planes[0]
-    if config.block_m == 1 and fmt.bits == 6 and rows == 1:
+    if config.block_m == 1 and fmt.bits == 6 and config.rows == 1:
         _fp6_gemv_kernel[(grid_n, split.split, m)](
             decode_rows(x2), w.planes[0], low, w.scale, y, part, count, n, k, y.stride(0),
             split.rows_per_split, split.split, PREFETCH=config.prefetch, ROW_GRID=m > 1, **common)
     elif config.block_m == 1 and fmt.bits == 6:
-        _fp6_gemv_rows_kernel[(grid_n, split.split, row_blocks)](
+        _fp6_gemv_rows_kernel[(grid_n, split.split, run.row_blocks)](
             decode_rows(x2), w.planes[0], low, w.scale, y, part, count, n, k, y.stride(0),
-            split.rows_per_split, split.split, m, PREFETCH=config.prefetch, ROWS=rows, ROW_BLOCKS=row_blocks > 1,
+            split.rows_per_split, split.split, m, PREFETCH=config.prefetch, ROWS=config.rows, ROW_BLOCKS=run.row_blocks > 1,
             **common)
     elif config.block_m == 1:
         _fp4_gemv_kernel[(grid_n, split.split)](
             decode_rows(x2), w.planes[0], w.scale, y, part, count, n, k, y.stride(0),
             split.rows_per_split, split.split, **common)
     elif fmt.bits == 6:
-        _fp6_gemm_kernel[(grid_n, grid_m, split.split)](
+        _fp6_gemm_kernel[(grid_n, run.grid_m, split.split)](
             x2, w.planes[0], low, w.scale, y, part, count, m, n, k, x2.stride(0), y.stride(0),
             split.rows_per_split, split.split, BLOCK_M=config.block_m, EVICT_FIRST=config.evict_first,
             SWAP=config.swap, **common)
     else:
-        _fp4_gemm_kernel[(grid_n, grid_m, split.split)](
+        _fp4_gemm_kernel[(grid_n, run.grid_m, split.split)](
             x2, w.planes[0], w.scale, y, part, count, m, n, k, x2.stride(0), y.stride(0),
             split.rows_per_split, split.split, BLOCK_M=config.block_m, **common)
-    if separate:
-        splitk.sum_splits(part, y, split.split, rows if config.block_m == 1 else m)
+    run.finish(y)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -27,8 +27,6 @@ attributes: ``(m + 2^M min(e, 1)) 2^(max(e, 1) - bias - M)`` covers subnormals),
 
 from __future__ import annotations
 
-import numpy as np
-
 from llmc.passes.bitplanes import fp6_low_positions, fp_kernel_tile
 from llmc.passes.fpx import FpFormat, format_of
 from llmc.plugins.linear_plugin import FunctionBody, LinearOp, device_tensor, function, rows_and_features

@@ -61,7 +61,8 @@ import torch
 from llmc.packed import PackedLinear
 from llmc.passes.bitplanes import INT_PLANE_WIDTHS, fields_per_word, int_kernel_tile, pack_int_codes, unpack_int_codes
 from llmc.plugins import splitk
-from llmc.plugins.splitk import COMPILE_OPTIONS, Split, choose_split, require_triton, sm_count, triton
+from llmc.plugins.splitk import (COMPILE_OPTIONS, LaunchConfig, as_rows, decode_config, pow2_at_least, require_triton,
+                                 sm_count, tensor_core_config, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -361,7 +362,7 @@ if triton is not None:
         # sum over k of u * x * 2^-49 (times the scale per group): undo the 2^-49.
         total = tl.sum(acc, axis=0) * (1.0 / _PRODUCT_SCALE)
         # The zero point's share, scale * zero * sum(x), off the hot loop: per group of the
-        # program's range (whole groups; choose_split aligns splits to groups), or once per channel.
+        # program's range (whole groups; decode_config aligns splits to groups), or once per channel.
         correction = tl.zeros([BLOCK_N], dtype=tl.float32)
         if CHANNEL:
             x_sum = tl.zeros([BLOCK_W * FIELDS], dtype=tl.float32)
@@ -444,7 +445,7 @@ if triton is not None:
         # sum over k of u * x * 2^-49 (times the scale per group): undo the 2^-49.
         total = tl.sum(acc, axis=1) * (1.0 / _PRODUCT_SCALE)
         # The zero point's share, scale * zero * sum(x), off the hot loop: per group of the
-        # program's range (whole groups; choose_split aligns splits to groups), or once per channel.
+        # program's range (whole groups; decode_config aligns splits to groups), or once per channel.
         x_base = x_ptr + (x_row * K)[:, None]
         correction = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         if CHANNEL:
@@ -557,25 +558,8 @@ if triton is not None:
 
 
 
-@dataclass(frozen=True)
-class IntNConfig:
-    """Block shape and split of one launch; :func:`intn_config` picks it from the shape."""
-
-    block_m: int
-    block_n: int
-    block_w: int
-    num_warps: int
-    num_stages: int
-    split: Split
-    prefetch: bool = False
-    inline_zero: bool = False
-    evict_first: bool = False  # weight words loaded with the evict-first L2 policy
-    swap: bool = False  # 2-16 rows: the decoded weight is the first operand of tl.dot
-    rows: int = 1  # decode kernel (block_m 1): rows of x per program (rule 5)
-
-
 def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
-                tensor_cores: tuple | None = None) -> IntNConfig | None:
+                tensor_cores: tuple | None = None) -> LaunchConfig | None:
     """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md); None above
     ``PREFILL_ROWS`` rows, where dequantize-then-matmul is faster than the fused kernels.
 
@@ -601,24 +585,15 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
         elif decode is None:
             decode = one_row_shape(w.in_features, w.out_features, sms, DECODE_SHAPES, DECODE_SHAPE_WIDE,
                                    DECODE_SHAPE_NARROW, DECODE_SHAPE_LARGE, DECODE_SHAPES_SHORT if m == 1 else None)
-        block_n, block_w, warps, per_sm, prefetch, *rest = decode
-        inline_zero = bool(rest and rest[0])
-        evict_first = bool(len(rest) > 1 and rest[1])
-        block_n = min(block_n, max(16, _pow2_at_least(w.out_features)))
-        blocks = -(-w.out_features // block_n)
-        split = choose_split(blocks, word_rows, gemv_split_rows(w, block_w, inline_zero), per_sm * sms)
-        return IntNConfig(1, block_n, block_w, warps, 1, split, prefetch, inline_zero, evict_first, rows=rows)
+        group_rows = 0 if w.group_size == w.in_features else w.group_size // fields_per_word(_width(w.bits))
+        return decode_config(decode, w.out_features, word_rows, sms, rows, group_rows)
     if m > PREFILL_ROWS:
         return None
     if tensor_cores is None and wide_small(w.in_features, w.out_features):
         tensor_cores = TENSOR_CORE_SHAPE_WIDE
     if tensor_cores is None:
         tensor_cores = decode_shape(w.in_features * w.out_features, TENSOR_CORE_SHAPES)
-    block_n, block_w, warps, per_sm, *rest = tensor_cores
-    stages = rest[2] if len(rest) > 2 else 3
-    blocks = -(-w.out_features // block_n)
-    return IntNConfig(16, block_n, block_w, warps, stages, choose_split(blocks, word_rows, block_w, per_sm * sms),
-                      evict_first=bool(rest and rest[0]), swap=bool(len(rest) > 1 and rest[1]))
+    return tensor_core_config(tensor_cores, w.out_features, word_rows, sms)
 
 
 # (block_n, block_w, num_warps, programs per SM, prefetch, inline zero point, evict-first) of the
@@ -770,7 +745,7 @@ def wide_small(in_features: int, out_features: int) -> bool:
 
 def several_rows(m: int) -> int:
     """Rows of x per program where ``m`` rows take several per program: 2 for two, else 4."""
-    return min(ROWS_PER_PROGRAM, _pow2_at_least(m))
+    return min(ROWS_PER_PROGRAM, pow2_at_least(m))
 
 
 def multi_row_shape(m: int, in_features: int, out_features: int, small: tuple, wide: tuple, narrow: tuple) -> tuple:
@@ -790,51 +765,33 @@ PREFILL_ROWS = 16
 DEQUANTIZE_SHAPE = (256, 8)
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def gemv_split_rows(w: IntNWeights, block_w: int, inline_zero: bool = False) -> int:
-    """Rows of words a decode split is a multiple of: whole blocks, and whole groups (rule 1)
-    unless the zero point is taken inside the hot loop (``inline_zero``)."""
-    rows_per_tile = w.group_size // fields_per_word(_width(w.bits))
-    return block_w if w.group_size == w.in_features or inline_zero else max(block_w, rows_per_tile)
-
-
 def _width(bits: int) -> int:
     if bits not in KERNEL_BITS:
         raise ValueError(f"intn_linear: no kernel for {bits}-bit weights (kernels: {KERNEL_BITS})")
     return INT_PLANE_WIDTHS[bits][0]
 
 
-def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = None,
+def intn_linear(x: torch.Tensor, w: IntNWeights, config: LaunchConfig | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` for float16/bfloat16 ``x`` [..., K] on a CUDA device, in ``x``'s dtype.
 
     ``out``, if given, is a contiguous [rows, N] tensor of ``x``'s dtype to write into.
     """
     width = _width(w.bits)
-    if x.shape[-1] != w.in_features:
-        raise ValueError(f"intn_linear: x has {x.shape[-1]} features, the weight takes {w.in_features}")
-    x2 = x.reshape(-1, w.in_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x, w.in_features, "intn_linear")
     m, n, k = x2.shape[0], w.out_features, w.in_features
     if config is None and m > PREFILL_ROWS:  # prefill: dequantize, then cuBLAS
         y = torch.matmul(x2, intn_dequantize(w, x.dtype).t(), out=out)
         return y.reshape(*x.shape[:-1], n)
+    require_triton()
     config = config or intn_config(m, w, sm_count(x.device))
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
-    split = config.split
-    grid_n = -(-n // config.block_n)
-    grid_m = -(-m // config.block_m)
-    rows = config.rows if config.block_m == 1 else 1
-    row_blocks = -(-m // rows)
-    require_triton()
-    part, count, separate = splitk.workspace(x.device, split.split, row_blocks * rows, n, grid_n * max(grid_m, row_blocks))
+    split, rows = config.split, config.rows
+    run = splitk.launch(config, m, n, x.device)
+    part, count, grid_n = run.part, run.count, run.grid_n
     common = dict(WIDTH=width, GROUP=w.group_size, SYMMETRIC=w.symmetric, ZERO=float(1 << (w.bits - 1)),
                   BLOCK_N=config.block_n, BLOCK_W=config.block_w, num_warps=config.num_warps,
-                  num_stages=config.num_stages, SEPARATE=separate, **COMPILE_OPTIONS)
+                  num_stages=config.num_stages, SEPARATE=run.separate, **COMPILE_OPTIONS)
     if config.block_m == 1:
         x2 = decode_rows(x2)
         decode = dict(CHANNEL=w.group_size == k, PREFETCH=config.prefetch, INLINE_ZERO=config.inline_zero and w.group_size != k,
@@ -844,16 +801,15 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: IntNConfig | None = Non
                 x2, w.planes[0], w.scale, w.zero, y, part, count, n, k, y.stride(0),
                 split.rows_per_split, split.split, ROW_GRID=m > 1, **decode)
         else:
-            _gemv_rows_kernel[(grid_n, split.split, row_blocks)](
+            _gemv_rows_kernel[(grid_n, split.split, run.row_blocks)](
                 x2, w.planes[0], w.scale, w.zero, y, part, count, n, k, y.stride(0),
-                split.rows_per_split, split.split, m, ROWS=rows, ROW_BLOCKS=row_blocks > 1, **decode)
+                split.rows_per_split, split.split, m, ROWS=rows, ROW_BLOCKS=run.row_blocks > 1, **decode)
     else:
-        _gemm_kernel[(grid_n, grid_m, split.split)](
+        _gemm_kernel[(grid_n, run.grid_m, split.split)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, m, n, k, x2.stride(0), y.stride(0),
             split.rows_per_split, split.split, BLOCK_M=config.block_m, EVICT_FIRST=config.evict_first,
             SWAP=config.swap, **common)
-    if separate:
-        splitk.sum_splits(part, y, split.split, rows if config.block_m == 1 else m)
+    run.finish(y)
     return y.reshape(*x.shape[:-1], n)
 
 

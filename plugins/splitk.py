@@ -1,5 +1,5 @@
-"""Split-K for the low-bit GEMM kernels: how many programs share one output block, and where they
-meet.
+"""Launches of the low-bit GEMM kernels: their configuration, their grid, and split-K (how many
+programs share one output block, and where they meet).
 
 A decode-shape linear (1-16 rows of ``x``) has too few output blocks to fill a GPU, so the
 kernels also split the input dimension: ``split`` programs each reduce a range of K into a
@@ -77,6 +77,96 @@ def choose_split(output_blocks: int, word_rows: int, block_rows: int, programs_w
     steps_per_split = -(-steps // split)
     split = -(-steps // steps_per_split)  # no empty splits
     return Split(split, steps_per_split * block_rows)
+
+
+def pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block shape and split of one launch; ``intn_config`` and ``fpx_config`` pick it from the shape.
+
+    ``block_m`` 1 is a decode kernel (CUDA cores) with ``rows`` rows of x per program, 16 a
+    tensor-core kernel over up to 16 rows of x.
+    """
+
+    block_m: int
+    block_n: int
+    block_w: int
+    num_warps: int
+    num_stages: int
+    split: Split
+    prefetch: bool = False
+    inline_zero: bool = False  # int-N decode: the zero point inside the hot loop
+    evict_first: bool = False  # weight words loaded with the evict-first L2 policy
+    swap: bool = False  # tensor cores: the decoded weight is the first operand of tl.dot
+    rows: int = 1
+
+
+def decode_config(shape: tuple, out_features: int, word_rows: int, sms: int, rows: int,
+                  group_rows: int = 0) -> LaunchConfig:
+    """The decode launch of ``shape``, (block_n, block_w, num_warps, programs_per_sm,
+    prefetch[, inline_zero[, evict_first]]), over ``word_rows`` rows of words: ``block_n`` at most
+    the outputs rounded up to a power of two (at least 16), splits of whole blocks of ``block_w``
+    rows and, given ``group_rows`` (rows of words per quantization group, whose zero point the
+    kernel adds after its loop unless ``inline_zero``), of whole groups."""
+    block_n, block_w, warps, per_sm, prefetch, *rest = shape
+    inline_zero = bool(rest and rest[0])
+    block_n = min(block_n, max(16, pow2_at_least(out_features)))
+    split_rows = max(block_w, group_rows) if group_rows and not inline_zero else block_w
+    split = choose_split(-(-out_features // block_n), word_rows, split_rows, per_sm * sms)
+    return LaunchConfig(1, block_n, block_w, warps, 1, split, prefetch, inline_zero,
+                        evict_first=bool(len(rest) > 1 and rest[1]), rows=rows)
+
+
+def tensor_core_config(shape: tuple, out_features: int, word_rows: int, sms: int) -> LaunchConfig:
+    """The 2-16 row launch of ``shape``, (block_n, block_w, num_warps, programs_per_sm[,
+    evict_first[, swap[, num_stages]]]) (3 stages unless given), over ``word_rows`` rows of words."""
+    block_n, block_w, warps, per_sm, *rest = shape
+    split = choose_split(-(-out_features // block_n), word_rows, block_w, per_sm * sms)
+    return LaunchConfig(16, block_n, block_w, warps, rest[2] if len(rest) > 2 else 3, split,
+                        evict_first=bool(rest and rest[0]), swap=bool(len(rest) > 1 and rest[1]))
+
+
+def as_rows(x: torch.Tensor, in_features: int, name: str) -> torch.Tensor:
+    """``x`` [..., K] as [rows, K] with unit stride along K (a copy where it has not)."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{name}: x has {x.shape[-1]} features, the weight takes {in_features}")
+    x2 = x.reshape(-1, in_features)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The grid and split-K workspace of one launch (:func:`launch`)."""
+
+    grid_n: int  # blocks of outputs
+    grid_m: int  # tensor cores: blocks of 16 rows of x
+    row_blocks: int  # decode: blocks of ``config.rows`` rows of x
+    part: torch.Tensor  # float32 partials in sum_splits' layout
+    count: torch.Tensor  # zeroed counters of the output blocks
+    separate: bool  # finished by sum_splits
+    n_split: int
+    sum_rows: int  # rows of x per block of partials
+
+    def finish(self, y: torch.Tensor) -> None:
+        """After the kernel: the separate finish, where there is one."""
+        if self.separate:
+            sum_splits(self.part, y, self.n_split, self.sum_rows)
+
+
+def launch(config: LaunchConfig, m: int, n: int, device: torch.device) -> Launch:
+    """Grid and workspace of ``config`` over ``m`` rows of x and ``n`` outputs."""
+    decode = config.block_m == 1
+    grid_n = -(-n // config.block_n)
+    grid_m = -(-m // config.block_m)
+    rows = config.rows if decode else 1
+    row_blocks = -(-m // rows)
+    n_split = config.split.split
+    part = torch.empty(max(n_split, 1), row_blocks * rows, n, dtype=torch.float32, device=device)
+    return Launch(grid_n, grid_m, row_blocks, part, counters(device, grid_n * max(grid_m, row_blocks)),
+                  separate_finish(device, n_split), n_split, rows if decode else m)
 
 
 def sm_count(device: torch.device) -> int:
@@ -164,14 +254,6 @@ SUM_BLOCK = 256
 def separate_finish(device: torch.device, split: int) -> bool:
     """Whether a launch of ``split`` splits per output block on ``device`` finishes in :func:`sum_splits`."""
     return split > 1 and split >= SEPARATE_MIN_SPLIT and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-def workspace(device: torch.device, n_split: int, rows: int, n: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """What a launch of ``n_split`` splits per output block over ``rows`` rows of x (whole blocks of
-    rows) and ``n`` outputs needs: its float32 partials (in :func:`sum_splits`' layout), the zeroed
-    counters of its ``blocks`` output blocks, and whether it finishes in :func:`sum_splits`."""
-    part = torch.empty(max(n_split, 1), rows, n, dtype=torch.float32, device=device)
-    return part, counters(device, blocks), separate_finish(device, n_split)
 
 
 def sum_splits(part: torch.Tensor, y: torch.Tensor, n_split: int, rows: int) -> None:
