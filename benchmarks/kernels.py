@@ -181,7 +181,7 @@ def run(out: Path, shapes, do_sweeps: bool = True) -> None:
 
     # ---- 1. sweeps of the launch shapes. Candidates were pre-selected without a GPU from the
     # compiled code (instructions per weight in the inner loop, registers, warps per SM; see
-    # docs/benchmarks/kernels.md). Every candidate is checked against its reference first.
+    # docs/benchmarks/kernels-rounds.md). Every candidate is checked against its reference first.
     T, F = True, False
     sweeps = {  # name: (shapes, rows M, {format: [launch shape]}, programs per SM)
         "decode-large": ([s for s in shapes if s[0] in LARGE], 1, {

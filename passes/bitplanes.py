@@ -19,7 +19,7 @@ to by the kernels in ``llmc.plugins``):
    vector load (FP6: row ``j`` of the 2-bit plane holds inputs ``16 j .. 16 j + 15``, rows ``2 j``
    and ``2 j + 1`` of the 4-bit plane the even and the odd ones). Round 8 measured it against
    tiles of a whole quantization group, whose field ``i`` of a run of word-rows is one contiguous
-   slab of ``x`` (docs/benchmarks/kernels.md). Checkpoints may use larger tiles (``FpxLinear``).
+   slab of ``x`` (docs/benchmarks/kernels-rounds.md). Checkpoints may use larger tiles (``FpxLinear``).
 4. FP6 (1 sign, 5 magnitude bits) keeps the top 4 magnitude bits in the 4-bit plane and the
    lowest magnitude bit with the sign in the 2-bit plane, where the two bits of a field sit
    ``8 + M`` bits apart (mod 32; M the mantissa width). One rotate then puts both where a

@@ -35,7 +35,7 @@ Decoding (rules referred to in the code):
    (rule 1 in float16, subnormals included), and ``mul.f16x2`` by ``2^(15 - bias)`` and by the scale
    pair gives rule 3's operand bit for bit. sm_90 loop of 64 x 16 rows of the 2-bit plane: 925 -> 757
    instructions; round 10 (H100): 4096->11008 at 16 rows 35.2 -> 33.3 us, 8192->28672 119.5 -> 113.2
-   (docs/benchmarks/kernels.md).
+   (docs/benchmarks/kernels-rounds.md).
 """
 
 from __future__ import annotations
@@ -519,7 +519,7 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
 
 
 # Launch shapes by weight count as in intn_linear (picked by `benchmarks/kernels.py --explore`
-# on an H100, docs/benchmarks/kernels.md), below 2^23 weights: 16 outputs x 64-128 rows, 8 warps
+# on an H100, docs/benchmarks/kernels-rounds.md), below 2^23 weights: 16 outputs x 64-128 rows, 8 warps
 # (round 4: 576x576 4.1 -> 3.0 us, 4864x896 7.1 -> 6.4), split-K.
 DECODE_SHAPES_FP6 = ((1 << 20, (16, 128, 8, 1, False)), (None, (16, 64, 8, 1, False)))
 # From 2^23 weights as intn_linear.one_row_shape says, no split-K: at most 32 outputs per SM, 16
@@ -547,7 +547,7 @@ MULTI_ROW_SHAPE_NARROW_FP6 = (16, 64, 8, 0, True)
 MULTI_ROW_SHAPE_SMALL_FP6 = (16, 32, 4, 0, True)
 # (block_n, block_w, num_warps, programs per SM[, evict-first[, swap[, num_stages]]]) of the 2-16
 # row tensor-core FP6 kernel by weight count. Round 3 (three probe processes,
-# docs/benchmarks/kernels.md): num_stages 2 instead of 3 took 4096x4096 from 15.6 to 13.9 us at 4 rows
+# docs/benchmarks/kernels-rounds.md): num_stages 2 instead of 3 took 4096x4096 from 15.6 to 13.9 us at 4 rows
 # and 16.6 to 15.0 at 16; on the 7B MLP shapes 128 outputs x 16 rows, 4 programs per SM,
 # evict-first, 2 stages won (gate/up 32.5 -> 29.7 us at 4 rows). 8192x28672 keeps round 1's shape.
 # From 2^21 to 2^23 weights 64 x 16 rows, 2 per SM, 2 stages (round 11, with the separate split-K

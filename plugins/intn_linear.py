@@ -21,7 +21,7 @@ Kernels (rules referred to in the code):
    (a quarter-rate instruction), and no FTZ: Triton's float32 arithmetic keeps subnormals (no
    ``.ftz`` in its PTX). On the 7B shapes, fewer instructions per weight did not make it faster
    (round 5); what it spends beyond a read-only stream of the same words is the split-K finish
-   and the decode's arithmetic, about equally (round 6, docs/benchmarks/kernels.md).
+   and the decode's arithmetic, about equally (round 6, docs/benchmarks/kernels-rounds.md).
 2. 2 to 16 rows: tensor cores. A field becomes the float16 ``1024 + u`` by OR-ing 0x6400; minus
    ``1024 + zero``, times the scale, it is a float16 operand of ``tl.dot`` with float32
    accumulation (for float16 x and scales, in pairs: rule 7).
@@ -40,7 +40,7 @@ Kernels (rules referred to in the code):
    words. A ``tl.load`` of a 1-D block of ``x`` is laid out for coalescing instead, and on large
    blocks Triton moved it through shared memory behind a barrier per field (16 per step at 32
    outputs x 512 rows). Round 8 (H100): int4 4096x4096 8.2 -> 5.8 us, 1536->576 3.4 -> 2.6
-   (docs/benchmarks/kernels.md). The tensor-core kernel loads a contiguous tile of ``x`` and splits
+   (docs/benchmarks/kernels-rounds.md). The tensor-core kernel loads a contiguous tile of ``x`` and splits
    it into the fields' tiles in registers (:func:`x_tile_fields`). ``x`` must be 16-byte aligned (:func:`intn_linear` copies it if not).
 7. The tensor-core kernel decodes two weights per instruction with float16 x and scales: one PTX
    block per field (:func:`_pair_decode_asm`) takes the field from two neighbouring words into the
@@ -49,7 +49,7 @@ Kernels (rules referred to in the code):
    rule 2's float16 bit for bit (``u - zero`` is exact, one rounding in the product), in half the
    instructions: Triton does float16 arithmetic in float32, with a conversion each way (sm_90 SASS,
    64 x 16 rows: 499 -> 255 instructions a step). Round 10 (H100): int4 at 16 rows 4096->11008
-   25.6 -> 19.7 us, 8192->28672 103.7 -> 68.7 (docs/benchmarks/kernels.md). bfloat16 x keeps rule 2.
+   25.6 -> 19.7 us, 8192->28672 103.7 -> 68.7 (docs/benchmarks/kernels-rounds.md). bfloat16 x keeps rule 2.
 """
 
 from __future__ import annotations
@@ -599,13 +599,13 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
 # (block_n, block_w, num_warps, programs per SM, prefetch, inline zero point, evict-first) of the
 # one-row kernel below 2^23 weights where K is longer than SHORT_K, by weight count (below 2^20,
 # above). Picked by `benchmarks/kernels.py --explore` and repeated A/B runs on an H100
-# (docs/benchmarks/kernels.md): narrow blocks of outputs with 128-256 rows of words, split-K.
+# (docs/benchmarks/kernels-rounds.md): narrow blocks of outputs with 128-256 rows of words, split-K.
 DECODE_SHAPES = ((1 << 20, (16, 256, 4, 1, False, True)), (None, (64, 128, 8, 0.5, False, True)))
 
 
 # One row from NO_SPLIT_WEIGHTS weights: one program per block of outputs reads all of K, no split-K
 # (no partials, no last-program sum). Round 8 (H100, with x in the words' layout, rule 6,
-# docs/benchmarks/kernels.md), int4 us against round 7's launches:
+# docs/benchmarks/kernels-rounds.md), int4 us against round 7's launches:
 # - at most NARROW_OUTPUTS_PER_SM outputs per SM (q/k/v/o and down projections): 16 outputs x 512
 #   rows of words per step, 8 warps (4096x4096 6.5 -> 5.6, 8960->1536 9.5 -> 7.3, 11008->2048 10.8 ->
 #   8.0, 14336->4096 16.5 -> 15.2);
@@ -674,7 +674,7 @@ TENSOR_CORE_SHAPE_WIDE = (64, 16, 4, 0, False, False, 3)
 #   beyond ROW_GRID_ROWS rows only where the outputs are at least the inputs, ROWS_PER_PROGRAM rows
 #   per program (2 for two rows), each word decoded once for all of them (round 9, H100, int4 us
 #   against the tensor cores: 4096x4096 at 2 rows 13.2 -> 7.5, at 4 rows 13.4 -> 9.8; 11008->4096
-#   30.7 -> 20.1 at 4 rows; 896->4864 10.0 -> 5.7 at 4 rows; docs/benchmarks/kernels.md). More rows
+#   30.7 -> 20.1 at 4 rows; 896->4864 10.0 -> 5.7 at 4 rows; docs/benchmarks/kernels-rounds.md). More rows
 #   or weights: tensor cores. Round 11's separate split-K finish made the tensor cores cheaper at 5-16
 #   rows, and the limits moved down (H100, int4 / FP6 us, several rows per program against the tensor
 #   cores): at 8 rows 1536x1536 6.3 / 7.1 against 5.3 / 5.8, 2048x2048 6.7 / 7.4 against 5.7 / 6.5,

@@ -15,7 +15,7 @@ once (``griddepcontrol.launch_dependents``), and it waits in ``griddepcontrol.wa
 kernel has finished and its stores are visible. The store fence, the atomic and the last program's
 re-reads of the in-kernel finish cost 2.4-3.4 us at 16 rows on small linears (round 10); the second
 kernel took 4096x4096 int4 at 16 rows from 12.3 to 10.0 us and 8192->28672 at one row from 52.1 to
-46.4 (round 11, docs/benchmarks/kernels.md). Without programmatic launch (before sm_90) two plain
+46.4 (round 11, docs/benchmarks/kernels-rounds.md). Without programmatic launch (before sm_90) two plain
 launches were slower than one, so the in-kernel finish stays there.
 
 Triton is optional: without it (a CPU-only host, CI) ``triton`` is None here, the kernels are
