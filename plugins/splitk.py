@@ -5,7 +5,8 @@ A decode-shape linear (1-16 rows of ``x``) has too few output blocks to fill a G
 kernels also split the input dimension: ``split`` programs each reduce a range of K into a
 float32 partial, and the last one to finish (an atomic counter per output block) sums the
 partials in split order and writes ``y``. One launch, no memset, and a deterministic sum. The
-counter returns to 0 after every launch, so one zeroed counter buffer per device serves every call.
+counter returns to 0 after every launch, so one zeroed counter buffer per stream serves every call
+on it (:func:`counters`).
 
 On Hopper and later (compute capability 9.0+), from ``SEPARATE_MIN_SPLIT`` splits, the finish is a
 second kernel instead (:func:`separate_finish`): the programs store their partials and nothing else,
@@ -35,7 +36,7 @@ try:
 except ImportError:  # CPU-only hosts
     triton = None
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 # Compile options of every kernel launch (``llmc.plugins.aot`` compiles with them too). The decode
 # loops spend one fused multiply-add per weight: Triton 3.9 warns that its default, fusion on,
@@ -50,11 +51,15 @@ def require_triton() -> None:
 
 
 def counters(device: torch.device, size: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least ``size`` counters on ``device``, kept between calls."""
-    buffer = _COUNTERS.get(device)
+    """A zeroed int32 buffer of at least ``size`` counters for launches on ``device``'s current
+    stream, kept between calls. One per stream: the launches of one stream run in order and leave
+    their counters at zero, while launches on two streams may run at once (TensorRT runs each
+    execution context on its own stream) and must not count into each other's blocks."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    buffer = _COUNTERS.get(key)
     if buffer is None or buffer.numel() < size:
         buffer = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buffer
+        _COUNTERS[key] = buffer
     return buffer
 
 

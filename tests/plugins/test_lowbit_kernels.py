@@ -524,3 +524,44 @@ def test_the_separate_split_k_finish_is_the_in_kernel_sum_bit_for_bit(kind, monk
         expected = reference(x, packed).float()
         assert bool(torch.isfinite(outs[1]).all()) and torch.equal(outs[0], outs[1]), (rows, config)
         assert float((outs[1].float() - expected).norm() / expected.norm()) < 2e-3, (rows, config)
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["int4-g128", "fp6"])
+def test_launches_on_two_streams_at_once_keep_their_own_split_k_counters(kind, monkeypatch):
+    """TensorRT runs each execution context on its own stream, so two plugin launches may run at
+    once. Split-K launches finished by their last program (in-kernel, as before sm_90 and at two
+    splits) count arrivals per output block: 16 launches on each of two streams, queued behind a
+    wait so that the streams drain together and never synchronised with each other, must each
+    match the reference. Each launch has more programs than the GPU holds at once, so the arrivals
+    of two launches interleave."""
+    monkeypatch.setattr(splitk, "SEPARATE_MIN_SPLIT", 10**9)
+    w = weight(4096, 4096, seed=11)
+    if kind.startswith("int"):
+        packed = intn.pack_intn(rtn_quantize(w, 4, 128, True)).to("cuda")
+        linear, reference = intn.intn_linear, intn.intn_reference
+        config = intn.intn_config(1, packed, SMS, decode=(64, 8, 2, 16, True, False, True))
+    else:
+        packed = fp.pack_fpx(fpx_quantize(w, FORMATS["e3m2"], None, scale_dtype=torch.float16)).to("cuda")
+        linear, reference = fp.fpx_linear, fp.fpx_reference
+        config = fp.fpx_config(1, packed, SMS, decode=(64, 4, 2, 16, True))
+    assert config.split.split > 2 and -(-4096 // config.block_n) * config.split.split > 4 * SMS
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    xs = [torch.randn(1, 4096, generator=torch.Generator().manual_seed(i)).half().cuda() for i in range(32)]
+    outs = [torch.full((1, 4096), float("nan"), dtype=torch.float16, device="cuda") for _ in xs]
+    for stream in streams:  # compiled, and each stream's counters made, before the timed part
+        with torch.cuda.stream(stream):
+            linear(xs[0], packed, config, out=outs[0])
+    torch.cuda.synchronize()
+    outs[0].fill_(float("nan"))
+    for stream in streams:  # the launches below queue behind this wait (the host enqueues them in about 5 ms)
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(100_000_000)
+    for i, (x, out) in enumerate(zip(xs, outs)):
+        with torch.cuda.stream(streams[i % 2]):
+            linear(x, packed, config, out=out)
+    torch.cuda.synchronize()
+    expected = [reference(x, packed).float() for x in xs]
+    wrong = [i for i, (out, e) in enumerate(zip(outs, expected))
+             if not (bool(torch.isfinite(out).all()) and float((out.float() - e).norm() / e.norm()) < 2e-3)]
+    assert not wrong, f"{len(wrong)} of {len(xs)} launches wrong"
