@@ -40,6 +40,7 @@ Decoding (rules referred to in the code):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -495,27 +496,34 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
     ``programs_per_sm`` may be a fraction: at or below one program per output block (0 included),
     no split-K.
     """
-    rows = w.in_features // (16 if w.fmt.bits == 6 else 8)
+    return _fpx_config(m, w.fmt.bits, w.in_features, w.out_features, sms, decode, tensor_cores)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fpx_config(m: int, bits: int, in_features: int, out_features: int, sms: int, decode: tuple | None,
+                tensor_cores: tuple | None) -> LaunchConfig | None:
+    # fpx_config by value, so that a launcher's call is a dictionary lookup
+    rows = in_features // (16 if bits == 6 else 8)
     x_rows = 1 if m == 1 else 0  # rows of x per decode program; 0: tensor cores
-    if w.fmt.bits == 6 and tensor_cores is None and m > 1:
-        x_rows = rows_per_program(m, w.in_features, w.out_features, 6)
+    if bits == 6 and tensor_cores is None and m > 1:
+        x_rows = rows_per_program(m, in_features, out_features, 6)
         if decode is not None and not x_rows and m <= PREFILL_ROWS:
             x_rows = several_rows(m)
     if x_rows:
         if decode is None and x_rows > 1:
-            decode = multi_row_shape(m, w.in_features, w.out_features, MULTI_ROW_SHAPE_SMALL_FP6, None,
+            decode = multi_row_shape(m, in_features, out_features, MULTI_ROW_SHAPE_SMALL_FP6, None,
                                      MULTI_ROW_SHAPE_NARROW_FP6)
-        elif decode is None and w.fmt.bits == 6:
-            decode = fp6_one_row_shape(m, w.in_features, w.out_features, sms)
-        if w.fmt.bits != 6:
+        elif decode is None and bits == 6:
+            decode = fp6_one_row_shape(m, in_features, out_features, sms)
+        if bits != 6:
             decode = (*(decode or DECODE_SHAPE_FP4)[:4], False)  # the FP4 kernel has no prefetch variant
-        return decode_config(decode, w.out_features, rows, sms, x_rows)
+        return decode_config(decode, out_features, rows, sms, x_rows)
     if m > PREFILL_ROWS:
         return None
-    if tensor_cores is None and w.fmt.bits == 6:
-        return fp6_tensor_core_config(w.in_features, w.out_features, sms)
-    return tensor_core_config(tensor_cores or decode_shape(w.in_features * w.out_features, TENSOR_CORE_SHAPES_FP4),
-                              w.out_features, rows, sms)
+    if tensor_cores is None and bits == 6:
+        return fp6_tensor_core_config(in_features, out_features, sms)
+    return tensor_core_config(tensor_cores or decode_shape(in_features * out_features, TENSOR_CORE_SHAPES_FP4),
+                              out_features, rows, sms)
 
 
 # Launch shapes by weight count as in intn_linear (picked by `benchmarks/kernels.py --explore`
@@ -658,13 +666,6 @@ def fpx_dequantize(w: FpxWeights, dtype: torch.dtype = torch.float16,
 def _check_tile(w: FpxWeights) -> None:
     if w.tile != fp_kernel_tile(w.fmt.bits):
         raise ValueError(f"fpx: planes of tile {w.tile}; the kernels read tile {fp_kernel_tile(w.fmt.bits)} (pack_fpx)")
-
-
-def fpx_format(name: str) -> FpFormat:
-    if name not in KERNEL_FORMATS:
-        raise ValueError(f"no kernel for FP format {name!r} (kernels: {', '.join(KERNEL_FORMATS)})")
-    return FORMATS[name]
-
 
 
 def fp6_decode_classes() -> list:

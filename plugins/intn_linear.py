@@ -54,6 +54,7 @@ Kernels (rules referred to in the code):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -572,28 +573,35 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     or below one program per output block (0 included) there is no split-K (no reduction across
     programs).
     """
-    word_rows = w.in_features // fields_per_word(_width(w.bits))
-    rows = 0 if tensor_cores is not None else rows_per_program(m, w.in_features, w.out_features, w.bits)
+    return _intn_config(m, w.bits, w.group_size, w.symmetric, w.in_features, w.out_features, sms, decode, tensor_cores)
+
+
+@functools.lru_cache(maxsize=4096)
+def _intn_config(m: int, bits: int, group_size: int, symmetric: bool, in_features: int, out_features: int, sms: int,
+                 decode: tuple | None, tensor_cores: tuple | None) -> LaunchConfig | None:
+    # intn_config by value, so that a launcher's call is a dictionary lookup
+    word_rows = in_features // fields_per_word(_width(bits))
+    rows = 0 if tensor_cores is not None else rows_per_program(m, in_features, out_features, bits)
     if decode is not None and tensor_cores is None and not rows and m <= PREFILL_ROWS:
         rows = several_rows(m)
     if rows:
         if decode is None and rows > 1:
-            decode = multi_row_shape(m, w.in_features, w.out_features, MULTI_ROW_SHAPE_SMALL, MULTI_ROW_SHAPE_WIDE,
+            decode = multi_row_shape(m, in_features, out_features, MULTI_ROW_SHAPE_SMALL, MULTI_ROW_SHAPE_WIDE,
                                      MULTI_ROW_SHAPE_NARROW)
-        elif decode is None and m > 1 and no_split_rows(w.in_features, w.bits):  # per row, no split-K
-            decode = ROW_GRID_SHAPE if w.symmetric else decode_shape(w.in_features * w.out_features, DECODE_SHAPES_SHORT)
+        elif decode is None and m > 1 and no_split_rows(in_features, bits):  # per row, no split-K
+            decode = ROW_GRID_SHAPE if symmetric else decode_shape(in_features * out_features, DECODE_SHAPES_SHORT)
         elif decode is None:
-            decode = one_row_shape(w.in_features, w.out_features, sms, DECODE_SHAPES, DECODE_SHAPE_WIDE,
+            decode = one_row_shape(in_features, out_features, sms, DECODE_SHAPES, DECODE_SHAPE_WIDE,
                                    DECODE_SHAPE_NARROW, DECODE_SHAPE_LARGE, DECODE_SHAPES_SHORT if m == 1 else None)
-        group_rows = 0 if w.group_size == w.in_features else w.group_size // fields_per_word(_width(w.bits))
-        return decode_config(decode, w.out_features, word_rows, sms, rows, group_rows)
+        group_rows = 0 if group_size == in_features else group_size // fields_per_word(_width(bits))
+        return decode_config(decode, out_features, word_rows, sms, rows, group_rows)
     if m > PREFILL_ROWS:
         return None
-    if tensor_cores is None and wide_small(w.in_features, w.out_features):
+    if tensor_cores is None and wide_small(in_features, out_features):
         tensor_cores = TENSOR_CORE_SHAPE_WIDE
     if tensor_cores is None:
-        tensor_cores = decode_shape(w.in_features * w.out_features, TENSOR_CORE_SHAPES)
-    return tensor_core_config(tensor_cores, w.out_features, word_rows, sms)
+        tensor_cores = decode_shape(in_features * out_features, TENSOR_CORE_SHAPES)
+    return tensor_core_config(tensor_cores, out_features, word_rows, sms)
 
 
 # (block_n, block_w, num_warps, programs per SM, prefetch, inline zero point, evict-first) of the

@@ -25,6 +25,7 @@ not defined, and only the torch references run.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -162,20 +163,37 @@ class Launch:
 
 
 def launch(config: LaunchConfig, m: int, n: int, device: torch.device) -> Launch:
-    """Grid and workspace of ``config`` over ``m`` rows of x and ``n`` outputs."""
+    """Grid and workspace of ``config`` over ``m`` rows of x and ``n`` outputs (without split-K
+    none: the kernels never touch the partials and counters of a launch of one split)."""
     decode = config.block_m == 1
     grid_n = -(-n // config.block_n)
     grid_m = -(-m // config.block_m)
     rows = config.rows if decode else 1
     row_blocks = -(-m // rows)
     n_split = config.split.split
-    part = torch.empty(max(n_split, 1), row_blocks * rows, n, dtype=torch.float32, device=device)
-    return Launch(grid_n, grid_m, row_blocks, part, counters(device, grid_n * max(grid_m, row_blocks)),
-                  separate_finish(device, n_split), n_split, rows if decode else m)
+    if n_split == 1:
+        part, count = _no_workspace(device)
+    else:
+        part = torch.empty(n_split, row_blocks * rows, n, dtype=torch.float32, device=device)
+        count = counters(device, grid_n * max(grid_m, row_blocks))
+    return Launch(grid_n, grid_m, row_blocks, part, count, separate_finish(device, n_split), n_split,
+                  rows if decode else m)
 
 
+@functools.cache
+def _no_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # The partials and counters a launch without split-K is given (one float32, one int32).
+    return torch.zeros(1, dtype=torch.float32, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+
+
+@functools.cache
 def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 if triton is not None:
@@ -258,7 +276,7 @@ SUM_BLOCK = 256
 
 def separate_finish(device: torch.device, split: int) -> bool:
     """Whether a launch of ``split`` splits per output block on ``device`` finishes in :func:`sum_splits`."""
-    return split > 1 and split >= SEPARATE_MIN_SPLIT and torch.cuda.get_device_capability(device) >= (9, 0)
+    return split > 1 and split >= SEPARATE_MIN_SPLIT and _capability(device) >= (9, 0)
 
 
 def sum_splits(part: torch.Tensor, y: torch.Tensor, n_split: int, rows: int) -> None:

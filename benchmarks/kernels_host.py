@@ -1,0 +1,130 @@
+"""Host time of one eager call of llmc's low-bit linears, against the same calls from a CUDA graph.
+
+    python benchmarks/kernels_host.py [--out DIR]   # on a CUDA machine
+
+``benchmarks/kernels.py`` times the kernels replayed from a CUDA graph, which is how a decode
+step runs when its launches are captured. Called one by one from Python (eager, or through the
+TensorRT plugins' ``enqueue``, which runs the same launchers on TensorRT's stream), a call also
+costs its host time: the launch rules, the workspace, Triton's dispatch, and for the plugin the
+float32/float16 conversions of its interface. For each shape and row count this prints, in us per
+call:
+
+- ``intn_linear`` (int4 symmetric, groups of 128, 64 where K = 576) and ``fpx_linear`` (FP6 e3m2
+  per channel), eager and from a graph;
+- the int4 plugin's enqueue body (``intn_linear_plugin.enqueue_buffers``: TensorRT's raw
+  pointers and stream, asymmetric int4), eager;
+- ``torch.matmul`` in float16 (cuBLAS), eager and from a graph.
+
+Eager: the fastest of 7 trials of 200 back-to-back calls each, then a synchronize (host noise
+only ever adds time). Graph: 100 calls captured back to back on the same weights (L2-warm, so
+faster than kernels.py's L2-cold figures), 5 replays. Writes ``kernels_host.md`` under ``--out``
+(default ``$OUT``, else the current directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = ((576, 576), (4096, 4096), (4096, 11008))
+ROWS = (1, 16)
+
+
+def eager_us(call, calls: int = 200, trials: int = 7) -> float:
+    for _ in range(20):
+        call()
+    best = float("inf")
+    for _ in range(trials):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def graph_us(call, calls: int = 100, replays: int = 5) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (replays * calls) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels_host.py needs a CUDA GPU")
+
+    from llmc.passes.fpx import FORMATS, fpx_quantize
+    from llmc.passes.quantize_rtn import rtn_quantize
+    from llmc.plugins import fp6_linear as fp
+    from llmc.plugins import intn_linear as intn
+    from llmc.plugins import intn_linear_plugin as plugin
+
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    lines = [f"Device: {props.name}, torch {torch.__version__}, {os.cpu_count()} host cores; "
+             f"{time.strftime('%Y-%m-%d')}. us per call.", "",
+             "| shape (K→N) | M | int4 eager | int4 graph | fp6 eager | fp6 graph | int4 plugin enqueue, eager "
+             "| fp16 matmul eager | fp16 matmul graph |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for k, n in SHAPES:
+        w = torch.randn(n, k) * 0.02
+        group = 64 if k % 128 else 128
+        int4 = intn.pack_intn(rtn_quantize(w, 4, group, True)).to("cuda")
+        fp6 = fp.pack_fpx(fpx_quantize(w, FORMATS["e3m2"], None, scale_dtype=torch.float16)).to("cuda")
+        planes, scale, zero = (torch.as_tensor(a).cuda() for a in plugin.node_inputs(rtn_quantize(w, 4, group, False)))
+        w16 = w.half().cuda()
+        for m in ROWS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            x32 = x.float()
+            y = torch.empty(m, n, device="cuda", dtype=torch.float16)
+            y32 = torch.empty(m, n, device="cuda")
+            dims = [(m, k), tuple(planes.shape), tuple(scale.shape), tuple(zero.shape)]
+            pointers = [x32.data_ptr(), planes.data_ptr(), scale.data_ptr(), zero.data_ptr()]
+            stream = torch.cuda.current_stream().cuda_stream
+
+            def int4_call():
+                intn.intn_linear(x, int4, out=y)
+
+            def fp6_call():
+                fp.fpx_linear(x, fp6, out=y)
+
+            def enqueue():
+                plugin.enqueue_buffers(dims, pointers, [y32.data_ptr()], stream, {"width": (4,), "group_size": (group,)})
+
+            def fp16_call():
+                torch.matmul(x, w16.t(), out=y)
+
+            row = [eager_us(int4_call), graph_us(int4_call), eager_us(fp6_call), graph_us(fp6_call), eager_us(enqueue),
+                   eager_us(fp16_call), graph_us(fp16_call)]
+            line = f"| {k}→{n} | {m} | " + " | ".join(f"{v:.1f}" for v in row) + " |"
+            lines.append(line)
+            print(line, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels_host.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
