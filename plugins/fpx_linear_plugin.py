@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from llmc.passes.bitplanes import fp6_low_positions, fp_kernel_tile
 from llmc.passes.fpx import FpFormat, format_of
-from llmc.plugins.linear_plugin import FunctionBody, LinearOp, device_tensor, function, rows_and_features
+from llmc.plugins.linear_plugin import FunctionBody, LinearOp, device_tensor, external_stream, function, rows_and_features
 
 VERSION = "2"  # 2: the kernels' tile (16 inputs per row of FP6's 2-bit plane, 8 per FP4 word); 1: any tile
 NAMESPACE = "llmc"
@@ -170,7 +170,7 @@ def _enqueue(input_dims, inputs, outputs, stream: int, fields: dict) -> None:
     fmt = format_of(fields["exponent_bits"][0], fields["mantissa_bits"][0])
     *plane_dims, scale_dims = (tuple(int(d) for d in dims) for dims in input_dims[1:])
     planes = [device_tensor(pointer, dims, "<i4") for pointer, dims in zip(inputs[1:-1], plane_dims)]
-    with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+    with torch.cuda.stream(external_stream(stream)):
         launch(device_tensor(inputs[0], (rows, in_features), "<f4"), planes,
                device_tensor(inputs[-1], scale_dims, "<f2"), fmt, fields["group_size"][0], fields["tile"][0],
                device_tensor(outputs[0], (rows, scale_dims[1]), "<f4"))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc.plugins.linear_plugin import FunctionBody, LinearOp, device_tensor, function, rows_and_features
+from llmc.plugins.linear_plugin import FunctionBody, LinearOp, device_tensor, external_stream, function, rows_and_features
 
 NAME = "IntNLinear"
 VERSION = "2"  # 2: word-row j holds inputs F j .. F j + F - 1 (1: tiles of a group)
@@ -129,7 +129,7 @@ def enqueue_buffers(input_dims, inputs, outputs, stream: int, fields: dict) -> N
 
     rows, in_features = rows_and_features(input_dims[0])
     plane_dims, group_dims = (tuple(int(d) for d in dims) for dims in input_dims[1:3])
-    with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+    with torch.cuda.stream(external_stream(stream)):
         launch(
             device_tensor(inputs[0], (rows, in_features), "<f4"),
             device_tensor(inputs[1], plane_dims, "<i4"),

@@ -10,6 +10,8 @@ Its fields are the node's integer attributes (an attribute may be a list of inte
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -216,12 +218,28 @@ class _CudaArray:
 
 def device_tensor(pointer: int, shape: tuple, typestr: str):
     """A torch CUDA tensor over TensorRT's buffer at ``pointer`` (``typestr``: "<f4", "<f2", "<i4")."""
+    return _view(int(pointer), tuple(int(d) for d in shape), typestr)
+
+
+@functools.lru_cache(maxsize=4096)
+def _view(pointer: int, shape: tuple, typestr: str):
+    # Kept: the view owns nothing, so the same pointer, shape and type always describe the same
+    # tensor, and a plugin's buffers repeat from one enqueue to the next (the wrap costs about 6 us,
+    # five per enqueue; docs/benchmarks/kernels.md, "Host time per call").
     import torch
 
     return torch.as_tensor(_CudaArray(pointer, shape, typestr), device="cuda")
 
 
+@functools.lru_cache(maxsize=64)
+def external_stream(handle: int):
+    """TensorRT's ``cudaStream_t`` as a torch stream (kept per handle: a wrapper that owns nothing)."""
+    import torch
+
+    return torch.cuda.ExternalStream(handle)
+
+
 def rows_and_features(x_dims) -> tuple[int, int]:
     """(rows, K) of an activation of dims [..., K]."""
     dims = tuple(int(d) for d in x_dims)
-    return int(np.prod(dims[:-1])), dims[-1]
+    return math.prod(dims[:-1]), dims[-1]
