@@ -494,7 +494,7 @@ def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
     swap[, num_stages]]]) (``swap``: the decoded weight as the first operand of ``tl.dot``;
     ``num_stages`` 3 unless given).
     ``programs_per_sm`` may be a fraction: at or below one program per output block (0 included),
-    no split-K.
+    no split-K. Memoized by value, as ``intn_config`` is.
     """
     return _fpx_config(m, w.fmt.bits, w.in_features, w.out_features, sms, decode, tensor_cores)
 

@@ -571,7 +571,8 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     programs_per_sm[, evict_first[, swap[, num_stages]]]) (``swap``: the decoded weight as the first
     operand of ``tl.dot``; ``num_stages`` 3 unless given). ``programs_per_sm`` may be a fraction: at
     or below one program per output block (0 included) there is no split-K (no reduction across
-    programs).
+    programs). Memoized by value (the rules are this module's constants), as the launchers call it
+    on every call.
     """
     return _intn_config(m, w.bits, w.group_size, w.symmetric, w.in_features, w.out_features, sms, decode, tensor_cores)
 
