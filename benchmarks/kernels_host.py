@@ -17,8 +17,8 @@ call:
 
 Eager: the fastest of 9 trials of 200 back-to-back calls each, then a synchronize, the trials
 spread over three passes through the whole table (host noise only ever adds time, and on a shared
-host it comes in spells longer than one cell's trials). Graph: 100 calls captured back to back on the same weights (L2-warm, so
-faster than kernels.py's L2-cold figures), 5 replays. Writes ``kernels_host.md`` under ``--out``
+host it comes in spells longer than one cell's trials). Graph: 100 calls captured back to back on
+the same weights (L2-warm, so faster than kernels.py's L2-cold figures), 5 replays. Writes ``kernels_host.md`` under ``--out``
 (default ``$OUT``, else the current directory).
 """
 
@@ -34,8 +34,6 @@ import torch
 
 SHAPES = ((576, 576), (4096, 4096), (4096, 11008))
 ROWS = (1, 16)
-
-
 PASSES = 3
 
 

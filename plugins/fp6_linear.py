@@ -575,12 +575,12 @@ SMALL_TENSOR_CORE_PROGRAMS_PER_SM = 0.5
 
 def fp6_tensor_core_config(in_features: int, out_features: int, sms: int) -> LaunchConfig:
     """The FP6 2-16 row launch of a [out_features, in_features] linear (see the table above)."""
-    weights = in_features * out_features
+    weights, word_rows = in_features * out_features, in_features // 16
     if weights < TENSOR_CORE_SHAPES_FPX[0][0]:
-        wider = tensor_core_config(TENSOR_CORE_SHAPES_FPX[1][1], out_features, in_features // 16, sms)
+        wider = tensor_core_config(TENSOR_CORE_SHAPES_FPX[1][1], out_features, word_rows, sms)
         if -(-out_features // wider.block_n) * wider.split.split >= SMALL_TENSOR_CORE_PROGRAMS_PER_SM * sms:
             return wider
-    return tensor_core_config(decode_shape(weights, TENSOR_CORE_SHAPES_FPX), out_features, in_features // 16, sms)
+    return tensor_core_config(decode_shape(weights, TENSOR_CORE_SHAPES_FPX), out_features, word_rows, sms)
 # FP4 keeps the round-1 table: the round-3 shapes were measured on FP6 only.
 TENSOR_CORE_SHAPES_FP4 = ((1 << 23, (32, 16, 4, 8)), (None, (64, 16, 4, 4)))
 DEQUANTIZE_SHAPE_FPX = (256, 4)
