@@ -576,7 +576,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "Time per call in microseconds (L2-cold: weights cycled over copies exceeding 4x L2, calls "
         "replayed from a CUDA graph, median of 5); in brackets the fraction of the copy roofline "
         "(bytes moved / time / copy rate). int4 and fp6 are llmc's dispatch: the fused kernels up "
-        "to 16 rows, dequantize-then-cuBLAS above.",
+        "to 16 rows, dequantize-then-cuBLAS at 256 and 2048 (int4's prefill kernel runs 17-128 rows: "
+        "benchmarks/kernels_prefill.py).",
         "",
         "| shape (K→N) | M | " + " | ".join(order) + " | best llmc vs fp16 |",
         "|---|---|" + "---|" * len(order) + "---|",

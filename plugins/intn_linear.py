@@ -28,8 +28,10 @@ Kernels (rules referred to in the code):
 3. Both split K when the output alone gives too few programs (``llmc.plugins.splitk``); one row
    from 2^23 to 2^27 weights, or with a short K below, reads all of K per program
    (``one_row_shape``), and so does each row of a few (rule 5).
-4. More rows (prefill): :func:`intn_dequantize` writes the float16 weight and cuBLAS multiplies;
-   the fused kernel ran 4-6x slower than cuBLAS there (``PREFILL_ROWS``).
+4. More rows: int4 with float16 x and scales runs the fused prefill kernel (rule 8) up to
+   ``FUSED_ROWS`` rows (:func:`prefill_config`; from 2^25 weights, 17-32 rows take the 2-16 row
+   kernel in blocks of 16 rows); beyond, and for the other formats, :func:`intn_dequantize` writes
+   the float16 weight and cuBLAS multiplies.
 5. A few rows of x run the decode kernel too (``rows_per_program``): on small linears once per row
    (a third grid dimension, each row with its own partials and counters; the rows' programs share
    the words through L2, round 5), elsewhere 2 or 4 rows per program (:func:`_gemv_rows_kernel`,
@@ -50,6 +52,17 @@ Kernels (rules referred to in the code):
    instructions: Triton does float16 arithmetic in float32, with a conversion each way (sm_90 SASS,
    64 x 16 rows: 499 -> 255 instructions a step). Round 10 (H100): int4 at 16 rows 4096->11008
    25.6 -> 19.7 us, 8192->28672 103.7 -> 68.7 (docs/benchmarks/kernels-rounds.md). bfloat16 x keeps rule 2.
+8. The prefill kernel (:func:`_prefill_kernel`, 17 to ``FUSED_ROWS`` rows of x) decodes each int4 word
+   with one PTX block (:func:`_word_decode_asm`): fields i and i + 4 sit in the two halves of the word,
+   so one ``lop3`` with 0x000F000F and 0x64006400 gives both as the float16 pair ``1024 + u``, then
+   ``sub.f16x2`` and ``mul.f16x2`` as in rule 7 (four shifts, four ``lop3``, eight float16x2
+   operations per word; Triton's own float16 arithmetic took about five times the instructions).
+   The eight fields join into the [BLOCK_N, K] operand in register order (``tl.join``), the first of
+   ``tl.dot``: a Hopper wgmma reads it from registers. Triton 3.6 lets up to three such wgmmas run
+   past the end of a loop step, while the next step's decode rewrites the registers they read
+   (undefined in PTX): on an H100 that gave wrong outputs in 4 of 4 trials at some launch shapes. An
+   empty asm block that reads the accumulator (:func:`_operands_read`) makes Triton wait for them
+   first (docs/benchmarks/kernels.md, "Prefill").
 """
 
 from __future__ import annotations
@@ -62,8 +75,8 @@ import torch
 from llmc.packed import PackedLinear
 from llmc.passes.bitplanes import INT_PLANE_WIDTHS, fields_per_word, int_kernel_tile, pack_int_codes, unpack_int_codes
 from llmc.plugins import splitk
-from llmc.plugins.splitk import (COMPILE_OPTIONS, LaunchConfig, as_rows, decode_config, pow2_at_least, require_triton,
-                                 sm_count, tensor_core_config, triton)
+from llmc.plugins.splitk import (COMPILE_OPTIONS, LaunchConfig, as_rows, choose_split, decode_config, pow2_at_least,
+                                 require_triton, sm_count, tensor_core_config, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -163,12 +176,33 @@ _PAIR_ASM = tuple(_pair_decode_asm(width, i, bool(sym)) if width in KERNEL_BITS 
                   for width in range(max(KERNEL_BITS) + 1) for sym in (0, 1) for i in range(16))
 
 
+def _word_decode_asm(symmetric: bool) -> str:
+    """PTX of rule 8: the eight fields of one int4 word ($8) as float16 ``scale * (u - zero)`` in
+    $0 .. $7 (field i in $i), given the scale $9 and, when not ``symmetric``, the zero point $10."""
+    lines = ["mov.b32 s, {$9, $9};"]
+    if symmetric:
+        lines.append("mov.b32 o, 0x64086408;")  # the float16 pair 1024 + 8
+    else:
+        lines += ["mov.b32 o, {$10, $10};", "mov.b32 t, 0x64006400;", "add.f16x2 o, o, t;"]  # 1024 + zero
+    for i in range(4):  # fields i (low half) and i + 4 (high half)
+        if i:
+            lines.append(f"shr.b32 t, $8, {4 * i};")
+        lines += [f"lop3.b32 p, {'t' if i else '$8'}, 0x000F000F, 0x64006400, 0xea;",  # 1024 + u
+                  "sub.f16x2 p, p, o;", "mul.f16x2 p, p, s;", f"mov.b32 {{${i}, ${i + 4}}}, p;"]
+    return "{ .reg .b32 t, o, s, p; " + " ".join(lines) + " }"
+
+
+# Rule 8's PTX, asymmetric and symmetric
+_WORD_ASM = (_word_decode_asm(False), _word_decode_asm(True))
+
+
 if triton is not None:
     from llmc.plugins.splitk import finish_split, grid_row, row_block, start_sum
 
     # Rule 1: x is scaled by 2^(100 - o), so u * 2^(o - 149) times it is u * x * 2^-49, normal.
     _X_SCALE = tl.constexpr(2.0**100)
     PAIR_ASM = tl.constexpr(_PAIR_ASM)
+    WORD_ASM = tl.constexpr(_WORD_ASM)
     _PRODUCT_SCALE = tl.constexpr(2.0**-49)
 
     @triton.jit
@@ -538,6 +572,63 @@ if triton is not None:
                pid_m * n_blocks + pid_n, pid_k, n_split, SEPARATE)
 
     @triton.jit
+    def _int4_words(words, scale, zero, SYMMETRIC: tl.constexpr):
+        """Rule 8: words [R, C] -> their weights [R, C, 8] as float16, field i at [.., i]."""
+        if SYMMETRIC:
+            f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
+                WORD_ASM[1], "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, scale], dtype=(tl.float16,) * 8,
+                is_pure=True, pack=1)
+        else:
+            f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
+                WORD_ASM[0], "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [words, scale, zero], dtype=(tl.float16,) * 8,
+                is_pure=True, pack=1)
+        # tl.join adds its axis last, so the innermost join is the slowest axis: field 4 a + 2 b + c.
+        w = tl.join(tl.join(tl.join(f0, f4), tl.join(f2, f6)), tl.join(tl.join(f1, f5), tl.join(f3, f7)))
+        return tl.reshape(w, (words.shape[0], words.shape[1], 8))
+
+    @triton.jit
+    def _operands_read(acc):
+        """Rule 8: an empty asm block reading ``acc``; Triton waits for the wgmmas in flight first."""
+        return tl.inline_asm_elementwise("", "=r,0", [acc], dtype=tl.float32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _prefill_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
+                        M, N, K, stride_xm, stride_ym, rows_per_split, n_split,
+                        GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SEPARATE: tl.constexpr = False):
+        # Rule 8: int4, float16 x and scales. Accumulates (W x^T) [BLOCK_N, BLOCK_M], the decoded
+        # weight the first operand; K in steps of BLOCK_W rows of words (8 inputs each).
+        start_sum(SEPARATE)
+        ROWS_PER_GROUP: tl.constexpr = GROUP // 8
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        row_begin = pid_k * rows_per_split
+        row_end = tl.minimum(row_begin + rows_per_split, K // 8)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for r0 in range(row_begin, row_end, BLOCK_W):
+            rows = r0 + tl.arange(0, BLOCK_W)
+            inputs = r0 * 8 + tl.arange(0, BLOCK_W * 8)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + inputs[None, :],
+                        mask=m_ok[:, None] & (inputs < row_end * 8)[None, :], other=0.0)
+            ok = (rows < row_end)[:, None] & n_ok[None, :]
+            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
+            group = rows // ROWS_PER_GROUP
+            scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+            if SYMMETRIC:
+                zero = scale  # unused
+            else:
+                zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+            w = tl.reshape(tl.permute(_int4_words(words, scale, zero, SYMMETRIC), (1, 0, 2)), (BLOCK_N, BLOCK_W * 8))
+            acc = _operands_read(tl.dot(w, tl.trans(x), acc))
+        finish_split(tl.trans(acc), y_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, stride_ym,
+                     pid_m * tl.num_programs(0) + pid_n, pid_k, n_split, SEPARATE)
+
+    @triton.jit
     def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
                    WIDTH: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
         # W.T as float16 [K, N] (coalesced stores along N) for dequantize-then-matmul.
@@ -561,8 +652,9 @@ if triton is not None:
 
 def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
                 tensor_cores: tuple | None = None) -> LaunchConfig | None:
-    """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md); None above
-    ``PREFILL_ROWS`` rows, where dequantize-then-matmul is faster than the fused kernels.
+    """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md); above
+    ``PREFILL_ROWS`` rows the prefill kernel's (:func:`prefill_config`), or None where
+    dequantize-then-matmul is faster (it also runs for x or scales that are not float16).
 
     ``decode`` overrides the decode kernel's launch, of one row and of a few (rule 5; rows per
     program as :func:`rows_per_program` says, or ``ROWS_PER_PROGRAM`` where it picks the tensor cores):
@@ -596,8 +688,9 @@ def _intn_config(m: int, bits: int, group_size: int, symmetric: bool, in_feature
                                    DECODE_SHAPE_NARROW, DECODE_SHAPE_LARGE, DECODE_SHAPES_SHORT if m == 1 else None)
         group_rows = 0 if group_size == in_features else group_size // fields_per_word(_width(bits))
         return decode_config(decode, out_features, word_rows, sms, rows, group_rows)
-    if m > PREFILL_ROWS:
-        return None
+    if m > PREFILL_ROWS and tensor_cores is None and not (
+            bits == 4 and m <= TENSOR_CORE_PREFILL_ROWS and in_features * out_features >= FUSED_WEIGHTS):
+        return prefill_config(m, bits, in_features, out_features, sms)
     if tensor_cores is None and wide_small(in_features, out_features):
         tensor_cores = TENSOR_CORE_SHAPE_WIDE
     if tensor_cores is None:
@@ -767,9 +860,37 @@ def multi_row_shape(m: int, in_features: int, out_features: int, small: tuple, w
     return small
 
 
-# Above this many rows, llmc dequantizes to float16 and calls cuBLAS: Triton's tensor-core
-# kernels with a dequantized operand run at a fifth of cuBLAS's rate there (measured).
+# Above this many rows, the 2-16 row kernels give way to rule 8's prefill kernel, or to
+# dequantize-then-cuBLAS.
 PREFILL_ROWS = 16
+# Rule 8 (int4, float16 x and scales) up to FUSED_ROWS rows of x on linears from FUSED_WEIGHTS
+# weights and up to FUSED_ROWS_SMALL below; more rows dequantize and call cuBLAS. Launch:
+# (block_n, block_w, num_warps, num_stages), blocks of 64 rows of x up to 64 rows, of 128 beyond, and
+# split-K to about PREFILL_PROGRAMS_PER_SM programs per SM. H100 (docs/benchmarks/kernels.md, "Prefill").
+FUSED_ROWS = 128
+FUSED_ROWS_SMALL = 64
+FUSED_WEIGHTS = 1 << 25
+# From FUSED_WEIGHTS weights, 17 to 32 rows run the 2-16 row tensor-core kernel (in blocks of 16 rows
+# of x) instead: 8192->28672 at 32 rows 116 against 164 us, 4096->11008 31.6 against 35.4 (H100).
+TENSOR_CORE_PREFILL_ROWS = 32
+PREFILL_SHAPE = (64, 8, 4, 4)
+PREFILL_PROGRAMS_PER_SM = 2
+
+
+def prefill_config(m: int, bits: int, in_features: int, out_features: int, sms: int) -> LaunchConfig | None:
+    """Rule 8's launch over ``m`` rows of x (more than ``PREFILL_ROWS``), or None where
+    dequantize-then-matmul runs."""
+    limit = FUSED_ROWS if in_features * out_features >= FUSED_WEIGHTS else FUSED_ROWS_SMALL
+    return prefill_launch(m, in_features, out_features, sms) if bits == 4 and m <= limit else None
+
+
+def prefill_launch(m: int, in_features: int, out_features: int, sms: int) -> LaunchConfig:
+    """Rule 8's launch over ``m`` rows of x, whatever ``m`` (the benchmark times it beyond the bounds)."""
+    block_m = 64 if m <= 64 else 128
+    block_n, block_w, warps, stages = PREFILL_SHAPE
+    blocks = -(-m // block_m) * -(-out_features // block_n)
+    split = choose_split(blocks, in_features // 8, block_w, PREFILL_PROGRAMS_PER_SM * sms)
+    return LaunchConfig(block_m, block_n, block_w, warps, stages, split)
 # (block_n, block_w) of the dequantize kernel.
 DEQUANTIZE_SHAPE = (256, 8)
 
@@ -789,11 +910,17 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: LaunchConfig | None = N
     width = _width(w.bits)
     x2 = as_rows(x, w.in_features, "intn_linear")
     m, n, k = x2.shape[0], w.out_features, w.in_features
-    if config is None and m > PREFILL_ROWS:  # prefill: dequantize, then cuBLAS
-        y = torch.matmul(x2, intn_dequantize(w, x.dtype).t(), out=out)
-        return y.reshape(*x.shape[:-1], n)
+    halves = x.dtype == w.scale.dtype == torch.float16
+    if config is None and m > PREFILL_ROWS:
+        require_triton()
+        config = intn_config(m, w, sm_count(x.device))
+        if config is None or config.block_m > 16 and not halves:  # dequantize, then cuBLAS
+            y = torch.matmul(x2, intn_dequantize(w, x.dtype).t(), out=out)
+            return y.reshape(*x.shape[:-1], n)
     require_triton()
     config = config or intn_config(m, w, sm_count(x.device))
+    if config.block_m > 16 and not (halves and w.bits == 4):
+        raise ValueError("intn_linear: the prefill kernel takes int4 weights, float16 x and float16 scales")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     split, rows = config.split, config.rows
     run = splitk.launch(config, m, n, x.device)
@@ -813,11 +940,17 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: LaunchConfig | None = N
             _gemv_rows_kernel[(grid_n, split.split, run.row_blocks)](
                 x2, w.planes[0], w.scale, w.zero, y, part, count, n, k, y.stride(0),
                 split.rows_per_split, split.split, m, ROWS=rows, ROW_BLOCKS=run.row_blocks > 1, **decode)
-    else:
+    elif config.block_m == 16:
         _gemm_kernel[(grid_n, run.grid_m, split.split)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, m, n, k, x2.stride(0), y.stride(0),
             split.rows_per_split, split.split, BLOCK_M=config.block_m, EVICT_FIRST=config.evict_first,
             SWAP=config.swap, **common)
+    else:
+        _prefill_kernel[(grid_n, run.grid_m, split.split)](
+            x2, w.planes[0], w.scale, w.zero, y, part, count, m, n, k, x2.stride(0), y.stride(0),
+            split.rows_per_split, split.split, GROUP=w.group_size, SYMMETRIC=w.symmetric, BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n, BLOCK_W=config.block_w, num_warps=config.num_warps,
+            num_stages=config.num_stages, SEPARATE=run.separate, **COMPILE_OPTIONS)
     run.finish(y)
     return y.reshape(*x.shape[:-1], n)
 
@@ -895,6 +1028,13 @@ def kernel_variants() -> list:
                 {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w,
                  "EVICT_FIRST": bool(rest and rest[0]), "SWAP": bool(len(rest) > 1 and rest[1])}, warps,
                 rest[2] if len(rest) > 2 else 3, (*aligned, "stride_xm")))
+    block_n, block_w, warps, stages = PREFILL_SHAPE
+    for symmetric, group in ((True, 128), (False, 32)):
+        for block_m in (64, 128):
+            variants.append(KernelVariant(
+                f"intn-prefill{block_m}-int4-{'sym' if symmetric else 'asym'}-g{group}", _prefill_kernel, gemm_args,
+                dict(GROUP=group, SYMMETRIC=symmetric, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w), warps,
+                stages, (*aligned, "stride_xm")))
     block_n, block_w = DEQUANTIZE_SHAPE
     variants.append(KernelVariant(
         "intn-dequantize-int4-g128", _dequantize_kernel,

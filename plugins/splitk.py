@@ -94,7 +94,7 @@ class LaunchConfig:
     """Block shape and split of one launch; ``intn_config`` and ``fpx_config`` pick it from the shape.
 
     ``block_m`` 1 is a decode kernel (CUDA cores) with ``rows`` rows of x per program, 16 a
-    tensor-core kernel over up to 16 rows of x.
+    tensor-core kernel over up to 16 rows of x, more the int4 prefill kernel (``intn_linear`` rule 8).
     """
 
     block_m: int

@@ -8,6 +8,7 @@ references. The full check and timing on every benchmarked shape is benchmarks/k
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -85,7 +86,8 @@ def test_launch_heuristics_by_rows_and_size():
     split = intn.intn_config(1, small, SMS, decode=(64, 4, 2, 8, True, False)).split
     assert split.rows_per_split % (64 // 8) == 0 and split.split > 1
     assert intn.intn_config(16, weights_of(4096, 4096), SMS).block_m == 16
-    assert intn.intn_config(17, small, SMS) is None  # prefill: dequantize, then cuBLAS
+    assert intn.intn_config(17, small, SMS).block_m == 64  # int4 prefill kernel (rule 8)
+    assert intn.intn_config(intn.FUSED_ROWS_SMALL + 1, small, SMS) is None  # dequantize, then cuBLAS
     fp6 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e3m2"], None, scale_dtype=torch.float16))
     assert fp.fpx_config(1, fp6, SMS).block_n == 16 and fp.fpx_config(100, fp6, SMS) is None
     # From 2^23 weights one row reads all of K per program, no split-K: 16 outputs x 512 rows of
@@ -124,6 +126,25 @@ def test_launch_heuristics_by_rows_and_size():
     assert (config.block_n, config.block_w, config.split.split) == fp.DECODE_SHAPE_NARROW_FP6[:2] + (1,)
     config = fp.fpx_config(1, fp6_of(8192, 28672), SMS)
     assert (config.block_n, config.block_w) == fp.DECODE_SHAPE_LARGE_FP6[1][:2] and config.split.split > 1
+
+
+def test_prefill_rows_take_the_int4_prefill_kernel_up_to_its_bound():
+    # Rule 8: int4 from 17 rows, up to FUSED_ROWS rows from 2^25 weights and FUSED_ROWS_SMALL below;
+    # blocks of 64 rows of x up to 64 rows, 128 beyond; split-K to about two programs per SM. From
+    # 2^25 weights, 17-32 rows take the 2-16 row tensor-core kernel (blocks of 16 rows) instead.
+    large, small = weights_of(11008, 4096), weights_of(4096, 4096)
+    assert intn.intn_config(17, large, SMS) == intn.intn_config(intn.TENSOR_CORE_PREFILL_ROWS, large, SMS) \
+        == intn.intn_config(16, large, SMS)
+    for rows, block_m in ((intn.TENSOR_CORE_PREFILL_ROWS + 1, 64), (64, 64), (65, 128), (intn.FUSED_ROWS, 128)):
+        config = intn.intn_config(rows, large, SMS)
+        assert (config.block_m, config.block_n, config.block_w) == (block_m, 64, 8), rows
+        blocks = -(-rows // block_m) * (4096 // 64)
+        assert blocks * config.split.split >= intn.PREFILL_PROGRAMS_PER_SM * SMS > blocks * (config.split.split - 1)
+    assert intn.intn_config(intn.FUSED_ROWS + 1, large, SMS) is None
+    assert intn.intn_config(17, small, SMS).block_m == intn.intn_config(intn.FUSED_ROWS_SMALL, small, SMS).block_m == 64
+    assert intn.intn_config(intn.FUSED_ROWS_SMALL + 1, small, SMS) is None
+    assert intn.intn_config(32, weights_of(4096, 4096, bits=8), SMS) is None  # int4 only
+    assert intn.intn_config(64, weights_of(8192, 28672), SMS).split.split == 1  # 448 blocks
 
 
 def test_tensor_core_launch_options_round_3():
@@ -213,9 +234,14 @@ def test_a_few_rows_run_the_decode_kernel_one_or_several_per_program():
 
 
 def _run_pair_ptx(asm: str, registers: dict) -> int:
-    """Run a PTX block of intn_linear rule 7 or fp6_linear rule 6 on 32-bit ``registers`` ($1 ...): the
-    instructions they use, float16
-    halves rounded to nearest (numpy's float16 arithmetic); returns $0."""
+    """$0 after :func:`_run_ptx`."""
+    return _run_ptx(asm, registers)["$0"]
+
+
+def _run_ptx(asm: str, registers: dict) -> dict:
+    """Run a PTX block of intn_linear rules 7 and 8 or fp6_linear rule 6 on 32-bit ``registers`` ($1 ...): the
+    instructions they use, float16 halves rounded to nearest (numpy's float16 arithmetic); returns
+    every register."""
     import numpy as np
 
     def halves(v):
@@ -227,9 +253,17 @@ def _run_pair_ptx(asm: str, registers: dict) -> int:
 
     regs = dict(registers)
     value = lambda name: regs[name] if name in regs else int(name, 0)
-    for statement in asm.strip("{} ").split(";"):
+    for statement in asm.strip()[1:-1].split(";"):
         op, _, args = statement.strip().partition(" ")
         if not op or op == ".reg":
+            continue
+        vector = re.fullmatch(r"\{(\S+), (\S+)\}, (\S+)|(\S+), \{(\S+), (\S+)\}", args.strip())
+        if op == "mov.b32" and vector:  # a 32-bit register to or from two 16-bit halves, low first
+            lo, hi, whole, dest, lo2, hi2 = vector.groups()
+            if whole:
+                regs[lo], regs[hi] = value(whole) & 0xFFFF, value(whole) >> 16
+            else:
+                regs[dest] = value(lo2) | value(hi2) << 16
             continue
         d, *a = [x.strip() for x in args.split(",")]
         a = [value(x) for x in a]
@@ -250,7 +284,7 @@ def _run_pair_ptx(asm: str, registers: dict) -> int:
         else:
             fn = {"add.f16x2": np.add, "sub.f16x2": np.subtract, "mul.f16x2": np.multiply}[op]
             regs[d] = word(fn(halves(a[0]), halves(a[1])))
-    return regs["$0"]
+    return regs
 
 
 @pytest.mark.parametrize("width", intn.KERNEL_BITS)
@@ -275,6 +309,25 @@ def test_float16_pair_decode_is_rule_2_bit_for_bit(width, symmetric):
             out = _run_pair_ptx(asm, registers)
             expected = ((np.array([u0, u1], np.float32) - zero.astype(np.float32)) * scale.astype(np.float32)).astype(np.float16)
             assert [out & 0xFFFF, out >> 16] == [int(v) for v in expected.view(np.uint16)], (i, u0, u1)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_word_decode_is_rule_2_bit_for_bit(symmetric):
+    # Rule 8's PTX, run instruction by instruction: all eight fields of a word, every code in every
+    # field, give float16((u - zero) * scale) in $0 .. $7.
+    import numpy as np
+
+    gen = np.random.default_rng(int(symmetric))
+    asm = intn._WORD_ASM[int(symmetric)]
+    for trial in range(64):
+        u = (np.arange(8) + trial) % 16 if trial < 16 else gen.integers(0, 16, 8)
+        word = sum(int(code) << (4 * i) for i, code in enumerate(u))
+        scale = np.float16(gen.uniform(1e-4, 0.05))
+        zero = np.float16(8 if symmetric else gen.integers(0, 16))
+        registers = {"$8": word, "$9": int(scale.view(np.uint16)), "$10": int(zero.view(np.uint16))}
+        out = _run_ptx(asm, registers)
+        expected = ((u.astype(np.float32) - np.float32(zero)) * np.float32(scale)).astype(np.float16)
+        assert [out[f"${i}"] for i in range(8)] == [int(v) for v in expected.view(np.uint16)], (trial, u)
 
 
 @pytest.mark.parametrize("name", ["e3m2", "e2m3"])
@@ -467,10 +520,13 @@ def test_several_rows_per_program_match_the_reference(kind, rows):
 
 
 @gpu
-@pytest.mark.parametrize("rows", [4, 16])
+@pytest.mark.parametrize("rows", [4, 16, 30])
 @pytest.mark.parametrize("kind", ["int4-g128", "int4-asym-g32", "fp6", "fp6-g32"])
 def test_every_shipped_tensor_core_launch_matches_its_reference(kind, rows):
-    """Each 2-16 row launch class (and the evict-first / swap options), forced onto a small weight."""
+    """Each 2-16 row launch class (and the evict-first / swap options), forced onto a small weight;
+    int4 also at 30 rows (two blocks of 16 rows, as 17-32 rows run on large linears)."""
+    if rows > 16 and not kind.startswith("int"):
+        pytest.skip("FP6 runs the tensor-core kernel up to 16 rows")
     w = weight(320, 1024, seed=7)
     if kind.startswith("int"):
         packed = intn.pack_intn(rtn_quantize(w, 4, 32 if "g32" in kind else 128, "asym" not in kind)).to("cuda")
@@ -484,6 +540,45 @@ def test_every_shipped_tensor_core_launch_matches_its_reference(kind, rows):
         configs = [fp.fpx_config(rows, packed, SMS, tensor_cores=s) for s in shapes]
         linear, reference = fp.fpx_linear, fp.fpx_reference
     launches_match_the_reference(linear, reference, packed, configs, rows)
+
+
+@gpu
+@pytest.mark.parametrize("rows", [17, 64, 100])
+@pytest.mark.parametrize("kind", ["int4-g128", "int4-asym-g32"])
+def test_prefill_launches_match_the_reference(kind, rows, monkeypatch):
+    """Rule 8 at both blocks of rows, without split-K and with 2 and 5 splits (both finishes on
+    sm_90), on 1056 inputs (132 rows of words: a partial last step) and x rows 1057 apart (not
+    16-byte aligned)."""
+    w = weight(320, 1056, seed=11)
+    packed = intn.pack_intn(rtn_quantize(w, 4, 32 if "g32" in kind else 96, "asym" not in kind)).to("cuda")
+    configs = [dataclasses.replace(intn.prefill_launch(rows, 1056, 320, SMS), block_m=block_m, split=splitk.choose_split(
+        -(-rows // block_m) * 5, 132, 8, splits * -(-rows // block_m) * 5)) for block_m in (64, 128) for splits in (1, 2, 5)]
+    assert sorted({c.split.split for c in configs}) == [1, 2, 5]
+    for config in configs:
+        x = torch.randn(rows, 1057, generator=torch.Generator().manual_seed(rows)).half().cuda()[:, 1:]
+        out = torch.full((rows, 320), float("nan"), dtype=torch.float16, device="cuda")
+        intn.intn_linear(x, packed, config, out=out)
+        expected = intn.intn_reference(x, packed).float()
+        assert bool(torch.isfinite(out).all()), config
+        assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, config
+
+
+@gpu
+def test_the_prefill_kernel_waits_for_its_register_operands():
+    """Rule 8 on a 4096->11008 linear at 2048 rows, four fresh inputs. Without the wait for the wgmmas
+    in flight (_operands_read), Triton 3.6's code for 128 x 128 blocks of 8 warps gave wrong outputs
+    in 4 of 4 trials on an H100; the shipped blocks, forced to 128 x 128, must not."""
+    w = intn.pack_intn(rtn_quantize(torch.randn(11008, 4096, device="cuda") * 0.02, 4, 128, True))
+    config = dataclasses.replace(intn.prefill_launch(2048, 4096, 11008, SMS), block_m=128, block_n=128, num_warps=8,
+                                 num_stages=3)
+    assert config.split.split == 1
+    for seed in range(4):
+        x = torch.randn(2048, 4096, generator=torch.Generator().manual_seed(seed)).half().cuda()
+        out = torch.full((2048, 11008), float("nan"), dtype=torch.float16, device="cuda")
+        intn.intn_linear(x, w, config, out=out)
+        expected = intn.intn_reference(x, w).float()
+        assert bool(torch.isfinite(out).all()), seed
+        assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, seed
 
 
 @gpu

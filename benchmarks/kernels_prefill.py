@@ -1,0 +1,98 @@
+"""Check and time llmc's int4 prefill kernel (``intn_linear`` rule 8) against dequantize-then-cuBLAS
+and cuBLAS float16, from 17 to 512 rows of x, on one GPU in one run.
+
+    python benchmarks/kernels_prefill.py [--out DIR]   # on a CUDA machine
+
+For each linear shape of ``benchmarks/kernels.py`` (int4 symmetric in groups of 128, 64 where
+K = 576) and each number of rows M: the fused kernel at ``prefill_launch``'s launch (whatever the
+bounds of ``prefill_config``), llmc's dequantize kernel then ``torch.matmul``, ``torch.matmul`` on
+the float16 weight, and ``intn_linear``'s own dispatch (the prefill kernel, the 2-16 row kernel in
+blocks of 16 rows, or dequantize-then-matmul), named and timed. Correctness first (a fresh ``x``, a
+NaN-filled output, the float32 reference, relative error under 2e-3), then the same L2-cold,
+graph-replayed timing as ``kernels.py``. Writes ``kernels_prefill.md`` under ``--out`` (default
+``$OUT``, else the current directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import SHAPES, TOLERANCE, _checked, _copies_of, _timed
+
+ROWS = (17, 32, 64, 96, 128, 192, 256, 512)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    args = parser.parse_args()
+
+    import torch
+    import triton
+
+    from llmc.passes.quantize_rtn import rtn_quantize
+    from llmc.plugins import intn_linear as intn
+    from llmc.plugins.splitk import sm_count
+
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    sms = sm_count(device)
+    torch.manual_seed(0)
+    warm = torch.randn(8192, 8192, dtype=torch.float16, device=device)
+    for _ in range(100):  # clocks up before the first timing
+        warm @ warm
+    del warm
+    started = time.time()
+    worst = 0.0
+    lines = []
+    for name, k, n in SHAPES:
+        weight = torch.randn(n, k, device=device) * 0.02
+        w = intn.pack_intn(rtn_quantize(weight, 4, 128 if k % 128 == 0 else 64, symmetric=True))
+        half = intn.intn_dequantize_reference(w).half()  # [N, K]
+        weights, halves = _copies_of(w), _copies_of(half)
+        first = True
+        for m in (ROWS[0], *ROWS):  # the first timing of a shape ran slow (up to 2x), so it is run twice
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            ref = intn.intn_reference(x, w).float()
+            y = torch.empty(m, n, device=device, dtype=torch.float16)
+            launch = intn.prefill_launch(m, k, n, sms)
+            fused = lambda x, y, w: intn.intn_linear(x, w, launch, out=y)  # noqa: E731
+            if _checked(fused, x, w, ref, (m, n), f"{name} M={m} fused") is None:
+                raise SystemExit("the prefill kernel is wrong; no timing")
+            worst = max(worst, float((intn.intn_linear(x, w, launch).float() - ref).norm() / ref.norm()))
+            times = {
+                "llmc": _timed(lambda i: (lambda: intn.intn_linear(x, weights(i), out=y)), w.nbytes, props.L2_cache_size),
+                "fused": _timed(lambda i: (lambda: intn.intn_linear(x, weights(i), launch, out=y)), w.nbytes, props.L2_cache_size),
+                "deq+mm": _timed(lambda i: (lambda: torch.matmul(x, intn.intn_dequantize(weights(i)).t(), out=y)),
+                                 w.nbytes, props.L2_cache_size),
+                "fp16": _timed(lambda i: (lambda: torch.matmul(x, halves(i).t(), out=y)), 2 * n * k, props.L2_cache_size),
+            }
+            config = intn.intn_config(m, w, sms)
+            picked = "deq+mm" if config is None else "prefill" if config.block_m > 16 else "2-16 row"
+            if first:
+                first = False
+                continue
+            lines.append(f"| {name} ({k}→{n}) | {m} | {times['fused'] * 1e6:.1f} | {times['deq+mm'] * 1e6:.1f} | "
+                         f"{times['fp16'] * 1e6:.1f} | {picked} {times['llmc'] * 1e6:.1f} | "
+                         f"{times['deq+mm'] / times['fused']:.2f}x | {times['fp16'] / times['fused']:.2f}x | "
+                         f"{times['fp16'] / times['llmc']:.2f}x |")
+            print(lines[-1], flush=True)
+    header = (f"{props.name}, {sms} SMs, torch {torch.__version__}, triton {triton.__version__}, {date.today()}; "
+              f"largest relative error of the fused kernel {worst:.1e} (tolerance {TOLERANCE}); {time.time() - started:.0f} s\n\n"
+              "| shape (K→N) | M | prefill kernel (us) | deq+mm (us) | fp16 (us) | llmc's dispatch (us) | prefill vs deq+mm "
+              "| prefill vs fp16 | llmc vs fp16 |\n"
+              "|---|---|---|---|---|---|---|---|---|\n")
+    text = header + "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels_prefill.md").write_text(text)
+    print(header)
+
+
+if __name__ == "__main__":
+    main()
