@@ -28,9 +28,9 @@ Kernels (rules referred to in the code):
 3. Both split K when the output alone gives too few programs (``llmc.plugins.splitk``); one row
    from 2^23 to 2^27 weights, or with a short K below, reads all of K per program
    (``one_row_shape``), and so does each row of a few (rule 5).
-4. More rows: int4 with float16 x and scales runs the fused prefill kernel (rule 8) up to
-   ``FUSED_ROWS`` rows (:func:`prefill_config`; from 2^25 weights, 17-32 rows take the 2-16 row
-   kernel in blocks of 16 rows); beyond, and for the other formats, :func:`intn_dequantize` writes
+4. More rows: with float16 x and scales, the fused prefill kernel (rule 8) up to 64 or 128 rows
+   (:func:`prefill_config`, ``PREFILL_RULES``; from 2^25 weights, int4 at 17-32 rows takes the
+   2-16 row kernel in blocks of 16 rows); beyond, and for bfloat16 x, :func:`intn_dequantize` writes
    the float16 weight and cuBLAS multiplies.
 5. A few rows of x run the decode kernel too (``rows_per_program``): on small linears once per row
    (a third grid dimension, each row with its own partials and counters; the rows' programs share
@@ -52,12 +52,12 @@ Kernels (rules referred to in the code):
    instructions: Triton does float16 arithmetic in float32, with a conversion each way (sm_90 SASS,
    64 x 16 rows: 499 -> 255 instructions a step). Round 10 (H100): int4 at 16 rows 4096->11008
    25.6 -> 19.7 us, 8192->28672 103.7 -> 68.7 (docs/benchmarks/kernels-rounds.md). bfloat16 x keeps rule 2.
-8. The prefill kernel (:func:`_prefill_kernel`, 17 to ``FUSED_ROWS`` rows of x) decodes each int4 word
-   with one PTX block (:func:`_word_decode_asm`): fields i and i + 4 sit in the two halves of the word,
-   so one ``lop3`` with 0x000F000F and 0x64006400 gives both as the float16 pair ``1024 + u``, then
-   ``sub.f16x2`` and ``mul.f16x2`` as in rule 7 (four shifts, four ``lop3``, eight float16x2
+8. The prefill kernel (:func:`_prefill_kernel`, 17 to 128 rows of x) decodes each word with one PTX
+   block (:func:`_word_decode_asm`): fields i and i + F/2 sit in the two halves of the word, so one
+   ``lop3`` (int4: with 0x000F000F and 0x64006400) gives both as the float16 pair ``1024 + u``, then
+   ``sub.f16x2`` and ``mul.f16x2`` as in rule 7 (int4: four shifts, four ``lop3``, eight float16x2
    operations per word; Triton's own float16 arithmetic took about five times the instructions).
-   The eight fields join into the [BLOCK_N, K] operand in register order (``tl.join``), the first of
+   The F fields join into the [BLOCK_N, K] operand in register order (``tl.join``), the first of
    ``tl.dot``: a Hopper wgmma reads it from registers. Triton 3.6 lets up to three such wgmmas run
    past the end of a loop step, while the next step's decode rewrites the registers they read
    (undefined in PTX): on an H100 that gave wrong outputs in 4 of 4 trials at some launch shapes. An
@@ -176,24 +176,33 @@ _PAIR_ASM = tuple(_pair_decode_asm(width, i, bool(sym)) if width in KERNEL_BITS 
                   for width in range(max(KERNEL_BITS) + 1) for sym in (0, 1) for i in range(16))
 
 
-def _word_decode_asm(symmetric: bool) -> str:
-    """PTX of rule 8: the eight fields of one int4 word ($8) as float16 ``scale * (u - zero)`` in
-    $0 .. $7 (field i in $i), given the scale $9 and, when not ``symmetric``, the zero point $10."""
-    lines = ["mov.b32 s, {$9, $9};"]
+def _word_decode_asm(width: int, symmetric: bool) -> str:
+    """PTX of rule 8: the ``F = 32 / width`` fields of one word ($F) as float16 ``scale * (u - zero)``
+    in $0 .. $(F-1) (field i in $i), given the scale $(F+1) and, when not ``symmetric``, the zero
+    point $(F+2). Fields i and i + F/2 sit in the two halves of the word: one ``lop3`` makes both."""
+    fields = 32 // width
+    word, scale, zero = f"${fields}", f"${fields + 1}", f"${fields + 2}"
+    mask = (1 << width) - 1
+    lines = [f"mov.b32 s, {{{scale}, {scale}}};"]
     if symmetric:
-        lines.append("mov.b32 o, 0x64086408;")  # the float16 pair 1024 + 8
+        offset = 0x6400 + (1 << (width - 1))  # the float16 1024 + 2^(width-1)
+        lines.append(f"mov.b32 o, {offset | offset << 16:#010x};")
     else:
-        lines += ["mov.b32 o, {$10, $10};", "mov.b32 t, 0x64006400;", "add.f16x2 o, o, t;"]  # 1024 + zero
-    for i in range(4):  # fields i (low half) and i + 4 (high half)
+        lines += [f"mov.b32 o, {{{zero}, {zero}}};", "mov.b32 t, 0x64006400;", "add.f16x2 o, o, t;"]  # 1024 + zero
+    for i in range(fields // 2):
         if i:
-            lines.append(f"shr.b32 t, $8, {4 * i};")
-        lines += [f"lop3.b32 p, {'t' if i else '$8'}, 0x000F000F, 0x64006400, 0xea;",  # 1024 + u
-                  "sub.f16x2 p, p, o;", "mul.f16x2 p, p, s;", f"mov.b32 {{${i}, ${i + 4}}}, p;"]
+            lines.append(f"shr.b32 t, {word}, {width * i};")
+        lines += [f"lop3.b32 p, {'t' if i else word}, {mask | mask << 16:#010x}, 0x64006400, 0xea;",  # 1024 + u
+                  "sub.f16x2 p, p, o;", "mul.f16x2 p, p, s;", f"mov.b32 {{${i}, ${i + fields // 2}}}, p;"]
     return "{ .reg .b32 t, o, s, p; " + " ".join(lines) + " }"
 
 
-# Rule 8's PTX, asymmetric and symmetric
-_WORD_ASM = (_word_decode_asm(False), _word_decode_asm(True))
+# Rule 8's PTX at [2 * width + symmetric], and its operands: F float16 outputs, the word, the scale
+# and the zero point (passed, unread, when symmetric)
+_WORD_ASM = tuple(_word_decode_asm(width, bool(sym)) if width in KERNEL_BITS else ""
+                  for width in range(max(KERNEL_BITS) + 1) for sym in (0, 1))
+_WORD_CONSTRAINTS = tuple(",".join(["=h"] * (32 // width)) + ",r,h,h" if width in KERNEL_BITS else ""
+                          for width in range(max(KERNEL_BITS) + 1))
 
 
 if triton is not None:
@@ -203,6 +212,7 @@ if triton is not None:
     _X_SCALE = tl.constexpr(2.0**100)
     PAIR_ASM = tl.constexpr(_PAIR_ASM)
     WORD_ASM = tl.constexpr(_WORD_ASM)
+    WORD_CONSTRAINTS = tl.constexpr(_WORD_CONSTRAINTS)
     _PRODUCT_SCALE = tl.constexpr(2.0**-49)
 
     @triton.jit
@@ -572,19 +582,26 @@ if triton is not None:
                pid_m * n_blocks + pid_n, pid_k, n_split, SEPARATE)
 
     @triton.jit
-    def _int4_words(words, scale, zero, SYMMETRIC: tl.constexpr):
-        """Rule 8: words [R, C] -> their weights [R, C, 8] as float16, field i at [.., i]."""
-        if SYMMETRIC:
-            f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
-                WORD_ASM[1], "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, scale], dtype=(tl.float16,) * 8,
+    def _int_words(words, scale, zero, WIDTH: tl.constexpr, SYMMETRIC: tl.constexpr):
+        """Rule 8: words [R, C] -> their weights [R, C, F] as float16, field i at [.., i]. tl.join adds
+        its axis last, so the first join (fields i and i + F/2) is the slowest axis of the result."""
+        asm: tl.constexpr = WORD_ASM[2 * WIDTH + SYMMETRIC]
+        constraints: tl.constexpr = WORD_CONSTRAINTS[WIDTH]
+        if WIDTH == 8:
+            f0, f1, f2, f3 = tl.inline_asm_elementwise(
+                asm, constraints, [words, scale, zero], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
                 is_pure=True, pack=1)
+            w = tl.join(tl.join(f0, f2), tl.join(f1, f3))
+        elif WIDTH == 4:
+            f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
+                asm, constraints, [words, scale, zero], dtype=(tl.float16, ) * 8, is_pure=True, pack=1)
+            w = tl.join(tl.join(tl.join(f0, f4), tl.join(f2, f6)), tl.join(tl.join(f1, f5), tl.join(f3, f7)))
         else:
-            f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
-                WORD_ASM[0], "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [words, scale, zero], dtype=(tl.float16,) * 8,
-                is_pure=True, pack=1)
-        # tl.join adds its axis last, so the innermost join is the slowest axis: field 4 a + 2 b + c.
-        w = tl.join(tl.join(tl.join(f0, f4), tl.join(f2, f6)), tl.join(tl.join(f1, f5), tl.join(f3, f7)))
-        return tl.reshape(w, (words.shape[0], words.shape[1], 8))
+            f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15 = tl.inline_asm_elementwise(
+                asm, constraints, [words, scale, zero], dtype=(tl.float16, ) * 16, is_pure=True, pack=1)
+            w = tl.join(tl.join(tl.join(tl.join(f0, f8), tl.join(f4, f12)), tl.join(tl.join(f2, f10), tl.join(f6, f14))),
+                        tl.join(tl.join(tl.join(f1, f9), tl.join(f5, f13)), tl.join(tl.join(f3, f11), tl.join(f7, f15))))
+        return tl.reshape(w, (words.shape[0], words.shape[1], 32 // WIDTH))
 
     @triton.jit
     def _operands_read(acc):
@@ -594,12 +611,13 @@ if triton is not None:
     @triton.jit
     def _prefill_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
                         M, N, K, stride_xm, stride_ym, rows_per_split, n_split,
-                        GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
+                        WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SEPARATE: tl.constexpr = False):
-        # Rule 8: int4, float16 x and scales. Accumulates (W x^T) [BLOCK_N, BLOCK_M], the decoded
-        # weight the first operand; K in steps of BLOCK_W rows of words (8 inputs each).
+        # Rule 8: float16 x and scales. Accumulates (W x^T) [BLOCK_N, BLOCK_M], the decoded weight the
+        # first operand; K in steps of BLOCK_W rows of words (FIELDS inputs each).
         start_sum(SEPARATE)
-        ROWS_PER_GROUP: tl.constexpr = GROUP // 8
+        FIELDS: tl.constexpr = 32 // WIDTH
+        ROWS_PER_GROUP: tl.constexpr = GROUP // FIELDS
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -608,13 +626,13 @@ if triton is not None:
         m_ok = offs_m < M
         n_ok = offs_n < N
         row_begin = pid_k * rows_per_split
-        row_end = tl.minimum(row_begin + rows_per_split, K // 8)
+        row_end = tl.minimum(row_begin + rows_per_split, K // FIELDS)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for r0 in range(row_begin, row_end, BLOCK_W):
             rows = r0 + tl.arange(0, BLOCK_W)
-            inputs = r0 * 8 + tl.arange(0, BLOCK_W * 8)
+            inputs = r0 * FIELDS + tl.arange(0, BLOCK_W * FIELDS)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + inputs[None, :],
-                        mask=m_ok[:, None] & (inputs < row_end * 8)[None, :], other=0.0)
+                        mask=m_ok[:, None] & (inputs < row_end * FIELDS)[None, :], other=0.0)
             ok = (rows < row_end)[:, None] & n_ok[None, :]
             words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
             group = rows // ROWS_PER_GROUP
@@ -623,7 +641,7 @@ if triton is not None:
                 zero = scale  # unused
             else:
                 zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
-            w = tl.reshape(tl.permute(_int4_words(words, scale, zero, SYMMETRIC), (1, 0, 2)), (BLOCK_N, BLOCK_W * 8))
+            w = tl.reshape(tl.permute(_int_words(words, scale, zero, WIDTH, SYMMETRIC), (1, 0, 2)), (BLOCK_N, BLOCK_W * FIELDS))
             acc = _operands_read(tl.dot(w, tl.trans(x), acc))
         finish_split(tl.trans(acc), y_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, stride_ym,
                      pid_m * tl.num_programs(0) + pid_n, pid_k, n_split, SEPARATE)
@@ -863,34 +881,43 @@ def multi_row_shape(m: int, in_features: int, out_features: int, small: tuple, w
 # Above this many rows, the 2-16 row kernels give way to rule 8's prefill kernel, or to
 # dequantize-then-cuBLAS.
 PREFILL_ROWS = 16
-# Rule 8 (int4, float16 x and scales) up to FUSED_ROWS rows of x on linears from FUSED_WEIGHTS
-# weights and up to FUSED_ROWS_SMALL below; more rows dequantize and call cuBLAS. Launch:
-# (block_n, block_w, num_warps, num_stages), blocks of 64 rows of x up to 64 rows, of 128 beyond, and
-# split-K to about PREFILL_PROGRAMS_PER_SM programs per SM. H100 (docs/benchmarks/kernels.md, "Prefill").
-FUSED_ROWS = 128
-FUSED_ROWS_SMALL = 64
+# Rule 8 (float16 x and scales): where it runs, by bits, (from weights, up to rows below
+# FUSED_WEIGHTS weights, up to rows from FUSED_WEIGHTS); more rows dequantize and call cuBLAS. Set
+# from benchmarks/kernels_prefill.py on an H100 (docs/benchmarks/kernels-prefill.md): int2/int4 beat
+# dequantize-then-cuBLAS on every shape up to 64 rows and on the large ones up to 128; int8 only from
+# 2^24 weights, up to 64 rows (below, 0.81-1.08x). Launch: (block_n, inputs per step, num_warps,
+# num_stages), blocks of 64 rows of x up to 64 rows, of 128 beyond, and split-K to about
+# PREFILL_PROGRAMS_PER_SM programs per SM.
 FUSED_WEIGHTS = 1 << 25
-# From FUSED_WEIGHTS weights, 17 to 32 rows run the 2-16 row tensor-core kernel (in blocks of 16 rows
-# of x) instead: 8192->28672 at 32 rows 116 against 164 us, 4096->11008 31.6 against 35.4 (H100).
+PREFILL_RULES = {2: (0, 64, 128), 4: (0, 64, 128), 8: (1 << 24, 64, 64)}
+# From FUSED_WEIGHTS weights, int4 at 17 to 32 rows runs the 2-16 row tensor-core kernel (in blocks of
+# 16 rows of x) instead: 8192->28672 at 32 rows 116 against 164 us, 4096->11008 31.6 against 35.4 (H100).
 TENSOR_CORE_PREFILL_ROWS = 32
-PREFILL_SHAPE = (64, 8, 4, 4)
+PREFILL_SHAPE = (64, 64, 4, 4)
 PREFILL_PROGRAMS_PER_SM = 2
 
 
 def prefill_config(m: int, bits: int, in_features: int, out_features: int, sms: int) -> LaunchConfig | None:
     """Rule 8's launch over ``m`` rows of x (more than ``PREFILL_ROWS``), or None where
     dequantize-then-matmul runs."""
-    limit = FUSED_ROWS if in_features * out_features >= FUSED_WEIGHTS else FUSED_ROWS_SMALL
-    return prefill_launch(m, in_features, out_features, sms) if bits == 4 and m <= limit else None
+    least, small, large = PREFILL_RULES[bits]
+    weights = in_features * out_features
+    if weights < least or m > (large if weights >= FUSED_WEIGHTS else small):
+        return None
+    return prefill_launch(m, bits, in_features, out_features, sms)
 
 
-def prefill_launch(m: int, in_features: int, out_features: int, sms: int) -> LaunchConfig:
-    """Rule 8's launch over ``m`` rows of x, whatever ``m`` (the benchmark times it beyond the bounds)."""
+def prefill_launch(m: int, bits: int, in_features: int, out_features: int, sms: int) -> LaunchConfig:
+    """Rule 8's launch over ``m`` rows of x, whatever ``m`` (the benchmark times it beyond the bounds):
+    64 inputs per step (``block_w`` rows of words of ``32 / bits`` inputs)."""
     block_m = 64 if m <= 64 else 128
-    block_n, block_w, warps, stages = PREFILL_SHAPE
+    block_n, inputs, warps, stages = PREFILL_SHAPE
+    fields = fields_per_word(_width(bits))
     blocks = -(-m // block_m) * -(-out_features // block_n)
-    split = choose_split(blocks, in_features // 8, block_w, PREFILL_PROGRAMS_PER_SM * sms)
-    return LaunchConfig(block_m, block_n, block_w, warps, stages, split)
+    split = choose_split(blocks, in_features // fields, inputs // fields, PREFILL_PROGRAMS_PER_SM * sms)
+    return LaunchConfig(block_m, block_n, inputs // fields, warps, stages, split)
+
+
 # (block_n, block_w) of the dequantize kernel.
 DEQUANTIZE_SHAPE = (256, 8)
 
@@ -919,8 +946,8 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: LaunchConfig | None = N
             return y.reshape(*x.shape[:-1], n)
     require_triton()
     config = config or intn_config(m, w, sm_count(x.device))
-    if config.block_m > 16 and not (halves and w.bits == 4):
-        raise ValueError("intn_linear: the prefill kernel takes int4 weights, float16 x and float16 scales")
+    if config.block_m > 16 and not halves:
+        raise ValueError("intn_linear: the prefill kernel takes float16 x and float16 scales")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     split, rows = config.split, config.rows
     run = splitk.launch(config, m, n, x.device)
@@ -948,7 +975,7 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: LaunchConfig | None = N
     else:
         _prefill_kernel[(grid_n, run.grid_m, split.split)](
             x2, w.planes[0], w.scale, w.zero, y, part, count, m, n, k, x2.stride(0), y.stride(0),
-            split.rows_per_split, split.split, GROUP=w.group_size, SYMMETRIC=w.symmetric, BLOCK_M=config.block_m,
+            split.rows_per_split, split.split, WIDTH=width, GROUP=w.group_size, SYMMETRIC=w.symmetric, BLOCK_M=config.block_m,
             BLOCK_N=config.block_n, BLOCK_W=config.block_w, num_warps=config.num_warps,
             num_stages=config.num_stages, SEPARATE=run.separate, **COMPILE_OPTIONS)
     run.finish(y)
@@ -1028,13 +1055,14 @@ def kernel_variants() -> list:
                 {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w,
                  "EVICT_FIRST": bool(rest and rest[0]), "SWAP": bool(len(rest) > 1 and rest[1])}, warps,
                 rest[2] if len(rest) > 2 else 3, (*aligned, "stride_xm")))
-    block_n, block_w, warps, stages = PREFILL_SHAPE
-    for symmetric, group in ((True, 128), (False, 32)):
+    block_n, inputs, warps, stages = PREFILL_SHAPE
+    for bits, symmetric, group in ((4, True, 128), (4, False, 32), (8, True, 4096), (2, False, 32)):
         for block_m in (64, 128):
+            width = INT_PLANE_WIDTHS[bits][0]
             variants.append(KernelVariant(
-                f"intn-prefill{block_m}-int4-{'sym' if symmetric else 'asym'}-g{group}", _prefill_kernel, gemm_args,
-                dict(GROUP=group, SYMMETRIC=symmetric, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w), warps,
-                stages, (*aligned, "stride_xm")))
+                f"intn-prefill{block_m}-int{bits}-{'sym' if symmetric else 'asym'}-g{group}", _prefill_kernel, gemm_args,
+                dict(WIDTH=width, GROUP=group, SYMMETRIC=symmetric, BLOCK_M=block_m, BLOCK_N=block_n,
+                     BLOCK_W=inputs // fields_per_word(width)), warps, stages, (*aligned, "stride_xm")))
     block_n, block_w = DEQUANTIZE_SHAPE
     variants.append(KernelVariant(
         "intn-dequantize-int4-g128", _dequantize_kernel,

@@ -87,7 +87,7 @@ def test_launch_heuristics_by_rows_and_size():
     assert split.rows_per_split % (64 // 8) == 0 and split.split > 1
     assert intn.intn_config(16, weights_of(4096, 4096), SMS).block_m == 16
     assert intn.intn_config(17, small, SMS).block_m == 64  # int4 prefill kernel (rule 8)
-    assert intn.intn_config(intn.FUSED_ROWS_SMALL + 1, small, SMS) is None  # dequantize, then cuBLAS
+    assert intn.intn_config(65, small, SMS) is None  # dequantize, then cuBLAS
     fp6 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e3m2"], None, scale_dtype=torch.float16))
     assert fp.fpx_config(1, fp6, SMS).block_n == 16 and fp.fpx_config(100, fp6, SMS) is None
     # From 2^23 weights one row reads all of K per program, no split-K: 16 outputs x 512 rows of
@@ -128,23 +128,29 @@ def test_launch_heuristics_by_rows_and_size():
     assert (config.block_n, config.block_w) == fp.DECODE_SHAPE_LARGE_FP6[1][:2] and config.split.split > 1
 
 
-def test_prefill_rows_take_the_int4_prefill_kernel_up_to_its_bound():
-    # Rule 8: int4 from 17 rows, up to FUSED_ROWS rows from 2^25 weights and FUSED_ROWS_SMALL below;
-    # blocks of 64 rows of x up to 64 rows, 128 beyond; split-K to about two programs per SM. From
-    # 2^25 weights, 17-32 rows take the 2-16 row tensor-core kernel (blocks of 16 rows) instead.
+def test_prefill_rows_take_the_prefill_kernel_up_to_its_bounds():
+    # Rule 8 from 17 rows: int2/int4 up to 128 rows from 2^25 weights and 64 below; int8 up to 64
+    # rows from 2^24 weights only. Blocks of 64 rows of x up to 64 rows, 128 beyond, 64 inputs per
+    # step; split-K to about two programs per SM. From 2^25 weights, int4 at 17-32 rows takes the
+    # 2-16 row tensor-core kernel (blocks of 16 rows) instead.
     large, small = weights_of(11008, 4096), weights_of(4096, 4096)
     assert intn.intn_config(17, large, SMS) == intn.intn_config(intn.TENSOR_CORE_PREFILL_ROWS, large, SMS) \
         == intn.intn_config(16, large, SMS)
-    for rows, block_m in ((intn.TENSOR_CORE_PREFILL_ROWS + 1, 64), (64, 64), (65, 128), (intn.FUSED_ROWS, 128)):
+    for rows, block_m in ((intn.TENSOR_CORE_PREFILL_ROWS + 1, 64), (64, 64), (65, 128), (128, 128)):
         config = intn.intn_config(rows, large, SMS)
         assert (config.block_m, config.block_n, config.block_w) == (block_m, 64, 8), rows
         blocks = -(-rows // block_m) * (4096 // 64)
         assert blocks * config.split.split >= intn.PREFILL_PROGRAMS_PER_SM * SMS > blocks * (config.split.split - 1)
-    assert intn.intn_config(intn.FUSED_ROWS + 1, large, SMS) is None
-    assert intn.intn_config(17, small, SMS).block_m == intn.intn_config(intn.FUSED_ROWS_SMALL, small, SMS).block_m == 64
-    assert intn.intn_config(intn.FUSED_ROWS_SMALL + 1, small, SMS) is None
-    assert intn.intn_config(32, weights_of(4096, 4096, bits=8), SMS) is None  # int4 only
+    assert intn.intn_config(129, large, SMS) is None
+    assert intn.intn_config(17, small, SMS).block_m == intn.intn_config(64, small, SMS).block_m == 64
+    assert intn.intn_config(65, small, SMS) is None
     assert intn.intn_config(64, weights_of(8192, 28672), SMS).split.split == 1  # 448 blocks
+    # int2: no tensor-core detour; int8: 16 rows of words (64 inputs) per step, from 2^24 weights.
+    assert intn.intn_config(17, weights_of(11008, 4096, bits=2), SMS).block_w == 4
+    assert intn.intn_config(128, weights_of(11008, 4096, bits=2), SMS).block_m == 128
+    assert intn.intn_config(17, weights_of(4096, 4096, bits=8), SMS).block_w == 16
+    assert intn.intn_config(65, weights_of(11008, 4096, bits=8), SMS) is None
+    assert intn.intn_config(17, weights_of(4096, 2048, bits=8), SMS) is None
 
 
 def test_tensor_core_launch_options_round_3():
@@ -311,23 +317,27 @@ def test_float16_pair_decode_is_rule_2_bit_for_bit(width, symmetric):
             assert [out & 0xFFFF, out >> 16] == [int(v) for v in expected.view(np.uint16)], (i, u0, u1)
 
 
+@pytest.mark.parametrize("width", intn.KERNEL_BITS)
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_int4_word_decode_is_rule_2_bit_for_bit(symmetric):
-    # Rule 8's PTX, run instruction by instruction: all eight fields of a word, every code in every
-    # field, give float16((u - zero) * scale) in $0 .. $7.
+def test_word_decode_is_rule_2_bit_for_bit(width, symmetric):
+    # Rule 8's PTX, run instruction by instruction: all F fields of a word, every code in every
+    # field, give float16((u - zero) * scale) in $0 .. $(F-1).
     import numpy as np
 
-    gen = np.random.default_rng(int(symmetric))
-    asm = intn._WORD_ASM[int(symmetric)]
-    for trial in range(64):
-        u = (np.arange(8) + trial) % 16 if trial < 16 else gen.integers(0, 16, 8)
-        word = sum(int(code) << (4 * i) for i, code in enumerate(u))
+    gen = np.random.default_rng(width + int(symmetric))
+    fields, codes = 32 // width, 1 << width
+    asm = intn._WORD_ASM[2 * width + int(symmetric)]
+    assert asm == intn._word_decode_asm(width, symmetric)
+    for trial in range(max(64, codes)):
+        u = (np.arange(fields) + trial) % codes if trial < codes else gen.integers(0, codes, fields)
+        word = sum(int(code) << (width * i) for i, code in enumerate(u))
         scale = np.float16(gen.uniform(1e-4, 0.05))
-        zero = np.float16(8 if symmetric else gen.integers(0, 16))
-        registers = {"$8": word, "$9": int(scale.view(np.uint16)), "$10": int(zero.view(np.uint16))}
+        zero = np.float16(codes // 2 if symmetric else gen.integers(0, codes))
+        registers = {f"${fields}": word, f"${fields + 1}": int(scale.view(np.uint16)),
+                     f"${fields + 2}": int(zero.view(np.uint16))}
         out = _run_ptx(asm, registers)
         expected = ((u.astype(np.float32) - np.float32(zero)) * np.float32(scale)).astype(np.float16)
-        assert [out[f"${i}"] for i in range(8)] == [int(v) for v in expected.view(np.uint16)], (trial, u)
+        assert [out[f"${i}"] for i in range(fields)] == [int(v) for v in expected.view(np.uint16)], (trial, u)
 
 
 @pytest.mark.parametrize("name", ["e3m2", "e2m3"])
@@ -544,16 +554,21 @@ def test_every_shipped_tensor_core_launch_matches_its_reference(kind, rows):
 
 @gpu
 @pytest.mark.parametrize("rows", [17, 64, 100])
-@pytest.mark.parametrize("kind", ["int4-g128", "int4-asym-g32"])
-def test_prefill_launches_match_the_reference(kind, rows, monkeypatch):
+@pytest.mark.parametrize("kind", ["int4-g128", "int4-asym-g32", "int8-channel", "int2-g32"])
+def test_prefill_launches_match_the_reference(kind, rows):
     """Rule 8 at both blocks of rows, without split-K and with 2 and 5 splits (both finishes on
-    sm_90), on 1056 inputs (132 rows of words: a partial last step) and x rows 1057 apart (not
-    16-byte aligned)."""
+    sm_90), on 1056 inputs (a partial last step) and x rows 1057 apart (not 16-byte aligned)."""
     w = weight(320, 1056, seed=11)
-    packed = intn.pack_intn(rtn_quantize(w, 4, 32 if "g32" in kind else 96, "asym" not in kind)).to("cuda")
-    configs = [dataclasses.replace(intn.prefill_launch(rows, 1056, 320, SMS), block_m=block_m, split=splitk.choose_split(
-        -(-rows // block_m) * 5, 132, 8, splits * -(-rows // block_m) * 5)) for block_m in (64, 128) for splits in (1, 2, 5)]
-    assert sorted({c.split.split for c in configs}) == [1, 2, 5]
+    bits, group = (8, -1) if kind == "int8-channel" else (int(kind[3]), 32 if "g32" in kind else 96)
+    packed = intn.pack_intn(rtn_quantize(w, bits, group, "asym" not in kind and bits != 2)).to("cuda")
+    steps = -(-1056 // 64)
+    configs = []
+    for block_m in (64, 128):
+        base = dataclasses.replace(intn.prefill_launch(rows, bits, 1056, 320, SMS), block_m=block_m)
+        blocks = -(-rows // block_m) * 5
+        configs += [dataclasses.replace(base, split=splitk.choose_split(blocks, 1056 * bits // 32, base.block_w,
+                                                                       splits * blocks)) for splits in (1, 2, 5)]
+    assert sorted({c.split.split for c in configs}) == [1, 2, 5] and steps == 17
     for config in configs:
         x = torch.randn(rows, 1057, generator=torch.Generator().manual_seed(rows)).half().cuda()[:, 1:]
         out = torch.full((rows, 320), float("nan"), dtype=torch.float16, device="cuda")
@@ -569,7 +584,7 @@ def test_the_prefill_kernel_waits_for_its_register_operands():
     in flight (_operands_read), Triton 3.6's code for 128 x 128 blocks of 8 warps gave wrong outputs
     in 4 of 4 trials on an H100; the shipped blocks, forced to 128 x 128, must not."""
     w = intn.pack_intn(rtn_quantize(torch.randn(11008, 4096, device="cuda") * 0.02, 4, 128, True))
-    config = dataclasses.replace(intn.prefill_launch(2048, 4096, 11008, SMS), block_m=128, block_n=128, num_warps=8,
+    config = dataclasses.replace(intn.prefill_launch(2048, 4, 4096, 11008, SMS), block_m=128, block_n=128, num_warps=8,
                                  num_stages=3)
     assert config.split.split == 1
     for seed in range(4):
