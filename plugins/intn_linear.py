@@ -885,7 +885,7 @@ PREFILL_ROWS = 16
 # FUSED_WEIGHTS weights, up to rows from FUSED_WEIGHTS); more rows dequantize and call cuBLAS. Set
 # from benchmarks/kernels_prefill.py on an H100 (docs/benchmarks/kernels-prefill.md): int2/int4 beat
 # dequantize-then-cuBLAS on every shape up to 64 rows and on the large ones up to 128; int8 only from
-# 2^24 weights, up to 64 rows (below, 0.81-1.08x). Launch: (block_n, inputs per step, num_warps,
+# 2^24 weights, up to 64 rows (below 2^24, 0.83-1.14x: mixed). Launch: (block_n, inputs per step, num_warps,
 # num_stages), blocks of 64 rows of x up to 64 rows, of 128 beyond, and split-K to about
 # PREFILL_PROGRAMS_PER_SM programs per SM.
 FUSED_WEIGHTS = 1 << 25
