@@ -1,16 +1,16 @@
-"""Check and time llmc's int-N prefill kernel (``intn_linear`` rule 8) against dequantize-then-cuBLAS
+"""Check and time llmc's prefill kernels (``intn_linear`` rule 8, ``fp6_linear`` rule 7) against dequantize-then-cuBLAS
 and cuBLAS float16, from 17 to 512 rows of x, on one GPU in one run.
 
-    python benchmarks/kernels_prefill.py [--out DIR] [--bits 4|8|2] [--rows 17,32,...]   # on a CUDA machine
+    python benchmarks/kernels_prefill.py [--out DIR] [--bits 4|8|2|6] [--rows 17,32,...]   # on a CUDA machine
 
-For each linear shape of ``benchmarks/kernels.py`` (symmetric codes, int4 by default, in groups of
-128, 64 where K = 576) and each number of rows M: the fused kernel at ``prefill_launch``'s launch (whatever the
+For each linear shape of ``benchmarks/kernels.py`` (symmetric int-N codes, int4 by default, in
+groups of 128, 64 where K = 576; ``--bits 6``: FP6 e3m2 with one scale per output channel) and each number of rows M: the fused kernel at ``prefill_launch``'s launch (whatever the
 bounds of ``prefill_config``), llmc's dequantize kernel then ``torch.matmul``, ``torch.matmul`` on
 the float16 weight, and ``intn_linear``'s own dispatch (the prefill kernel, the 2-16 row kernel in
 blocks of 16 rows, or dequantize-then-matmul), named and timed. Correctness first (a fresh ``x``, a
 NaN-filled output, the float32 reference, relative error under 2e-3), then the same L2-cold,
-graph-replayed timing as ``kernels.py``. Writes ``kernels_prefill.md`` (``kernels_prefill-int8.md``
-...) under ``--out`` (default ``$OUT``, else the current directory).
+graph-replayed timing as ``kernels.py``. Writes ``kernels_prefill.md`` (``kernels_prefill-int8.md``,
+``kernels_prefill-fp6.md`` ...) under ``--out`` (default ``$OUT``, else the current directory).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ ROWS = (17, 32, 64, 96, 128, 192, 256, 512)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
-    parser.add_argument("--bits", type=int, choices=(2, 4, 8), default=4)
+    parser.add_argument("--bits", type=int, choices=(2, 4, 6, 8), default=4, help="6: FP6 e3m2")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated rows of x")
     args = parser.parse_args()
     rows = tuple(int(r) for r in args.rows.split(","))
@@ -39,9 +39,24 @@ def main() -> None:
     import torch
     import triton
 
+    from llmc.passes.fpx import FORMATS, fpx_quantize
     from llmc.passes.quantize_rtn import rtn_quantize
+    from llmc.plugins import fp6_linear as fp
     from llmc.plugins import intn_linear as intn
     from llmc.plugins.splitk import sm_count
+
+    if args.bits == 6:  # FP6 e3m2, one scale per output channel (as kernels.py)
+        pack = lambda weight, k: fp.pack_fpx(fpx_quantize(weight, FORMATS["e3m2"], None, scale_dtype=torch.float16))  # noqa: E731
+        dequantize_reference, reference, linear = fp.fpx_dequantize_reference, fp.fpx_reference, fp.fpx_linear
+        dequantize, config_of, prefill_launch = fp.fpx_dequantize, fp.fpx_config, fp.fp6_prefill_launch
+        what = "FP6 e3m2 per channel"
+    else:
+        pack = lambda weight, k: intn.pack_intn(  # noqa: E731
+            rtn_quantize(weight, args.bits, 128 if k % 128 == 0 else 64, symmetric=True))
+        dequantize_reference, reference, linear = intn.intn_dequantize_reference, intn.intn_reference, intn.intn_linear
+        dequantize, config_of = intn.intn_dequantize, intn.intn_config
+        prefill_launch = lambda m, k, n, sms: intn.prefill_launch(m, args.bits, k, n, sms)  # noqa: E731
+        what = f"int{args.bits} symmetric"
 
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
@@ -56,27 +71,27 @@ def main() -> None:
     lines = []
     for name, k, n in SHAPES:
         weight = torch.randn(n, k, device=device) * 0.02
-        w = intn.pack_intn(rtn_quantize(weight, args.bits, 128 if k % 128 == 0 else 64, symmetric=True))
-        half = intn.intn_dequantize_reference(w).half()  # [N, K]
+        w = pack(weight, k)
+        half = dequantize_reference(w).half()  # [N, K]
         weights, halves = _copies_of(w), _copies_of(half)
         first = True
         for m in (rows[0], *rows):  # the first timing of a shape ran slow (up to 2x), so it is run twice
             x = torch.randn(m, k, device=device, dtype=torch.float16)
-            ref = intn.intn_reference(x, w).float()
+            ref = reference(x, w).float()
             y = torch.empty(m, n, device=device, dtype=torch.float16)
-            launch = intn.prefill_launch(m, args.bits, k, n, sms)
-            fused = lambda x, y, w: intn.intn_linear(x, w, launch, out=y)  # noqa: E731
+            launch = prefill_launch(m, k, n, sms)
+            fused = lambda x, y, w: linear(x, w, launch, out=y)  # noqa: E731
             if _checked(fused, x, w, ref, (m, n), f"{name} M={m} fused") is None:
                 raise SystemExit("the prefill kernel is wrong; no timing")
-            worst = max(worst, float((intn.intn_linear(x, w, launch).float() - ref).norm() / ref.norm()))
+            worst = max(worst, float((linear(x, w, launch).float() - ref).norm() / ref.norm()))
             times = {
-                "llmc": _timed(lambda i: (lambda: intn.intn_linear(x, weights(i), out=y)), w.nbytes, props.L2_cache_size),
-                "fused": _timed(lambda i: (lambda: intn.intn_linear(x, weights(i), launch, out=y)), w.nbytes, props.L2_cache_size),
-                "deq+mm": _timed(lambda i: (lambda: torch.matmul(x, intn.intn_dequantize(weights(i)).t(), out=y)),
+                "llmc": _timed(lambda i: (lambda: linear(x, weights(i), out=y)), w.nbytes, props.L2_cache_size),
+                "fused": _timed(lambda i: (lambda: linear(x, weights(i), launch, out=y)), w.nbytes, props.L2_cache_size),
+                "deq+mm": _timed(lambda i: (lambda: torch.matmul(x, dequantize(weights(i)).t(), out=y)),
                                  w.nbytes, props.L2_cache_size),
                 "fp16": _timed(lambda i: (lambda: torch.matmul(x, halves(i).t(), out=y)), 2 * n * k, props.L2_cache_size),
             }
-            config = intn.intn_config(m, w, sms)
+            config = config_of(m, w, sms)
             picked = "deq+mm" if config is None else "prefill" if config.block_m > 16 else "2-16 row"
             if first:
                 first = False
@@ -86,14 +101,15 @@ def main() -> None:
                          f"{times['deq+mm'] / times['fused']:.2f}x | {times['fp16'] / times['fused']:.2f}x | "
                          f"{times['fp16'] / times['llmc']:.2f}x |")
             print(lines[-1], flush=True)
-    header = (f"int{args.bits} symmetric; {props.name}, {sms} SMs, torch {torch.__version__}, triton {triton.__version__}, {date.today()}; "
+    header = (f"{what}; {props.name}, {sms} SMs, torch {torch.__version__}, triton {triton.__version__}, {date.today()}; "
               f"largest relative error of the fused kernel {worst:.1e} (tolerance {TOLERANCE}); {time.time() - started:.0f} s\n\n"
               "| shape (K→N) | M | prefill kernel (us) | deq+mm (us) | fp16 (us) | llmc's dispatch (us) | prefill vs deq+mm "
               "| prefill vs fp16 | llmc vs fp16 |\n"
               "|---|---|---|---|---|---|---|---|---|\n")
     text = header + "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"kernels_prefill{'' if args.bits == 4 else f'-int{args.bits}'}.md").write_text(text)
+    suffix = {4: "", 6: "-fp6"}.get(args.bits, f"-int{args.bits}")
+    (args.out / f"kernels_prefill{suffix}.md").write_text(text)
     print(header)
 
 

@@ -24,8 +24,9 @@ Decoding (rules referred to in the code):
 3. 2 to 16 rows: tensor cores. The decoded float32 times ``2^(127 - bias)`` is ``V`` exactly;
    times the scale it becomes the float16 operand of ``tl.dot`` (float32 accumulation).
 4. Split-K as in ``llmc.plugins.splitk``, except FP6 from 2^23 to 2^26 weights at one row
-   (``intn_linear.one_row_shape``) and on small linears (``fp6_one_row_shape``); more rows dequantize (:func:`fpx_dequantize`) and
-   call cuBLAS, as in ``llmc.plugins.intn_linear``.
+   (``intn_linear.one_row_shape``) and on small linears (``fp6_one_row_shape``); more rows run
+   FP6's prefill kernel (rule 7) up to ``FP6_PREFILL_ROWS``, and beyond (and FP4, and bfloat16 x)
+   dequantize (:func:`fpx_dequantize`) and call cuBLAS, as in ``llmc.plugins.intn_linear``.
 5. A few rows of x run the FP6 decode kernel, one or several rows per program, as
    ``llmc.plugins.intn_linear`` rule 5 (``rows_per_program``) says; FP4 keeps the tensor cores.
 6. With float16 x and scales, FP6's tensor-core kernel decodes two weights at a time, as
@@ -36,6 +37,10 @@ Decoding (rules referred to in the code):
    pair gives rule 3's operand bit for bit. sm_90 loop of 64 x 16 rows of the 2-bit plane: 925 -> 757
    instructions; round 10 (H100): 4096->11008 at 16 rows 35.2 -> 33.3 us, 8192->28672 119.5 -> 113.2
    (docs/benchmarks/kernels-rounds.md).
+7. FP6 prefill (17 to 128 rows, float16 x and scales; :func:`_fp6_prefill_kernel`): ``intn_linear``
+   rule 8's kernel with rule 6's PTX as its decode. The 16 inputs of a row of the 2-bit plane come
+   from 16 float16 pairs, joined in register order into the wgmma's register operand, with the same
+   wait for the wgmmas in flight before the next step's decode (``intn_linear._operands_read``).
 """
 
 from __future__ import annotations
@@ -47,9 +52,9 @@ import torch
 
 from llmc.passes.bitplanes import fp_kernel_tile, pack_fp_codes, unpack_fp_codes
 from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
-from llmc.plugins.intn_linear import (NO_SPLIT_WEIGHTS, PREFILL_ROWS, ROWS_PER_PROGRAM, decode_classes, decode_rows,
-                                     decode_shape, multi_row_shape, no_split_rows, one_row_shape, rows_per_program,
-                                     several_rows, size_classes)
+from llmc.plugins.intn_linear import (FUSED_WEIGHTS, NO_SPLIT_WEIGHTS, PREFILL_ROWS, PREFILL_SHAPE, ROWS_PER_PROGRAM,
+                                     decode_classes, decode_rows, decode_shape, multi_row_shape, no_split_rows,
+                                     one_row_shape, prefill_launch, rows_per_program, several_rows, size_classes)
 from llmc.plugins import splitk
 from llmc.plugins.splitk import (COMPILE_OPTIONS, LaunchConfig, as_rows, decode_config, require_triton, sm_count,
                                  tensor_core_config, triton)
@@ -146,7 +151,7 @@ def fpx_reference(x: torch.Tensor, w: FpxWeights) -> torch.Tensor:
 # --------------------------------------------------------------------------- Triton
 
 if triton is not None:
-    from llmc.plugins.intn_linear import lead_rows, x_field, x_offsets, x_tile_fields, x_words
+    from llmc.plugins.intn_linear import _operands_read, lead_rows, x_field, x_offsets, x_tile_fields, x_words
     from llmc.plugins.splitk import finish_split, grid_row, row_block, start_sum
 
     _X_SCALE = tl.constexpr(2.0**64)
@@ -419,6 +424,59 @@ if triton is not None:
                      pid_m * n_blocks + pid_n, pid_k, n_split, SEPARATE)
 
     @triton.jit
+    def _fp6_pair(high, low, scale, M: tl.constexpr, FIELD: tl.constexpr, HALF: tl.constexpr):
+        # Rule 6's PTX: input 2 FIELD + HALF of each row of the 2-bit plane, float16.
+        return tl.inline_asm_elementwise(FP6_PAIR_ASM[32 * (M - 2) + 16 * HALF + FIELD], "=r,r,r,r,r,r",
+                                         [high, low, scale], dtype=tl.float16, is_pure=True, pack=2)
+
+    @triton.jit
+    def _fp6_prefill_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
+                            M_ROWS, N, K, stride_xm, stride_ym, rows_per_split, n_split,
+                            M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                            SEPARATE: tl.constexpr = False):
+        # Rule 7: intn_linear rule 8 for FP6 (float16 x and scales). The 16 inputs of a row of the
+        # 2-bit plane, decoded by rule 6's PTX (input 2 i + h: field i of the 4-bit plane's row 2 j + h),
+        # joined in register order into the first operand of the product; K in steps of BLOCK_W rows.
+        start_sum(SEPARATE)
+        ROWS_PER_GROUP: tl.constexpr = GROUP // 16
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M_ROWS
+        n_ok = offs_n < N
+        row_begin = pid_k * rows_per_split
+        row_end = tl.minimum(row_begin + rows_per_split, K // 16)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for r0 in range(row_begin, row_end, BLOCK_W):
+            rows = r0 + tl.arange(0, BLOCK_W)
+            inputs = r0 * 16 + tl.arange(0, BLOCK_W * 16)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + inputs[None, :],
+                        mask=m_ok[:, None] & (inputs < row_end * 16)[None, :], other=0.0)
+            low, a, b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end)
+            if CHANNEL:
+                scale = tl.broadcast_to(tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :], [BLOCK_W, BLOCK_N])
+            else:
+                scale = tl.load(s_ptr + (rows // ROWS_PER_GROUP)[:, None] * N + offs_n[None, :],
+                                mask=(rows < row_end)[:, None] & n_ok[None, :], other=0.0)
+            # Input f = 2 i + h; tl.join adds its axis last, so the first join (f, f + 8) is the slowest.
+            w = tl.join(
+                tl.join(tl.join(tl.join(_fp6_pair(a, low, scale, M, 0, 0), _fp6_pair(a, low, scale, M, 4, 0)),
+                                tl.join(_fp6_pair(a, low, scale, M, 2, 0), _fp6_pair(a, low, scale, M, 6, 0))),
+                        tl.join(tl.join(_fp6_pair(a, low, scale, M, 1, 0), _fp6_pair(a, low, scale, M, 5, 0)),
+                                tl.join(_fp6_pair(a, low, scale, M, 3, 0), _fp6_pair(a, low, scale, M, 7, 0)))),
+                tl.join(tl.join(tl.join(_fp6_pair(b, low, scale, M, 0, 1), _fp6_pair(b, low, scale, M, 4, 1)),
+                                tl.join(_fp6_pair(b, low, scale, M, 2, 1), _fp6_pair(b, low, scale, M, 6, 1))),
+                        tl.join(tl.join(_fp6_pair(b, low, scale, M, 1, 1), _fp6_pair(b, low, scale, M, 5, 1)),
+                                tl.join(_fp6_pair(b, low, scale, M, 3, 1), _fp6_pair(b, low, scale, M, 7, 1)))))
+            w = tl.reshape(tl.permute(tl.reshape(w, (BLOCK_W, BLOCK_N, 16)), (1, 0, 2)), (BLOCK_N, BLOCK_W * 16))
+            acc = _operands_read(tl.dot(w, tl.trans(x), acc))
+        finish_split(tl.trans(acc), y_ptr, part_ptr, count_ptr, offs_m, offs_n, M_ROWS, N, stride_ym,
+                     pid_m * tl.num_programs(0) + pid_n, pid_k, n_split, SEPARATE)
+
+    @triton.jit
     def _fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
                          M_ROWS, N, K, stride_xm, stride_ym, rows_per_split, n_split,
                          M: tl.constexpr, BIAS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
@@ -482,8 +540,9 @@ if triton is not None:
 
 def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
                tensor_cores: tuple | None = None) -> LaunchConfig | None:
-    """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md); None above
-    ``PREFILL_ROWS`` rows, where dequantize-then-matmul is faster than the fused kernels.
+    """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md); above
+    ``PREFILL_ROWS`` rows FP6's prefill launch (:func:`fp6_prefill_config`), or None where
+    dequantize-then-matmul runs (it also runs for FP4, and for x or scales that are not float16).
 
     ``decode`` overrides the decode kernel's launch (for FP6 also that of a few rows, as many per
     program as ``intn_linear.rows_per_program`` says, or ``ROWS_PER_PROGRAM`` where it picks the
@@ -519,7 +578,7 @@ def _fpx_config(m: int, bits: int, in_features: int, out_features: int, sms: int
             decode = (*(decode or DECODE_SHAPE_FP4)[:4], False)  # the FP4 kernel has no prefetch variant
         return decode_config(decode, out_features, rows, sms, x_rows)
     if m > PREFILL_ROWS:
-        return None
+        return fp6_prefill_config(m, in_features, out_features, sms) if bits == 6 else None
     if tensor_cores is None and bits == 6:
         return fp6_tensor_core_config(in_features, out_features, sms)
     return tensor_core_config(tensor_cores or decode_shape(in_features * out_features, TENSOR_CORE_SHAPES_FP4),
@@ -586,6 +645,26 @@ TENSOR_CORE_SHAPES_FP4 = ((1 << 23, (32, 16, 4, 8)), (None, (64, 16, 4, 4)))
 DEQUANTIZE_SHAPE_FPX = (256, 4)
 
 
+# Rule 7 (FP6, float16 x and scales): up to FP6_PREFILL_ROWS[1] rows from intn_linear.FUSED_WEIGHTS
+# weights, up to FP6_PREFILL_ROWS[0] below; more rows dequantize and call cuBLAS. The launch is
+# intn_linear's (PREFILL_SHAPE: 64 inputs, 4 rows of the 2-bit plane, per step). H100
+# (docs/benchmarks/kernels-prefill.md).
+FP6_PREFILL_ROWS = (64, 128)
+
+
+def fp6_prefill_config(m: int, in_features: int, out_features: int, sms: int) -> LaunchConfig | None:
+    """Rule 7's launch over ``m`` rows of x (more than ``PREFILL_ROWS``), or None where
+    dequantize-then-matmul runs."""
+    if m > FP6_PREFILL_ROWS[in_features * out_features >= FUSED_WEIGHTS]:
+        return None
+    return fp6_prefill_launch(m, in_features, out_features, sms)
+
+
+def fp6_prefill_launch(m: int, in_features: int, out_features: int, sms: int) -> LaunchConfig:
+    """Rule 7's launch over ``m`` rows of x, whatever ``m``: intn_linear's, 16 inputs per row."""
+    return prefill_launch(m, 6, in_features, out_features, sms)
+
+
 def fp6_one_row_shape(m: int, in_features: int, out_features: int, sms: int) -> tuple:
     """The FP6 decode launch of ``m`` rows (one row, or each row of a few): see the tables above."""
     if in_features * out_features < NO_SPLIT_WEIGHTS and (
@@ -605,10 +684,15 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: LaunchConfig | None = Non
     _check_tile(w)
     x2 = as_rows(x, w.in_features, "fpx_linear")
     m, n, k = x2.shape[0], w.out_features, w.in_features
-    if config is None and m > PREFILL_ROWS:  # prefill: dequantize, then cuBLAS
-        y = torch.matmul(x2, fpx_dequantize(w, x.dtype).t(), out=out)
-        return y.reshape(*x.shape[:-1], n)
+    halves = x.dtype == w.scale.dtype == torch.float16
+    if config is None and m > PREFILL_ROWS:
+        config = fpx_config(m, w, sm_count(x.device)) if halves else None
+        if config is None:  # dequantize, then cuBLAS
+            y = torch.matmul(x2, fpx_dequantize(w, x.dtype).t(), out=out)
+            return y.reshape(*x.shape[:-1], n)
     config = config or fpx_config(m, w, sm_count(x.device))
+    if config.block_m > 16 and not (halves and w.fmt.bits == 6):
+        raise ValueError("fpx_linear: the prefill kernel takes FP6 weights, float16 x and float16 scales")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     split, fmt = config.split, w.fmt
     run = splitk.launch(config, m, n, x.device)
@@ -630,6 +714,10 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: LaunchConfig | None = Non
         _fp4_gemv_kernel[(grid_n, split.split)](
             decode_rows(x2), w.planes[0], w.scale, y, part, count, n, k, y.stride(0),
             split.rows_per_split, split.split, **common)
+    elif config.block_m > 16:
+        _fp6_prefill_kernel[(grid_n, run.grid_m, split.split)](
+            x2, w.planes[0], low, w.scale, y, part, count, m, n, k, x2.stride(0), y.stride(0),
+            split.rows_per_split, split.split, BLOCK_M=config.block_m, **common)
     elif fmt.bits == 6:
         _fp6_gemm_kernel[(grid_n, run.grid_m, split.split)](
             x2, w.planes[0], low, w.scale, y, part, count, m, n, k, x2.stride(0), y.stride(0),
@@ -714,6 +802,13 @@ def kernel_variants() -> list:
                 f"fpx-gemm16-{name}-{size}", gemm, {**pointers, **gemm_sizes},
                 {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w, **extra}, warps,
                 rest[2] if len(rest) > 2 else 3, (*aligned, "stride_xm")))
+        if fmt.bits == 6:
+            block_n, inputs, warps, stages = PREFILL_SHAPE
+            for block_m in (64, 128):
+                variants.append(KernelVariant(
+                    f"fpx-prefill{block_m}-{name}", _fp6_prefill_kernel, {**pointers, **gemm_sizes},
+                    {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_W": inputs // 16}, warps, stages,
+                    (*aligned, "stride_xm")))
         block_n, block_w = DEQUANTIZE_SHAPE_FPX
         variants.append(KernelVariant(
             f"fpx-dequantize-{name}", _fpx_dequantize_kernel,

@@ -912,7 +912,7 @@ def prefill_launch(m: int, bits: int, in_features: int, out_features: int, sms: 
     64 inputs per step (``block_w`` rows of words of ``32 / bits`` inputs)."""
     block_m = 64 if m <= 64 else 128
     block_n, inputs, warps, stages = PREFILL_SHAPE
-    fields = fields_per_word(_width(bits))
+    fields = 16 if bits == 6 else fields_per_word(_width(bits))  # FP6: rows of the 2-bit plane
     blocks = -(-m // block_m) * -(-out_features // block_n)
     split = choose_split(blocks, in_features // fields, inputs // fields, PREFILL_PROGRAMS_PER_SM * sms)
     return LaunchConfig(block_m, block_n, inputs // fields, warps, stages, split)

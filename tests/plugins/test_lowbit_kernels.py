@@ -151,6 +151,10 @@ def test_prefill_rows_take_the_prefill_kernel_up_to_its_bounds():
     assert intn.intn_config(17, weights_of(4096, 4096, bits=8), SMS).block_w == 16
     assert intn.intn_config(65, weights_of(11008, 4096, bits=8), SMS) is None
     assert intn.intn_config(17, weights_of(4096, 2048, bits=8), SMS) is None
+    # FP6 (fp6_linear rule 7): 64 rows, 128 from 2^25 weights, 4 rows of the 2-bit plane per step.
+    assert fp.fpx_config(17, fp6_of(4096, 4096), SMS).block_w == 4
+    assert fp.fpx_config(64, fp6_of(4096, 4096), SMS).block_m == 64 and fp.fpx_config(65, fp6_of(4096, 4096), SMS) is None
+    assert fp.fpx_config(128, fp6_of(11008, 4096), SMS).block_m == 128 and fp.fpx_config(129, fp6_of(11008, 4096), SMS) is None
 
 
 def test_tensor_core_launch_options_round_3():
@@ -574,6 +578,31 @@ def test_prefill_launches_match_the_reference(kind, rows):
         out = torch.full((rows, 320), float("nan"), dtype=torch.float16, device="cuda")
         intn.intn_linear(x, packed, config, out=out)
         expected = intn.intn_reference(x, packed).float()
+        assert bool(torch.isfinite(out).all()), config
+        assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, config
+
+
+@gpu
+@pytest.mark.parametrize("rows", [17, 64, 100])
+@pytest.mark.parametrize("kind", ["e3m2", "e3m2-g32", "e2m3-g32"])
+def test_fp6_prefill_launches_match_the_reference(kind, rows):
+    """fp6_linear rule 7 as the int-N test above: both blocks of rows, 1, 2 and 5 splits, 1056 inputs
+    (66 rows of the 2-bit plane: a partial last step), x rows 1057 apart."""
+    fmt = FORMATS[kind[:4]]
+    packed = fp.pack_fpx(fpx_quantize(weight(320, 1056, seed=13), fmt, 32 if "g32" in kind else None,
+                                      scale_dtype=torch.float16)).to("cuda")
+    configs = []
+    for block_m in (64, 128):
+        base = dataclasses.replace(fp.fp6_prefill_launch(rows, 1056, 320, SMS), block_m=block_m)
+        blocks = -(-rows // block_m) * 5
+        configs += [dataclasses.replace(base, split=splitk.choose_split(blocks, 66, base.block_w, splits * blocks))
+                    for splits in (1, 2, 5)]
+    assert sorted({c.split.split for c in configs}) == [1, 2, 5]
+    for config in configs:
+        x = torch.randn(rows, 1057, generator=torch.Generator().manual_seed(rows)).half().cuda()[:, 1:]
+        out = torch.full((rows, 320), float("nan"), dtype=torch.float16, device="cuda")
+        fp.fpx_linear(x, packed, config, out=out)
+        expected = fp.fpx_reference(x, packed).float()
         assert bool(torch.isfinite(out).all()), config
         assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, config
 
