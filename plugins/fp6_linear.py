@@ -151,7 +151,7 @@ def fpx_reference(x: torch.Tensor, w: FpxWeights) -> torch.Tensor:
 # --------------------------------------------------------------------------- Triton
 
 if triton is not None:
-    from llmc.plugins.intn_linear import _operands_read, lead_rows, x_field, x_offsets, x_tile_fields, x_words
+    from llmc.plugins.intn_linear import lead_rows, prefill_step, prefill_x, x_field, x_offsets, x_tile_fields, x_words
     from llmc.plugins.splitk import finish_split, grid_row, row_block, start_sum
 
     _X_SCALE = tl.constexpr(2.0**64)
@@ -452,9 +452,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for r0 in range(row_begin, row_end, BLOCK_W):
             rows = r0 + tl.arange(0, BLOCK_W)
-            inputs = r0 * 16 + tl.arange(0, BLOCK_W * 16)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + inputs[None, :],
-                        mask=m_ok[:, None] & (inputs < row_end * 16)[None, :], other=0.0)
+            x = prefill_x(x_ptr, offs_m, m_ok, stride_xm, r0, row_end, BLOCK_W, 16)
             low, a, b = _fp6_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end)
             if CHANNEL:
                 scale = tl.broadcast_to(tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :], [BLOCK_W, BLOCK_N])
@@ -471,8 +469,7 @@ if triton is not None:
                                 tl.join(_fp6_pair(b, low, scale, M, 2, 1), _fp6_pair(b, low, scale, M, 6, 1))),
                         tl.join(tl.join(_fp6_pair(b, low, scale, M, 1, 1), _fp6_pair(b, low, scale, M, 5, 1)),
                                 tl.join(_fp6_pair(b, low, scale, M, 3, 1), _fp6_pair(b, low, scale, M, 7, 1)))))
-            w = tl.reshape(tl.permute(tl.reshape(w, (BLOCK_W, BLOCK_N, 16)), (1, 0, 2)), (BLOCK_N, BLOCK_W * 16))
-            acc = _operands_read(tl.dot(w, tl.trans(x), acc))
+            acc = prefill_step(acc, tl.reshape(w, (BLOCK_W, BLOCK_N, 16)), x)
         finish_split(tl.trans(acc), y_ptr, part_ptr, count_ptr, offs_m, offs_n, M_ROWS, N, stride_ym,
                      pid_m * tl.num_programs(0) + pid_n, pid_k, n_split, SEPARATE)
 

@@ -609,6 +609,22 @@ if triton is not None:
         return tl.inline_asm_elementwise("", "=r,0", [acc], dtype=tl.float32, is_pure=False, pack=1)
 
     @triton.jit
+    def prefill_x(x_ptr, offs_m, m_ok, stride_xm, r0, row_end, BLOCK_W: tl.constexpr, INPUTS: tl.constexpr):
+        """Rule 8: the tile of x [BLOCK_M, BLOCK_W * INPUTS] that BLOCK_W rows of words from ``r0`` meet
+        (INPUTS inputs per row; zeros from ``row_end`` on)."""
+        inputs = r0 * INPUTS + tl.arange(0, BLOCK_W * INPUTS)
+        return tl.load(x_ptr + offs_m[:, None] * stride_xm + inputs[None, :],
+                       mask=m_ok[:, None] & (inputs < row_end * INPUTS)[None, :], other=0.0)
+
+    @triton.jit
+    def prefill_step(acc, w, x):
+        """Rule 8: ``acc`` [BLOCK_N, BLOCK_M] plus the product of the decoded weights ``w`` [rows, BLOCK_N,
+        inputs per row] (in register order: the wgmma's register operand) and x^T, after which Triton
+        waits for the wgmmas (:func:`_operands_read`)."""
+        w = tl.reshape(tl.permute(w, (1, 0, 2)), (w.shape[1], w.shape[0] * w.shape[2]))
+        return _operands_read(tl.dot(w, tl.trans(x), acc))
+
+    @triton.jit
     def _prefill_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
                         M, N, K, stride_xm, stride_ym, rows_per_split, n_split,
                         WIDTH: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -630,9 +646,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for r0 in range(row_begin, row_end, BLOCK_W):
             rows = r0 + tl.arange(0, BLOCK_W)
-            inputs = r0 * FIELDS + tl.arange(0, BLOCK_W * FIELDS)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + inputs[None, :],
-                        mask=m_ok[:, None] & (inputs < row_end * FIELDS)[None, :], other=0.0)
+            x = prefill_x(x_ptr, offs_m, m_ok, stride_xm, r0, row_end, BLOCK_W, FIELDS)
             ok = (rows < row_end)[:, None] & n_ok[None, :]
             words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0)
             group = rows // ROWS_PER_GROUP
@@ -641,8 +655,7 @@ if triton is not None:
                 zero = scale  # unused
             else:
                 zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
-            w = tl.reshape(tl.permute(_int_words(words, scale, zero, WIDTH, SYMMETRIC), (1, 0, 2)), (BLOCK_N, BLOCK_W * FIELDS))
-            acc = _operands_read(tl.dot(w, tl.trans(x), acc))
+            acc = prefill_step(acc, _int_words(words, scale, zero, WIDTH, SYMMETRIC), x)
         finish_split(tl.trans(acc), y_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, stride_ym,
                      pid_m * tl.num_programs(0) + pid_n, pid_k, n_split, SEPARATE)
 
