@@ -25,7 +25,7 @@ Decoding (rules referred to in the code):
    times the scale it becomes the float16 operand of ``tl.dot`` (float32 accumulation).
 4. Split-K as in ``llmc.plugins.splitk``, except FP6 from 2^23 to 2^26 weights at one row
    (``intn_linear.one_row_shape``) and on small linears (``fp6_one_row_shape``); more rows run
-   FP6's prefill kernel (rule 7) up to ``FP6_PREFILL_ROWS``, and beyond (and FP4, and bfloat16 x)
+   FP6's prefill kernel (rule 7) up to the rows ``intn_linear.PREFILL_RULES`` gives bits 6, and beyond (and FP4, and bfloat16 x)
    dequantize (:func:`fpx_dequantize`) and call cuBLAS, as in ``llmc.plugins.intn_linear``.
 5. A few rows of x run the FP6 decode kernel, one or several rows per program, as
    ``llmc.plugins.intn_linear`` rule 5 (``rows_per_program``) says; FP4 keeps the tensor cores.
@@ -52,9 +52,9 @@ import torch
 
 from llmc.passes.bitplanes import fp_kernel_tile, pack_fp_codes, unpack_fp_codes
 from llmc.passes.fpx import FORMATS, FpFormat, FpxLinear, fpx_decode
-from llmc.plugins.intn_linear import (FUSED_WEIGHTS, NO_SPLIT_WEIGHTS, PREFILL_ROWS, PREFILL_SHAPE, ROWS_PER_PROGRAM,
-                                     decode_classes, decode_rows, decode_shape, multi_row_shape, no_split_rows,
-                                     one_row_shape, prefill_launch, rows_per_program, several_rows, size_classes)
+from llmc.plugins.intn_linear import (NO_SPLIT_WEIGHTS, PREFILL_ROWS, PREFILL_SHAPE, ROWS_PER_PROGRAM, decode_classes,
+                                     decode_rows, decode_shape, multi_row_shape, no_split_rows, one_row_shape,
+                                     prefill_config, rows_per_program, several_rows, size_classes)
 from llmc.plugins import splitk
 from llmc.plugins.splitk import (COMPILE_OPTIONS, LaunchConfig, as_rows, decode_config, require_triton, sm_count,
                                  tensor_core_config, triton)
@@ -152,7 +152,7 @@ def fpx_reference(x: torch.Tensor, w: FpxWeights) -> torch.Tensor:
 
 if triton is not None:
     from llmc.plugins.intn_linear import lead_rows, prefill_step, prefill_x, x_field, x_offsets, x_tile_fields, x_words
-    from llmc.plugins.splitk import finish_split, grid_row, row_block, start_sum
+    from llmc.plugins.splitk import block_offsets, finish_split, grid_row, row_block, start_sum
 
     _X_SCALE = tl.constexpr(2.0**64)
     FP6_PAIR_ASM = tl.constexpr(_FP6_PAIR_ASM)
@@ -372,13 +372,7 @@ if triton is not None:
         # BLOCK_M], the decoded weight as the first operand of the product.
         ROWS_PER_GROUP: tl.constexpr = GROUP // 16
         PAIRS: tl.constexpr = x_ptr.dtype.element_ty == tl.float16 and s_ptr.dtype.element_ty == tl.float16  # rule 6
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok = offs_m < M_ROWS
-        n_ok = offs_n < N
+        pid_n, pid_m, pid_k, offs_m, offs_n, m_ok, n_ok = block_offsets(M_ROWS, N, BLOCK_M, BLOCK_N)
         row_begin = pid_k * rows_per_split
         if SWAP:
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -440,13 +434,7 @@ if triton is not None:
         # joined in register order into the first operand of the product; K in steps of BLOCK_W rows.
         start_sum(SEPARATE)
         ROWS_PER_GROUP: tl.constexpr = GROUP // 16
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok = offs_m < M_ROWS
-        n_ok = offs_n < N
+        pid_n, pid_m, pid_k, offs_m, offs_n, m_ok, n_ok = block_offsets(M_ROWS, N, BLOCK_M, BLOCK_N)
         row_begin = pid_k * rows_per_split
         row_end = tl.minimum(row_begin + rows_per_split, K // 16)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -481,13 +469,7 @@ if triton is not None:
                          SEPARATE: tl.constexpr = False):
         start_sum(SEPARATE)
         ROWS_PER_GROUP: tl.constexpr = GROUP // 8
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok = offs_m < M_ROWS
-        n_ok = offs_n < N
+        pid_n, pid_m, pid_k, offs_m, offs_n, m_ok, n_ok = block_offsets(M_ROWS, N, BLOCK_M, BLOCK_N)
         row_begin = pid_k * rows_per_split
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
@@ -538,7 +520,7 @@ if triton is not None:
 def fpx_config(m: int, w: FpxWeights, sms: int, decode: tuple | None = None,
                tensor_cores: tuple | None = None) -> LaunchConfig | None:
     """Heuristic launch shape (tuned on an H100, see docs/benchmarks/kernels.md); above
-    ``PREFILL_ROWS`` rows FP6's prefill launch (:func:`fp6_prefill_config`), or None where
+    ``PREFILL_ROWS`` rows FP6's prefill launch (``intn_linear.prefill_config``), or None where
     dequantize-then-matmul runs (it also runs for FP4, and for x or scales that are not float16).
 
     ``decode`` overrides the decode kernel's launch (for FP6 also that of a few rows, as many per
@@ -575,7 +557,7 @@ def _fpx_config(m: int, bits: int, in_features: int, out_features: int, sms: int
             decode = (*(decode or DECODE_SHAPE_FP4)[:4], False)  # the FP4 kernel has no prefetch variant
         return decode_config(decode, out_features, rows, sms, x_rows)
     if m > PREFILL_ROWS:
-        return fp6_prefill_config(m, in_features, out_features, sms) if bits == 6 else None
+        return prefill_config(m, 6, in_features, out_features, sms) if bits == 6 else None
     if tensor_cores is None and bits == 6:
         return fp6_tensor_core_config(in_features, out_features, sms)
     return tensor_core_config(tensor_cores or decode_shape(in_features * out_features, TENSOR_CORE_SHAPES_FP4),
@@ -640,26 +622,6 @@ def fp6_tensor_core_config(in_features: int, out_features: int, sms: int) -> Lau
 # FP4 keeps the round-1 table: the round-3 shapes were measured on FP6 only.
 TENSOR_CORE_SHAPES_FP4 = ((1 << 23, (32, 16, 4, 8)), (None, (64, 16, 4, 4)))
 DEQUANTIZE_SHAPE_FPX = (256, 4)
-
-
-# Rule 7 (FP6, float16 x and scales): up to FP6_PREFILL_ROWS[1] rows from intn_linear.FUSED_WEIGHTS
-# weights, up to FP6_PREFILL_ROWS[0] below; more rows dequantize and call cuBLAS. The launch is
-# intn_linear's (PREFILL_SHAPE: 64 inputs, 4 rows of the 2-bit plane, per step). H100
-# (docs/benchmarks/kernels-prefill.md).
-FP6_PREFILL_ROWS = (64, 128)
-
-
-def fp6_prefill_config(m: int, in_features: int, out_features: int, sms: int) -> LaunchConfig | None:
-    """Rule 7's launch over ``m`` rows of x (more than ``PREFILL_ROWS``), or None where
-    dequantize-then-matmul runs."""
-    if m > FP6_PREFILL_ROWS[in_features * out_features >= FUSED_WEIGHTS]:
-        return None
-    return fp6_prefill_launch(m, in_features, out_features, sms)
-
-
-def fp6_prefill_launch(m: int, in_features: int, out_features: int, sms: int) -> LaunchConfig:
-    """Rule 7's launch over ``m`` rows of x, whatever ``m``: intn_linear's, 16 inputs per row."""
-    return prefill_launch(m, 6, in_features, out_features, sms)
 
 
 def fp6_one_row_shape(m: int, in_features: int, out_features: int, sms: int) -> tuple:

@@ -206,7 +206,7 @@ _WORD_CONSTRAINTS = tuple(",".join(["=h"] * (32 // width)) + ",r,h,h" if width i
 
 
 if triton is not None:
-    from llmc.plugins.splitk import finish_split, grid_row, row_block, start_sum
+    from llmc.plugins.splitk import block_offsets, finish_split, grid_row, row_block, start_sum
 
     # Rule 1: x is scaled by 2^(100 - o), so u * 2^(o - 149) times it is u * x * 2^-49, normal.
     _X_SCALE = tl.constexpr(2.0**100)
@@ -532,13 +532,7 @@ if triton is not None:
         MASK: tl.constexpr = (1 << WIDTH) - 1
         # Rule 7: two weights per instruction, in float16 pairs, for float16 x and scales.
         PAIRS: tl.constexpr = x_ptr.dtype.element_ty == tl.float16 and s_ptr.dtype.element_ty == tl.float16
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
+        pid_n, pid_m, pid_k, offs_m, offs_n, m_ok, n_ok = block_offsets(M, N, BLOCK_M, BLOCK_N)
         row_begin = pid_k * rows_per_split
         row_end = K // FIELDS
         if SWAP:
@@ -634,13 +628,7 @@ if triton is not None:
         start_sum(SEPARATE)
         FIELDS: tl.constexpr = 32 // WIDTH
         ROWS_PER_GROUP: tl.constexpr = GROUP // FIELDS
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
+        pid_n, pid_m, pid_k, offs_m, offs_n, m_ok, n_ok = block_offsets(M, N, BLOCK_M, BLOCK_N)
         row_begin = pid_k * rows_per_split
         row_end = tl.minimum(row_begin + rows_per_split, K // FIELDS)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -894,15 +882,15 @@ def multi_row_shape(m: int, in_features: int, out_features: int, small: tuple, w
 # Above this many rows, the 2-16 row kernels give way to rule 8's prefill kernel, or to
 # dequantize-then-cuBLAS.
 PREFILL_ROWS = 16
-# Rule 8 (float16 x and scales): where it runs, by bits, (from weights, up to rows below
-# FUSED_WEIGHTS weights, up to rows from FUSED_WEIGHTS); more rows dequantize and call cuBLAS. Set
-# from benchmarks/kernels_prefill.py on an H100 (docs/benchmarks/kernels-prefill.md): int2/int4 beat
-# dequantize-then-cuBLAS on every shape up to 64 rows and on the large ones up to 128; int8 only from
-# 2^24 weights, up to 64 rows (below 2^24, 0.83-1.14x: mixed). Launch: (block_n, inputs per step, num_warps,
+# Rule 8 (float16 x and scales; 6: FP6, fp6_linear rule 7): where it runs, by bits, (from weights,
+# up to rows below FUSED_WEIGHTS weights, up to rows from FUSED_WEIGHTS); more rows dequantize and
+# call cuBLAS. Set from benchmarks/kernels_prefill.py on an H100 (docs/benchmarks/kernels-prefill.md):
+# int2/int4/FP6 beat dequantize-then-cuBLAS on every shape up to 64 rows and on the large ones up to
+# 128; int8 only from 2^24 weights, up to 64 rows (below 2^24, 0.83-1.14x: mixed). Launch: (block_n, inputs per step, num_warps,
 # num_stages), blocks of 64 rows of x up to 64 rows, of 128 beyond, and split-K to about
 # PREFILL_PROGRAMS_PER_SM programs per SM.
 FUSED_WEIGHTS = 1 << 25
-PREFILL_RULES = {2: (0, 64, 128), 4: (0, 64, 128), 8: (1 << 24, 64, 64)}
+PREFILL_RULES = {2: (0, 64, 128), 4: (0, 64, 128), 6: (0, 64, 128), 8: (1 << 24, 64, 64)}
 # From FUSED_WEIGHTS weights, int4 at 17 to 32 rows runs the 2-16 row tensor-core kernel (in blocks of
 # 16 rows of x) instead: 8192->28672 at 32 rows 116 against 164 us, 4096->11008 31.6 against 35.4 (H100).
 TENSOR_CORE_PREFILL_ROWS = 32
@@ -951,13 +939,12 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: LaunchConfig | None = N
     x2 = as_rows(x, w.in_features, "intn_linear")
     m, n, k = x2.shape[0], w.out_features, w.in_features
     halves = x.dtype == w.scale.dtype == torch.float16
+    require_triton()
     if config is None and m > PREFILL_ROWS:
-        require_triton()
         config = intn_config(m, w, sm_count(x.device))
         if config is None or config.block_m > 16 and not halves:  # dequantize, then cuBLAS
             y = torch.matmul(x2, intn_dequantize(w, x.dtype).t(), out=out)
             return y.reshape(*x.shape[:-1], n)
-    require_triton()
     config = config or intn_config(m, w, sm_count(x.device))
     if config.block_m > 16 and not halves:
         raise ValueError("intn_linear: the prefill kernel takes float16 x and float16 scales")

@@ -207,6 +207,17 @@ if triton is not None:
             gdc_launch_dependents()
 
     @triton.jit
+    def block_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """A tensor-core program's block on the grid (blocks of N, blocks of M, splits of K): its three
+        program ids, its rows of x and outputs, and which of them exist."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return pid_n, pid_m, pid_k, offs_m, offs_n, offs_m < M, offs_n < N
+
+    @triton.jit
     def finish_split(part, y_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, stride_ym,
                pid_mn, pid_k, n_split, SEPARATE: tl.constexpr = False):
         # Publish this split's partial; the last split of the block to arrive sums them in order
