@@ -4,7 +4,8 @@ and cuBLAS float16, from 17 to 512 rows of x, on one GPU in one run.
     python benchmarks/kernels_prefill.py [--out DIR] [--bits 4|8|2|6] [--rows 17,32,...]   # on a CUDA machine
 
 For each linear shape of ``benchmarks/kernels.py`` (symmetric int-N codes, int4 by default, in
-groups of 128, 64 where K = 576; ``--bits 6``: FP6 e3m2 with one scale per output channel) and each number of rows M: the fused kernel at ``prefill_launch``'s launch (whatever the
+groups of 128, 64 where K = 576; ``--bits 6``: FP6 e3m2 with one scale per output channel) and
+each number of rows M: the fused kernel at ``prefill_launch``'s launch (whatever the
 bounds of ``prefill_config``), llmc's dequantize kernel then ``torch.matmul``, ``torch.matmul`` on
 the float16 weight, and ``intn_linear``'s own dispatch (the prefill kernel, the 2-16 row kernel in
 blocks of 16 rows, or dequantize-then-matmul), named and timed. Correctness first (a fresh ``x``, a
@@ -48,14 +49,13 @@ def main() -> None:
     if args.bits == 6:  # FP6 e3m2, one scale per output channel (as kernels.py)
         pack = lambda weight, k: fp.pack_fpx(fpx_quantize(weight, FORMATS["e3m2"], None, scale_dtype=torch.float16))  # noqa: E731
         dequantize_reference, reference, linear = fp.fpx_dequantize_reference, fp.fpx_reference, fp.fpx_linear
-        dequantize, config_of, prefill_launch = fp.fpx_dequantize, fp.fpx_config, fp.fp6_prefill_launch
+        dequantize, config_of = fp.fpx_dequantize, fp.fpx_config
         what = "FP6 e3m2 per channel"
     else:
         pack = lambda weight, k: intn.pack_intn(  # noqa: E731
             rtn_quantize(weight, args.bits, 128 if k % 128 == 0 else 64, symmetric=True))
         dequantize_reference, reference, linear = intn.intn_dequantize_reference, intn.intn_reference, intn.intn_linear
         dequantize, config_of = intn.intn_dequantize, intn.intn_config
-        prefill_launch = lambda m, k, n, sms: intn.prefill_launch(m, args.bits, k, n, sms)  # noqa: E731
         what = f"int{args.bits} symmetric"
 
     device = torch.device("cuda")
@@ -78,12 +78,12 @@ def main() -> None:
         for m in (rows[0], *rows):  # the first timing of a shape ran slow (up to 2x), so it is run twice
             x = torch.randn(m, k, device=device, dtype=torch.float16)
             ref = reference(x, w).float()
-            y = torch.empty(m, n, device=device, dtype=torch.float16)
-            launch = prefill_launch(m, k, n, sms)
+            launch = intn.prefill_launch(m, args.bits, k, n, sms)
             fused = lambda x, y, w: linear(x, w, launch, out=y)  # noqa: E731
-            if _checked(fused, x, w, ref, (m, n), f"{name} M={m} fused") is None:
+            y = _checked(fused, x, w, ref, (m, n), f"{name} M={m} fused")
+            if y is None:
                 raise SystemExit("the prefill kernel is wrong; no timing")
-            worst = max(worst, float((linear(x, w, launch).float() - ref).norm() / ref.norm()))
+            worst = max(worst, float((y.float() - ref).norm() / ref.norm()))
             times = {
                 "llmc": _timed(lambda i: (lambda: linear(x, weights(i), out=y)), w.nbytes, props.L2_cache_size),
                 "fused": _timed(lambda i: (lambda: linear(x, weights(i), launch, out=y)), w.nbytes, props.L2_cache_size),

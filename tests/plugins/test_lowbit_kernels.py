@@ -556,55 +556,43 @@ def test_every_shipped_tensor_core_launch_matches_its_reference(kind, rows):
     launches_match_the_reference(linear, reference, packed, configs, rows)
 
 
-@gpu
-@pytest.mark.parametrize("rows", [17, 64, 100])
-@pytest.mark.parametrize("kind", ["int4-g128", "int4-asym-g32", "int8-channel", "int2-g32"])
-def test_prefill_launches_match_the_reference(kind, rows):
-    """Rule 8 at both blocks of rows, without split-K and with 2 and 5 splits (both finishes on
-    sm_90), on 1056 inputs (a partial last step) and x rows 1057 apart (not 16-byte aligned)."""
-    w = weight(320, 1056, seed=11)
-    bits, group = (8, -1) if kind == "int8-channel" else (int(kind[3]), 32 if "g32" in kind else 96)
-    packed = intn.pack_intn(rtn_quantize(w, bits, group, "asym" not in kind and bits != 2)).to("cuda")
-    steps = -(-1056 // 64)
+def prefill_launches_match_the_reference(linear, reference, packed, bits, rows):
+    """The prefill kernel (intn_linear rule 8, fp6_linear rule 7) on a [320, 1056] weight at both
+    blocks of rows, without split-K and with 2 and 5 splits (both finishes on sm_90), whose last step
+    is partial, on x rows 1057 apart (not 16-byte aligned), against the reference."""
+    word_rows = 1056 // 16 if bits == 6 else 1056 * bits // 32
     configs = []
     for block_m in (64, 128):
         base = dataclasses.replace(intn.prefill_launch(rows, bits, 1056, 320, SMS), block_m=block_m)
         blocks = -(-rows // block_m) * 5
-        configs += [dataclasses.replace(base, split=splitk.choose_split(blocks, 1056 * bits // 32, base.block_w,
-                                                                       splits * blocks)) for splits in (1, 2, 5)]
-    assert sorted({c.split.split for c in configs}) == [1, 2, 5] and steps == 17
+        configs += [dataclasses.replace(base, split=splitk.choose_split(blocks, word_rows, base.block_w, splits * blocks))
+                    for splits in (1, 2, 5)]
+    assert sorted({c.split.split for c in configs}) == [1, 2, 5] and word_rows % configs[0].block_w
     for config in configs:
         x = torch.randn(rows, 1057, generator=torch.Generator().manual_seed(rows)).half().cuda()[:, 1:]
         out = torch.full((rows, 320), float("nan"), dtype=torch.float16, device="cuda")
-        intn.intn_linear(x, packed, config, out=out)
-        expected = intn.intn_reference(x, packed).float()
+        linear(x, packed, config, out=out)
+        expected = reference(x, packed).float()
         assert bool(torch.isfinite(out).all()), config
         assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, config
+
+
+@gpu
+@pytest.mark.parametrize("rows", [17, 64, 100])
+@pytest.mark.parametrize("kind", ["int4-g128", "int4-asym-g32", "int8-channel", "int2-g32"])
+def test_prefill_launches_match_the_reference(kind, rows):
+    bits, group = (8, -1) if kind == "int8-channel" else (int(kind[3]), 32 if "g32" in kind else 96)
+    packed = intn.pack_intn(rtn_quantize(weight(320, 1056, seed=11), bits, group, "asym" not in kind and bits != 2))
+    prefill_launches_match_the_reference(intn.intn_linear, intn.intn_reference, packed.to("cuda"), bits, rows)
 
 
 @gpu
 @pytest.mark.parametrize("rows", [17, 64, 100])
 @pytest.mark.parametrize("kind", ["e3m2", "e3m2-g32", "e2m3-g32"])
 def test_fp6_prefill_launches_match_the_reference(kind, rows):
-    """fp6_linear rule 7 as the int-N test above: both blocks of rows, 1, 2 and 5 splits, 1056 inputs
-    (66 rows of the 2-bit plane: a partial last step), x rows 1057 apart."""
-    fmt = FORMATS[kind[:4]]
-    packed = fp.pack_fpx(fpx_quantize(weight(320, 1056, seed=13), fmt, 32 if "g32" in kind else None,
-                                      scale_dtype=torch.float16)).to("cuda")
-    configs = []
-    for block_m in (64, 128):
-        base = dataclasses.replace(fp.fp6_prefill_launch(rows, 1056, 320, SMS), block_m=block_m)
-        blocks = -(-rows // block_m) * 5
-        configs += [dataclasses.replace(base, split=splitk.choose_split(blocks, 66, base.block_w, splits * blocks))
-                    for splits in (1, 2, 5)]
-    assert sorted({c.split.split for c in configs}) == [1, 2, 5]
-    for config in configs:
-        x = torch.randn(rows, 1057, generator=torch.Generator().manual_seed(rows)).half().cuda()[:, 1:]
-        out = torch.full((rows, 320), float("nan"), dtype=torch.float16, device="cuda")
-        fp.fpx_linear(x, packed, config, out=out)
-        expected = fp.fpx_reference(x, packed).float()
-        assert bool(torch.isfinite(out).all()), config
-        assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, config
+    packed = fp.pack_fpx(fpx_quantize(weight(320, 1056, seed=13), FORMATS[kind[:4]], 32 if "g32" in kind else None,
+                                      scale_dtype=torch.float16))
+    prefill_launches_match_the_reference(fp.fpx_linear, fp.fpx_reference, packed.to("cuda"), 6, rows)
 
 
 @gpu
