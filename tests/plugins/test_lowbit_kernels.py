@@ -429,11 +429,17 @@ def launches_match_the_reference(linear, reference, packed, configs, rows):
     for config in configs:
         for seed in range(2):  # twice: the split-K counters must be back at zero after a launch
             x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(seed)).half().cuda()
-            out = torch.full((rows, 320), float("nan"), dtype=torch.float16, device="cuda")
-            linear(x, packed, config, out=out)
-            expected = reference(x, packed).float()
-            assert bool(torch.isfinite(out).all()), config
-            assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, config
+            launch_matches_the_reference(linear, reference, packed, config, x)
+
+
+def launch_matches_the_reference(linear, reference, packed, config, x):
+    """``linear(x, packed, config)`` into a NaN-poisoned [rows, 320] output: every element written and
+    within 2e-3 (relative, Frobenius) of the reference."""
+    out = torch.full((x.shape[0], 320), float("nan"), dtype=torch.float16, device="cuda")
+    linear(x, packed, config, out=out)
+    expected = reference(x, packed).float()
+    assert bool(torch.isfinite(out).all()), config
+    assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, config
 
 
 @gpu
@@ -570,11 +576,7 @@ def prefill_launches_match_the_reference(linear, reference, packed, bits, rows):
     assert sorted({c.split.split for c in configs}) == [1, 2, 5] and word_rows % configs[0].block_w
     for config in configs:
         x = torch.randn(rows, 1057, generator=torch.Generator().manual_seed(rows)).half().cuda()[:, 1:]
-        out = torch.full((rows, 320), float("nan"), dtype=torch.float16, device="cuda")
-        linear(x, packed, config, out=out)
-        expected = reference(x, packed).float()
-        assert bool(torch.isfinite(out).all()), config
-        assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, config
+        launch_matches_the_reference(linear, reference, packed, config, x)
 
 
 @gpu
