@@ -36,6 +36,7 @@ class KernelVariant:
     num_warps: int = 4
     num_stages: int = 1
     aligned: tuple[str, ...] = field(default=())  # arguments declared divisible by 16
+    targets: tuple[int, ...] = TARGETS  # the compute capabilities it is built for
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,6 @@ def compile_kernel(variant: KernelVariant, capability: int) -> CompiledVariant:
     require_triton()
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     signature = dict(variant.signature)
     # Compile-time constants the variant leaves out take their defaults, as a launch does.
@@ -64,6 +64,10 @@ def compile_kernel(variant: KernelVariant, capability: int) -> CompiledVariant:
         signature[name] = "constexpr"
     names = list(signature)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in variant.aligned}
+    if getattr(variant.kernel, "is_gluon", lambda: False)():  # wgmma_prefill's kernel
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
+    else:
+        from triton.compiler import ASTSource
     source = ASTSource(fn=variant.kernel, signature=signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                               options={"num_warps": variant.num_warps, "num_stages": variant.num_stages, **COMPILE_OPTIONS})
@@ -123,6 +127,6 @@ def loop_instruction_mix(listing: str) -> collections.Counter:
 def kernel_variants() -> list[KernelVariant]:
     """Every kernel the plugins launch, at their shipped launch shapes."""
     require_triton()
-    from llmc.plugins import fp6_linear, intn_linear
+    from llmc.plugins import fp6_linear, intn_linear, wgmma_prefill
 
-    return intn_linear.kernel_variants() + fp6_linear.kernel_variants()
+    return intn_linear.kernel_variants() + fp6_linear.kernel_variants() + wgmma_prefill.kernel_variants()

@@ -17,7 +17,7 @@ from llmc.passes.fpx import FORMATS, fpx_quantize
 from llmc.passes.quantize_rtn import rtn_quantize
 from llmc.plugins import fp6_linear as fp
 from llmc.plugins import intn_linear as intn
-from llmc.plugins import splitk
+from llmc.plugins import splitk, wgmma_prefill
 from llmc.plugins.splitk import choose_split
 
 SMS = 132
@@ -377,6 +377,21 @@ def test_fp6_float16_pair_decode_is_rule_3_bit_for_bit(name):
                 assert [out & 0xFFFF, out >> 16] == [int(v) for v in expected.view(np.uint16)], (i, half, high, low)
 
 
+def test_hopper_prefill_rule_and_launch():
+    """Rule 9 (wgmma_prefill): int4 and int2 from 2^24 weights up to 256 rows, 512 from 2^25; int8 up to
+    128 rows; blocks of 64 rows of x up to 64 rows, else 128; splits of K up to two programs per SM,
+    rounded down."""
+    assert wgmma_prefill.wgmma_config(100, 4, 4096, 2048, SMS) is None  # 2^23 weights
+    assert wgmma_prefill.wgmma_config(256, 4, 4096, 4096, SMS) and not wgmma_prefill.wgmma_config(257, 4, 4096, 4096, SMS)
+    assert wgmma_prefill.wgmma_config(512, 2, 4096, 11008, SMS) and not wgmma_prefill.wgmma_config(513, 4, 4096, 11008, SMS)
+    assert wgmma_prefill.wgmma_config(128, 8, 4096, 4096, SMS) and not wgmma_prefill.wgmma_config(129, 8, 8192, 28672, SMS)
+    config = wgmma_prefill.wgmma_config(64, 4, 4096, 11008, SMS)
+    assert (config.block_m, config.block_n, config.block_w, config.split.split) == (64, 128, 8, 3)  # 86 blocks
+    assert wgmma_prefill.wgmma_config(256, 4, 4096, 11008, SMS).split.split == 1  # 172 blocks
+    down = wgmma_prefill.wgmma_config(300, 4, 11008, 4096, SMS)  # 96 blocks: 2 splits of 86 steps
+    assert (down.block_m, down.split.split, down.split.rows_per_split) == (128, 2, 86 * 8)
+
+
 @pytest.mark.parametrize("programs", [0.5, 1, 66.0, 1056])
 def test_fractional_programs_per_sm_never_split_below_one_per_block(programs):
     split = choose_split(128, 512, 16, programs)
@@ -401,6 +416,23 @@ def test_kernels_compile_for_ampere_and_hopper_without_a_gpu(capability):
         if "gemv" in name:  # one fused multiply-add per weight, whatever Triton's default fusion
             mix = loop_instruction_mix(sass(compiled.cubin))
             assert mix["FFMA"] >= 64, mix
+
+
+@pytest.mark.slow
+def test_the_hopper_prefill_kernel_keeps_one_wgmma_in_flight():
+    """Rule 9 compiles for sm_90 without spills, and its wgmmas wait for all but the last group
+    (ptxas serializes them, DEPBAR 0 after each, when an empty loop is possible)."""
+    pytest.importorskip("triton")
+    from llmc.plugins.aot import compile_kernel, sass
+
+    variants = wgmma_prefill.kernel_variants()
+    if not variants:
+        pytest.skip("this Triton has no Gluon")
+    for variant in variants:
+        compiled = compile_kernel(variant, 90)
+        listing = sass(compiled.cubin)
+        assert compiled.spills == 0 and "HGMMA" in listing
+        assert re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", listing), variant.name
 
 
 @pytest.mark.slow
@@ -595,6 +627,44 @@ def test_fp6_prefill_launches_match_the_reference(kind, rows):
     packed = fp.pack_fpx(fpx_quantize(weight(320, 1056, seed=13), FORMATS[kind[:4]], 32 if "g32" in kind else None,
                                       scale_dtype=torch.float16))
     prefill_launches_match_the_reference(fp.fpx_linear, fp.fpx_reference, packed.to("cuda"), 6, rows)
+
+
+hopper = pytest.mark.skipif(not (torch.cuda.is_available() and wgmma_prefill.available(torch.device("cuda"))),
+                            reason="rule 9 needs an sm_90 GPU and Triton's Gluon")
+
+
+@hopper
+@pytest.mark.parametrize("rows", [17, 64, 100, 300])
+@pytest.mark.parametrize("kind", ["int4-g128", "int4-asym-g32", "int4-channel", "int8-channel", "int2-asym-g32"])
+def test_hopper_prefill_launches_match_the_reference(kind, rows):
+    """Rule 9 (wgmma_prefill) on a [320, 1056] weight at both blocks of rows, without split-K and with
+    2 and 5 splits (the last split runs past K), on x rows 1057 apart, against the reference."""
+    bits, group = int(kind[3]), 32 if "g32" in kind else (-1 if "channel" in kind else 96)
+    packed = intn.pack_intn(rtn_quantize(weight(320, 1056, seed=17), bits, group, "asym" not in kind)).to("cuda")
+    configs = []
+    for block_m in (64, 128):
+        base = dataclasses.replace(wgmma_prefill.wgmma_launch(rows, bits, 1056, 320, SMS), block_m=block_m)
+        configs += [dataclasses.replace(base, split=splitk.choose_split(1, 1056 * bits // 32, base.block_w, splits))
+                    for splits in (1, 2, 5)]
+    assert sorted({c.split.split for c in configs}) == [1, 2, 5] and 5 * configs[-1].split.rows_per_split > 1056 * bits // 32
+    for config in configs:
+        x = torch.randn(rows, 1057, generator=torch.Generator().manual_seed(rows)).half().cuda()[:, 1:]
+        launch_matches_the_reference(lambda x, w, c, out: wgmma_prefill.wgmma_linear(x, w, c, out), intn.intn_reference,
+                                     packed, config, x)
+
+
+@hopper
+def test_intn_linear_takes_the_hopper_prefill_kernel_where_its_rule_says():
+    """From 2^24 weights, 17 to 256 rows of float16 x run rule 9 (the same output as forcing it), and
+    bfloat16 x does not (it has no bfloat16 path)."""
+    w = intn.pack_intn(rtn_quantize(torch.randn(4096, 4096, device="cuda") * 0.02, 4, 128, True))
+    x = torch.randn(200, 4096, generator=torch.Generator().manual_seed(5)).half().cuda()
+    config = wgmma_prefill.wgmma_config(200, 4, 4096, 4096, SMS)
+    forced = wgmma_prefill.wgmma_linear(x, w, config, torch.empty(200, 4096, dtype=torch.float16, device="cuda"))
+    assert torch.equal(intn.intn_linear(x, w), forced)
+    expected = intn.intn_reference(x, w).float()
+    assert float((forced.float() - expected).norm() / expected.norm()) < 2e-3
+    assert intn.intn_linear(x.bfloat16(), w).dtype == torch.bfloat16
 
 
 @gpu
