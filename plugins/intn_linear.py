@@ -66,7 +66,7 @@ Kernels (rules referred to in the code):
    first (docs/benchmarks/kernels.md, "Prefill").
 9. On Hopper (compute capability 9.0), ``llmc.plugins.wgmma_prefill``: the same decode PTX in a Gluon
    kernel whose decoded tile goes through shared memory, so that the next step's decode overlaps the
-   wgmma in flight (TMA-fed, double-buffered; see that module). 7B-70B shapes at 17-256 rows: 1.1-2.1x
+   wgmma in flight (TMA-fed, double-buffered; see that module). 7B-70B shapes at 17-256 rows: 1.11-2.04x
    faster than rules 8/2 on an H100 (docs/benchmarks/kernels-prefill.md).
 """
 

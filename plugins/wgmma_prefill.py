@@ -48,8 +48,8 @@ except ImportError:  # no Triton (CPU-only hosts), or a Triton whose Gluon diffe
 # By bits, (from weights, up to rows below FUSED_WEIGHTS weights, up to rows from FUSED_WEIGHTS): where
 # rule 9 runs, float16 x and scales on sm_90. Set from benchmarks/kernels_prefill.py on an H100
 # (docs/benchmarks/kernels-prefill.md): from 2^24 weights int4 and int2 beat rule 8, the 2-16 row
-# kernel and dequantize-then-cuBLAS at 17-256 rows (int4 1.10-2.06x), and up to 512 from 2^25 but on
-# 4096x4096 (0.86x at 512 rows); int8 at 17-128 rows (1.18-3.2x), mixed at 256. Below 2^24 weights
+# kernel and dequantize-then-cuBLAS at 17-256 rows (int4 1.11-2.04x), and at 512 from 2^25 weights
+# (1.00-1.17x; 4096x4096 0.89x); int8 at 17-128 rows (1.16-2.95x), mixed from 192. Below 2^24 weights
 # rule 8 or dequantize-then-cuBLAS was faster.
 WGMMA_RULES = {2: (1 << 24, 256, 512), 4: (1 << 24, 256, 512), 8: (1 << 24, 128, 128)}
 # (block_n, inputs per step, num_warps, num_stages); blocks of 64 rows of x up to 64 rows, else 128.
