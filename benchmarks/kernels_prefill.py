@@ -6,7 +6,7 @@ dequantize-then-cuBLAS and cuBLAS float16, from 17 to 1024 rows of x, on one GPU
 For each linear shape of ``benchmarks/kernels.py`` (symmetric int-N codes, int4 by default, in
 groups of 128, 64 where K = 576; ``--bits 6``: FP6 e3m2 with one scale per output channel) and
 each number of rows M: the fused kernel at ``prefill_launch``'s launch (whatever the
-bounds of ``prefill_config``), on an sm_90 GPU with int-N codes the Hopper kernel (rule 9,
+bounds of ``prefill_config``), on an sm_90 GPU the Hopper kernel (rule 9,
 ``wgmma_prefill``) at ``wgmma_launch``'s launch, llmc's dequantize kernel then ``torch.matmul``,
 ``torch.matmul`` on the float16 weight, and ``intn_linear``'s own dispatch (rule 9, the prefill
 kernel, the 2-16 row kernel in blocks of 16 rows, or dequantize-then-matmul), named and timed, beside
@@ -62,7 +62,7 @@ def main() -> None:
         what = f"int{args.bits} symmetric"
 
     device = torch.device("cuda")
-    hopper = args.bits != 6 and wgmma_prefill.available(device)
+    hopper = wgmma_prefill.available(device)
     props = torch.cuda.get_device_properties(device)
     sms = sm_count(device)
     torch.manual_seed(0)

@@ -945,6 +945,8 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: LaunchConfig | None = N
     m, n, k = x2.shape[0], w.out_features, w.in_features
     halves = x.dtype == w.scale.dtype == torch.float16
     require_triton()
+    from llmc.plugins import wgmma_prefill  # here: it imports this module (rule 8's PTX)
+
     if config is None and m > PREFILL_ROWS and halves and wgmma_prefill.available(x.device):
         config = wgmma_prefill.wgmma_config(m, w.bits, k, n, sm_count(x.device))
         if config is not None:  # rule 9
@@ -1080,6 +1082,3 @@ def kernel_variants() -> list:
         dict(WIDTH=4, GROUP=128, BLOCK_N=block_n, BLOCK_W=block_w), 4, 1,
         ("w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K")))
     return variants
-
-
-from llmc.plugins import wgmma_prefill  # noqa: E402 (it reads rule 8's PTX from this module)

@@ -378,13 +378,16 @@ def test_fp6_float16_pair_decode_is_rule_3_bit_for_bit(name):
 
 
 def test_hopper_prefill_rule_and_launch():
-    """Rule 9 (wgmma_prefill): int4 and int2 from 2^24 weights up to 256 rows, 512 from 2^25; int8 up to
-    128 rows; blocks of 64 rows of x up to 64 rows, else 128; splits of K up to two programs per SM,
+    """Rule 9 (wgmma_prefill): int4 and int2 from 2^24 weights up to 256 rows, 512 from 2^25; int8 and FP6
+    up to 128 rows; blocks of 64 rows of x up to 64 rows, else 128; splits of K up to two programs per SM,
     rounded down."""
     assert wgmma_prefill.wgmma_config(100, 4, 4096, 2048, SMS) is None  # 2^23 weights
     assert wgmma_prefill.wgmma_config(256, 4, 4096, 4096, SMS) and not wgmma_prefill.wgmma_config(257, 4, 4096, 4096, SMS)
     assert wgmma_prefill.wgmma_config(512, 2, 4096, 11008, SMS) and not wgmma_prefill.wgmma_config(513, 4, 4096, 11008, SMS)
     assert wgmma_prefill.wgmma_config(128, 8, 4096, 4096, SMS) and not wgmma_prefill.wgmma_config(129, 8, 8192, 28672, SMS)
+    fp6 = wgmma_prefill.wgmma_config(100, 6, 4096, 4096, SMS)  # FP6: rows of the 2-bit plane, 16 inputs each
+    assert fp6.block_w == 4 and fp6.split.rows_per_split * fp6.split.split >= 4096 // 16
+    assert wgmma_prefill.wgmma_config(129, 6, 8192, 28672, SMS) is None  # FP6 up to 128 rows
     config = wgmma_prefill.wgmma_config(64, 4, 4096, 11008, SMS)
     assert (config.block_m, config.block_n, config.block_w, config.split.split) == (64, 128, 8, 3)  # 86 blocks
     assert wgmma_prefill.wgmma_config(256, 4, 4096, 11008, SMS).split.split == 1  # 172 blocks
@@ -635,28 +638,36 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and wgmma_prefill.ava
 
 @hopper
 @pytest.mark.parametrize("rows", [17, 64, 100, 300])
-@pytest.mark.parametrize("kind", ["int4-g128", "int4-asym-g32", "int4-channel", "int8-channel", "int2-asym-g32"])
+@pytest.mark.parametrize("kind", ["int4-g128", "int4-asym-g32", "int4-channel", "int8-channel", "int2-asym-g32",
+                                  "fp6-e3m2", "fp6-e2m3-g32"])
 def test_hopper_prefill_launches_match_the_reference(kind, rows):
     """Rule 9 (wgmma_prefill) on a [320, 1056] weight at both blocks of rows, without split-K and with
     2 and 5 splits (the last split runs past K), on x rows 1057 apart, against the reference."""
-    bits, group = int(kind[3]), 32 if "g32" in kind else (-1 if "channel" in kind else 96)
-    packed = intn.pack_intn(rtn_quantize(weight(320, 1056, seed=17), bits, group, "asym" not in kind)).to("cuda")
+    w = weight(320, 1056, seed=17)
+    if kind.startswith("fp6"):
+        bits, word_rows, reference = 6, 1056 // 16, fp.fpx_reference
+        packed = fp.pack_fpx(fpx_quantize(w, FORMATS[kind[4:8]], 32 if "g32" in kind else None, scale_dtype=torch.float16))
+    else:
+        bits, group, reference = int(kind[3]), 32 if "g32" in kind else (-1 if "channel" in kind else 96), intn.intn_reference
+        word_rows = 1056 * bits // 32
+        packed = intn.pack_intn(rtn_quantize(w, bits, group, "asym" not in kind))
+    packed = packed.to("cuda")
     configs = []
     for block_m in (64, 128):
         base = dataclasses.replace(wgmma_prefill.wgmma_launch(rows, bits, 1056, 320, SMS), block_m=block_m)
-        configs += [dataclasses.replace(base, split=splitk.choose_split(1, 1056 * bits // 32, base.block_w, splits))
+        configs += [dataclasses.replace(base, split=splitk.choose_split(1, word_rows, base.block_w, splits))
                     for splits in (1, 2, 5)]
-    assert sorted({c.split.split for c in configs}) == [1, 2, 5] and 5 * configs[-1].split.rows_per_split > 1056 * bits // 32
+    assert sorted({c.split.split for c in configs}) == [1, 2, 5] and 5 * configs[-1].split.rows_per_split > word_rows
     for config in configs:
         x = torch.randn(rows, 1057, generator=torch.Generator().manual_seed(rows)).half().cuda()[:, 1:]
-        launch_matches_the_reference(lambda x, w, c, out: wgmma_prefill.wgmma_linear(x, w, c, out), intn.intn_reference,
+        launch_matches_the_reference(lambda x, w, c, out: wgmma_prefill.wgmma_linear(x, w, c, out), reference,
                                      packed, config, x)
 
 
 @hopper
 def test_intn_linear_takes_the_hopper_prefill_kernel_where_its_rule_says():
-    """From 2^24 weights, 17 to 256 rows of float16 x run rule 9 (the same output as forcing it), and
-    bfloat16 x does not (it has no bfloat16 path)."""
+    """From 2^24 weights, 17 to 256 rows of float16 x run rule 9 (the same output as forcing it), int4
+    through intn_linear and FP6 through fpx_linear, and bfloat16 x does not (it has no bfloat16 path)."""
     w = intn.pack_intn(rtn_quantize(torch.randn(4096, 4096, device="cuda") * 0.02, 4, 128, True))
     x = torch.randn(200, 4096, generator=torch.Generator().manual_seed(5)).half().cuda()
     config = wgmma_prefill.wgmma_config(200, 4, 4096, 4096, SMS)
@@ -665,6 +676,11 @@ def test_intn_linear_takes_the_hopper_prefill_kernel_where_its_rule_says():
     expected = intn.intn_reference(x, w).float()
     assert float((forced.float() - expected).norm() / expected.norm()) < 2e-3
     assert intn.intn_linear(x.bfloat16(), w).dtype == torch.bfloat16
+    fp6 = fp.pack_fpx(fpx_quantize(torch.randn(4096, 4096, device="cuda") * 0.02, FORMATS["e3m2"], None,
+                                   scale_dtype=torch.float16))
+    forced = wgmma_prefill.wgmma_linear(x, fp6, wgmma_prefill.wgmma_config(200, 6, 4096, 4096, SMS),
+                                        torch.empty(200, 4096, dtype=torch.float16, device="cuda"))
+    assert torch.equal(fp.fpx_linear(x, fp6), forced)
 
 
 @gpu
