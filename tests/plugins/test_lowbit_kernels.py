@@ -666,8 +666,8 @@ def test_hopper_prefill_launches_match_the_reference(kind, rows):
 
 @hopper
 def test_intn_linear_takes_the_hopper_prefill_kernel_where_its_rule_says():
-    """From 2^24 weights, 17 to 256 rows of float16 x run rule 9 (the same output as forcing it), int4
-    through intn_linear and FP6 through fpx_linear, and bfloat16 x does not (it has no bfloat16 path)."""
+    """From 2^24 weights, float16 x runs rule 9 (the same output as forcing it): int4 through intn_linear
+    at 200 rows, FP6 through fpx_linear at 100; bfloat16 x does not (it has no bfloat16 path)."""
     w = intn.pack_intn(rtn_quantize(torch.randn(4096, 4096, device="cuda") * 0.02, 4, 128, True))
     x = torch.randn(200, 4096, generator=torch.Generator().manual_seed(5)).half().cuda()
     config = wgmma_prefill.wgmma_config(200, 4, 4096, 4096, SMS)
@@ -678,9 +678,12 @@ def test_intn_linear_takes_the_hopper_prefill_kernel_where_its_rule_says():
     assert intn.intn_linear(x.bfloat16(), w).dtype == torch.bfloat16
     fp6 = fp.pack_fpx(fpx_quantize(torch.randn(4096, 4096, device="cuda") * 0.02, FORMATS["e3m2"], None,
                                    scale_dtype=torch.float16))
-    forced = wgmma_prefill.wgmma_linear(x, fp6, wgmma_prefill.wgmma_config(200, 6, 4096, 4096, SMS),
-                                        torch.empty(200, 4096, dtype=torch.float16, device="cuda"))
+    x = x[:100]  # FP6: up to 128 rows
+    forced = wgmma_prefill.wgmma_linear(x, fp6, wgmma_prefill.wgmma_config(100, 6, 4096, 4096, SMS),
+                                        torch.empty(100, 4096, dtype=torch.float16, device="cuda"))
     assert torch.equal(fp.fpx_linear(x, fp6), forced)
+    expected = fp.fpx_reference(x, fp6).float()
+    assert float((forced.float() - expected).norm() / expected.norm()) < 2e-3
 
 
 @gpu
