@@ -24,7 +24,7 @@ and the scales' group index is clamped.
 Measured on an H100 (docs/benchmarks/kernels-prefill.md); it runs where it beat rule 8, the 2-16
 row kernel and dequantize-then-cuBLAS (:data:`WGMMA_RULES`): int4, int2, int8 and FP6 (e3m2, e2m3;
 ``fp6_linear`` calls it) from 2^24 weights. Gluon is experimental in Triton 3.6: where it cannot be
-imported, or on any GPU but sm_90 (wgmma is Hopper's), ``intn_linear`` keeps rules 8 and 2.
+imported, or on any GPU but sm_90 (wgmma is Hopper's), ``intn_linear`` keeps rules 8 and 2 (``fpx_linear`` rule 7).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import functools
 import torch
 
 from llmc.plugins import splitk
-from llmc.plugins.fp6_linear import _FP6_PAIR_ASM
+from llmc.plugins.fp6_linear import _FP6_PAIR_ASM, FpxWeights
 from llmc.plugins.intn_linear import _WORD_ASM, _WORD_CONSTRAINTS, FUSED_WEIGHTS
 from llmc.plugins.splitk import LaunchConfig, choose_split
 
@@ -258,9 +258,11 @@ def wgmma_linear(x2: torch.Tensor, w, config: LaunchConfig, y: torch.Tensor) -> 
     ``IntNWeights`` or FP6 ``FpxWeights``, with float16 scales. Returns ``y``."""
     if not available(x2.device):
         raise RuntimeError("wgmma_linear: needs Triton's Gluon and a compute capability 9.0 GPU")
+    if not x2.dtype == w.scale.dtype == torch.float16:
+        raise ValueError("wgmma_linear: takes float16 x and float16 scales")
     m, k = x2.shape
     n = w.out_features
-    fp6 = hasattr(w, "fmt")
+    fp6 = isinstance(w, FpxWeights)
     if x2.stride(0) % 8 or x2.data_ptr() % 16:  # TMA: 16-byte aligned rows
         x2 = x2.clone(memory_format=torch.contiguous_format)
     block_k = config.block_w * (16 if fp6 else 32 // w.bits)
