@@ -71,6 +71,8 @@ def wgmma_config(m: int, bits: int, in_features: int, out_features: int, sms: in
     weights = in_features * out_features
     if least is None or weights < least or m > (large if weights >= FUSED_WEIGHTS else small):
         return None
+    if in_features % 16 or out_features % 4:  # TMA: rows of x and of the words 16-byte aligned
+        return None
     return wgmma_launch(m, bits, in_features, out_features, sms)
 
 

@@ -388,6 +388,7 @@ def test_hopper_prefill_rule_and_launch():
     fp6 = wgmma_prefill.wgmma_config(100, 6, 4096, 4096, SMS)  # FP6: rows of the 2-bit plane, 16 inputs each
     assert fp6.block_w == 4 and fp6.split.rows_per_split * fp6.split.split >= 4096 // 16
     assert wgmma_prefill.wgmma_config(129, 6, 8192, 28672, SMS) is None  # FP6 up to 128 rows
+    assert wgmma_prefill.wgmma_config(100, 4, 4096, 4098, SMS) is None  # TMA needs rows of 16-byte multiples
     config = wgmma_prefill.wgmma_config(64, 4, 4096, 11008, SMS)
     assert (config.block_m, config.block_n, config.block_w, config.split.split) == (64, 128, 8, 3)  # 86 blocks
     assert wgmma_prefill.wgmma_config(256, 4, 4096, 11008, SMS).split.split == 1  # 172 blocks
