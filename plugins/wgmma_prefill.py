@@ -51,7 +51,7 @@ except ImportError:  # no Triton (CPU-only hosts), or a Triton whose Gluon diffe
 # rule 9 runs, float16 x and scales on sm_90. Set from benchmarks/kernels_prefill.py on an H100
 # (docs/benchmarks/kernels-prefill.md): from 2^24 weights int4 and int2 beat rule 8, the 2-16 row
 # kernel and dequantize-then-cuBLAS at 17-256 rows (int4 1.11-2.04x), and at 512 from 2^25 weights
-# (1.00-1.17x; 4096x4096 0.89x); int8 and FP6 at 17-128 rows (int8 1.16-2.95x, FP6 1.05-1.53x), mixed
+# (1.00-1.17x; 4096x4096 0.89x); int8 and FP6 at 17-128 rows (int8 1.16-2.95x, FP6 1.06-1.53x), mixed
 # from 192 (FP6's decode costs more a weight). Below 2^24 weights rule 8 or dequantize-then-cuBLAS was
 # faster.
 WGMMA_RULES = {2: (1 << 24, 256, 512), 4: (1 << 24, 256, 512), 6: (1 << 24, 128, 128), 8: (1 << 24, 128, 128)}
