@@ -644,13 +644,12 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: LaunchConfig | None = Non
     x2 = as_rows(x, w.in_features, "fpx_linear")
     m, n, k = x2.shape[0], w.out_features, w.in_features
     halves = x.dtype == w.scale.dtype == torch.float16
-    from llmc.plugins import wgmma_prefill  # here: it imports this module (rule 6's PTX)
+    if config is None and m > PREFILL_ROWS and w.fmt.bits == 6:
+        from llmc.plugins import wgmma_prefill  # here: it imports this module (rule 6's PTX)
 
-    if config is None and m > PREFILL_ROWS and halves and w.fmt.bits == 6 and wgmma_prefill.available(x.device):
-        config = wgmma_prefill.wgmma_config(m, 6, k, n, sm_count(x.device))
-        if config is not None:  # intn_linear rule 9, the Hopper kernel
-            y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
-            return wgmma_prefill.wgmma_linear(x2, w, config, y).reshape(*x.shape[:-1], n)
+        y = wgmma_prefill.where_its_rule_runs(x2, w, 6, out)  # intn_linear rule 9, the Hopper kernel
+        if y is not None:
+            return y.reshape(*x.shape[:-1], n)
     if config is None and m > PREFILL_ROWS:
         config = fpx_config(m, w, sm_count(x.device)) if halves else None
         if config is None:  # dequantize, then cuBLAS

@@ -913,12 +913,18 @@ def prefill_config(m: int, bits: int, in_features: int, out_features: int, sms: 
     return prefill_launch(m, bits, in_features, out_features, sms)
 
 
+def inputs_per_row(bits: int) -> int:
+    """Inputs per row of the plane a prefill step walks (rules 8 and 9): the fields of an int-N word,
+    and for FP6 (bits 6) its 2-bit plane's 16."""
+    return 16 if bits == 6 else fields_per_word(_width(bits))
+
+
 def prefill_launch(m: int, bits: int, in_features: int, out_features: int, sms: int) -> LaunchConfig:
     """Rule 8's launch over ``m`` rows of x, whatever ``m`` (the benchmark times it beyond the bounds):
     64 inputs per step (``block_w`` rows of words of ``32 / bits`` inputs)."""
     block_m = 64 if m <= 64 else 128
     block_n, inputs, warps, stages = PREFILL_SHAPE
-    fields = 16 if bits == 6 else fields_per_word(_width(bits))  # FP6: rows of the 2-bit plane
+    fields = inputs_per_row(bits)
     blocks = -(-m // block_m) * -(-out_features // block_n)
     split = choose_split(blocks, in_features // fields, inputs // fields, PREFILL_PROGRAMS_PER_SM * sms)
     return LaunchConfig(block_m, block_n, inputs // fields, warps, stages, split)
@@ -945,14 +951,12 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: LaunchConfig | None = N
     m, n, k = x2.shape[0], w.out_features, w.in_features
     halves = x.dtype == w.scale.dtype == torch.float16
     require_triton()
-    from llmc.plugins import wgmma_prefill  # here: it imports this module (rule 8's PTX)
-
-    if config is None and m > PREFILL_ROWS and halves and wgmma_prefill.available(x.device):
-        config = wgmma_prefill.wgmma_config(m, w.bits, k, n, sm_count(x.device))
-        if config is not None:  # rule 9
-            y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
-            return wgmma_prefill.wgmma_linear(x2, w, config, y).reshape(*x.shape[:-1], n)
     if config is None and m > PREFILL_ROWS:
+        from llmc.plugins import wgmma_prefill  # here: it imports this module (rule 8's PTX)
+
+        y = wgmma_prefill.where_its_rule_runs(x2, w, w.bits, out)  # rule 9
+        if y is not None:
+            return y.reshape(*x.shape[:-1], n)
         config = intn_config(m, w, sm_count(x.device))
         if config is None or config.block_m > 16 and not halves:  # dequantize, then cuBLAS
             y = torch.matmul(x2, intn_dequantize(w, x.dtype).t(), out=out)

@@ -35,7 +35,7 @@ import torch
 
 from llmc.plugins import splitk
 from llmc.plugins.fp6_linear import _FP6_PAIR_ASM, FpxWeights
-from llmc.plugins.intn_linear import _WORD_ASM, _WORD_CONSTRAINTS, FUSED_WEIGHTS
+from llmc.plugins.intn_linear import _WORD_ASM, _WORD_CONSTRAINTS, FUSED_WEIGHTS, inputs_per_row
 from llmc.plugins.splitk import LaunchConfig, choose_split
 
 try:
@@ -80,7 +80,7 @@ def wgmma_launch(m: int, bits: int, in_features: int, out_features: int, sms: in
     """Rule 9's launch over ``m`` rows whatever its rule (tests and benchmarks force it)."""
     block_m = 64 if m <= 64 else 128
     block_n, inputs, warps, stages = WGMMA_SHAPE
-    fields = 16 if bits == 6 else 32 // bits  # FP6: rows of the 2-bit plane
+    fields = inputs_per_row(bits)
     blocks = -(-m // block_m) * -(-out_features // block_n)
     # Splits of K up to WGMMA_PROGRAMS_PER_SM programs per SM, never over (rounded down): on an H100,
     # 4096->11008 at 256 rows ran 61 us in 172 programs, 67 in 344.
@@ -255,6 +255,18 @@ def _shared_layout(shape: tuple[int, int], dtype: str):
     return gl.NVMMASharedLayout.get_default_for(list(shape), getattr(gl, dtype))
 
 
+def where_its_rule_runs(x2: torch.Tensor, w, bits: int, out: torch.Tensor | None) -> torch.Tensor | None:
+    """``x2`` [M, K] @ W.T by rule 9 into ``out`` (a new tensor if None) where :func:`wgmma_config` takes
+    it on this GPU (``bits`` 6: FP6), with float16 x and scales; else None, and the caller's rules run."""
+    if not (x2.dtype == w.scale.dtype == torch.float16 and available(x2.device)):
+        return None
+    m, n = x2.shape[0], w.out_features
+    config = wgmma_config(m, bits, w.in_features, n, splitk.sm_count(x2.device))
+    if config is None:
+        return None
+    return wgmma_linear(x2, w, config, torch.empty(m, n, dtype=x2.dtype, device=x2.device) if out is None else out)
+
+
 def wgmma_linear(x2: torch.Tensor, w, config: LaunchConfig, y: torch.Tensor) -> torch.Tensor:
     """``y`` [M, N] = ``x2`` [M, K] (float16) @ W.T by rule 9 at ``config`` (:func:`wgmma_launch`); ``w``
     ``IntNWeights`` or FP6 ``FpxWeights``, with float16 scales. Returns ``y``."""
@@ -267,7 +279,7 @@ def wgmma_linear(x2: torch.Tensor, w, config: LaunchConfig, y: torch.Tensor) -> 
     fp6 = isinstance(w, FpxWeights)
     if x2.stride(0) % 8 or x2.data_ptr() % 16:  # TMA: 16-byte aligned rows
         x2 = x2.clone(memory_format=torch.contiguous_format)
-    block_k = config.block_w * (16 if fp6 else 32 // w.bits)
+    block_k = config.block_w * inputs_per_row(6 if fp6 else w.bits)
     x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [config.block_m, block_k],
                               _shared_layout((config.block_m, block_k), "float16"))
     layout = _shared_layout((config.block_w, config.block_n), "int32")
@@ -299,7 +311,7 @@ def kernel_variants() -> list:
     block_n, inputs, warps, stages = WGMMA_SHAPE
     variants = []
     for bits, symmetric, group in ((4, True, 128), (4, False, 32), (6, True, 4096)):
-        rows = inputs // 16 if bits == 6 else inputs * bits // 32
+        rows = inputs // inputs_per_row(bits)
         words = f"tensordesc<i32[{rows}, {block_n}],{_shared_layout((rows, block_n), 'int32')!r}>"
         tag = "fp6-e3m2-channel" if bits == 6 else f"int{bits}-{'sym' if symmetric else 'asym'}-g{group}"
         for block_m in (64, 128):
