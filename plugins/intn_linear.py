@@ -68,6 +68,11 @@ Kernels (rules referred to in the code):
    kernel whose decoded tile goes through shared memory, so that the next step's decode overlaps the
    wgmma in flight (TMA-fed, double-buffered; see that module). 7B-70B shapes at 17-256 rows: 1.11-2.04x
    faster than rules 8/2 on an H100 (docs/benchmarks/kernels-prefill.md).
+10. 2-8 rows of symmetric int4 on Hopper from 2^24-2^25 weights (``mma_decode.MMA_RULE``),
+   ``llmc.plugins.mma_decode``: the words are loaded in the register layout of ``mma.sync``'s A operand
+   (Gluon), so that rule 8's pair decode feeds the tensor cores with no shared memory, and x is the B
+   operand (one to eight rows cost the same). 7B-70B shapes at 3-8 rows: 1.08-1.40x faster than rules
+   5/7 on an H100 (docs/benchmarks/kernels-decode-rows.md).
 """
 
 from __future__ import annotations
@@ -960,6 +965,12 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: LaunchConfig | None = N
         config = intn_config(m, w, sm_count(x.device))
         if config is None or config.block_m > 16 and not halves:  # dequantize, then cuBLAS
             y = torch.matmul(x2, intn_dequantize(w, x.dtype).t(), out=out)
+            return y.reshape(*x.shape[:-1], n)
+    if config is None and 1 < m <= PREFILL_ROWS and halves:
+        from llmc.plugins import mma_decode
+
+        y = mma_decode.where_its_rule_runs(x2, w, out)  # rule 10
+        if y is not None:
             return y.reshape(*x.shape[:-1], n)
     config = config or intn_config(m, w, sm_count(x.device))
     if config.block_m > 16 and not halves:

@@ -8,6 +8,7 @@ references. The full check and timing on every benchmarked shape is benchmarks/k
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import pytest
@@ -17,7 +18,7 @@ from llmc.passes.fpx import FORMATS, fpx_quantize
 from llmc.passes.quantize_rtn import rtn_quantize
 from llmc.plugins import fp6_linear as fp
 from llmc.plugins import intn_linear as intn
-from llmc.plugins import splitk, wgmma_prefill
+from llmc.plugins import mma_decode, splitk, wgmma_prefill
 from llmc.plugins.splitk import choose_split
 
 SMS = 132
@@ -291,6 +292,8 @@ def _run_ptx(asm: str, registers: dict) -> dict:
             regs[d] = (a[0] & a[1]) | a[2]
         elif op == "mov.b32":
             regs[d] = a[0]
+        elif op == "fma.rn.f16x2":  # exact here: small integers and powers of 2
+            regs[d] = word((halves(a[0]).astype(np.float32) * halves(a[1]) + halves(a[2])).astype(np.float16))
         else:
             fn = {"add.f16x2": np.add, "sub.f16x2": np.subtract, "mul.f16x2": np.multiply}[op]
             regs[d] = word(fn(halves(a[0]), halves(a[1])))
@@ -396,6 +399,77 @@ def test_hopper_prefill_rule_and_launch():
     assert (down.block_m, down.split.split, down.split.rows_per_split) == (128, 2, 86 * 8)
 
 
+def test_mma_decode_rule_and_launch():
+    """Rule 10 (mma_decode): symmetric int4 with float16 scales in groups of a multiple of 128 or one per
+    output, at 2 rows from 2^25 weights and 3-8 from 2^24; K split over warps and programs for about 4-8
+    iterations of 16 word-rows a warp, at most MAX_WARPS_PER_SM warps per SM."""
+    def int4(k, n, group=128, bits=4, scale=torch.float16):
+        w = weights_of(k, n, bits)
+        return dataclasses.replace(w, scale=w.scale.to(scale), group_size=group)
+
+    big = int4(4096, 11008)
+    assert mma_decode.mma_config(1, big, SMS) is None and mma_decode.mma_config(9, big, SMS) is None
+    assert mma_decode.mma_config(2, big, SMS) == mma_decode.mma_config(8, big, SMS) == mma_decode.MmaLaunch(
+        2, 4, 128, 64, 4)  # 32 iterations: 2 warps x 4 splits of 4 iterations
+    assert mma_decode.mma_config(2, int4(4096, 4096), SMS) is None and mma_decode.mma_config(3, int4(4096, 4096), SMS)
+    assert mma_decode.mma_config(4, int4(4096, 4064), SMS) is None  # below 2^24 weights
+    for group, taken in ((32, False), (64, False), (96, False), (256, True), (4096, True)):
+        assert (mma_decode.mma_config(4, int4(4096, 4096, group), SMS) is not None) == taken, group
+    assert mma_decode.takes(int4(4096, 4096, 32)) and not mma_decode.takes(int4(4096, 4096, 96))
+    assert mma_decode.mma_config(4, dataclasses.replace(int4(4096, 4096), symmetric=False), SMS) is None
+    assert mma_decode.mma_config(4, int4(4096, 4096, bits=8), SMS) is None
+    assert mma_decode.mma_config(4, int4(4096, 4096, scale=torch.float32), SMS) is None
+    assert mma_decode.mma_launch(11008, 4096, SMS) == mma_decode.MmaLaunch(4, 4, 352, 96, 6)  # 86 iterations
+    assert mma_decode.mma_launch(3584, 18944, SMS) == mma_decode.MmaLaunch(2, 2, 224, 112, 7)  # 28 iterations
+    wide = mma_decode.mma_launch(8192, 28672, SMS)  # 896 blocks: 4 warps, and no split within 32 warps per SM
+    assert (wide.warps, wide.split, wide.iterations) == (4, 1, 16)
+    for k, n in ((576, 576), (1056, 300), (4864, 896), (14336, 4096)):
+        launch = mma_decode.mma_launch(k, n, SMS)
+        assert launch.split * launch.rows_per_split >= k // 8 > (launch.split - 1) * launch.rows_per_split
+        assert launch.warps * launch.rows_per_warp >= launch.rows_per_split
+        assert launch.rows_per_warp == 16 * launch.iterations and launch.rows_per_split % 16 == 0
+
+
+def test_mma_decode_ptx_pairs_the_fields_as_it_pairs_x():
+    """Rule 10's PTX before its MMAs: each word's fields (i, i + 4) as the exact float16 pair u - zero,
+    in the A operand's order, and x's 8 inputs paired the same way (symmetric and asymmetric)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for nt, symmetric in ((1, True), (1, False), (2, True)):
+        asm = mma_decode._step_asm(nt, symmetric)
+        decode = "{" + ";".join(s for s in asm[1:-1].split(";") if "mma.sync" not in s) + "}"
+        words = [int(v) for v in rng.integers(0, 2**32, 4, dtype=np.uint64)]
+        xs = [int(v) for v in rng.integers(0, 2**32, 4 * nt, dtype=np.uint64)]
+        zeros = [int(z) for z in rng.integers(0, 16, 4)]
+        regs = {f"${8 * nt + i}": word for i, word in enumerate(words)}
+        regs.update({f"${8 * nt + 4 + i}": x for i, x in enumerate(xs)})
+        first_zero = 8 * nt + 4 + 4 * nt + 8 * nt
+        if not symmetric:  # the zero pairs from _ZERO_ASM: 1024 + z and -(64 + z) for each of the 4 outputs
+            pairs = _run_ptx(mma_decode._ZERO_ASM, {"$8": _half(zeros[0]) | _half(zeros[1]) << 16,
+                                                    "$9": _half(zeros[2]) | _half(zeros[3]) << 16})
+            for i, z in enumerate(zeros):
+                assert pairs[f"${i}"] == _half(1024 + z) * 0x10001 and pairs[f"${4 + i}"] == _half(-64 - z) * 0x10001
+                regs[f"${first_zero + i}"], regs[f"${first_zero + 4 + i}"] = pairs[f"${i}"], pairs[f"${4 + i}"]
+        out = _run_ptx(decode, regs)
+        for i, word in enumerate(words):
+            zero = 8 if symmetric else zeros[i]
+            for f in range(4):  # pair f: fields f and f + 4
+                pair = out[f"p{i}{f}"]
+                assert [pair & 0xFFFF, pair >> 16] == [_half((word >> 4 * (f + h)) % 16 - zero) for h in (0, 4)], (i, f)
+        for j in range(nt):
+            x = xs[4 * j:4 * j + 4]
+            halves = [(x[e // 2] >> 16 * (e % 2)) & 0xFFFF for e in range(8)]  # inputs 0-7 of the row
+            for f, name in enumerate("abcd"):  # (x_f, x_f+4), as the fields
+                assert out[f"x{name}{j}"] == halves[f] | halves[f + 4] << 16
+
+
+def _half(v) -> int:
+    import numpy as np
+
+    return int(np.array(v, dtype=np.float16).view(np.uint16))
+
+
 @pytest.mark.parametrize("programs", [0.5, 1, 66.0, 1056])
 def test_fractional_programs_per_sm_never_split_below_one_per_block(programs):
     split = choose_split(128, 512, 16, programs)
@@ -437,6 +511,24 @@ def test_the_hopper_prefill_kernel_keeps_one_wgmma_in_flight():
         listing = sass(compiled.cubin)
         assert compiled.spills == 0 and "HGMMA" in listing
         assert re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", listing), variant.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability", [80, 90])
+def test_the_mma_decode_kernel_compiles_to_register_operand_mmas(capability):
+    """Rule 10 compiles for sm_80 and sm_90 without spills: 16 HMMA a 128-weight iteration for 1-8 rows
+    of x, 32 for 9-16, and no shared memory in the loop (its operands come from registers)."""
+    pytest.importorskip("triton")
+    from llmc.plugins.aot import compile_kernel, loop_instruction_mix, sass
+
+    variants = mma_decode.kernel_variants()
+    if not variants:
+        pytest.skip("this Triton has no Gluon")
+    for variant in variants:
+        compiled = compile_kernel(variant, capability)
+        mix = loop_instruction_mix(sass(compiled.cubin))
+        assert compiled.spills == 0, variant.name
+        assert mix["HMMA"] == 16 * variant.constants["NT"] and not mix["LDS"] and not mix["STS"], (variant.name, mix)
 
 
 @pytest.mark.slow
@@ -685,6 +777,47 @@ def test_intn_linear_takes_the_hopper_prefill_kernel_where_its_rule_says():
     assert torch.equal(fp.fpx_linear(x, fp6), forced)
     expected = fp.fpx_reference(x, fp6).float()
     assert float((forced.float() - expected).norm() / expected.norm()) < 2e-3
+
+
+@hopper
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16])
+@pytest.mark.parametrize("kind", ["g128", "asym-g32", "asym-g64", "channel", "asym-channel", "g256"])
+def test_mma_decode_launches_match_the_reference(kind, rows):
+    """Rule 10 (mma_decode) on a [300, K] weight (a partial block of outputs; K not a whole number of
+    iterations) at 1, 2 and 4 warps and 1, 2 and 3 splits (the last ones past K), on x rows K + 1
+    apart, against the reference."""
+    k = {"g128": 1152, "g256": 1280, "asym-g64": 1088}.get(kind, 1056)
+    group = -1 if "channel" in kind else int(kind.split("g")[-1])
+    packed = intn.pack_intn(rtn_quantize(weight(300, k, seed=19), 4, group, "asym" not in kind)).to("cuda")
+    x = torch.randn(rows, k + 1, generator=torch.Generator().manual_seed(rows)).half().cuda()[:, 1:]
+    base = mma_decode.mma_launch(k, 300, SMS)
+    for warps in (1, 2, 4):
+        for split in (1, 2, 3):
+            per_split = 16 * math.ceil(k // 8 / split / 16)
+            per_warp = 16 * math.ceil(per_split / warps / 16)
+            launch = dataclasses.replace(base, warps=warps, split=split, rows_per_split=per_split,
+                                         rows_per_warp=per_warp, iterations=per_warp // 16)
+            out = torch.full((rows, 300), float("nan"), dtype=torch.float16, device="cuda")
+            mma_decode.mma_linear(x, packed, launch, out)
+            expected = intn.intn_reference(x, packed).float()
+            assert bool(torch.isfinite(out).all()), launch
+            assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, launch
+
+
+@hopper
+def test_intn_linear_takes_the_mma_decode_kernel_where_its_rule_says():
+    """On 4096->11008, 2-8 rows of float16 x run rule 10 (the same output as forcing it); one row, 9 rows and
+    bfloat16 x do not."""
+    w = intn.pack_intn(rtn_quantize(torch.randn(11008, 4096, device="cuda") * 0.02, 4, 128, True))
+    for rows in (2, 5, 8):
+        x = torch.randn(rows, 4096, generator=torch.Generator().manual_seed(rows)).half().cuda()
+        launch = mma_decode.mma_config(rows, w, SMS)
+        forced = mma_decode.mma_linear(x, w, launch, torch.empty(rows, 11008, dtype=torch.float16, device="cuda"))
+        assert torch.equal(intn.intn_linear(x, w), forced)
+        expected = intn.intn_reference(x, w).float()
+        assert float((forced.float() - expected).norm() / expected.norm()) < 2e-3
+    assert mma_decode.mma_config(1, w, SMS) is None and mma_decode.mma_config(9, w, SMS) is None
+    assert intn.intn_linear(x.bfloat16(), w).dtype == torch.bfloat16
 
 
 @gpu

@@ -1,0 +1,394 @@
+"""Rule 10 of ``intn_linear``: int4 ``y = x @ W.T`` for 1-16 rows of x on ``mma.sync`` tensor cores,
+the decoded weights handed to the MMA straight from registers (Gluon, Triton's explicit layer).
+
+Rule 7's tensor-core kernel (plain Triton) decodes a [rows of words, outputs] tile in one register
+layout and ``tl.dot`` wants another, so every step goes through shared memory. Here the layout of the
+loaded words *is* the MMA's operand layout, fixed with Gluon's explicit layouts:
+
+- a warp reads a [4, 32] block of words per rep: lane ``q + 4 r`` holds word-row ``q`` (8 inputs) of
+  outputs ``4 r .. 4 r + 3``, one 16-byte load;
+- ``W`` is the A operand of ``mma.sync.m16n8k16`` (outputs are its rows, so one row of x costs no
+  more than eight): tile 0's rows ``r`` / ``r + 8`` are outputs ``4 r`` / ``4 r + 1``, tile 1's
+  ``4 r + 2`` / ``4 r + 3``. The k slots of lane ``q`` are the inputs of its own word-row, fields
+  ``(i, i + 4)`` of a word as one float16 pair (one ``lop3`` makes ``1024 + u`` in both halves, rule 8's
+  trick; one ``sub``/``fma.f16x2`` makes ``u - zero`` exactly), so no data moves between lanes;
+- x is the B operand, column ``n`` = row ``n`` of x: lane ``q + 4 r`` loads 8 inputs of row ``r`` of x
+  with one 16-byte load and pairs them the way the weights are paired (``prmt``). Rows 8-15 take a
+  second B tile (``NT = 2``);
+- products accumulate in float32 (the MMA's accumulator) per group of inputs, then times the
+  group's scale; per-channel weights take the scale once at the end.
+
+A program is 32 outputs and ``W_K`` warps, each warp a range of K in iterations of 16 word-rows
+(4 reps), the next iteration's words and x loaded while this one's are decoded; the warps' sums meet
+in the final reduction, and splits of K across programs in ``splitk.sum_splits``. About 1.1 integer
+and half-float instructions a weight in the loop (sm_90 SASS: 283-294 a 128-weight iteration, 16 HMMA),
+against rule 7's shared-memory round trip and rule 2's 3.8 a weight for one row.
+
+Measured on an H100 (docs/benchmarks/kernels-decode-rows.md); it runs where it beat the other rules
+(:data:`MMA_RULE`: symmetric int4 at 2-8 rows from 2^24-2^25 weights). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its
+split-K finish is a programmatic dependent launch (Hopper's) and it was timed on an H100 alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from llmc.plugins import splitk
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:  # no Triton (CPU-only hosts), or a Triton without Gluon
+    gluon = None
+
+# Where rule 10 runs (float16 x and scales, symmetric int4 in groups of a multiple of 128 inputs or one
+# scale per output, sm_90): (up to rows, from weights). Set from benchmarks/kernels_decode_rows.py on an
+# H100 (docs/benchmarks/kernels-decode-rows.md): at 3-8 rows from 2^24 weights 1.08-1.40x faster than the
+# rules before it; at 2 rows 4096x4096 lost (0.85x) where 2^25 weights and more won (1.03-1.22x); at 9-16
+# rows (two B tiles) 0.98-1.11x, and below 2^24 weights it lost (0.58-0.93x). Asymmetric weights and groups
+# of 32 or 64 lost everywhere (0.58-0.91x: a zero-point and scale load per rep, waited for), so the rule
+# leaves them to the other rules; the kernel computes them (tests, benchmark).
+MMA_RULE = ((2, 1 << 25), (8, 1 << 24))
+ITERATION_ROWS = 16  # word-rows a warp decodes per iteration (4 reps of 4)
+MAX_WARPS_PER_SM = 32  # splits of K stop at this many warps per SM
+
+
+def _step_asm(nt: int, symmetric: bool) -> str:
+    """PTX of one rep: the 4 words of a lane -> 16 float16 pairs -> 4 ``nt`` ``mma.sync``.
+
+    Operands: the accumulators out (4 ``nt`` tensors of 4), the words (4), x (``nt`` tensors of 4
+    int32: 8 float16 of one row of x), the accumulators in, and (asymmetric) the zero pairs of
+    :func:`_zero_asm` (``1024 + z`` and ``-(64 + z)`` for each of the 4 outputs)."""
+    words = 8 * nt
+    xs = [words + 4 + 4 * j for j in range(nt)]
+    acc = words + 4 + 4 * nt
+    lines = ["mov.b32 s, 0x2C002C00;"]  # float16 1/16
+    if symmetric:  # zero point 8: 1024 + 8 and -(64 + 8)
+        lines += ["mov.b32 o, 0x64086408;", "mov.b32 c, 0xD480D480;"]
+        offsets = [("o", "c")] * 4
+    else:
+        zero = acc + 8 * nt
+        offsets = [(f"${zero + i}", f"${zero + 4 + i}") for i in range(4)]
+    for j, x in enumerate(xs):  # x pairs (x_i, x_i+4), as the fields pair
+        lines += [f"prmt.b32 xa{j}, ${x}, ${x + 2}, 0x5410;", f"prmt.b32 xb{j}, ${x}, ${x + 2}, 0x7632;",
+                  f"prmt.b32 xc{j}, ${x + 1}, ${x + 3}, 0x5410;", f"prmt.b32 xd{j}, ${x + 1}, ${x + 3}, 0x7632;"]
+    for i in range(4):
+        w, (o, c) = f"${words + i}", offsets[i]
+        for f, source in ((0, w), (2, "t")):
+            if f == 2:
+                lines.append(f"shr.b32 t, {w}, 8;")
+            lines += [f"lop3.b32 p{i}{f}, {source}, 0x000F000F, 0x64006400, 0xea;",  # 1024 + u
+                      f"sub.f16x2 p{i}{f}, p{i}{f}, {o};",
+                      f"lop3.b32 p{i}{f + 1}, {source}, 0x00F000F0, 0x64006400, 0xea;",  # 1024 + 16 u
+                      f"fma.rn.f16x2 p{i}{f + 1}, p{i}{f + 1}, s, {c};"]
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+    for j in range(nt):
+        for tile, (a, b) in enumerate(((0, 1), (2, 3))):
+            first = 4 * (tile + 2 * j)
+            c_in = ", ".join(f"${acc + first + e}" for e in range(4))
+            c_out = ", ".join(f"${first + e}" for e in range(4))
+            lines.append(f"{mma} {{d0, d1, d2, d3}}, {{p{a}0, p{b}0, p{a}1, p{b}1}}, {{xa{j}, xb{j}}}, {{{c_in}}};")
+            lines.append(f"{mma} {{{c_out}}}, {{p{a}2, p{b}2, p{a}3, p{b}3}}, {{xc{j}, xd{j}}}, {{d0, d1, d2, d3}};")
+    regs = ["o", "c", "s", "t"] + [f"x{v}{j}" for j in range(nt) for v in "abcd"]
+    regs += [f"p{i}{f}" for i in range(4) for f in range(4)]
+    return "{ .reg .b32 " + ", ".join(regs) + "; .reg .f32 d0, d1, d2, d3; " + " ".join(lines) + " }"
+
+
+def _step_constraints(nt: int, symmetric: bool) -> str:
+    return ",".join(["=f"] * (8 * nt) + ["r"] * (4 + 4 * nt) + ["f"] * (8 * nt) + ([] if symmetric else ["r"] * 8))
+
+
+# Outputs ``1024 + z`` and ``-(64 + z)`` as float16 pairs for the 4 outputs of a lane, from their 4
+# float16 zero points (two registers): exact for integer zero points.
+_ZERO_ASM = ("{ .reg .b16 h0, h1, h2, h3; .reg .b32 z, k, m, n; mov.b32 {h0, h1}, $8; mov.b32 {h2, h3}, $9; "
+             "mov.b32 k, 0x64006400; mov.b32 m, 0xBC00BC00; mov.b32 n, 0xD400D400; "
+             + " ".join(f"mov.b32 z, {{h{i}, h{i}}}; add.f16x2 ${i}, z, k; fma.rn.f16x2 ${4 + i}, z, m, n;"
+                        for i in range(4)) + " }")
+# A lane's 4 float16 scales (outputs 4r .. 4r+3) as float32 in the accumulators' order: tile 0's
+# (s0, s0, s1, s1), tile 1's (s2, s2, s3, s3).
+_EXPAND_ASM = ("{ .reg .b16 a, b, c, d; mov.b32 {a, b}, $8; mov.b32 {c, d}, $9; "
+               "cvt.f32.f16 $0, a; mov.b32 $1, $0; cvt.f32.f16 $2, b; mov.b32 $3, $2; "
+               "cvt.f32.f16 $4, c; mov.b32 $5, $4; cvt.f32.f16 $6, d; mov.b32 $7, $6; }")
+
+if gluon is not None:
+    STEP_ASM = gl.constexpr(tuple(_step_asm(nt, bool(sym)) for nt in (1, 2) for sym in (0, 1)))
+    STEP_CONSTRAINTS = gl.constexpr(tuple(_step_constraints(nt, bool(sym)) for nt in (1, 2) for sym in (0, 1)))
+    ZERO_ASM = gl.constexpr(_ZERO_ASM)
+    EXPAND_ASM = gl.constexpr(_EXPAND_ASM)
+
+    @gluon.jit
+    def _load_rep(w_ptr, x_ptr, wr, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT: gl.constexpr):
+        """Rep at word-rows ``wr`` (one per row of the block): the words and the x of rows ``xr`` (and
+        ``xr + 8``); past the warp's range x is 0, so the (unread) words there add nothing."""
+        ok = (wr < warp_end)[:, None]
+        words = gl.load(w_ptr + wr[:, None] * N + offs_n[None, :], mask=ok & n_ok, other=0,
+                        eviction_policy="evict_first")
+        inputs = (wr * 4)[:, None] + x_col
+        x0 = gl.load(x_ptr + xr[None, :] * stride_xm + inputs, mask=ok & (xr < M)[None, :], other=0)
+        if NT == 2:
+            x1 = gl.load(x_ptr + (xr + 8)[None, :] * stride_xm + inputs, mask=ok & (xr + 8 < M)[None, :], other=0)
+        else:
+            x1 = x0
+        return words, x0, x1
+
+    @gluon.jit
+    def _rep(words, x0, x1, a0, a1, b0, b1, zo, zc, NT: gl.constexpr, SYMMETRIC: gl.constexpr):
+        """One rep into the accumulators: tiles 0 and 1 of rows 0-7 (``a0``, ``a1``) and 8-15 (``b0``, ``b1``)."""
+        asm: gl.constexpr = STEP_ASM[2 * (NT - 1) + SYMMETRIC]
+        constraints: gl.constexpr = STEP_CONSTRAINTS[2 * (NT - 1) + SYMMETRIC]
+        if NT == 1:
+            if SYMMETRIC:
+                a0, a1 = gl.inline_asm_elementwise(asm, constraints, [words, x0, a0, a1],
+                                                   dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
+            else:
+                a0, a1 = gl.inline_asm_elementwise(asm, constraints, [words, x0, a0, a1, zo, zc],
+                                                   dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
+        else:
+            if SYMMETRIC:
+                a0, a1, b0, b1 = gl.inline_asm_elementwise(asm, constraints, [words, x0, x1, a0, a1, b0, b1],
+                                                           dtype=(gl.float32, ) * 4, is_pure=True, pack=4)
+            else:
+                a0, a1, b0, b1 = gl.inline_asm_elementwise(asm, constraints, [words, x0, x1, a0, a1, b0, b1, zo, zc],
+                                                           dtype=(gl.float32, ) * 4, is_pure=True, pack=4)
+        return a0, a1, b0, b1
+
+    @gluon.jit
+    def _zero_pairs(z_ptr, g, offs_n, mask, N):
+        z = gl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+        return gl.inline_asm_elementwise(ZERO_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [z], dtype=(gl.int32, gl.int32),
+                                         is_pure=True, pack=4)
+
+    @gluon.jit
+    def _iteration(w0, w1, w2, w3, x00, x01, x02, x03, x10, x11, x12, x13, acc0, acc1, acc2, acc3, zo, zc,
+                   s_ptr, z_ptr, base, warp_end, offs_n, n_ok, N, GROUP_ROWS: gl.constexpr, CHANNEL: gl.constexpr,
+                   SYMMETRIC: gl.constexpr, NT: gl.constexpr):
+        """The 4 reps of one iteration (word-rows ``base + 4 k``) into the accumulators: chained per
+        channel; per group (``GROUP_ROWS`` word-rows, 4 or more) from zero, then times the scale."""
+        REPS_PER_GROUP: gl.constexpr = min(4, GROUP_ROWS // 4)
+        zero = gl.zeros_like(acc0)
+        a0 = acc0
+        a1 = acc1
+        b0 = acc2
+        b1 = acc3
+        for k in gl.static_range(4):
+            if k == 0:
+                words, x0, x1 = w0, x00, x10
+            elif k == 1:
+                words, x0, x1 = w1, x01, x11
+            elif k == 2:
+                words, x0, x1 = w2, x02, x12
+            else:
+                words, x0, x1 = w3, x03, x13
+            rows = base + 4 * k
+            group = rows // GROUP_ROWS
+            mask = n_ok & (rows < warp_end)[:, None]
+            if not CHANNEL and k % REPS_PER_GROUP == 0:
+                a0 = zero
+                a1 = zero
+                b0 = zero
+                b1 = zero
+                if not SYMMETRIC:
+                    zo, zc = _zero_pairs(z_ptr, group, offs_n, mask, N)
+            a0, a1, b0, b1 = _rep(words, x0, x1, a0, a1, b0, b1, zo, zc, NT, SYMMETRIC)
+            if not CHANNEL and k % REPS_PER_GROUP == REPS_PER_GROUP - 1:
+                scale = gl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+                s0, s1 = gl.inline_asm_elementwise(EXPAND_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r", [scale],
+                                                   dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
+                acc0 += a0 * s0
+                acc1 += a1 * s1
+                if NT == 2:
+                    acc2 += b0 * s0
+                    acc3 += b1 * s1
+        if CHANNEL:
+            acc0 = a0
+            acc1 = a1
+            acc2 = b0
+            acc3 = b1
+        return acc0, acc1, acc2, acc3
+
+    @gluon.jit
+    def _store(acc, TILE: gl.constexpr, ROWS: gl.constexpr, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym,
+               W_K: gl.constexpr, BLOCK_N: gl.constexpr, CHANNEL: gl.constexpr):
+        """Sum the warps' and reps' accumulators of tile ``TILE``, x rows ``8 ROWS ..``: element (4 w + q,
+        c = 4 r + e) holds y[8 ROWS + 2 q + e % 2][n0 + c - e + 2 TILE + e // 2]."""
+        total = gl.sum(gl.reshape(acc, (W_K, 4, BLOCK_N)), axis=0)  # [q, c]
+        layout: gl.constexpr = total.type.layout
+        q = gl.arange(0, 4, layout=gl.SliceLayout(1, layout))[:, None]
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))[None, :]
+        e = cols % 4
+        outputs = n0 + cols - e + 2 * TILE + e // 2
+        rows = 8 * ROWS + 2 * q + e % 2
+        mask = (rows < M) & (outputs < N)
+        if CHANNEL:
+            total = total * gl.load(s_ptr + outputs, mask=outputs < N, other=0.0).to(gl.float32)
+        if gl.num_programs(1) == 1:
+            gl.store(y_ptr + rows * stride_ym + outputs, total.to(gl.float16), mask=mask)
+        else:  # partials [split][M][N], summed by splitk.sum_splits
+            gl.store(part_ptr + gl.program_id(1) * M * N + rows * N + outputs, total, mask=mask)
+
+    @gluon.jit
+    def _mma_decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, M, N, stride_xm, stride_ym, rows_total,
+                           rows_per_split, rows_per_warp, iterations, GROUP_ROWS: gl.constexpr,
+                           CHANNEL: gl.constexpr, SYMMETRIC: gl.constexpr, NT: gl.constexpr, W_K: gl.constexpr):
+        # x_ptr: x as int32 [M, K / 2] (row stride stride_xm); w_ptr: int4 words [K / 8, N].
+        layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W_K, 1], [0, 1])
+        BLOCK_N: gl.constexpr = 32
+        n0 = gl.program_id(0) * BLOCK_N
+        block = gl.arange(0, 4 * W_K, layout=gl.SliceLayout(1, layout))  # 4 w + q
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))  # 4 r + e
+        offs_n = n0 + cols
+        n_ok = (offs_n < N)[None, :]
+        row_begin = gl.program_id(1) * rows_per_split
+        warp_begin = row_begin + (block // 4) * rows_per_warp
+        warp_end = gl.minimum(gl.minimum(warp_begin + rows_per_warp, row_begin + rows_per_split), rows_total)
+        xr = cols // 4  # the row of x this lane feeds (the B operand's column)
+        x_col = (cols % 4)[None, :]
+        first = warp_begin + block % 4  # each lane's word-row in rep 0 of iteration 0
+        acc0 = gl.zeros([4 * W_K, BLOCK_N], gl.float32, layout)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
+        zo = gl.zeros([4 * W_K, BLOCK_N], gl.int32, layout)
+        zc = zo
+        if CHANNEL and not SYMMETRIC:
+            zo, zc = _zero_pairs(z_ptr, block * 0, offs_n, n_ok, N)
+        w0, x00, x10 = _load_rep(w_ptr, x_ptr, first, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+        w1, x01, x11 = _load_rep(w_ptr, x_ptr, first + 4, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+        w2, x02, x12 = _load_rep(w_ptr, x_ptr, first + 8, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+        w3, x03, x13 = _load_rep(w_ptr, x_ptr, first + 12, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+        for it in range(iterations):
+            base = first + it * 16
+            # The next iteration's words and x are in flight while this one's are decoded.
+            n0w, n0x0, n0x1 = _load_rep(w_ptr, x_ptr, base + 16, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+            n1w, n1x0, n1x1 = _load_rep(w_ptr, x_ptr, base + 20, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+            n2w, n2x0, n2x1 = _load_rep(w_ptr, x_ptr, base + 24, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+            n3w, n3x0, n3x1 = _load_rep(w_ptr, x_ptr, base + 28, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+            acc0, acc1, acc2, acc3 = _iteration(w0, w1, w2, w3, x00, x01, x02, x03, x10, x11, x12, x13, acc0, acc1,
+                                                acc2, acc3, zo, zc, s_ptr, z_ptr, base, warp_end, offs_n, n_ok, N,
+                                                GROUP_ROWS, CHANNEL, SYMMETRIC, NT)
+            w0, x00, x10 = n0w, n0x0, n0x1
+            w1, x01, x11 = n1w, n1x0, n1x1
+            w2, x02, x12 = n2w, n2x0, n2x1
+            w3, x03, x13 = n3w, n3x0, n3x1
+        _store(acc0, 0, 0, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL)
+        _store(acc1, 1, 0, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL)
+        if NT == 2:
+            _store(acc2, 0, 1, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL)
+            _store(acc3, 1, 1, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL)
+
+
+@dataclass(frozen=True)
+class MmaLaunch:
+    """Rule 10's launch: ``warps`` warps per program, each ``iterations`` of 16 word-rows, and
+    ``split`` programs per block of 32 outputs, each ``rows_per_split`` word-rows."""
+
+    warps: int
+    split: int
+    rows_per_split: int
+    rows_per_warp: int
+    iterations: int
+
+
+def available(device: torch.device) -> bool:
+    """Whether rule 10 can run on ``device``: Gluon imported and a compute capability 9.0 GPU."""
+    return gluon is not None and device.type == "cuda" and splitk._capability(device) == (9, 0)
+
+
+def takes(w) -> bool:
+    """Whether the kernel takes ``w`` (``IntNWeights``): int4 with float16 scales, groups of 32, 64 or a
+    multiple of 128 inputs (an iteration never spans two groups), or one scale per output."""
+    group = w.group_size
+    return (w.bits == 4 and w.scale.dtype == torch.float16
+            and (group == w.in_features or group in (32, 64) or group % 128 == 0))
+
+
+def mma_config(m: int, w, sms: int) -> MmaLaunch | None:
+    """Rule 10's launch over ``m`` rows, or None where :data:`MMA_RULE` does not take the linear."""
+    least = next((weights for rows, weights in MMA_RULE if 2 <= m <= rows), None)
+    if least is None or w.in_features * w.out_features < least or not takes(w) or not w.symmetric:
+        return None
+    if w.group_size % 128 and w.group_size != w.in_features:
+        return None
+    return mma_launch(w.in_features, w.out_features, sms)
+
+
+def mma_launch(in_features: int, out_features: int, sms: int) -> MmaLaunch:
+    """K split over ``warps`` x ``split`` so that each warp has about 4-8 iterations (H100: 4096x4096
+    and 4096->11008 ran best at 2 warps x 4 splits, 11008->4096 and 14336->4096 at 4 x 4, 3584->18944 at
+    2 x 2), with at most :data:`MAX_WARPS_PER_SM` warps per SM."""
+    word_rows = in_features // 8
+    iterations = -(-word_rows // ITERATION_ROWS)
+    parallel = min(16, splitk.pow2_at_least(max(1, iterations // 4) + 1) // 2)  # largest power of 2 <= it/4
+    warps = 4 if parallel >= 16 else min(parallel, 2)
+    split = parallel // warps
+    blocks = -(-out_features // 32)
+    while split > 1 and blocks * split * warps > MAX_WARPS_PER_SM * sms:
+        split //= 2
+    rows_per_split = -(-word_rows // split)
+    rows_per_split = -(-rows_per_split // ITERATION_ROWS) * ITERATION_ROWS
+    rows_per_warp = -(-rows_per_split // warps)
+    rows_per_warp = -(-rows_per_warp // ITERATION_ROWS) * ITERATION_ROWS
+    return MmaLaunch(warps, split, rows_per_split, rows_per_warp, rows_per_warp // ITERATION_ROWS)
+
+
+def where_its_rule_runs(x2: torch.Tensor, w, out: torch.Tensor | None) -> torch.Tensor | None:
+    """``x2`` [M, K] @ W.T by rule 10 into ``out`` (a new tensor if None) where :func:`mma_config` takes
+    it on this GPU, with float16 x; else None, and the caller's rules run."""
+    if x2.dtype != torch.float16 or not available(x2.device):
+        return None
+    launch = mma_config(x2.shape[0], w, splitk.sm_count(x2.device))
+    if launch is None:
+        return None
+    y = torch.empty(x2.shape[0], w.out_features, dtype=x2.dtype, device=x2.device) if out is None else out
+    return mma_linear(x2, w, launch, y)
+
+
+def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch.Tensor:
+    """``y`` [M, N] = ``x2`` [M, K] (float16, M up to 16) @ W.T by rule 10 at ``launch``; ``w`` int4
+    ``IntNWeights`` that :func:`takes` accepts. Returns ``y``."""
+    if not available(x2.device):
+        raise RuntimeError("mma_linear: needs Triton's Gluon and a compute capability 9.0 GPU")
+    m, k = x2.shape
+    if x2.dtype != torch.float16 or not takes(w) or m > 16:
+        raise ValueError("mma_linear: takes float16 x of at most 16 rows and int4 weights with float16 scales "
+                         "(groups of 32, 64 or a multiple of 128, or one per output)")
+    if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte loads of x
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    n = w.out_features
+    part = torch.empty(launch.split, m, n, dtype=torch.float32, device=x2.device) if launch.split > 1 else y
+    _mma_decode_kernel[(-(-n // 32), launch.split)](
+        x2.view(torch.int32), w.planes[0], w.scale, w.zero, y, part, m, n, x2.stride(0) // 2, y.stride(0), k // 8,
+        launch.rows_per_split, launch.rows_per_warp, launch.iterations,
+        GROUP_ROWS=ITERATION_ROWS if w.group_size == k else w.group_size // 8,
+        CHANNEL=w.group_size == k, SYMMETRIC=w.symmetric, NT=1 if m <= 8 else 2, W_K=launch.warps,
+        num_warps=launch.warps)
+    if launch.split > 1:
+        splitk.sum_splits(part, y, launch.split, m)
+    return y
+
+
+@functools.cache
+def kernel_variants() -> list:
+    """Rule 10's kernel for ``llmc.plugins.aot``: int4 symmetric g128 and asymmetric g32, rows 2-8 and
+    9-16, at 2 and 4 warps; sm_90 (where it runs) and sm_80-sm_89 (``mma.sync`` compiles there)."""
+    from llmc.plugins.aot import KernelVariant
+
+    if gluon is None:
+        return []
+    signature = dict(x_ptr="*i32", w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", y_ptr="*fp16", part_ptr="*fp32",
+                     M="i32", N="i32", stride_xm="i32", stride_ym="i32", rows_total="i32", rows_per_split="i32",
+                     rows_per_warp="i32", iterations="i32")
+    aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "part_ptr", "N", "stride_xm", "stride_ym",
+               "rows_per_split", "rows_per_warp")
+    variants = []
+    for symmetric, group in ((True, 128), (False, 32)):
+        for nt, rows in ((1, "2-8"), (2, "9-16")):
+            for warps in (2, 4):
+                variants.append(KernelVariant(
+                    f"intn-mma{rows}-int4-{'sym' if symmetric else 'asym'}-g{group}-w{warps}", _mma_decode_kernel,
+                    signature, dict(GROUP_ROWS=group // 8, CHANNEL=False, SYMMETRIC=symmetric, NT=nt, W_K=warps),
+                    warps, 1, aligned))
+    return variants
