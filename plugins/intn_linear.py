@@ -71,7 +71,7 @@ Kernels (rules referred to in the code):
 10. 2-8 rows of symmetric int4 on Hopper from 2^24-2^25 weights (``mma_decode.MMA_RULE``),
    ``llmc.plugins.mma_decode``: the words are loaded in the register layout of ``mma.sync``'s A operand
    (Gluon), so that rule 8's pair decode feeds the tensor cores with no shared memory, and x is the B
-   operand (one to eight rows cost the same). 7B-70B shapes at 3-8 rows: 1.08-1.40x faster than rules
+   operand (one to eight rows cost the same). 7B-70B shapes at 2-8 rows: 1.06-1.41x faster than rules
    5/7 on an H100 (docs/benchmarks/kernels-decode-rows.md).
 """
 

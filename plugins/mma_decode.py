@@ -20,9 +20,9 @@ loaded words *is* the MMA's operand layout, fixed with Gluon's explicit layouts:
 
 A program is 32 outputs and ``W_K`` warps, each warp a range of K in iterations of 16 word-rows
 (4 reps), the next iteration's words and x loaded while this one's are decoded; the warps' sums meet
-in the final reduction, and splits of K across programs in ``splitk.sum_splits``. About 1.1 integer
-and half-float instructions a weight in the loop (sm_90 SASS: 283-294 a 128-weight iteration, 16 HMMA),
-against rule 7's shared-memory round trip and rule 2's 3.8 a weight for one row.
+in the final reduction, and splits of K across programs in ``splitk.sum_splits``. The sm_90 loop is 288
+instructions for a lane's 128 weights (2.25 a weight, 16 HMMA; the decode itself 1.1), with no
+shared memory, against rule 2's 3.8 a weight for one row.
 
 Measured on an H100 (docs/benchmarks/kernels-decode-rows.md); it runs where it beat the other rules
 (:data:`MMA_RULE`: symmetric int4 at 2-8 rows from 2^24-2^25 weights). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its
@@ -31,7 +31,6 @@ split-K finish is a programmatic dependent launch (Hopper's) and it was timed on
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +45,11 @@ except ImportError:  # no Triton (CPU-only hosts), or a Triton without Gluon
 
 # Where rule 10 runs (float16 x and scales, symmetric int4 in groups of a multiple of 128 inputs or one
 # scale per output, sm_90): (up to rows, from weights). Set from benchmarks/kernels_decode_rows.py on an
-# H100 (docs/benchmarks/kernels-decode-rows.md): at 3-8 rows from 2^24 weights 1.08-1.40x faster than the
-# rules before it; at 2 rows 4096x4096 lost (0.85x) where 2^25 weights and more won (1.03-1.22x); at 9-16
-# rows (two B tiles) 0.98-1.11x, and below 2^24 weights it lost (0.58-0.93x). Asymmetric weights and groups
-# of 32 or 64 lost everywhere (0.58-0.91x: a zero-point and scale load per rep, waited for), so the rule
-# leaves them to the other rules; the kernel computes them (tests, benchmark).
+# H100 (docs/benchmarks/kernels-decode-rows.md): where it runs, 1.06-1.41x faster than the rules before it
+# on the 7B and 70B shapes; at 2 rows 4096x4096 lost (8.6 against 7.3 us); at 9-16 rows (two B tiles)
+# 0.97-1.13x, and below 2^24 weights it lost (0.31-0.97x). Asymmetric int4 in groups of 32 lost everywhere
+# (0.20-0.92x: a zero-point and scale load per rep, waited for), so the rule leaves asymmetric weights and
+# groups of 32 or 64 to the other rules; the kernel computes them (tests, benchmark).
 MMA_RULE = ((2, 1 << 25), (8, 1 << 24))
 ITERATION_ROWS = 16  # word-rows a warp decodes per iteration (4 reps of 4)
 MAX_WARPS_PER_SM = 32  # splits of K stop at this many warps per SM
@@ -370,10 +369,10 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
     return y
 
 
-@functools.cache
 def kernel_variants() -> list:
-    """Rule 10's kernel for ``llmc.plugins.aot``: int4 symmetric g128 and asymmetric g32, rows 2-8 and
-    9-16, at 2 and 4 warps; sm_90 (where it runs) and sm_80-sm_89 (``mma.sync`` compiles there)."""
+    """Rule 10's kernel as its rule launches it, for ``llmc.plugins.aot``: symmetric int4 in groups of 128
+    and per channel, 2-8 rows (one B tile), 2 and 4 warps; for sm_80-sm_90 (``mma.sync`` is Ampere's;
+    the rule runs it on sm_90)."""
     from llmc.plugins.aot import KernelVariant
 
     if gluon is None:
@@ -383,12 +382,7 @@ def kernel_variants() -> list:
                      rows_per_warp="i32", iterations="i32")
     aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "part_ptr", "N", "stride_xm", "stride_ym",
                "rows_per_split", "rows_per_warp")
-    variants = []
-    for symmetric, group in ((True, 128), (False, 32)):
-        for nt, rows in ((1, "2-8"), (2, "9-16")):
-            for warps in (2, 4):
-                variants.append(KernelVariant(
-                    f"intn-mma{rows}-int4-{'sym' if symmetric else 'asym'}-g{group}-w{warps}", _mma_decode_kernel,
-                    signature, dict(GROUP_ROWS=group // 8, CHANNEL=False, SYMMETRIC=symmetric, NT=nt, W_K=warps),
-                    warps, 1, aligned))
-    return variants
+    return [KernelVariant(f"intn-mma2-8-int4-sym-{'channel' if channel else 'g128'}-w{warps}", _mma_decode_kernel,
+                          signature, dict(GROUP_ROWS=ITERATION_ROWS, CHANNEL=channel, SYMMETRIC=True, NT=1, W_K=warps),
+                          warps, 1, aligned)
+            for channel in (False, True) for warps in (2, 4)]

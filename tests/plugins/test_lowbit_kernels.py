@@ -516,8 +516,8 @@ def test_the_hopper_prefill_kernel_keeps_one_wgmma_in_flight():
 @pytest.mark.slow
 @pytest.mark.parametrize("capability", [80, 90])
 def test_the_mma_decode_kernel_compiles_to_register_operand_mmas(capability):
-    """Rule 10 compiles for sm_80 and sm_90 without spills: 16 HMMA a 128-weight iteration for 1-8 rows
-    of x, 32 for 9-16, and no shared memory in the loop (its operands come from registers)."""
+    """Rule 10 compiles for sm_80 and sm_90 without spills: 16 HMMA a 128-weight iteration (1-8 rows of x),
+    and no shared memory in the loop (its operands come from registers)."""
     pytest.importorskip("triton")
     from llmc.plugins.aot import compile_kernel, loop_instruction_mix, sass
 
