@@ -328,6 +328,15 @@ def run(out: Path, shapes, do_sweeps: bool = True) -> None:
     print(table)
 
 
+def clocks_up(device) -> None:
+    """Run the GPU busy for a moment, so that the first timing does not meet idle clocks."""
+    import torch
+
+    warm = torch.randn(8192, 8192, dtype=torch.float16, device=device)
+    for _ in range(100):
+        warm @ warm
+
+
 def _timed(make_call, bytes_per_copy: int, l2_bytes: int) -> float:
     """Seconds per call of ``make_call(i)()`` cycling over copies of the weights (L2-cold)."""
     import torch

@@ -26,7 +26,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import SHAPES, TOLERANCE, _checked, _copies_of, _timed
+from kernels import SHAPES, TOLERANCE, _checked, _copies_of, _timed, clocks_up
 
 ROWS = (17, 32, 64, 96, 128, 192, 256, 512, 1024)
 
@@ -66,10 +66,7 @@ def main() -> None:
     props = torch.cuda.get_device_properties(device)
     sms = sm_count(device)
     torch.manual_seed(0)
-    warm = torch.randn(8192, 8192, dtype=torch.float16, device=device)
-    for _ in range(100):  # clocks up before the first timing
-        warm @ warm
-    del warm
+    clocks_up(device)
     started = time.time()
     worst = 0.0
     lines = []

@@ -320,7 +320,7 @@ def mma_launch(in_features: int, out_features: int, sms: int) -> MmaLaunch:
     2 x 2), with at most :data:`MAX_WARPS_PER_SM` warps per SM."""
     word_rows = in_features // 8
     iterations = -(-word_rows // ITERATION_ROWS)
-    parallel = min(16, splitk.pow2_at_least(max(1, iterations // 4) + 1) // 2)  # largest power of 2 <= it/4
+    parallel = min(16, 1 << (max(1, iterations // 4).bit_length() - 1))  # the largest power of 2 <= it/4
     warps = 4 if parallel >= 16 else min(parallel, 2)
     split = parallel // warps
     blocks = -(-out_features // 32)

@@ -726,7 +726,7 @@ def test_fp6_prefill_launches_match_the_reference(kind, rows):
 
 
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and wgmma_prefill.available(torch.device("cuda"))),
-                            reason="rule 9 needs an sm_90 GPU and Triton's Gluon")
+                            reason="rules 9 and 10 need an sm_90 GPU and Triton's Gluon")
 
 
 @hopper
