@@ -143,10 +143,7 @@ def run(out: Path, shapes, do_sweeps: bool = True) -> None:
     copies_of = _copies_of
 
     # The two ceilings: device-to-device copy (bytes read + written) and a large fp16 product.
-    src = torch.empty(2**30, dtype=torch.float16, device=device).normal_()
-    dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() * 2 / bench(lambda: dst.copy_(src))
-    del src, dst
+    copy_bw = copy_bandwidth(device)
     a = torch.randn(8192, 8192, dtype=torch.float16, device=device)
     matmul_flops = 2 * 8192**3 / bench(lambda: a @ a)
     del a
@@ -337,6 +334,18 @@ def clocks_up(device) -> None:
         warm @ warm
 
 
+def copy_bandwidth(device) -> float:
+    """Bytes per second (read plus written) of a device-to-device copy of 2 GiB: the roofline's rate."""
+    import torch
+    from triton.testing import do_bench
+
+    src = torch.empty(2**30, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    rate = 2 * src.numel() * 2 / (do_bench(lambda: dst.copy_(src), warmup=10, rep=40, return_mode="median") * 1e-3)
+    del src, dst
+    return rate
+
+
 def _timed(make_call, bytes_per_copy: int, l2_bytes: int) -> float:
     """Seconds per call of ``make_call(i)()`` cycling over copies of the weights (L2-cold)."""
     import torch
@@ -408,7 +417,6 @@ def explore(out: Path, shapes) -> None:
     """Check, then time, candidate launch shapes (and kernel options) per shape and batch; prints
     one line per (shape, M) with every candidate's time and fraction of the copy roofline."""
     import torch
-    from triton.testing import do_bench
 
     from llmc.passes.fpx import FORMATS, fpx_quantize
     from llmc.passes.quantize_rtn import rtn_quantize
@@ -422,10 +430,7 @@ def explore(out: Path, shapes) -> None:
     sms = sm_count(device)
     l2 = props.L2_cache_size
     torch.manual_seed(0)
-    src = torch.empty(2**30, dtype=torch.float16, device=device).normal_()
-    dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() * 2 / (do_bench(lambda: dst.copy_(src), warmup=10, rep=40, return_mode="median") * 1e-3)
-    del src, dst
+    copy_bw = copy_bandwidth(device)
 
     ys = [torch.empty(1056, device=device) for _ in range(512)]
     floor = {g: _timed(lambda i, g=g: (lambda: _one[(g,)](ys[i])), 1, l2) for g in (1, 132, 1056)}

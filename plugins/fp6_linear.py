@@ -41,6 +41,10 @@ Decoding (rules referred to in the code):
    rule 8's kernel with rule 6's PTX as its decode. The 16 inputs of a row of the 2-bit plane come
    from 16 float16 pairs, joined in register order into the wgmma's register operand, with the same
    wait for the wgmmas in flight before the next step's decode (``intn_linear._operands_read``).
+8. On Hopper, FP6 with float16 x and scales at one row from 2^25 weights and 2-16 rows from 2^22
+   (``mma_decode.FP6_MMA_RULE``) runs ``intn_linear`` rule 10's ``mma.sync`` kernel
+   (``llmc.plugins.mma_decode``): inputs ``i`` and ``i + 8`` of a tile as one float16 pair built from
+   the two planes in registers, 1.5 instructions a weight, handed to the MMA without shared memory.
 """
 
 from __future__ import annotations
@@ -644,6 +648,12 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: LaunchConfig | None = Non
     x2 = as_rows(x, w.in_features, "fpx_linear")
     m, n, k = x2.shape[0], w.out_features, w.in_features
     halves = x.dtype == w.scale.dtype == torch.float16
+    if config is None and m <= 16 and halves and w.fmt.bits == 6:
+        from llmc.plugins import mma_decode
+
+        y = mma_decode.where_its_rule_runs(x2, w, out)  # rule 8, the Hopper mma.sync kernel
+        if y is not None:
+            return y.reshape(*x.shape[:-1], n)
     if config is None and m > PREFILL_ROWS and w.fmt.bits == 6:
         from llmc.plugins import wgmma_prefill  # here: it imports this module (rule 6's PTX)
 

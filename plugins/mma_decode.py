@@ -1,5 +1,6 @@
-"""Rule 10 of ``intn_linear``: int4 ``y = x @ W.T`` for 1-16 rows of x on ``mma.sync`` tensor cores,
-the decoded weights handed to the MMA straight from registers (Gluon, Triton's explicit layer).
+"""Rule 10 of ``intn_linear`` and rule 8 of ``fp6_linear``: int4 and FP6 ``y = x @ W.T`` for 1-16 rows of x
+on ``mma.sync`` tensor cores, the decoded weights handed to the MMA straight from registers (Gluon, Triton's
+explicit layer).
 
 Rule 7's tensor-core kernel (plain Triton) decodes a [rows of words, outputs] tile in one register
 layout and ``tl.dot`` wants another, so every step goes through shared memory. Here the layout of the
@@ -24,8 +25,24 @@ in the final reduction, and splits of K across programs in ``splitk.sum_splits``
 instructions for a lane's 128 weights (2.25 a weight, 16 HMMA; the decode itself 1.1), with no
 shared memory, against rule 2's 3.8 a weight for one row.
 
+FP6 (``fp6_linear.FpxWeights``, e3m2 and e2m3, rule 8 of ``fp6_linear``) takes the same layouts: a lane
+holds one tile of 16 inputs of its 4 outputs (the even and the odd word of the 4-bit plane and the word of
+the 2-bit plane: three 16-byte loads) and x's 16 inputs (two), and pairs inputs ``i`` and ``i + 8``, whose
+nibbles (fields ``f``, ``f + 4`` of one 4-bit word) and low bits (in the 2-bit word) both sit 16 bits apart.
+The pair is the float16 ``V * 2^(bias - 15)`` (``fp6_linear`` rule 1 in float16, subnormals included): the
+nibble just above the low bit and the sign ``5 + M`` above it, where the plane keeps it ``8 + M`` above
+(``bitplanes`` rule 4), so the 2-bit word rotated right by 3 (``S``) holds every sign where float16 wants it
+relative to its low bit. Per output and tile: ``S``; the two 4-bit words rotated so that each nibble sits
+just above its low bit; ``X`` words (the low bits from the 2-bit word, the signs from ``S``) and ``Y`` words
+(the nibbles from a rotated 4-bit word, the rest from an ``X``), one ``lop3`` each; then each pair is its
+``Y`` rotated and masked. :func:`_fp6_plan` searches the groupings whose bits do not collide: e3m2 takes 24
+instructions for 16 weights (1.5 a weight; e2m3 29). The scale and ``2^(15 - bias)`` multiply the float32
+sums. An iteration is 2 reps of 4 tiles (128 inputs, as int4's); the sm_90 loop is 323 instructions for a
+lane's 128 weights (16 HMMA).
+
 Measured on an H100 (docs/benchmarks/kernels-decode-rows.md); it runs where it beat the other rules
-(:data:`MMA_RULE`: symmetric int4 at 2-8 rows from 2^24-2^25 weights). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its
+(:data:`MMA_RULE`: symmetric int4 at 2-8 rows from 2^24-2^25 weights; :data:`FP6_MMA_RULE`: FP6 at one
+row from 2^25 weights and 2-16 rows from 2^22). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its
 split-K finish is a programmatic dependent launch (Hopper's) and it was timed on an H100 alone.
 """
 
@@ -51,6 +68,11 @@ except ImportError:  # no Triton (CPU-only hosts), or a Triton without Gluon
 # (0.20-0.92x: a zero-point and scale load per rep, waited for), so the rule leaves asymmetric weights and
 # groups of 32 or 64 to the other rules; the kernel computes them (tests, benchmark).
 MMA_RULE = ((2, 1 << 25), (8, 1 << 24))
+# Where rule 10 runs FP6 (float16 x and scales, e3m2 or e2m3, groups of a multiple of 64 or one scale per
+# output, sm_90): one row from 2^25 weights, 2-16 rows from 2^22. Set from benchmarks/kernels_decode_rows.py
+# --fp6 on an H100 (docs/benchmarks/kernels-decode-rows.md).
+FP6_MMA_RULE = ((1, 1 << 25), (16, 1 << 22))
+FP6_WARPS_PER_SM = 24  # FP6's K parallelism stops at this many warps per SM
 ITERATION_ROWS = 16  # word-rows a warp decodes per iteration (4 reps of 4)
 MAX_WARPS_PER_SM = 32  # splits of K stop at this many warps per SM
 
@@ -112,9 +134,155 @@ _EXPAND_ASM = ("{ .reg .b16 a, b, c, d; mov.b32 {a, b}, $8; mov.b32 {c, d}, $9; 
                "cvt.f32.f16 $0, a; mov.b32 $1, $0; cvt.f32.f16 $2, b; mov.b32 $3, $2; "
                "cvt.f32.f16 $4, c; mov.b32 $5, $4; cvt.f32.f16 $6, d; mov.b32 $7, $6; }")
 
+
+# ----------------------------------------------------------------------------- FP6
+
+FP6_ITERATION_TILES = 8  # tiles of 16 inputs a warp decodes per FP6 iteration (2 reps of 4)
+
+
+def _rotations(v: int, n: int) -> int:
+    n %= 32
+    return ((v << n) | (v >> (32 - n))) & 0xFFFFFFFF if n else v
+
+
+def _bits(positions) -> int:
+    return sum(1 << (b % 32) for b in positions)
+
+
+@dataclass(frozen=True)
+class _Fp6Pair:
+    """Pair ``i`` of a tile: inputs ``i`` and ``i + 8`` as one float16 pair (module docstring, FP6)."""
+
+    i: int
+    low: int  # the 2-bit plane position of field i's lowest magnitude bit (field i + 8's is 16 above)
+    rotate: int  # the rotation that puts it at float16's lowest magnitude bit (10 - M)
+    nibble: frozenset  # positions of fields i // 2 and i // 2 + 4 of its 4-bit word, that word rotated
+    bits: frozenset  # positions of the two low bits and, in the 2-bit word rotated right by 3, the two signs
+
+
+def _fp6_pairs(mantissa: int) -> tuple[tuple[_Fp6Pair, ...], tuple[int, int]]:
+    """The 8 pairs of an FP6 tile and the rotations of the even and odd 4-bit words that put every pair's
+    nibble 1 above its low bit (checked: the 2-bit plane's distances make them one rotation per word)."""
+    from llmc.passes.bitplanes import fp6_low_positions
+
+    low = fp6_low_positions(mantissa)
+    pairs, word_rotation = [], {}
+    for i in range(8):
+        p, sign = low[i]
+        if low[i + 8] != ((p + 16) % 32, (sign + 16) % 32) or (sign - p) % 32 != 8 + mantissa:
+            raise AssertionError(f"bitplanes rule 4 changed: field {i} of FP6 m{mantissa}")
+        f = i // 2
+        c = word_rotation.setdefault(i % 2, (1 + p - 4 * f) % 32)
+        if c != (1 + p - 4 * f) % 32:
+            raise AssertionError(f"no single rotation of the 4-bit word for FP6 m{mantissa}")
+        nibble = frozenset((4 * f + 16 * h + c + b) % 32 for h in (0, 1) for b in range(4))
+        bits = frozenset({p, p + 16, (p + 5 + mantissa) % 32, (p + 21 + mantissa) % 32})
+        pairs.append(_Fp6Pair(i, p, (10 - mantissa - p) % 32, nibble, bits))
+    return tuple(pairs), (word_rotation[0], word_rotation[1])
+
+
+def _set_partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in _set_partitions(rest):
+        yield [[first]] + partition
+        for k in range(len(partition)):
+            yield partition[:k] + [[first] + partition[k]] + partition[k + 1:]
+
+
+def _fp6_plan(mantissa: int):
+    """How a lane's 4-bit words (``we``, ``wo``) and 2-bit word ``L`` of one output become its 8 pairs.
+
+    ``S`` = L rotated right by 3 (the sign is 8 + M above the low bit in the plane, 5 + M in float16);
+    each ``X`` word takes the low bits of its pairs from L and the rest from S; each ``Y`` word the
+    nibbles of its pairs from the rotated 4-bit word and the rest from an X; a pair is its Y rotated
+    by ``rotate`` and masked. A group is valid where the bits it takes from each source are disjoint;
+    the plan is the valid grouping with the fewest X and Y words. Returns (word rotations, [(X mask,
+    [(parity, Y mask, pairs)])])."""
+    pairs, rotation = _fp6_pairs(mantissa)
+    best = None
+    by_parity = [[q for q in pairs if q.i % 2 == par] for par in (0, 1)]
+    for ys_even in _set_partitions(by_parity[0]):
+        for ys_odd in _set_partitions(by_parity[1]):
+            ys = [(0, y) for y in ys_even] + [(1, y) for y in ys_odd]
+            if any(set().union(*(q.nibble for q in y)) & set().union(*(q.bits for q in y)) for _, y in ys):
+                continue
+            for xs in _set_partitions(list(range(len(ys)))):
+                served = [[q for k in x for q in ys[k][1]] for x in xs]
+                lows = [_bits(b for q in group for b in (q.low, q.low + 16)) for group in served]
+                signs = [_bits(b for q in group for b in q.bits if b not in (q.low, q.low + 16)) for group in served]
+                if any(low & sign for low, sign in zip(lows, signs)):
+                    continue
+                cost = len(xs) + len(ys)
+                if best is None or cost < best[0]:
+                    best = (cost, [(low, [(ys[k][0], _bits(set().union(*(q.nibble for q in ys[k][1]))),
+                                           tuple(ys[k][1])) for k in x]) for low, x in zip(lows, xs)])
+    return rotation, best[1]
+
+
+def _fp6_step_asm(nt: int, mantissa: int) -> str:
+    """PTX of one FP6 rep: a lane's 4 outputs' even and odd 4-bit words and 2-bit word (one tile of 16
+    inputs each) -> 32 float16 pairs -> 8 ``nt`` ``mma.sync``.
+
+    Operands: the accumulators out (4 ``nt`` tensors of 4), the even words, the odd words, the 2-bit
+    words (4 each), x (``nt`` times two tensors of 4 int32: inputs 0-7 and 8-15 of a row of x), the
+    accumulators in."""
+    rotation, plan = _fp6_plan(mantissa)
+    first = 8 * nt
+    xs = [(first + 12 + 8 * j, first + 16 + 8 * j) for j in range(nt)]
+    acc = first + 12 + 8 * nt
+    mask = ((0xF << (11 - mantissa)) | (1 << (10 - mantissa)) | (1 << 15)) * 0x10001
+    lines, regs = [], ["s", "t"]
+    for e in range(4):  # the lane's outputs 4 r + e
+        words = (f"${first + e}", f"${first + 4 + e}")
+        low = f"${first + 8 + e}"
+        lines.append(f"shf.l.wrap.b32 s, {low}, {low}, 29;")
+        for par, word in enumerate(words):
+            regs.append(f"w{e}{par}")
+            lines.append(f"shf.l.wrap.b32 w{e}{par}, {word}, {word}, {rotation[par]};" if rotation[par]
+                         else f"mov.b32 w{e}{par}, {word};")
+        for k, (low_mask, ys) in enumerate(plan):
+            regs.append(f"x{e}{k}")
+            lines.append(f"lop3.b32 x{e}{k}, {low}, s, {low_mask:#010x}, 0xe4;")  # (L & c) | (S & ~c)
+            for n, (par, nibble_mask, members) in enumerate(ys):
+                y = f"y{e}{k}{n}"
+                regs.append(y)
+                lines.append(f"lop3.b32 {y}, w{e}{par}, x{e}{k}, {nibble_mask:#010x}, 0xe4;")
+                for q in members:
+                    regs.append(f"p{e}{q.i}")
+                    if q.rotate:
+                        lines += [f"shf.l.wrap.b32 t, {y}, {y}, {q.rotate};", f"and.b32 p{e}{q.i}, t, {mask:#010x};"]
+                    else:
+                        lines.append(f"and.b32 p{e}{q.i}, {y}, {mask:#010x};")
+    for j, (xa, xb) in enumerate(xs):  # x pairs (x_i, x_i+8), as the weights pair
+        for i in range(8):
+            regs.append(f"q{j}{i}")
+            lines.append(f"prmt.b32 q{j}{i}, ${xa + i // 2}, ${xb + i // 2}, {0x7632 if i % 2 else 0x5410:#06x};")
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+    for j in range(nt):
+        for tile in range(2):
+            a, b = 2 * tile, 2 * tile + 1
+            base = 4 * (tile + 2 * j)
+            c_in = ", ".join(f"${acc + base + v}" for v in range(4))
+            for step in range(4):
+                d = ", ".join(f"${base + v}" for v in range(4)) if step == 3 else "d0, d1, d2, d3"
+                lines.append(f"{mma} {{{d}}}, {{p{a}{2 * step}, p{b}{2 * step}, p{a}{2 * step + 1}, p{b}{2 * step + 1}}}, "
+                             f"{{q{j}{2 * step}, q{j}{2 * step + 1}}}, {{{c_in}}};")
+                c_in = "d0, d1, d2, d3"
+    return "{ .reg .b32 " + ", ".join(regs) + "; .reg .f32 d0, d1, d2, d3; " + " ".join(lines) + " }"
+
+
+def _fp6_step_constraints(nt: int) -> str:
+    return ",".join(["=f"] * (8 * nt) + ["r"] * (12 + 8 * nt) + ["f"] * (8 * nt))
+
+
 if gluon is not None:
     STEP_ASM = gl.constexpr(tuple(_step_asm(nt, bool(sym)) for nt in (1, 2) for sym in (0, 1)))
     STEP_CONSTRAINTS = gl.constexpr(tuple(_step_constraints(nt, bool(sym)) for nt in (1, 2) for sym in (0, 1)))
+    FP6_STEP_ASM = gl.constexpr(tuple(_fp6_step_asm(nt, m) for nt in (1, 2) for m in (2, 3)))
+    FP6_STEP_CONSTRAINTS = gl.constexpr(tuple(_fp6_step_constraints(nt) for nt in (1, 2)))
     ZERO_ASM = gl.constexpr(_ZERO_ASM)
     EXPAND_ASM = gl.constexpr(_EXPAND_ASM)
 
@@ -210,7 +378,7 @@ if gluon is not None:
 
     @gluon.jit
     def _store(acc, TILE: gl.constexpr, ROWS: gl.constexpr, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym,
-               W_K: gl.constexpr, BLOCK_N: gl.constexpr, CHANNEL: gl.constexpr):
+               W_K: gl.constexpr, BLOCK_N: gl.constexpr, CHANNEL: gl.constexpr, POWER: gl.constexpr = 1.0):
         """Sum the warps' and reps' accumulators of tile ``TILE``, x rows ``8 ROWS ..``: element (4 w + q,
         c = 4 r + e) holds y[8 ROWS + 2 q + e % 2][n0 + c - e + 2 TILE + e // 2]."""
         total = gl.sum(gl.reshape(acc, (W_K, 4, BLOCK_N)), axis=0)  # [q, c]
@@ -223,6 +391,8 @@ if gluon is not None:
         mask = (rows < M) & (outputs < N)
         if CHANNEL:
             total = total * gl.load(s_ptr + outputs, mask=outputs < N, other=0.0).to(gl.float32)
+        if POWER != 1.0:  # FP6: the pairs are V * 2^(bias - 15)
+            total = total * POWER
         if gl.num_programs(1) == 1:
             gl.store(y_ptr + rows * stride_ym + outputs, total.to(gl.float16), mask=mask)
         else:  # partials [split][M][N], summed by splitk.sum_splits
@@ -279,6 +449,121 @@ if gluon is not None:
             _store(acc3, 1, 1, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL)
 
 
+    @gluon.jit
+    def _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, tile, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm,
+                      NT: gl.constexpr):
+        """FP6 rep at tiles ``tile`` (one per row of the block): the even and odd 4-bit words, the 2-bit
+        words and x's 16 inputs (two tensors of 4 int32) of rows ``xr`` (and ``xr + 8``)."""
+        ok = (tile < warp_end)[:, None]
+        mask = ok & n_ok
+        at = tile[:, None] * N + offs_n[None, :]
+        even = gl.load(hi_ptr + (2 * tile)[:, None] * N + offs_n[None, :], mask=mask, other=0,
+                       eviction_policy="evict_first")
+        odd = gl.load(hi_ptr + (2 * tile + 1)[:, None] * N + offs_n[None, :], mask=mask, other=0,
+                      eviction_policy="evict_first")
+        low = gl.load(lo_ptr + at, mask=mask, other=0, eviction_policy="evict_first")
+        inputs = (tile * 8)[:, None] + x_col
+        x_ok = ok & (xr < M)[None, :]
+        xa0 = gl.load(x_ptr + xr[None, :] * stride_xm + inputs, mask=x_ok, other=0)
+        xb0 = gl.load(x_ptr + xr[None, :] * stride_xm + inputs + 4, mask=x_ok, other=0)
+        if NT == 2:
+            x_ok1 = ok & (xr + 8 < M)[None, :]
+            xa1 = gl.load(x_ptr + (xr + 8)[None, :] * stride_xm + inputs, mask=x_ok1, other=0)
+            xb1 = gl.load(x_ptr + (xr + 8)[None, :] * stride_xm + inputs + 4, mask=x_ok1, other=0)
+        else:
+            xa1 = xa0
+            xb1 = xb0
+        return even, odd, low, xa0, xb0, xa1, xb1
+
+    @gluon.jit
+    def _fp6_rep(even, odd, low, xa0, xb0, xa1, xb1, a0, a1, b0, b1, MANTISSA: gl.constexpr, NT: gl.constexpr):
+        asm: gl.constexpr = FP6_STEP_ASM[2 * (NT - 1) + MANTISSA - 2]
+        constraints: gl.constexpr = FP6_STEP_CONSTRAINTS[NT - 1]
+        if NT == 1:
+            a0, a1 = gl.inline_asm_elementwise(asm, constraints, [even, odd, low, xa0, xb0, a0, a1],
+                                               dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
+        else:
+            a0, a1, b0, b1 = gl.inline_asm_elementwise(asm, constraints, [even, odd, low, xa0, xb0, xa1, xb1,
+                                                                          a0, a1, b0, b1],
+                                                       dtype=(gl.float32, ) * 4, is_pure=True, pack=4)
+        return a0, a1, b0, b1
+
+    @gluon.jit
+    def _mma_fp6_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, M, N, stride_xm, stride_ym, tiles_total,
+                        tiles_per_split, tiles_per_warp, iterations, GROUP_TILES: gl.constexpr,
+                        CHANNEL: gl.constexpr, MANTISSA: gl.constexpr, POWER: gl.constexpr, NT: gl.constexpr,
+                        W_K: gl.constexpr):
+        # x_ptr: x as int32 [M, K / 2]; hi_ptr: the 4-bit plane [K / 8, N]; lo_ptr: the 2-bit plane [K / 16, N].
+        layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W_K, 1], [0, 1])
+        BLOCK_N: gl.constexpr = 32
+        REPS_PER_GROUP: gl.constexpr = 2 if CHANNEL else min(2, GROUP_TILES // 4)
+        n0 = gl.program_id(0) * BLOCK_N
+        block = gl.arange(0, 4 * W_K, layout=gl.SliceLayout(1, layout))  # 4 w + q
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))  # 4 r + e
+        offs_n = n0 + cols
+        n_ok = (offs_n < N)[None, :]
+        tile_begin = gl.program_id(1) * tiles_per_split
+        warp_begin = tile_begin + (block // 4) * tiles_per_warp
+        warp_end = gl.minimum(gl.minimum(warp_begin + tiles_per_warp, tile_begin + tiles_per_split), tiles_total)
+        xr = cols // 4
+        x_col = (cols % 4)[None, :]
+        first = warp_begin + block % 4
+        acc0 = gl.zeros([4 * W_K, BLOCK_N], gl.float32, layout)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
+        zero = acc0
+        e0, o0, l0, xa00, xb00, xa10, xb10 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, first, warp_end, offs_n, n_ok, N,
+                                                           xr, x_col, M, stride_xm, NT)
+        e1, o1, l1, xa01, xb01, xa11, xb11 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, first + 4, warp_end, offs_n, n_ok,
+                                                           N, xr, x_col, M, stride_xm, NT)
+        for it in range(iterations):
+            base = first + it * 8
+            # The next iteration's words and x are in flight while this one's are decoded.
+            ne0, no0, nl0, nxa00, nxb00, nxa10, nxb10 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, base + 8, warp_end,
+                                                                      offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+            ne1, no1, nl1, nxa01, nxb01, nxa11, nxb11 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, base + 12, warp_end,
+                                                                      offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+            a0 = acc0
+            a1 = acc1
+            b0 = acc2
+            b1 = acc3
+            for k in gl.static_range(2):
+                if k == 0:
+                    even, odd, low, xa0, xb0, xa1, xb1 = e0, o0, l0, xa00, xb00, xa10, xb10
+                else:
+                    even, odd, low, xa0, xb0, xa1, xb1 = e1, o1, l1, xa01, xb01, xa11, xb11
+                tiles = base + 4 * k
+                group = tiles // GROUP_TILES
+                mask = n_ok & (tiles < warp_end)[:, None]
+                if not CHANNEL and k % REPS_PER_GROUP == 0:
+                    a0 = zero
+                    a1 = zero
+                    b0 = zero
+                    b1 = zero
+                a0, a1, b0, b1 = _fp6_rep(even, odd, low, xa0, xb0, xa1, xb1, a0, a1, b0, b1, MANTISSA, NT)
+                if not CHANNEL and k % REPS_PER_GROUP == REPS_PER_GROUP - 1:
+                    scale = gl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+                    s0, s1 = gl.inline_asm_elementwise(EXPAND_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r", [scale],
+                                                       dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
+                    acc0 += a0 * s0
+                    acc1 += a1 * s1
+                    if NT == 2:
+                        acc2 += b0 * s0
+                        acc3 += b1 * s1
+            if CHANNEL:
+                acc0 = a0
+                acc1 = a1
+                acc2 = b0
+                acc3 = b1
+            e0, o0, l0, xa00, xb00, xa10, xb10 = ne0, no0, nl0, nxa00, nxb00, nxa10, nxb10
+            e1, o1, l1, xa01, xb01, xa11, xb11 = ne1, no1, nl1, nxa01, nxb01, nxa11, nxb11
+        _store(acc0, 0, 0, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL, POWER)
+        _store(acc1, 1, 0, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL, POWER)
+        if NT == 2:
+            _store(acc2, 0, 1, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL, POWER)
+            _store(acc3, 1, 1, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL, POWER)
+
 @dataclass(frozen=True)
 class MmaLaunch:
     """Rule 10's launch: ``warps`` warps per program, each ``iterations`` of 16 word-rows, and
@@ -296,16 +581,31 @@ def available(device: torch.device) -> bool:
     return gluon is not None and device.type == "cuda" and splitk._capability(device) == (9, 0)
 
 
+def _is_fp6(w) -> bool:
+    return hasattr(w, "fmt")  # fp6_linear.FpxWeights; intn_linear.IntNWeights has no format
+
+
 def takes(w) -> bool:
-    """Whether the kernel takes ``w`` (``IntNWeights``): int4 with float16 scales, groups of 32, 64 or a
-    multiple of 128 inputs (an iteration never spans two groups), or one scale per output."""
+    """Whether the kernel takes ``w``: ``IntNWeights`` int4 with float16 scales, groups of 32, 64 or a
+    multiple of 128 inputs (an iteration never spans two groups), or one scale per output; or
+    ``FpxWeights`` FP6 in the kernels' tile with float16 scales, groups of a multiple of 64 or one per
+    output."""
     group = w.group_size
+    if _is_fp6(w):
+        return (w.fmt.bits == 6 and w.tile == 16 and w.scale.dtype == torch.float16
+                and (group == w.in_features or group % 64 == 0))
     return (w.bits == 4 and w.scale.dtype == torch.float16
             and (group == w.in_features or group in (32, 64) or group % 128 == 0))
 
 
 def mma_config(m: int, w, sms: int) -> MmaLaunch | None:
-    """Rule 10's launch over ``m`` rows, or None where :data:`MMA_RULE` does not take the linear."""
+    """Rule 10's launch over ``m`` rows, or None where :data:`MMA_RULE` (int4) or :data:`FP6_MMA_RULE` (FP6)
+    does not take the linear."""
+    if _is_fp6(w):
+        least = next((weights for rows, weights in FP6_MMA_RULE if 1 <= m <= rows), None)
+        if least is None or w.in_features * w.out_features < least or not takes(w):
+            return None
+        return fp6_mma_launch(m, w.in_features, w.out_features, sms)
     least = next((weights for rows, weights in MMA_RULE if 2 <= m <= rows), None)
     if least is None or w.in_features * w.out_features < least or not takes(w) or not w.symmetric:
         return None
@@ -326,8 +626,29 @@ def mma_launch(in_features: int, out_features: int, sms: int) -> MmaLaunch:
     blocks = -(-out_features // 32)
     while split > 1 and blocks * split * warps > MAX_WARPS_PER_SM * sms:
         split //= 2
+    return _split_launch(in_features, warps, split)
+
+
+def fp6_mma_launch(m: int, in_features: int, out_features: int, sms: int) -> MmaLaunch:
+    """FP6's launch: K split ``parallel`` ways, the power of 2 that gives each warp about 2 iterations (at
+    most 16, at most :data:`FP6_WARPS_PER_SM` warps per SM); over warps of one program where that is 2 or
+    less or where K is at most 8 iterations and x at most 8 rows, else over programs (H100, 1-16 rows:
+    4096x4096 and 11008->4096 ran best at 1 x 16, 4096->11008 at 1 x 8, 8192->28672 at 2 x 1, K = 576 at
+    4 x 1 up to 8 rows and 1 x 4 at 16)."""
+    iterations = -(-in_features // 8 // ITERATION_ROWS)
+    parallel = min(16, 1 << (-(-iterations // 2) - 1).bit_length())  # the power of 2 >= iterations / 2
+    blocks = -(-out_features // 32)
+    while parallel > 1 and blocks * parallel > FP6_WARPS_PER_SM * sms:
+        parallel //= 2
+    warps = parallel if parallel <= 2 or (iterations <= 8 and m <= 8) else 1
+    return _split_launch(in_features, warps, parallel // warps)
+
+
+def _split_launch(in_features: int, warps: int, split: int) -> MmaLaunch:
+    word_rows = in_features // 8
     rows_per_split = -(-word_rows // split)
     rows_per_split = -(-rows_per_split // ITERATION_ROWS) * ITERATION_ROWS
+    split = -(-word_rows // rows_per_split)  # no split past K
     rows_per_warp = -(-rows_per_split // warps)
     rows_per_warp = -(-rows_per_warp // ITERATION_ROWS) * ITERATION_ROWS
     return MmaLaunch(warps, split, rows_per_split, rows_per_warp, rows_per_warp // ITERATION_ROWS)
@@ -353,11 +674,22 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
     m, k = x2.shape
     if x2.dtype != torch.float16 or not takes(w) or m > 16:
         raise ValueError("mma_linear: takes float16 x of at most 16 rows and int4 weights with float16 scales "
-                         "(groups of 32, 64 or a multiple of 128, or one per output)")
+                         "(groups of 32, 64 or a multiple of 128, or one per output) or FP6 weights with float16 "
+                         "scales (groups of a multiple of 64, or one per output)")
     if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte loads of x
         x2 = x2.clone(memory_format=torch.contiguous_format)
     n = w.out_features
     part = torch.empty(launch.split, m, n, dtype=torch.float32, device=x2.device) if launch.split > 1 else y
+    if _is_fp6(w):  # the launch's word-rows of 8 inputs as tiles of 16
+        _mma_fp6_kernel[(-(-n // 32), launch.split)](
+            x2.view(torch.int32), w.planes[0], w.planes[1], w.scale, y, part, m, n, x2.stride(0) // 2, y.stride(0),
+            k // 16, launch.rows_per_split // 2, launch.rows_per_warp // 2, launch.iterations,
+            GROUP_TILES=FP6_ITERATION_TILES if w.group_size == k else w.group_size // 16, CHANNEL=w.group_size == k,
+            MANTISSA=w.fmt.mantissa_bits, POWER=2.0 ** (15 - w.fmt.bias), NT=1 if m <= 8 else 2, W_K=launch.warps,
+            num_warps=launch.warps)
+        if launch.split > 1:
+            splitk.sum_splits(part, y, launch.split, m)
+        return y
     _mma_decode_kernel[(-(-n // 32), launch.split)](
         x2.view(torch.int32), w.planes[0], w.scale, w.zero, y, part, m, n, x2.stride(0) // 2, y.stride(0), k // 8,
         launch.rows_per_split, launch.rows_per_warp, launch.iterations,
@@ -370,9 +702,10 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
 
 
 def kernel_variants() -> list:
-    """Rule 10's kernel as its rule launches it, for ``llmc.plugins.aot``: symmetric int4 in groups of 128
-    and per channel, 2-8 rows (one B tile), 2 and 4 warps; for sm_80-sm_90 (``mma.sync`` is Ampere's;
-    the rule runs it on sm_90)."""
+    """Rule 10's kernels as its rules launch them, for ``llmc.plugins.aot``: symmetric int4 in groups of 128
+    and per channel, 2-8 rows (one B tile), 2 and 4 warps; FP6 e3m2 per channel, 1-8 rows at 1, 2 and 4
+    warps and 9-16 rows (two B tiles) at 1 and 2; for sm_80-sm_90 (``mma.sync`` is Ampere's; the rules run
+    them on sm_90)."""
     from llmc.plugins.aot import KernelVariant
 
     if gluon is None:
@@ -382,7 +715,17 @@ def kernel_variants() -> list:
                      rows_per_warp="i32", iterations="i32")
     aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "part_ptr", "N", "stride_xm", "stride_ym",
                "rows_per_split", "rows_per_warp")
-    return [KernelVariant(f"intn-mma2-8-int4-sym-{'channel' if channel else 'g128'}-w{warps}", _mma_decode_kernel,
+    int4 = [KernelVariant(f"intn-mma2-8-int4-sym-{'channel' if channel else 'g128'}-w{warps}", _mma_decode_kernel,
                           signature, dict(GROUP_ROWS=ITERATION_ROWS, CHANNEL=channel, SYMMETRIC=True, NT=1, W_K=warps),
                           warps, 1, aligned)
             for channel in (False, True) for warps in (2, 4)]
+    fp6_signature = dict(x_ptr="*i32", hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16", y_ptr="*fp16", part_ptr="*fp32",
+                         M="i32", N="i32", stride_xm="i32", stride_ym="i32", tiles_total="i32", tiles_per_split="i32",
+                         tiles_per_warp="i32", iterations="i32")
+    fp6_aligned = ("x_ptr", "hi_ptr", "lo_ptr", "s_ptr", "y_ptr", "part_ptr", "N", "stride_xm", "stride_ym",
+                   "tiles_per_split", "tiles_per_warp")
+    fp6 = [KernelVariant(f"fpx-mma{'1-8' if nt == 1 else '9-16'}-e3m2-channel-w{warps}", _mma_fp6_kernel, fp6_signature,
+                         dict(GROUP_TILES=FP6_ITERATION_TILES, CHANNEL=True, MANTISSA=2, POWER=2.0 ** 12, NT=nt, W_K=warps),
+                         warps, 1, fp6_aligned)
+           for nt, warps in ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2))]
+    return int4 + fp6

@@ -287,9 +287,11 @@ def _run_ptx(asm: str, registers: dict) -> dict:
             regs[d] = (a[0] << a[1]) & 0xFFFFFFFF
         elif op == "and.b32":
             regs[d] = a[0] & a[1]
-        elif op == "lop3.b32":
-            assert a[3] == 0xEA  # (a & b) | c
-            regs[d] = (a[0] & a[1]) | a[2]
+        elif op == "lop3.b32":  # bit k of the result: bit (4 a + 2 b + c) of the lookup table
+            regs[d] = sum(((a[3] >> (4 * (a[0] >> k & 1) + 2 * (a[1] >> k & 1) + (a[2] >> k & 1))) & 1) << k
+                          for k in range(32))
+        elif op == "shf.l.wrap.b32":  # the top word of {b, a} << (c mod 32): a rotation when a == b
+            regs[d] = ((a[1] << 32 | a[0]) << (a[2] % 32) >> 32) & 0xFFFFFFFF
         elif op == "mov.b32":
             regs[d] = a[0]
         elif op == "fma.rn.f16x2":  # exact here: small integers and powers of 2
@@ -430,6 +432,38 @@ def test_mma_decode_rule_and_launch():
         assert launch.rows_per_warp == 16 * launch.iterations and launch.rows_per_split % 16 == 0
 
 
+def test_mma_decode_fp6_rule_and_launch():
+    """Rule 10 for FP6 (fp6_linear rule 8): float16 scales per output or in groups of a multiple of 64, one
+    row from 2^25 weights and 2-16 from 2^22; K split for about 2 iterations a warp (at most 16 ways and
+    FP6_WARPS_PER_SM warps per SM), over warps where that is 2 or less or K is short and x has up to 8 rows."""
+    def fp6(k, n, group=None, scale=torch.float16, name="e3m2", tile=16):
+        w = fp6_of(k, n)
+        return dataclasses.replace(w, scale=torch.zeros(k // (group or k), n, dtype=scale), group_size=group or k,
+                                   fmt=FORMATS[name], tile=tile)
+
+    assert mma_decode.mma_config(1, fp6(4096, 11008), SMS) == mma_decode.MmaLaunch(1, 8, 64, 64, 4)  # 344 blocks
+    assert mma_decode.mma_config(16, fp6(4096, 11008), SMS) == mma_decode.mma_config(1, fp6(4096, 11008), SMS)
+    assert mma_decode.mma_config(17, fp6(4096, 11008), SMS) is None
+    assert mma_decode.mma_config(1, fp6(4096, 4096), SMS) is None and mma_decode.mma_config(2, fp6(4096, 4096), SMS)
+    assert mma_decode.mma_config(2, fp6(896, 4864), SMS) and mma_decode.mma_config(16, fp6(576, 1536), SMS) is None
+    for group, taken in ((32, False), (64, True), (96, False), (128, True), (None, True)):
+        assert (mma_decode.mma_config(4, fp6(4096, 4096, group), SMS) is not None) == taken, group
+    assert mma_decode.mma_config(4, fp6(4096, 4096, name="e2m3"), SMS)
+    assert mma_decode.mma_config(4, fp6(4096, 4096, name="e2m1"), SMS) is None
+    assert mma_decode.mma_config(4, fp6(4096, 4096, scale=torch.float32), SMS) is None
+    assert mma_decode.mma_config(4, fp6(4096, 4096, tile=64), SMS) is None
+    assert mma_decode.fp6_mma_launch(1, 11008, 4096, SMS) == mma_decode.MmaLaunch(1, 15, 96, 96, 6)  # 86 iterations
+    assert mma_decode.fp6_mma_launch(4, 8192, 28672, SMS) == mma_decode.MmaLaunch(2, 1, 1024, 512, 32)  # 896 blocks
+    assert mma_decode.fp6_mma_launch(8, 896, 4864, SMS) == mma_decode.MmaLaunch(4, 1, 112, 32, 2)  # 7 iterations
+    assert mma_decode.fp6_mma_launch(9, 896, 4864, SMS) == mma_decode.MmaLaunch(1, 4, 32, 32, 2)
+    for m, k, n in ((1, 576, 576), (16, 1056, 300), (4, 4864, 896), (1, 14336, 4096), (2, 256, 4096)):
+        launch = mma_decode.fp6_mma_launch(m, k, n, SMS)
+        assert launch.split * launch.rows_per_split >= k // 8 > (launch.split - 1) * launch.rows_per_split
+        assert launch.warps * launch.rows_per_warp >= launch.rows_per_split
+        assert launch.rows_per_warp == 16 * launch.iterations and launch.rows_per_split % 16 == 0
+        assert -(-n // 32) * launch.warps * launch.split <= max(2, mma_decode.FP6_WARPS_PER_SM * SMS)
+
+
 def test_mma_decode_ptx_pairs_the_fields_as_it_pairs_x():
     """Rule 10's PTX before its MMAs: each word's fields (i, i + 4) as the exact float16 pair u - zero,
     in the A operand's order, and x's 8 inputs paired the same way (symmetric and asymmetric)."""
@@ -462,6 +496,43 @@ def test_mma_decode_ptx_pairs_the_fields_as_it_pairs_x():
             halves = [(x[e // 2] >> 16 * (e % 2)) & 0xFFFF for e in range(8)]  # inputs 0-7 of the row
             for f, name in enumerate("abcd"):  # (x_f, x_f+4), as the fields
                 assert out[f"x{name}{j}"] == halves[f] | halves[f + 4] << 16
+
+
+@pytest.mark.parametrize("name", ["e3m2", "e2m3"])
+def test_mma_decode_fp6_ptx_pairs_inputs_i_and_i_plus_8_as_it_pairs_x(name):
+    """Rule 10's FP6 PTX before its MMAs, on planes packed by bitplanes from random codes (every code in
+    every field): output e's pair i is the float16 pair V * 2^(bias - 15) of inputs i and i + 8, bit for
+    bit (subnormals included; each field takes every code), and x's 16 inputs are paired the same way, for one and two B tiles."""
+    import numpy as np
+
+    from llmc.passes.bitplanes import pack_fp_codes
+    from llmc.passes.fpx import fpx_decode
+
+    fmt = FORMATS[name]
+    rng = np.random.default_rng(fmt.mantissa_bits)
+    for nt in (1, 2):
+        asm = mma_decode._fp6_step_asm(nt, fmt.mantissa_bits)
+        decode = "{" + ";".join(s for s in asm[1:-1].split(";") if "mma.sync" not in s) + "}"
+        for trial in range(64):
+            codes = (trial + 17 * torch.arange(4)[:, None] + 5 * torch.arange(16)[None, :]) % 64  # [4 outputs, 16]
+            high, low = (plane.view(torch.int32).numpy().astype(np.int64) % 2**32 for plane in
+                         pack_fp_codes(codes, 6, fmt.mantissa_bits, 16))  # [2, 4] and [1, 4]
+            xs = [int(v) for v in rng.integers(0, 2**32, 8 * nt, dtype=np.uint64)]
+            regs = {f"${8 * nt + e}": int(high[0, e]) for e in range(4)}
+            regs.update({f"${8 * nt + 4 + e}": int(high[1, e]) for e in range(4)})
+            regs.update({f"${8 * nt + 8 + e}": int(low[0, e]) for e in range(4)})
+            regs.update({f"${8 * nt + 12 + v}": x for v, x in enumerate(xs)})
+            out = _run_ptx(decode, regs)
+            value = (fpx_decode(codes, fmt) * 2.0 ** (fmt.bias - 15)).numpy()  # exact in float16
+            for e in range(4):
+                for i in range(8):
+                    pair = out[f"p{e}{i}"]
+                    assert [pair & 0xFFFF, pair >> 16] == [_half(value[e, i]), _half(value[e, i + 8])], (e, i, codes[e])
+            for j in range(nt):
+                x = xs[8 * j:8 * j + 8]
+                halves = [(x[v // 2] >> 16 * (v % 2)) & 0xFFFF for v in range(16)]  # inputs 0-15 of the row
+                for i in range(8):
+                    assert out[f"q{j}{i}"] == halves[i] | halves[i + 8] << 16
 
 
 def _half(v) -> int:
@@ -802,6 +873,45 @@ def test_mma_decode_launches_match_the_reference(kind, rows):
             expected = intn.intn_reference(x, packed).float()
             assert bool(torch.isfinite(out).all()), launch
             assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, launch
+
+
+@hopper
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16])
+@pytest.mark.parametrize("kind", ["e3m2-channel", "e3m2-g64", "e3m2-g128", "e2m3-channel", "e2m3-g256"])
+def test_mma_decode_fp6_launches_match_the_reference(kind, rows):
+    """Rule 10 on FP6 (fp6_linear rule 8) on a [300, K] weight (a partial block of outputs; K not a whole
+    number of iterations) at 1, 2, 4 and 8 warps (the last ones past K) and 1, 2 and 3 splits, on x rows K + 1
+    apart, against the reference."""
+    name, group = kind.split("-")
+    k = {"g64": 1088, "g128": 1152, "g256": 1280}.get(group, 1040)
+    packed = fp.pack_fpx(fpx_quantize(weight(300, k, seed=23), FORMATS[name], None if group == "channel" else
+                                      int(group[1:]), scale_dtype=torch.float16)).to("cuda")
+    x = torch.randn(rows, k + 1, generator=torch.Generator().manual_seed(rows)).half().cuda()[:, 1:]
+    expected = fp.fpx_reference(x, packed).float()
+    for warps in (1, 2, 4, 8):
+        for split in (1, 2, 3):
+            launch = mma_decode._split_launch(k, warps, split)
+            out = torch.full((rows, 300), float("nan"), dtype=torch.float16, device="cuda")
+            mma_decode.mma_linear(x, packed, launch, out)
+            assert bool(torch.isfinite(out).all()), launch
+            assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, launch
+
+
+@hopper
+def test_fpx_linear_takes_the_mma_decode_kernel_where_its_rule_says():
+    """On 4096->11008 FP6, 1-16 rows of float16 x run rule 10 (the same output as forcing it); 17 rows and
+    bfloat16 x do not."""
+    w = fp.pack_fpx(fpx_quantize(torch.randn(11008, 4096, device="cuda") * 0.02, FORMATS["e3m2"], None,
+                                 scale_dtype=torch.float16))
+    for rows in (1, 4, 16):
+        x = torch.randn(rows, 4096, generator=torch.Generator().manual_seed(rows)).half().cuda()
+        launch = mma_decode.mma_config(rows, w, SMS)
+        forced = mma_decode.mma_linear(x, w, launch, torch.empty(rows, 11008, dtype=torch.float16, device="cuda"))
+        assert torch.equal(fp.fpx_linear(x, w), forced)
+        expected = fp.fpx_reference(x, w).float()
+        assert float((forced.float() - expected).norm() / expected.norm()) < 2e-3
+    assert mma_decode.mma_config(17, w, SMS) is None
+    assert fp.fpx_linear(x.bfloat16(), w).dtype == torch.bfloat16
 
 
 @hopper
