@@ -42,7 +42,7 @@ lane's 128 weights (16 HMMA).
 
 Measured on an H100 (docs/benchmarks/kernels-decode-rows.md); it runs where it beat the other rules
 (:data:`MMA_RULE`: symmetric int4 at 2-8 rows from 2^24-2^25 weights; :data:`FP6_MMA_RULE`: FP6 at one
-row from 2^25 weights and 2-16 rows from 2^22). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its
+row from 2^25 weights, 2 rows from 2^24 and 3-16 rows from 2^22). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its
 split-K finish is a programmatic dependent launch (Hopper's) and it was timed on an H100 alone.
 """
 
@@ -69,9 +69,10 @@ except ImportError:  # no Triton (CPU-only hosts), or a Triton without Gluon
 # groups of 32 or 64 to the other rules; the kernel computes them (tests, benchmark).
 MMA_RULE = ((2, 1 << 25), (8, 1 << 24))
 # Where rule 10 runs FP6 (float16 x and scales, e3m2 or e2m3, groups of a multiple of 64 or one scale per
-# output, sm_90): one row from 2^25 weights, 2-16 rows from 2^22. Set from benchmarks/kernels_decode_rows.py
-# --fp6 on an H100 (docs/benchmarks/kernels-decode-rows.md).
-FP6_MMA_RULE = ((1, 1 << 25), (16, 1 << 22))
+# output, sm_90): one row from 2^25 weights, 2 rows from 2^24, 3-16 rows from 2^22. Set from
+# benchmarks/kernels_decode_rows.py --fp6 on an H100 (docs/benchmarks/kernels-decode-rows.md): one row lost
+# on 4096x4096 (9.2 against 8.3 us), 2 rows on 896->4864 (5.7 against 5.4), and every row count below 2^22.
+FP6_MMA_RULE = ((1, 1 << 25), (2, 1 << 24), (16, 1 << 22))
 FP6_WARPS_PER_SM = 24  # FP6's K parallelism stops at this many warps per SM
 ITERATION_ROWS = 16  # word-rows a warp decodes per iteration (4 reps of 4)
 MAX_WARPS_PER_SM = 32  # splits of K stop at this many warps per SM

@@ -434,7 +434,7 @@ def test_mma_decode_rule_and_launch():
 
 def test_mma_decode_fp6_rule_and_launch():
     """Rule 10 for FP6 (fp6_linear rule 8): float16 scales per output or in groups of a multiple of 64, one
-    row from 2^25 weights and 2-16 from 2^22; K split for about 2 iterations a warp (at most 16 ways and
+    row from 2^25 weights, 2 from 2^24 and 3-16 from 2^22; K split for about 2 iterations a warp (at most 16 ways and
     FP6_WARPS_PER_SM warps per SM), over warps where that is 2 or less or K is short and x has up to 8 rows."""
     def fp6(k, n, group=None, scale=torch.float16, name="e3m2", tile=16):
         w = fp6_of(k, n)
@@ -445,7 +445,8 @@ def test_mma_decode_fp6_rule_and_launch():
     assert mma_decode.mma_config(16, fp6(4096, 11008), SMS) == mma_decode.mma_config(1, fp6(4096, 11008), SMS)
     assert mma_decode.mma_config(17, fp6(4096, 11008), SMS) is None
     assert mma_decode.mma_config(1, fp6(4096, 4096), SMS) is None and mma_decode.mma_config(2, fp6(4096, 4096), SMS)
-    assert mma_decode.mma_config(2, fp6(896, 4864), SMS) and mma_decode.mma_config(16, fp6(576, 1536), SMS) is None
+    assert mma_decode.mma_config(2, fp6(896, 4864), SMS) is None and mma_decode.mma_config(3, fp6(896, 4864), SMS)
+    assert mma_decode.mma_config(16, fp6(576, 1536), SMS) is None
     for group, taken in ((32, False), (64, True), (96, False), (128, True), (None, True)):
         assert (mma_decode.mma_config(4, fp6(4096, 4096, group), SMS) is not None) == taken, group
     assert mma_decode.mma_config(4, fp6(4096, 4096, name="e2m3"), SMS)
