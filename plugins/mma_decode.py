@@ -48,6 +48,7 @@ split-K finish is a programmatic dependent launch (Hopper's) and it was timed on
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -141,11 +142,6 @@ _EXPAND_ASM = ("{ .reg .b16 a, b, c, d; mov.b32 {a, b}, $8; mov.b32 {c, d}, $9; 
 FP6_ITERATION_TILES = 8  # tiles of 16 inputs a warp decodes per FP6 iteration (2 reps of 4)
 
 
-def _rotations(v: int, n: int) -> int:
-    n %= 32
-    return ((v << n) | (v >> (32 - n))) & 0xFFFFFFFF if n else v
-
-
 def _bits(positions) -> int:
     return sum(1 << (b % 32) for b in positions)
 
@@ -193,6 +189,7 @@ def _set_partitions(items):
             yield partition[:k] + [[first] + partition[k]] + partition[k + 1:]
 
 
+@functools.cache
 def _fp6_plan(mantissa: int):
     """How a lane's 4-bit words (``we``, ``wo``) and 2-bit word ``L`` of one output become its 8 pairs.
 
