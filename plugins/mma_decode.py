@@ -327,6 +327,20 @@ if gluon is not None:
                                          is_pure=True, pack=4)
 
     @gluon.jit
+    def _add_group(acc0, acc1, acc2, acc3, a0, a1, b0, b1, s_ptr, group, offs_n, mask, N, NT: gl.constexpr):
+        """One group's sums (tiles 0 and 1 of rows 0-7, ``a0``, ``a1``, and 8-15, ``b0``, ``b1``) times its
+        scales, added to the accumulators."""
+        scale = gl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+        s0, s1 = gl.inline_asm_elementwise(EXPAND_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r", [scale],
+                                           dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
+        acc0 += a0 * s0
+        acc1 += a1 * s1
+        if NT == 2:
+            acc2 += b0 * s0
+            acc3 += b1 * s1
+        return acc0, acc1, acc2, acc3
+
+    @gluon.jit
     def _iteration(w0, w1, w2, w3, x00, x01, x02, x03, x10, x11, x12, x13, acc0, acc1, acc2, acc3, zo, zc,
                    s_ptr, z_ptr, base, warp_end, offs_n, n_ok, N, GROUP_ROWS: gl.constexpr, CHANNEL: gl.constexpr,
                    SYMMETRIC: gl.constexpr, NT: gl.constexpr):
@@ -359,14 +373,8 @@ if gluon is not None:
                     zo, zc = _zero_pairs(z_ptr, group, offs_n, mask, N)
             a0, a1, b0, b1 = _rep(words, x0, x1, a0, a1, b0, b1, zo, zc, NT, SYMMETRIC)
             if not CHANNEL and k % REPS_PER_GROUP == REPS_PER_GROUP - 1:
-                scale = gl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
-                s0, s1 = gl.inline_asm_elementwise(EXPAND_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r", [scale],
-                                                   dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
-                acc0 += a0 * s0
-                acc1 += a1 * s1
-                if NT == 2:
-                    acc2 += b0 * s0
-                    acc3 += b1 * s1
+                acc0, acc1, acc2, acc3 = _add_group(acc0, acc1, acc2, acc3, a0, a1, b0, b1, s_ptr, group, offs_n,
+                                                    mask, N, NT)
         if CHANNEL:
             acc0 = a0
             acc1 = a1
@@ -541,14 +549,8 @@ if gluon is not None:
                     b1 = zero
                 a0, a1, b0, b1 = _fp6_rep(even, odd, low, xa0, xb0, xa1, xb1, a0, a1, b0, b1, MANTISSA, NT)
                 if not CHANNEL and k % REPS_PER_GROUP == REPS_PER_GROUP - 1:
-                    scale = gl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
-                    s0, s1 = gl.inline_asm_elementwise(EXPAND_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r", [scale],
-                                                       dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
-                    acc0 += a0 * s0
-                    acc1 += a1 * s1
-                    if NT == 2:
-                        acc2 += b0 * s0
-                        acc3 += b1 * s1
+                    acc0, acc1, acc2, acc3 = _add_group(acc0, acc1, acc2, acc3, a0, a1, b0, b1, s_ptr, group,
+                                                        offs_n, mask, N, NT)
             if CHANNEL:
                 acc0 = a0
                 acc1 = a1

@@ -899,36 +899,26 @@ def test_mma_decode_fp6_launches_match_the_reference(kind, rows):
 
 
 @hopper
-def test_fpx_linear_takes_the_mma_decode_kernel_where_its_rule_says():
-    """On 4096->11008 FP6, 1-16 rows of float16 x run rule 10 (the same output as forcing it); 17 rows and
-    bfloat16 x do not."""
-    w = fp.pack_fpx(fpx_quantize(torch.randn(11008, 4096, device="cuda") * 0.02, FORMATS["e3m2"], None,
-                                 scale_dtype=torch.float16))
-    for rows in (1, 4, 16):
+@pytest.mark.parametrize("kind", ["int4", "fp6"])
+def test_the_linears_take_the_mma_decode_kernel_where_its_rules_say(kind):
+    """On 4096->11008, float16 x runs rule 10 (the same output as forcing it) at 2-8 rows of int4 and 1-16 rows
+    of FP6; int4 at one row and 9 rows, FP6 at 17 rows, and bfloat16 x do not."""
+    weight = torch.randn(11008, 4096, device="cuda") * 0.02
+    if kind == "int4":
+        w = intn.pack_intn(rtn_quantize(weight, 4, 128, True))
+        linear, reference, taken, not_taken = intn.intn_linear, intn.intn_reference, (2, 5, 8), (1, 9)
+    else:
+        w = fp.pack_fpx(fpx_quantize(weight, FORMATS["e3m2"], None, scale_dtype=torch.float16))
+        linear, reference, taken, not_taken = fp.fpx_linear, fp.fpx_reference, (1, 4, 16), (17,)
+    for rows in taken:
         x = torch.randn(rows, 4096, generator=torch.Generator().manual_seed(rows)).half().cuda()
         launch = mma_decode.mma_config(rows, w, SMS)
         forced = mma_decode.mma_linear(x, w, launch, torch.empty(rows, 11008, dtype=torch.float16, device="cuda"))
-        assert torch.equal(fp.fpx_linear(x, w), forced)
-        expected = fp.fpx_reference(x, w).float()
+        assert torch.equal(linear(x, w), forced)
+        expected = reference(x, w).float()
         assert float((forced.float() - expected).norm() / expected.norm()) < 2e-3
-    assert mma_decode.mma_config(17, w, SMS) is None
-    assert fp.fpx_linear(x.bfloat16(), w).dtype == torch.bfloat16
-
-
-@hopper
-def test_intn_linear_takes_the_mma_decode_kernel_where_its_rule_says():
-    """On 4096->11008, 2-8 rows of float16 x run rule 10 (the same output as forcing it); one row, 9 rows and
-    bfloat16 x do not."""
-    w = intn.pack_intn(rtn_quantize(torch.randn(11008, 4096, device="cuda") * 0.02, 4, 128, True))
-    for rows in (2, 5, 8):
-        x = torch.randn(rows, 4096, generator=torch.Generator().manual_seed(rows)).half().cuda()
-        launch = mma_decode.mma_config(rows, w, SMS)
-        forced = mma_decode.mma_linear(x, w, launch, torch.empty(rows, 11008, dtype=torch.float16, device="cuda"))
-        assert torch.equal(intn.intn_linear(x, w), forced)
-        expected = intn.intn_reference(x, w).float()
-        assert float((forced.float() - expected).norm() / expected.norm()) < 2e-3
-    assert mma_decode.mma_config(1, w, SMS) is None and mma_decode.mma_config(9, w, SMS) is None
-    assert intn.intn_linear(x.bfloat16(), w).dtype == torch.bfloat16
+    assert all(mma_decode.mma_config(rows, w, SMS) is None for rows in not_taken)
+    assert linear(x.bfloat16(), w).dtype == torch.bfloat16
 
 
 @gpu
