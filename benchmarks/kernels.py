@@ -24,8 +24,10 @@ per channel), ``torch.matmul`` in
 
 Before the table, a sweep of the decode (M = 1) launch shapes on the large shapes (outputs per
 program, rows of words per step, warps, programs per SM), each checked against its reference,
-picks the shape the table uses (best mean fraction of the roofline); the defaults in
-``intn_config`` and ``fpx_config`` were set from it.
+picks the shape the table uses (best mean fraction of the roofline), with the portable rules
+(``intn_config``, ``fpx_config``, whose defaults were set from it); with ``--no-sweep`` the int4, fp6
+and fp4 columns are llmc's own dispatch (``intn_linear`` / ``fpx_linear`` without a launch), which on
+an sm_90 GPU includes the Hopper rules (``mma_decode``, ``wgmma_prefill``).
 
 Writes ``kernels.md`` and ``kernels.json`` under ``--out`` (default ``$OUT``, else the current
 directory). ``--compile-only`` compiles every kernel variant for sm_80, sm_86, sm_89 and sm_90
@@ -253,12 +255,16 @@ def run(out: Path, shapes, do_sweeps: bool = True) -> None:
     del w_int4, w_fp6
 
     # ---- 2. correctness and timing per shape and batch
-    def intn_call(x, y, w, config):  # llmc's dispatch, with the dequantize block picked above
-        if config is None:
+    def intn_call(x, y, w, config):
+        if not best:  # llmc's own dispatch, the Hopper rules included
+            return intn.intn_linear(x, w, out=y)
+        if config is None:  # the portable rules at the swept launch shapes, the dequantize block picked above
             return torch.matmul(x, intn.intn_dequantize(w, block=deq_best["int4"]).t(), out=y)
         return intn.intn_linear(x, w, config, out=y)
 
     def fpx_call(x, y, w, config):
+        if not best:
+            return fp.fpx_linear(x, w, out=y)
         if config is None:
             return torch.matmul(x, fp.fpx_dequantize(w, block=deq_best["fp6"]).t(), out=y)
         return fp.fpx_linear(x, w, config, out=y)
@@ -588,13 +594,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         (f"Launch shapes picked by the sweeps: {meta['launch_shapes']}; dequantize blocks "
          f"{meta['dequantize_blocks']}." if meta["launch_shapes"] else
-         "Launch shapes: the shipped heuristics (intn_config, fpx_config)."),
+         "Launch shapes: llmc's own dispatch (intn_linear, fpx_linear without a launch)."),
         "",
         "Time per call in microseconds (L2-cold: weights cycled over copies exceeding 4x L2, calls "
         "replayed from a CUDA graph, median of 5); in brackets the fraction of the copy roofline "
-        "(bytes moved / time / copy rate). int4 and fp6 are llmc's dispatch: the fused kernels up "
-        "to 16 rows, dequantize-then-cuBLAS at 256 and 2048 (int4's prefill kernel runs 17-128 rows: "
-        "benchmarks/kernels_prefill.py).",
+        "(bytes moved / time / copy rate). int4, fp6 and fp4 are the kernels llmc's rules pick for the "
+        "shape, the rows and this GPU (the Hopper rules included on sm_90; dequantize-then-cuBLAS where "
+        "the rules say so).",
         "",
         "| shape (K→N) | M | " + " | ".join(order) + " | best llmc vs fp16 |",
         "|---|---|" + "---|" * len(order) + "---|",

@@ -6,7 +6,7 @@
 For each linear shape of ``benchmarks/kernels.py`` (int4 RTN codes, symmetric in groups of 128, 64
 where K = 576; ``--asym``: asymmetric in groups of 32; ``--fp6 e3m2`` or ``e2m3``: FP6 with one scale per
 output, rows 1, 2, 3, 4, 8, 16 unless given) and each number of rows M: the ``mma_decode`` kernel at its launch
-(``mma_launch`` / ``fp6_mma_launch``, whatever the bounds of ``MMA_RULE`` / ``FP6_MMA_RULE``, on an sm_90
+(``mma_launch``, whatever the bounds of ``MMA_RULE`` / ``FP6_MMA_RULE``, on an sm_90
 GPU), llmc without it (``intn_config`` / ``fpx_config``), llmc's own dispatch, and ``torch.matmul`` on the
 float16 weight. Correctness first (a fresh ``x``, a NaN-filled output, the float32 reference, relative
 error under 2e-3), then the same L2-cold, graph-replayed timing as ``kernels.py``. Writes
@@ -77,7 +77,7 @@ def main() -> None:
         for m in (rows[0], *rows):  # the first timing of a shape ran slow (up to 2x), so it is run twice
             x = torch.randn(m, k, device=device, dtype=torch.float16)
             ref = reference(x, w).float()
-            launch = mma_decode.fp6_mma_launch(m, k, n, sms) if args.fp6 else mma_decode.mma_launch(k, n, sms)
+            launch = mma_decode.mma_launch(m, k, n, sms)
             run = lambda x, y, w: mma_decode.mma_linear(x, w, launch, y)  # noqa: E731
             y = _checked(run, x, w, ref, (m, n), f"{name} M={m} mma_decode")
             if y is None:

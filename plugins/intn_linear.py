@@ -68,11 +68,13 @@ Kernels (rules referred to in the code):
    kernel whose decoded tile goes through shared memory, so that the next step's decode overlaps the
    wgmma in flight (TMA-fed, double-buffered; see that module). 7B-70B shapes at 17-256 rows: 1.11-2.04x
    faster than rules 8/2 on an H100 (docs/benchmarks/kernels-prefill.md).
-10. 2-8 rows of symmetric int4 on Hopper from 2^24-2^25 weights (``mma_decode.MMA_RULE``),
+10. int4 on Hopper with float16 x and scales: symmetric at 2 rows from 2^25 weights, 3-7 from 2^24 and
+   8-16 from 2^22 (``mma_decode.MMA_RULE``), asymmetric at 3-8 rows from 2^22 (``ASYM_MMA_RULE``),
    ``llmc.plugins.mma_decode``: the words are loaded in the register layout of ``mma.sync``'s A operand
    (Gluon), so that rule 8's pair decode feeds the tensor cores with no shared memory, and x is the B
-   operand (one to eight rows cost the same). 7B-70B shapes at 2-8 rows: 1.06-1.41x faster than rules
-   5/7 on an H100 (docs/benchmarks/kernels-decode-rows.md).
+   operand (one to eight rows cost the same). Where it runs, 1.03-1.49x faster than rules 5/7 on an
+   H100 (symmetric; asymmetric in groups of 32 1.04-1.15x, and 0.96-1.01x on 4096x4096;
+   docs/benchmarks/kernels-decode-rows.md).
 """
 
 from __future__ import annotations

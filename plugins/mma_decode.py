@@ -17,13 +17,15 @@ loaded words *is* the MMA's operand layout, fixed with Gluon's explicit layouts:
   with one 16-byte load and pairs them the way the weights are paired (``prmt``). Rows 8-15 take a
   second B tile (``NT = 2``);
 - products accumulate in float32 (the MMA's accumulator) per group of inputs, then times the
-  group's scale; per-channel weights take the scale once at the end.
+  group's scale; per-channel weights take the scale once at the end, loaded with the first words.
 
 A program is 32 outputs and ``W_K`` warps, each warp a range of K in iterations of 16 word-rows
-(4 reps), the next iteration's words and x loaded while this one's are decoded; the warps' sums meet
-in the final reduction, and splits of K across programs in ``splitk.sum_splits``. The sm_90 loop is 288
-instructions for a lane's 128 weights (2.25 a weight, 16 HMMA; the decode itself 1.1), with no
-shared memory, against rule 2's 3.8 a weight for one row.
+(4 reps), the next iteration's words, x, group scales and (asymmetric) zero points loaded while this
+one's are decoded (a group's scale and zero point waited for inside the iteration made asymmetric int4
+in groups of 32 up to 2.3x slower); the warps' sums meet in the final reduction, and splits of K across
+programs in ``splitk.sum_splits`` (:func:`mma_launch`: about 2 iterations a warp). The sm_90 loop is 283
+instructions for a lane's 128 weights (symmetric, groups of 128: 2.2 a weight, 16 HMMA; the decode itself
+1.1), with no shared memory, against rule 2's 3.8 a weight for one row.
 
 FP6 (``fp6_linear.FpxWeights``, e3m2 and e2m3, rule 8 of ``fp6_linear``) takes the same layouts: a lane
 holds one tile of 16 inputs of its 4 outputs (the even and the odd word of the 4-bit plane and the word of
@@ -37,12 +39,14 @@ just above its low bit; ``X`` words (the low bits from the 2-bit word, the signs
 (the nibbles from a rotated 4-bit word, the rest from an ``X``), one ``lop3`` each; then each pair is its
 ``Y`` rotated and masked. :func:`_fp6_plan` searches the groupings whose bits do not collide: e3m2 takes 24
 instructions for 16 weights (1.5 a weight; e2m3 29). The scale and ``2^(15 - bias)`` multiply the float32
-sums. An iteration is 2 reps of 4 tiles (128 inputs, as int4's); the sm_90 loop is 323 instructions for a
+sums (a group's scale is loaded where it is used: loaded an iteration ahead, 16 rows ran up to 20% slower
+on the 70B shape). An iteration is 2 reps of 4 tiles (128 inputs, as int4's); the sm_90 loop is 323 instructions for a
 lane's 128 weights (16 HMMA).
 
 Measured on an H100 (docs/benchmarks/kernels-decode-rows.md); it runs where it beat the other rules
-(:data:`MMA_RULE`: symmetric int4 at 2-8 rows from 2^24-2^25 weights; :data:`FP6_MMA_RULE`: FP6 at one
-row from 2^25 weights, 2 rows from 2^24 and 3-16 rows from 2^22). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its
+(:data:`MMA_RULE`: symmetric int4 at 2 rows from 2^25 weights, 3-7 from 2^24 and 8-16 from 2^22;
+:data:`ASYM_MMA_RULE`: asymmetric int4 at 3-8 rows from 2^22; :data:`FP6_MMA_RULE`: FP6 at one row from
+2^25 weights, 2 rows from 2^24 and 3-16 rows from 2^22). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its
 split-K finish is a programmatic dependent launch (Hopper's) and it was timed on an H100 alone.
 """
 
@@ -61,22 +65,23 @@ try:
 except ImportError:  # no Triton (CPU-only hosts), or a Triton without Gluon
     gluon = None
 
-# Where rule 10 runs (float16 x and scales, symmetric int4 in groups of a multiple of 128 inputs or one
-# scale per output, sm_90): (up to rows, from weights). Set from benchmarks/kernels_decode_rows.py on an
-# H100 (docs/benchmarks/kernels-decode-rows.md): where it runs, 1.06-1.41x faster than the rules before it
-# on the 7B and 70B shapes; at 2 rows 4096x4096 lost (8.6 against 7.3 us); at 9-16 rows (two B tiles)
-# 0.97-1.13x, and below 2^24 weights it lost (0.31-0.97x). Asymmetric int4 in groups of 32 lost everywhere
-# (0.20-0.92x: a zero-point and scale load per rep, waited for), so the rule leaves asymmetric weights and
-# groups of 32 or 64 to the other rules; the kernel computes them (tests, benchmark).
-MMA_RULE = ((2, 1 << 25), (8, 1 << 24))
+# Where rule 10 runs int4 (float16 x and scales, groups of 32, 64 or a multiple of 128 inputs or one scale per
+# output, sm_90): (up to rows, from weights; None: not there). Set from benchmarks/kernels_decode_rows.py on an
+# H100 (docs/benchmarks/kernels-decode-rows.md). Symmetric: 2 rows from 2^25 weights, 3-7 from 2^24, 8-16 from
+# 2^22; at 2 rows 4096x4096 lost (7.9 against 7.2 us) and the 0.5B MLP shapes (2^22) lost at 2-4 rows on 4864->896
+# (6.0 against 5.3 at 4 rows); one row lost on the 7B and 70B shapes (rule 2: 11008->4096 12.4 against 13.3 us).
+MMA_RULE = ((1, None), (2, 1 << 25), (7, 1 << 24), (16, 1 << 22))
+# Asymmetric (groups of 32 in the benchmark): 3-8 rows from 2^22; 2 rows lost on the 7B shapes (11008->4096 20.3
+# against 16.9 us), 16 rows on the 7B and 70B shapes (two B tiles and the zero points: 8192->28672 103.5 against
+# 78.3), and 4096x4096 was even at 3-4 rows and 0.96x at 8.
+ASYM_MMA_RULE = ((2, None), (8, 1 << 22))
 # Where rule 10 runs FP6 (float16 x and scales, e3m2 or e2m3, groups of a multiple of 64 or one scale per
 # output, sm_90): one row from 2^25 weights, 2 rows from 2^24, 3-16 rows from 2^22. Set from
 # benchmarks/kernels_decode_rows.py --fp6 on an H100 (docs/benchmarks/kernels-decode-rows.md): one row lost
 # on 4096x4096 (9.2 against 8.3 us), 2 rows on 896->4864 (5.7 against 5.4), and every row count below 2^22.
 FP6_MMA_RULE = ((1, 1 << 25), (2, 1 << 24), (16, 1 << 22))
-FP6_WARPS_PER_SM = 24  # FP6's K parallelism stops at this many warps per SM
+WARPS_PER_SM = 24  # the K parallelism stops at this many warps per SM
 ITERATION_ROWS = 16  # word-rows a warp decodes per iteration (4 reps of 4)
-MAX_WARPS_PER_SM = 32  # splits of K stop at this many warps per SM
 
 
 def _step_asm(nt: int, symmetric: bool) -> str:
@@ -321,16 +326,33 @@ if gluon is not None:
         return a0, a1, b0, b1
 
     @gluon.jit
-    def _zero_pairs(z_ptr, g, offs_n, mask, N):
-        z = gl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+    def _zero_pairs(z):
         return gl.inline_asm_elementwise(ZERO_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [z], dtype=(gl.int32, gl.int32),
                                          is_pure=True, pack=4)
 
     @gluon.jit
-    def _add_group(acc0, acc1, acc2, acc3, a0, a1, b0, b1, s_ptr, group, offs_n, mask, N, NT: gl.constexpr):
+    def _load_group(s_ptr, z_ptr, unit, warp_end, offs_n, n_ok, N, placeholder, STARTS: gl.constexpr,
+                    GROUP_UNITS: gl.constexpr, SYMMETRIC: gl.constexpr):
+        """The scales (and zero points) of the group of ``unit`` (a word-row, or an FP6 tile; one per row of
+        the block) where a group ``STARTS`` at that rep, loaded an iteration ahead of their use; else
+        ``placeholder``."""
+        if STARTS:
+            mask = n_ok & (unit < warp_end)[:, None]
+            at = (unit // GROUP_UNITS)[:, None] * N + offs_n[None, :]
+            scale = gl.load(s_ptr + at, mask=mask, other=0.0)
+            if SYMMETRIC:
+                zero = placeholder
+            else:
+                zero = gl.load(z_ptr + at, mask=mask, other=0.0)
+        else:
+            scale = placeholder
+            zero = placeholder
+        return scale, zero
+
+    @gluon.jit
+    def _add_group(acc0, acc1, acc2, acc3, a0, a1, b0, b1, scale, NT: gl.constexpr):
         """One group's sums (tiles 0 and 1 of rows 0-7, ``a0``, ``a1``, and 8-15, ``b0``, ``b1``) times its
-        scales, added to the accumulators."""
-        scale = gl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+        ``scale`` (the float16 scales of a lane's 4 outputs), added to the accumulators."""
         s0, s1 = gl.inline_asm_elementwise(EXPAND_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r", [scale],
                                            dtype=(gl.float32, gl.float32), is_pure=True, pack=4)
         acc0 += a0 * s0
@@ -342,10 +364,11 @@ if gluon is not None:
 
     @gluon.jit
     def _iteration(w0, w1, w2, w3, x00, x01, x02, x03, x10, x11, x12, x13, acc0, acc1, acc2, acc3, zo, zc,
-                   s_ptr, z_ptr, base, warp_end, offs_n, n_ok, N, GROUP_ROWS: gl.constexpr, CHANNEL: gl.constexpr,
+                   s0, s1, s2, s3, z0, z1, z2, z3, GROUP_ROWS: gl.constexpr, CHANNEL: gl.constexpr,
                    SYMMETRIC: gl.constexpr, NT: gl.constexpr):
-        """The 4 reps of one iteration (word-rows ``base + 4 k``) into the accumulators: chained per
-        channel; per group (``GROUP_ROWS`` word-rows, 4 or more) from zero, then times the scale."""
+        """The 4 reps of one iteration into the accumulators: chained per channel; per group (``GROUP_ROWS``
+        word-rows, 4 or more) from zero, then times the scale; ``s0``-``s3`` and ``z0``-``z3`` are the scales
+        and zero points of the groups that start at reps 0-3 (:func:`_load_group`)."""
         REPS_PER_GROUP: gl.constexpr = min(4, GROUP_ROWS // 4)
         zero = gl.zeros_like(acc0)
         a0 = acc0
@@ -354,27 +377,31 @@ if gluon is not None:
         b1 = acc3
         for k in gl.static_range(4):
             if k == 0:
-                words, x0, x1 = w0, x00, x10
+                words, x0, x1, z = w0, x00, x10, z0
             elif k == 1:
-                words, x0, x1 = w1, x01, x11
+                words, x0, x1, z = w1, x01, x11, z1
             elif k == 2:
-                words, x0, x1 = w2, x02, x12
+                words, x0, x1, z = w2, x02, x12, z2
             else:
-                words, x0, x1 = w3, x03, x13
-            rows = base + 4 * k
-            group = rows // GROUP_ROWS
-            mask = n_ok & (rows < warp_end)[:, None]
+                words, x0, x1, z = w3, x03, x13, z3
             if not CHANNEL and k % REPS_PER_GROUP == 0:
                 a0 = zero
                 a1 = zero
                 b0 = zero
                 b1 = zero
                 if not SYMMETRIC:
-                    zo, zc = _zero_pairs(z_ptr, group, offs_n, mask, N)
+                    zo, zc = _zero_pairs(z)
             a0, a1, b0, b1 = _rep(words, x0, x1, a0, a1, b0, b1, zo, zc, NT, SYMMETRIC)
             if not CHANNEL and k % REPS_PER_GROUP == REPS_PER_GROUP - 1:
-                acc0, acc1, acc2, acc3 = _add_group(acc0, acc1, acc2, acc3, a0, a1, b0, b1, s_ptr, group, offs_n,
-                                                    mask, N, NT)
+                if k + 1 - REPS_PER_GROUP == 0:  # by the rep where this group started
+                    scale = s0
+                elif k + 1 - REPS_PER_GROUP == 1:
+                    scale = s1
+                elif k + 1 - REPS_PER_GROUP == 2:
+                    scale = s2
+                else:
+                    scale = s3
+                acc0, acc1, acc2, acc3 = _add_group(acc0, acc1, acc2, acc3, a0, a1, b0, b1, scale, NT)
         if CHANNEL:
             acc0 = a0
             acc1 = a1
@@ -383,8 +410,8 @@ if gluon is not None:
         return acc0, acc1, acc2, acc3
 
     @gluon.jit
-    def _store(acc, TILE: gl.constexpr, ROWS: gl.constexpr, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym,
-               W_K: gl.constexpr, BLOCK_N: gl.constexpr, CHANNEL: gl.constexpr, POWER: gl.constexpr = 1.0):
+    def _store(acc, TILE: gl.constexpr, ROWS: gl.constexpr, y_ptr, part_ptr, n0, M, N, stride_ym,
+               W_K: gl.constexpr, BLOCK_N: gl.constexpr, POWER: gl.constexpr = 1.0):
         """Sum the warps' and reps' accumulators of tile ``TILE``, x rows ``8 ROWS ..``: element (4 w + q,
         c = 4 r + e) holds y[8 ROWS + 2 q + e % 2][n0 + c - e + 2 TILE + e // 2]."""
         total = gl.sum(gl.reshape(acc, (W_K, 4, BLOCK_N)), axis=0)  # [q, c]
@@ -395,8 +422,6 @@ if gluon is not None:
         outputs = n0 + cols - e + 2 * TILE + e // 2
         rows = 8 * ROWS + 2 * q + e % 2
         mask = (rows < M) & (outputs < N)
-        if CHANNEL:
-            total = total * gl.load(s_ptr + outputs, mask=outputs < N, other=0.0).to(gl.float32)
         if POWER != 1.0:  # FP6: the pairs are V * 2^(bias - 15)
             total = total * POWER
         if gl.num_programs(1) == 1:
@@ -428,31 +453,54 @@ if gluon is not None:
         acc3 = acc0
         zo = gl.zeros([4 * W_K, BLOCK_N], gl.int32, layout)
         zc = zo
+        none = gl.zeros([4 * W_K, BLOCK_N], gl.float16, layout)
+        # Per channel, the scales (and zero points) are loaded with the first words, not after the loop.
+        channel_scale, channel_zero = _load_group(s_ptr, z_ptr, block * 0, warp_end, offs_n, n_ok, N, none,
+                                                  CHANNEL, 1, SYMMETRIC)
         if CHANNEL and not SYMMETRIC:
-            zo, zc = _zero_pairs(z_ptr, block * 0, offs_n, n_ok, N)
+            zo, zc = _zero_pairs(channel_zero)
+        RPG: gl.constexpr = min(4, GROUP_ROWS // 4)  # reps per group
+        START: gl.constexpr = (not CHANNEL, not CHANNEL and RPG == 1, not CHANNEL and RPG <= 2,
+                               not CHANNEL and RPG == 1)  # whether a group starts at rep 0-3
         w0, x00, x10 = _load_rep(w_ptr, x_ptr, first, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
         w1, x01, x11 = _load_rep(w_ptr, x_ptr, first + 4, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
         w2, x02, x12 = _load_rep(w_ptr, x_ptr, first + 8, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
         w3, x03, x13 = _load_rep(w_ptr, x_ptr, first + 12, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+        s0, z0 = _load_group(s_ptr, z_ptr, first, warp_end, offs_n, n_ok, N, none, START[0], GROUP_ROWS, SYMMETRIC)
+        s1, z1 = _load_group(s_ptr, z_ptr, first + 4, warp_end, offs_n, n_ok, N, none, START[1], GROUP_ROWS, SYMMETRIC)
+        s2, z2 = _load_group(s_ptr, z_ptr, first + 8, warp_end, offs_n, n_ok, N, none, START[2], GROUP_ROWS, SYMMETRIC)
+        s3, z3 = _load_group(s_ptr, z_ptr, first + 12, warp_end, offs_n, n_ok, N, none, START[3], GROUP_ROWS,
+                             SYMMETRIC)
         for it in range(iterations):
             base = first + it * 16
-            # The next iteration's words and x are in flight while this one's are decoded.
+            # The next iteration's words, x, scales and zero points are in flight while this one's are decoded.
             n0w, n0x0, n0x1 = _load_rep(w_ptr, x_ptr, base + 16, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
             n1w, n1x0, n1x1 = _load_rep(w_ptr, x_ptr, base + 20, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
             n2w, n2x0, n2x1 = _load_rep(w_ptr, x_ptr, base + 24, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
             n3w, n3x0, n3x1 = _load_rep(w_ptr, x_ptr, base + 28, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+            ns0, nz0 = _load_group(s_ptr, z_ptr, base + 16, warp_end, offs_n, n_ok, N, none, START[0], GROUP_ROWS,
+                                   SYMMETRIC)
+            ns1, nz1 = _load_group(s_ptr, z_ptr, base + 20, warp_end, offs_n, n_ok, N, none, START[1], GROUP_ROWS,
+                                   SYMMETRIC)
+            ns2, nz2 = _load_group(s_ptr, z_ptr, base + 24, warp_end, offs_n, n_ok, N, none, START[2], GROUP_ROWS,
+                                   SYMMETRIC)
+            ns3, nz3 = _load_group(s_ptr, z_ptr, base + 28, warp_end, offs_n, n_ok, N, none, START[3], GROUP_ROWS,
+                                   SYMMETRIC)
             acc0, acc1, acc2, acc3 = _iteration(w0, w1, w2, w3, x00, x01, x02, x03, x10, x11, x12, x13, acc0, acc1,
-                                                acc2, acc3, zo, zc, s_ptr, z_ptr, base, warp_end, offs_n, n_ok, N,
-                                                GROUP_ROWS, CHANNEL, SYMMETRIC, NT)
-            w0, x00, x10 = n0w, n0x0, n0x1
-            w1, x01, x11 = n1w, n1x0, n1x1
-            w2, x02, x12 = n2w, n2x0, n2x1
-            w3, x03, x13 = n3w, n3x0, n3x1
-        _store(acc0, 0, 0, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL)
-        _store(acc1, 1, 0, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL)
+                                                acc2, acc3, zo, zc, s0, s1, s2, s3, z0, z1, z2, z3, GROUP_ROWS,
+                                                CHANNEL, SYMMETRIC, NT)
+            w0, x00, x10, s0, z0 = n0w, n0x0, n0x1, ns0, nz0
+            w1, x01, x11, s1, z1 = n1w, n1x0, n1x1, ns1, nz1
+            w2, x02, x12, s2, z2 = n2w, n2x0, n2x1, ns2, nz2
+            w3, x03, x13, s3, z3 = n3w, n3x0, n3x1, ns3, nz3
+        if CHANNEL:
+            zero = gl.zeros_like(acc0)
+            acc0, acc1, acc2, acc3 = _add_group(zero, zero, zero, zero, acc0, acc1, acc2, acc3, channel_scale, NT)
+        _store(acc0, 0, 0, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N)
+        _store(acc1, 1, 0, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N)
         if NT == 2:
-            _store(acc2, 0, 1, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL)
-            _store(acc3, 1, 1, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL)
+            _store(acc2, 0, 1, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N)
+            _store(acc3, 1, 1, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N)
 
 
     @gluon.jit
@@ -519,13 +567,17 @@ if gluon is not None:
         acc2 = acc0
         acc3 = acc0
         zero = acc0
+        none = gl.zeros([4 * W_K, BLOCK_N], gl.float16, layout)
+        # Per channel, the scales are loaded with the first words, not after the loop.
+        channel_scale, _ = _load_group(s_ptr, s_ptr, block * 0, warp_end, offs_n, n_ok, N, none, CHANNEL, 1, True)
         e0, o0, l0, xa00, xb00, xa10, xb10 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, first, warp_end, offs_n, n_ok, N,
                                                            xr, x_col, M, stride_xm, NT)
         e1, o1, l1, xa01, xb01, xa11, xb11 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, first + 4, warp_end, offs_n, n_ok,
                                                            N, xr, x_col, M, stride_xm, NT)
         for it in range(iterations):
             base = first + it * 8
-            # The next iteration's words and x are in flight while this one's are decoded.
+            # The next iteration's words and x are in flight while this one's are decoded (a group's scales
+            # are loaded where they are used: loaded an iteration ahead, 16 rows of x ran up to 20% slower).
             ne0, no0, nl0, nxa00, nxb00, nxa10, nxb10 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, base + 8, warp_end,
                                                                       offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
             ne1, no1, nl1, nxa01, nxb01, nxa11, nxb11 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, base + 12, warp_end,
@@ -539,9 +591,6 @@ if gluon is not None:
                     even, odd, low, xa0, xb0, xa1, xb1 = e0, o0, l0, xa00, xb00, xa10, xb10
                 else:
                     even, odd, low, xa0, xb0, xa1, xb1 = e1, o1, l1, xa01, xb01, xa11, xb11
-                tiles = base + 4 * k
-                group = tiles // GROUP_TILES
-                mask = n_ok & (tiles < warp_end)[:, None]
                 if not CHANNEL and k % REPS_PER_GROUP == 0:
                     a0 = zero
                     a1 = zero
@@ -549,8 +598,9 @@ if gluon is not None:
                     b1 = zero
                 a0, a1, b0, b1 = _fp6_rep(even, odd, low, xa0, xb0, xa1, xb1, a0, a1, b0, b1, MANTISSA, NT)
                 if not CHANNEL and k % REPS_PER_GROUP == REPS_PER_GROUP - 1:
-                    acc0, acc1, acc2, acc3 = _add_group(acc0, acc1, acc2, acc3, a0, a1, b0, b1, s_ptr, group,
-                                                        offs_n, mask, N, NT)
+                    scale, _ = _load_group(s_ptr, s_ptr, base + 4 * k, warp_end, offs_n, n_ok, N, none, True,
+                                           GROUP_TILES, True)
+                    acc0, acc1, acc2, acc3 = _add_group(acc0, acc1, acc2, acc3, a0, a1, b0, b1, scale, NT)
             if CHANNEL:
                 acc0 = a0
                 acc1 = a1
@@ -558,11 +608,13 @@ if gluon is not None:
                 acc3 = b1
             e0, o0, l0, xa00, xb00, xa10, xb10 = ne0, no0, nl0, nxa00, nxb00, nxa10, nxb10
             e1, o1, l1, xa01, xb01, xa11, xb11 = ne1, no1, nl1, nxa01, nxb01, nxa11, nxb11
-        _store(acc0, 0, 0, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL, POWER)
-        _store(acc1, 1, 0, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL, POWER)
+        if CHANNEL:
+            acc0, acc1, acc2, acc3 = _add_group(zero, zero, zero, zero, acc0, acc1, acc2, acc3, channel_scale, NT)
+        _store(acc0, 0, 0, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
+        _store(acc1, 1, 0, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
         if NT == 2:
-            _store(acc2, 0, 1, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL, POWER)
-            _store(acc3, 1, 1, s_ptr, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL, POWER)
+            _store(acc2, 0, 1, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
+            _store(acc3, 1, 1, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
 
 @dataclass(frozen=True)
 class MmaLaunch:
@@ -599,46 +651,27 @@ def takes(w) -> bool:
 
 
 def mma_config(m: int, w, sms: int) -> MmaLaunch | None:
-    """Rule 10's launch over ``m`` rows, or None where :data:`MMA_RULE` (int4) or :data:`FP6_MMA_RULE` (FP6)
-    does not take the linear."""
-    if _is_fp6(w):
-        least = next((weights for rows, weights in FP6_MMA_RULE if 1 <= m <= rows), None)
-        if least is None or w.in_features * w.out_features < least or not takes(w):
-            return None
-        return fp6_mma_launch(m, w.in_features, w.out_features, sms)
-    least = next((weights for rows, weights in MMA_RULE if 2 <= m <= rows), None)
-    if least is None or w.in_features * w.out_features < least or not takes(w) or not w.symmetric:
+    """Rule 10's launch over ``m`` rows, or None where :data:`MMA_RULE` (symmetric int4), :data:`ASYM_MMA_RULE`
+    (asymmetric int4) or :data:`FP6_MMA_RULE` (FP6) does not take the linear."""
+    rule = FP6_MMA_RULE if _is_fp6(w) else MMA_RULE if w.symmetric else ASYM_MMA_RULE
+    least = next((weights for rows, weights in rule if m <= rows), None)  # None: not at m rows
+    if least is None or w.in_features * w.out_features < least or not takes(w):
         return None
-    if w.group_size % 128 and w.group_size != w.in_features:
-        return None
-    return mma_launch(w.in_features, w.out_features, sms)
+    return mma_launch(m, w.in_features, w.out_features, sms)
 
 
-def mma_launch(in_features: int, out_features: int, sms: int) -> MmaLaunch:
-    """K split over ``warps`` x ``split`` so that each warp has about 4-8 iterations (H100: 4096x4096
-    and 4096->11008 ran best at 2 warps x 4 splits, 11008->4096 and 14336->4096 at 4 x 4, 3584->18944 at
-    2 x 2), with at most :data:`MAX_WARPS_PER_SM` warps per SM."""
-    word_rows = in_features // 8
-    iterations = -(-word_rows // ITERATION_ROWS)
-    parallel = min(16, 1 << (max(1, iterations // 4).bit_length() - 1))  # the largest power of 2 <= it/4
-    warps = 4 if parallel >= 16 else min(parallel, 2)
-    split = parallel // warps
-    blocks = -(-out_features // 32)
-    while split > 1 and blocks * split * warps > MAX_WARPS_PER_SM * sms:
-        split //= 2
-    return _split_launch(in_features, warps, split)
-
-
-def fp6_mma_launch(m: int, in_features: int, out_features: int, sms: int) -> MmaLaunch:
-    """FP6's launch: K split ``parallel`` ways, the power of 2 that gives each warp about 2 iterations (at
-    most 16, at most :data:`FP6_WARPS_PER_SM` warps per SM); over warps of one program where that is 2 or
-    less or where K is at most 8 iterations and x at most 8 rows, else over programs (H100, 1-16 rows:
+def mma_launch(m: int, in_features: int, out_features: int, sms: int) -> MmaLaunch:
+    """K split ``parallel`` ways, the power of 2 that gives each warp about 2 iterations of 128 inputs (at
+    most 16, at most :data:`WARPS_PER_SM` warps per SM); over warps of one program where that is 2 or less
+    or where K is at most 8 iterations and x at most 8 rows, else over programs (H100, FP6 at 1-16 rows:
     4096x4096 and 11008->4096 ran best at 1 x 16, 4096->11008 at 1 x 8, 8192->28672 at 2 x 1, K = 576 at
-    4 x 1 up to 8 rows and 1 x 4 at 16)."""
+    4 x 1 up to 8 rows and 1 x 4 at 16; symmetric int4 at 1, 4 and 16 rows ran as fast or faster at this
+    launch than at its own earlier one on all ten benchmarked shapes, asymmetric int4 in groups of 32 slower
+    on five of thirty: 11008->4096 at 4 rows 20.5 against 16.6 us)."""
     iterations = -(-in_features // 8 // ITERATION_ROWS)
     parallel = min(16, 1 << (-(-iterations // 2) - 1).bit_length())  # the power of 2 >= iterations / 2
     blocks = -(-out_features // 32)
-    while parallel > 1 and blocks * parallel > FP6_WARPS_PER_SM * sms:
+    while parallel > 1 and blocks * parallel > WARPS_PER_SM * sms:
         parallel //= 2
     warps = parallel if parallel <= 2 or (iterations <= 8 and m <= 8) else 1
     return _split_launch(in_features, warps, parallel // warps)
@@ -702,10 +735,11 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
 
 
 def kernel_variants() -> list:
-    """Rule 10's kernels as its rules launch them, for ``llmc.plugins.aot``: symmetric int4 in groups of 128
-    and per channel, 2-8 rows (one B tile), 2 and 4 warps; FP6 e3m2 per channel, 1-8 rows at 1, 2 and 4
-    warps and 9-16 rows (two B tiles) at 1 and 2; for sm_80-sm_90 (``mma.sync`` is Ampere's; the rules run
-    them on sm_90)."""
+    """Rule 10's kernels as its rules launch them, for ``llmc.plugins.aot``: symmetric int4 in groups of 128,
+    2-8 rows (one B tile) at 1, 2 and 4 warps and 9-16 rows (two B tiles) at 1 and 2; asymmetric int4 in
+    groups of 32, 3-8 rows at 1, 2 and 4 warps; FP6 e3m2 per channel, 1-8 rows at 1, 2 and 4 warps and 9-16
+    rows at 1 and 2 (:func:`mma_launch` gives 4 warps only to launches of at most 8 rows); for sm_80-sm_90
+    (``mma.sync`` is Ampere's; the rules run them on sm_90)."""
     from llmc.plugins.aot import KernelVariant
 
     if gluon is None:
@@ -715,10 +749,12 @@ def kernel_variants() -> list:
                      rows_per_warp="i32", iterations="i32")
     aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "part_ptr", "N", "stride_xm", "stride_ym",
                "rows_per_split", "rows_per_warp")
-    int4 = [KernelVariant(f"intn-mma2-8-int4-sym-{'channel' if channel else 'g128'}-w{warps}", _mma_decode_kernel,
-                          signature, dict(GROUP_ROWS=ITERATION_ROWS, CHANNEL=channel, SYMMETRIC=True, NT=1, W_K=warps),
+    launches = ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2))  # (B tiles, warps)
+    int4 = [KernelVariant(f"intn-mma{'2-8' if nt == 1 else '9-16'}-int4-{'sym-g128' if symmetric else 'asym-g32'}"
+                          f"-w{warps}", _mma_decode_kernel, signature,
+                          dict(GROUP_ROWS=16 if symmetric else 4, CHANNEL=False, SYMMETRIC=symmetric, NT=nt, W_K=warps),
                           warps, 1, aligned)
-            for channel in (False, True) for warps in (2, 4)]
+            for symmetric in (True, False) for nt, warps in launches if symmetric or nt == 1]
     fp6_signature = dict(x_ptr="*i32", hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16", y_ptr="*fp16", part_ptr="*fp32",
                          M="i32", N="i32", stride_xm="i32", stride_ym="i32", tiles_total="i32", tiles_per_split="i32",
                          tiles_per_warp="i32", iterations="i32")
@@ -727,5 +763,5 @@ def kernel_variants() -> list:
     fp6 = [KernelVariant(f"fpx-mma{'1-8' if nt == 1 else '9-16'}-e3m2-channel-w{warps}", _mma_fp6_kernel, fp6_signature,
                          dict(GROUP_TILES=FP6_ITERATION_TILES, CHANNEL=True, MANTISSA=2, POWER=2.0 ** 12, NT=nt, W_K=warps),
                          warps, 1, fp6_aligned)
-           for nt, warps in ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2))]
+           for nt, warps in launches]
     return int4 + fp6

@@ -8,7 +8,6 @@ references. The full check and timing on every benchmarked shape is benchmarks/k
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 import pytest
@@ -402,46 +401,51 @@ def test_hopper_prefill_rule_and_launch():
 
 
 def test_mma_decode_rule_and_launch():
-    """Rule 10 (mma_decode): symmetric int4 with float16 scales in groups of a multiple of 128 or one per
-    output, at 2 rows from 2^25 weights and 3-8 from 2^24; K split over warps and programs for about 4-8
-    iterations of 16 word-rows a warp, at most MAX_WARPS_PER_SM warps per SM."""
-    def int4(k, n, group=128, bits=4, scale=torch.float16):
+    """Rule 10 (mma_decode) on int4 with float16 scales in groups of 32, 64, a multiple of 128 or one per output:
+    symmetric at 2 rows from 2^25 weights, 3-7 from 2^24 and 8-16 from 2^22, asymmetric at 3-8 rows from 2^22;
+    K split for about 2 iterations a warp (at most 16 ways and WARPS_PER_SM warps per SM), over warps where
+    that is 2 or less or K is short and x has up to 8 rows."""
+    def int4(k, n, group=128, bits=4, scale=torch.float16, symmetric=True):
         w = weights_of(k, n, bits)
-        return dataclasses.replace(w, scale=w.scale.to(scale), group_size=group)
+        return dataclasses.replace(w, scale=w.scale.to(scale), group_size=group, symmetric=symmetric)
 
     big = int4(4096, 11008)
-    assert mma_decode.mma_config(1, big, SMS) is None and mma_decode.mma_config(9, big, SMS) is None
-    assert mma_decode.mma_config(2, big, SMS) == mma_decode.mma_config(8, big, SMS) == mma_decode.MmaLaunch(
-        2, 4, 128, 64, 4)  # 32 iterations: 2 warps x 4 splits of 4 iterations
+    assert mma_decode.mma_config(1, big, SMS) is None and mma_decode.mma_config(17, big, SMS) is None
+    assert mma_decode.mma_config(2, big, SMS) == mma_decode.mma_config(16, big, SMS) == mma_decode.MmaLaunch(
+        1, 8, 64, 64, 4)  # 32 iterations over 8 splits: 344 blocks x 16 would pass 24 warps per SM
     assert mma_decode.mma_config(2, int4(4096, 4096), SMS) is None and mma_decode.mma_config(3, int4(4096, 4096), SMS)
-    assert mma_decode.mma_config(4, int4(4096, 4064), SMS) is None  # below 2^24 weights
-    for group, taken in ((32, False), (64, False), (96, False), (256, True), (4096, True)):
+    assert mma_decode.mma_config(7, int4(896, 4864), SMS) is None and mma_decode.mma_config(8, int4(896, 4864), SMS)
+    assert mma_decode.mma_config(16, int4(576, 1536), SMS) is None  # below 2^22 weights
+    for group, taken in ((32, True), (64, True), (96, False), (256, True), (4096, True)):
         assert (mma_decode.mma_config(4, int4(4096, 4096, group), SMS) is not None) == taken, group
-    assert mma_decode.takes(int4(4096, 4096, 32)) and not mma_decode.takes(int4(4096, 4096, 96))
-    assert mma_decode.mma_config(4, dataclasses.replace(int4(4096, 4096), symmetric=False), SMS) is None
+    assert not mma_decode.takes(int4(4096, 4096, 96))
+    asym = int4(896, 4864, 32, symmetric=False)
+    assert mma_decode.mma_config(2, asym, SMS) is None and mma_decode.mma_config(9, asym, SMS) is None
+    assert mma_decode.mma_config(3, asym, SMS) and mma_decode.mma_config(8, asym, SMS)
+    assert mma_decode.mma_config(16, int4(4096, 11008, symmetric=False), SMS) is None
     assert mma_decode.mma_config(4, int4(4096, 4096, bits=8), SMS) is None
     assert mma_decode.mma_config(4, int4(4096, 4096, scale=torch.float32), SMS) is None
-    assert mma_decode.mma_launch(11008, 4096, SMS) == mma_decode.MmaLaunch(4, 4, 352, 96, 6)  # 86 iterations
-    assert mma_decode.mma_launch(3584, 18944, SMS) == mma_decode.MmaLaunch(2, 2, 224, 112, 7)  # 28 iterations
-    wide = mma_decode.mma_launch(8192, 28672, SMS)  # 896 blocks: 4 warps, and no split within 32 warps per SM
-    assert (wide.warps, wide.split, wide.iterations) == (4, 1, 16)
-    for k, n in ((576, 576), (1056, 300), (4864, 896), (14336, 4096)):
-        launch = mma_decode.mma_launch(k, n, SMS)
+    assert mma_decode.mma_launch(1, 11008, 4096, SMS) == mma_decode.MmaLaunch(1, 15, 96, 96, 6)  # 86 iterations
+    assert mma_decode.mma_launch(4, 8192, 28672, SMS) == mma_decode.MmaLaunch(2, 1, 1024, 512, 32)  # 896 blocks
+    assert mma_decode.mma_launch(8, 896, 4864, SMS) == mma_decode.MmaLaunch(4, 1, 112, 32, 2)  # 7 iterations
+    assert mma_decode.mma_launch(9, 896, 4864, SMS) == mma_decode.MmaLaunch(1, 4, 32, 32, 2)
+    for m, k, n in ((1, 576, 576), (16, 1056, 300), (4, 4864, 896), (1, 14336, 4096), (2, 256, 4096)):
+        launch = mma_decode.mma_launch(m, k, n, SMS)
         assert launch.split * launch.rows_per_split >= k // 8 > (launch.split - 1) * launch.rows_per_split
         assert launch.warps * launch.rows_per_warp >= launch.rows_per_split
         assert launch.rows_per_warp == 16 * launch.iterations and launch.rows_per_split % 16 == 0
+        assert -(-n // 32) * launch.warps * launch.split <= max(2, mma_decode.WARPS_PER_SM * SMS)
 
 
-def test_mma_decode_fp6_rule_and_launch():
+def test_mma_decode_fp6_rule():
     """Rule 10 for FP6 (fp6_linear rule 8): float16 scales per output or in groups of a multiple of 64, one
-    row from 2^25 weights, 2 from 2^24 and 3-16 from 2^22; K split for about 2 iterations a warp (at most 16 ways and
-    FP6_WARPS_PER_SM warps per SM), over warps where that is 2 or less or K is short and x has up to 8 rows."""
+    row from 2^25 weights, 2 from 2^24 and 3-16 from 2^22, at the int4 launch."""
     def fp6(k, n, group=None, scale=torch.float16, name="e3m2", tile=16):
         w = fp6_of(k, n)
         return dataclasses.replace(w, scale=torch.zeros(k // (group or k), n, dtype=scale), group_size=group or k,
                                    fmt=FORMATS[name], tile=tile)
 
-    assert mma_decode.mma_config(1, fp6(4096, 11008), SMS) == mma_decode.MmaLaunch(1, 8, 64, 64, 4)  # 344 blocks
+    assert mma_decode.mma_config(1, fp6(4096, 11008), SMS) == mma_decode.mma_launch(1, 4096, 11008, SMS)
     assert mma_decode.mma_config(16, fp6(4096, 11008), SMS) == mma_decode.mma_config(1, fp6(4096, 11008), SMS)
     assert mma_decode.mma_config(17, fp6(4096, 11008), SMS) is None
     assert mma_decode.mma_config(1, fp6(4096, 4096), SMS) is None and mma_decode.mma_config(2, fp6(4096, 4096), SMS)
@@ -453,16 +457,6 @@ def test_mma_decode_fp6_rule_and_launch():
     assert mma_decode.mma_config(4, fp6(4096, 4096, name="e2m1"), SMS) is None
     assert mma_decode.mma_config(4, fp6(4096, 4096, scale=torch.float32), SMS) is None
     assert mma_decode.mma_config(4, fp6(4096, 4096, tile=64), SMS) is None
-    assert mma_decode.fp6_mma_launch(1, 11008, 4096, SMS) == mma_decode.MmaLaunch(1, 15, 96, 96, 6)  # 86 iterations
-    assert mma_decode.fp6_mma_launch(4, 8192, 28672, SMS) == mma_decode.MmaLaunch(2, 1, 1024, 512, 32)  # 896 blocks
-    assert mma_decode.fp6_mma_launch(8, 896, 4864, SMS) == mma_decode.MmaLaunch(4, 1, 112, 32, 2)  # 7 iterations
-    assert mma_decode.fp6_mma_launch(9, 896, 4864, SMS) == mma_decode.MmaLaunch(1, 4, 32, 32, 2)
-    for m, k, n in ((1, 576, 576), (16, 1056, 300), (4, 4864, 896), (1, 14336, 4096), (2, 256, 4096)):
-        launch = mma_decode.fp6_mma_launch(m, k, n, SMS)
-        assert launch.split * launch.rows_per_split >= k // 8 > (launch.split - 1) * launch.rows_per_split
-        assert launch.warps * launch.rows_per_warp >= launch.rows_per_split
-        assert launch.rows_per_warp == 16 * launch.iterations and launch.rows_per_split % 16 == 0
-        assert -(-n // 32) * launch.warps * launch.split <= max(2, mma_decode.FP6_WARPS_PER_SM * SMS)
 
 
 def test_mma_decode_ptx_pairs_the_fields_as_it_pairs_x():
@@ -862,13 +856,9 @@ def test_mma_decode_launches_match_the_reference(kind, rows):
     group = -1 if "channel" in kind else int(kind.split("g")[-1])
     packed = intn.pack_intn(rtn_quantize(weight(300, k, seed=19), 4, group, "asym" not in kind)).to("cuda")
     x = torch.randn(rows, k + 1, generator=torch.Generator().manual_seed(rows)).half().cuda()[:, 1:]
-    base = mma_decode.mma_launch(k, 300, SMS)
     for warps in (1, 2, 4):
         for split in (1, 2, 3):
-            per_split = 16 * math.ceil(k // 8 / split / 16)
-            per_warp = 16 * math.ceil(per_split / warps / 16)
-            launch = dataclasses.replace(base, warps=warps, split=split, rows_per_split=per_split,
-                                         rows_per_warp=per_warp, iterations=per_warp // 16)
+            launch = mma_decode._split_launch(k, warps, split)
             out = torch.full((rows, 300), float("nan"), dtype=torch.float16, device="cuda")
             mma_decode.mma_linear(x, packed, launch, out)
             expected = intn.intn_reference(x, packed).float()
@@ -899,14 +889,16 @@ def test_mma_decode_fp6_launches_match_the_reference(kind, rows):
 
 
 @hopper
-@pytest.mark.parametrize("kind", ["int4", "fp6"])
+@pytest.mark.parametrize("kind", ["int4", "int4-asym", "fp6"])
 def test_the_linears_take_the_mma_decode_kernel_where_its_rules_say(kind):
-    """On 4096->11008, float16 x runs rule 10 (the same output as forcing it) at 2-8 rows of int4 and 1-16 rows
-    of FP6; int4 at one row and 9 rows, FP6 at 17 rows, and bfloat16 x do not."""
+    """On 4096->11008, float16 x runs rule 10 (the same output as forcing it) at 2-16 rows of symmetric int4, 3-8
+    rows of asymmetric int4 and 1-16 rows of FP6; int4 at one row, asymmetric int4 at 2 and 9 rows, FP6 at 17
+    rows, and bfloat16 x do not."""
     weight = torch.randn(11008, 4096, device="cuda") * 0.02
-    if kind == "int4":
-        w = intn.pack_intn(rtn_quantize(weight, 4, 128, True))
-        linear, reference, taken, not_taken = intn.intn_linear, intn.intn_reference, (2, 5, 8), (1, 9)
+    if kind.startswith("int4"):
+        w = intn.pack_intn(rtn_quantize(weight, 4, 32 if kind == "int4-asym" else 128, kind == "int4"))
+        linear, reference = intn.intn_linear, intn.intn_reference
+        taken, not_taken = ((2, 9, 16), (1, 17)) if kind == "int4" else ((3, 8), (1, 2, 9))
     else:
         w = fp.pack_fpx(fpx_quantize(weight, FORMATS["e3m2"], None, scale_dtype=torch.float16))
         linear, reference, taken, not_taken = fp.fpx_linear, fp.fpx_reference, (1, 4, 16), (17,)
