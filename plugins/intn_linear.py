@@ -73,8 +73,7 @@ Kernels (rules referred to in the code):
    ``llmc.plugins.mma_decode``: the words are loaded in the register layout of ``mma.sync``'s A operand
    (Gluon), so that rule 8's pair decode feeds the tensor cores with no shared memory, and x is the B
    operand (one to eight rows cost the same). Where it runs, 1.03-1.49x faster than rules 5/7 on an
-   H100 (symmetric; asymmetric in groups of 32 1.04-1.15x, and 0.96-1.01x on 4096x4096;
-   docs/benchmarks/kernels-decode-rows.md).
+   H100 (symmetric; asymmetric in groups of 32 1.05-1.32x; docs/benchmarks/kernels-decode-rows.md).
 """
 
 from __future__ import annotations

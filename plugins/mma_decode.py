@@ -71,9 +71,10 @@ except ImportError:  # no Triton (CPU-only hosts), or a Triton without Gluon
 # 2^22; at 2 rows 4096x4096 lost (7.9 against 7.2 us) and the 0.5B MLP shapes (2^22) lost at 2-4 rows on 4864->896
 # (6.0 against 5.3 at 4 rows); one row lost on the 7B and 70B shapes (rule 2: 11008->4096 12.4 against 13.3 us).
 MMA_RULE = ((1, None), (2, 1 << 25), (7, 1 << 24), (16, 1 << 22))
-# Asymmetric (groups of 32 in the benchmark): 3-8 rows from 2^22; 2 rows lost on the 7B shapes (11008->4096 20.3
-# against 16.9 us), 16 rows on the 7B and 70B shapes (two B tiles and the zero points: 8192->28672 103.5 against
-# 78.3), and 4096x4096 was even at 3-4 rows and 0.96x at 8.
+# Asymmetric (groups of 32 in the benchmark, two warps a program, :func:`mma_launch`): 3-8 rows from 2^22, where it
+# ran 1.05-1.32x faster than the other rules; 2 rows lost on 4096x4096 (8.9 against 8.2 us) and 4096->11008 (16.8
+# against 16.6), 16 rows on every shape from 2^22 (0.78-0.99x; two B tiles and the zero points: 8192->28672 102.5
+# against 80.1).
 ASYM_MMA_RULE = ((2, None), (8, 1 << 22))
 # Where rule 10 runs FP6 (float16 x and scales, e3m2 or e2m3, groups of a multiple of 64 or one scale per
 # output, sm_90): one row from 2^25 weights, 2 rows from 2^24, 3-16 rows from 2^22. Set from
@@ -657,23 +658,24 @@ def mma_config(m: int, w, sms: int) -> MmaLaunch | None:
     least = next((weights for rows, weights in rule if m <= rows), None)  # None: not at m rows
     if least is None or w.in_features * w.out_features < least or not takes(w):
         return None
-    return mma_launch(m, w.in_features, w.out_features, sms)
+    return mma_launch(m, w.in_features, w.out_features, sms, not _is_fp6(w) and not w.symmetric)
 
 
-def mma_launch(m: int, in_features: int, out_features: int, sms: int) -> MmaLaunch:
+def mma_launch(m: int, in_features: int, out_features: int, sms: int, zero_points: bool = False) -> MmaLaunch:
     """K split ``parallel`` ways, the power of 2 that gives each warp about 2 iterations of 128 inputs (at
     most 16, at most :data:`WARPS_PER_SM` warps per SM); over warps of one program where that is 2 or less
-    or where K is at most 8 iterations and x at most 8 rows, else over programs (H100, FP6 at 1-16 rows:
-    4096x4096 and 11008->4096 ran best at 1 x 16, 4096->11008 at 1 x 8, 8192->28672 at 2 x 1, K = 576 at
-    4 x 1 up to 8 rows and 1 x 4 at 16; symmetric int4 at 1, 4 and 16 rows ran as fast or faster at this
-    launch than at its own earlier one on all ten benchmarked shapes, asymmetric int4 in groups of 32 slower
-    on five of thirty: 11008->4096 at 4 rows 20.5 against 16.6 us)."""
+    or where K is at most 8 iterations and x at most 8 rows, else over programs of one warp, or of two with
+    ``zero_points`` (asymmetric int4). H100: FP6 at 1-16 rows ran best at 1 x 16 on 4096x4096 and
+    11008->4096, 1 x 8 on 4096->11008, 2 x 1 on 8192->28672, 4 x 1 at K = 576 up to 8 rows and 1 x 4 at 16;
+    symmetric int4 at 1, 4 and 16 rows as fast as at its own earlier launch or faster on all ten benchmarked
+    shapes; asymmetric int4 in groups of 32 at 3-8 rows ran 4-21% faster at 2 warps a program than at one
+    (11008->4096 2 x 8 16.0 against 1 x 15 20.3 us, 4096x4096 9.1 against 10.7)."""
     iterations = -(-in_features // 8 // ITERATION_ROWS)
     parallel = min(16, 1 << (-(-iterations // 2) - 1).bit_length())  # the power of 2 >= iterations / 2
     blocks = -(-out_features // 32)
     while parallel > 1 and blocks * parallel > WARPS_PER_SM * sms:
         parallel //= 2
-    warps = parallel if parallel <= 2 or (iterations <= 8 and m <= 8) else 1
+    warps = parallel if parallel <= 2 or (iterations <= 8 and m <= 8) else 2 if zero_points else 1
     return _split_launch(in_features, warps, parallel // warps)
 
 

@@ -404,7 +404,8 @@ def test_mma_decode_rule_and_launch():
     """Rule 10 (mma_decode) on int4 with float16 scales in groups of 32, 64, a multiple of 128 or one per output:
     symmetric at 2 rows from 2^25 weights, 3-7 from 2^24 and 8-16 from 2^22, asymmetric at 3-8 rows from 2^22;
     K split for about 2 iterations a warp (at most 16 ways and WARPS_PER_SM warps per SM), over warps where
-    that is 2 or less or K is short and x has up to 8 rows."""
+    that is 2 or less or K is short and x has up to 8 rows, else over programs of one warp (two with zero
+    points)."""
     def int4(k, n, group=128, bits=4, scale=torch.float16, symmetric=True):
         w = weights_of(k, n, bits)
         return dataclasses.replace(w, scale=w.scale.to(scale), group_size=group, symmetric=symmetric)
@@ -423,6 +424,8 @@ def test_mma_decode_rule_and_launch():
     assert mma_decode.mma_config(2, asym, SMS) is None and mma_decode.mma_config(9, asym, SMS) is None
     assert mma_decode.mma_config(3, asym, SMS) and mma_decode.mma_config(8, asym, SMS)
     assert mma_decode.mma_config(16, int4(4096, 11008, symmetric=False), SMS) is None
+    assert mma_decode.mma_config(4, int4(11008, 4096, 32, symmetric=False), SMS) == mma_decode.MmaLaunch(
+        2, 8, 176, 96, 6)  # asymmetric: two warps a program where the symmetric launch has one (1 x 15)
     assert mma_decode.mma_config(4, int4(4096, 4096, bits=8), SMS) is None
     assert mma_decode.mma_config(4, int4(4096, 4096, scale=torch.float32), SMS) is None
     assert mma_decode.mma_launch(1, 11008, 4096, SMS) == mma_decode.MmaLaunch(1, 15, 96, 96, 6)  # 86 iterations
