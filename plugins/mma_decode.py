@@ -69,7 +69,7 @@ except ImportError:  # no Triton (CPU-only hosts), or a Triton without Gluon
 # output, sm_90): (up to rows, from weights; None: not there). Set from benchmarks/kernels_decode_rows.py on an
 # H100 (docs/benchmarks/kernels-decode-rows.md). Symmetric: 2 rows from 2^25 weights, 3-7 from 2^24, 8-16 from
 # 2^22; at 2 rows 4096x4096 lost (7.9 against 7.2 us) and the 0.5B MLP shapes (2^22) lost at 2-4 rows on 4864->896
-# (6.0 against 5.3 at 4 rows); one row lost on the 7B and 70B shapes (rule 2: 11008->4096 12.4 against 13.3 us).
+# (6.1 against 5.3 at 4 rows); one row lost on the 7B and 70B shapes (rule 2: 11008->4096 12.4 against 13.3 us).
 MMA_RULE = ((1, None), (2, 1 << 25), (7, 1 << 24), (16, 1 << 22))
 # Asymmetric (groups of 32 in the benchmark, two warps a program, :func:`mma_launch`): 3-8 rows from 2^22, where it
 # ran 1.05-1.32x faster than the other rules; 2 rows lost on 4096x4096 (8.9 against 8.2 us) and 4096->11008 (16.8
