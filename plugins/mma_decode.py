@@ -39,7 +39,7 @@ just above its low bit; ``X`` words (the low bits from the 2-bit word, the signs
 (the nibbles from a rotated 4-bit word, the rest from an ``X``), one ``lop3`` each; then each pair is its
 ``Y`` rotated and masked. :func:`_fp6_plan` searches the groupings whose bits do not collide: e3m2 takes 24
 instructions for 16 weights (1.5 a weight; e2m3 29). The scale and ``2^(15 - bias)`` multiply the float32
-sums (a group's scale is loaded where it is used: loaded an iteration ahead, 16 rows ran up to 20% slower
+sums (a group's scale is loaded where it is used: loaded an iteration ahead, 16 rows ran up to 21% slower
 on the 70B shape). An iteration is 2 reps of 4 tiles (128 inputs, as int4's); the sm_90 loop is 323 instructions for a
 lane's 128 weights (16 HMMA).
 
@@ -335,8 +335,9 @@ if gluon is not None:
     def _load_group(s_ptr, z_ptr, unit, warp_end, offs_n, n_ok, N, placeholder, STARTS: gl.constexpr,
                     GROUP_UNITS: gl.constexpr, SYMMETRIC: gl.constexpr):
         """The scales (and zero points) of the group of ``unit`` (a word-row, or an FP6 tile; one per row of
-        the block) where a group ``STARTS`` at that rep, loaded an iteration ahead of their use; else
-        ``placeholder``."""
+        the block) where a group ``STARTS`` at that rep; else ``placeholder``. The int4 loop loads them an
+        iteration ahead of their use, the FP6 loop where it uses them, and both kernels a per-channel scale
+        with the first words."""
         if STARTS:
             mask = n_ok & (unit < warp_end)[:, None]
             at = (unit // GROUP_UNITS)[:, None] * N + offs_n[None, :]
@@ -578,7 +579,7 @@ if gluon is not None:
         for it in range(iterations):
             base = first + it * 8
             # The next iteration's words and x are in flight while this one's are decoded (a group's scales
-            # are loaded where they are used: loaded an iteration ahead, 16 rows of x ran up to 20% slower).
+            # are loaded where they are used: loaded an iteration ahead, 16 rows of x ran up to 21% slower).
             ne0, no0, nl0, nxa00, nxb00, nxa10, nxb10 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, base + 8, warp_end,
                                                                       offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
             ne1, no1, nl1, nxa01, nxb01, nxa11, nxb11 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, base + 12, warp_end,
