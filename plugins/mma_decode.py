@@ -413,7 +413,7 @@ if gluon is not None:
 
     @gluon.jit
     def _store(acc, TILE: gl.constexpr, ROWS: gl.constexpr, y_ptr, part_ptr, n0, M, N, stride_ym,
-               W_K: gl.constexpr, BLOCK_N: gl.constexpr, POWER: gl.constexpr = 1.0):
+               W_K: gl.constexpr, BLOCK_N: gl.constexpr, POWER: gl.constexpr):
         """Sum the warps' and reps' accumulators of tile ``TILE``, x rows ``8 ROWS ..``: element (4 w + q,
         c = 4 r + e) holds y[8 ROWS + 2 q + e % 2][n0 + c - e + 2 TILE + e // 2]."""
         total = gl.sum(gl.reshape(acc, (W_K, 4, BLOCK_N)), axis=0)  # [q, c]
@@ -432,23 +432,47 @@ if gluon is not None:
             gl.store(part_ptr + gl.program_id(1) * M * N + rows * N + outputs, total, mask=mask)
 
     @gluon.jit
+    def _lanes(units_total, units_per_split, units_per_warp, N, layout: gl.constexpr, W_K: gl.constexpr,
+               BLOCK_N: gl.constexpr):
+        """This program's block of ``BLOCK_N`` outputs and each lane's place in it: ``block`` (4 w + q) and
+        the outputs (4 r + e), the end of its warp's range of K units (int4 word-rows or FP6 tiles), the
+        row of x it feeds (``xr``, the B operand's column) and its column in x's 16-byte loads, and its unit
+        in rep 0 of iteration 0 (``first``)."""
+        n0 = gl.program_id(0) * BLOCK_N
+        block = gl.arange(0, 4 * W_K, layout=gl.SliceLayout(1, layout))  # 4 w + q
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))  # 4 r + e
+        offs_n = n0 + cols
+        n_ok = (offs_n < N)[None, :]
+        split_begin = gl.program_id(1) * units_per_split
+        warp_begin = split_begin + (block // 4) * units_per_warp
+        warp_end = gl.minimum(gl.minimum(warp_begin + units_per_warp, split_begin + units_per_split), units_total)
+        xr = cols // 4
+        x_col = (cols % 4)[None, :]
+        first = warp_begin + block % 4
+        return n0, block, offs_n, n_ok, warp_end, xr, x_col, first
+
+    @gluon.jit
+    def _finish(acc0, acc1, acc2, acc3, channel_scale, y_ptr, part_ptr, n0, M, N, stride_ym, W_K: gl.constexpr,
+                BLOCK_N: gl.constexpr, CHANNEL: gl.constexpr, NT: gl.constexpr, POWER: gl.constexpr):
+        """The per-channel scale (loaded with the first words), then the warps' sums stored."""
+        if CHANNEL:
+            zero = gl.zeros_like(acc0)
+            acc0, acc1, acc2, acc3 = _add_group(zero, zero, zero, zero, acc0, acc1, acc2, acc3, channel_scale, NT)
+        _store(acc0, 0, 0, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
+        _store(acc1, 1, 0, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
+        if NT == 2:
+            _store(acc2, 0, 1, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
+            _store(acc3, 1, 1, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
+
+    @gluon.jit
     def _mma_decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, M, N, stride_xm, stride_ym, rows_total,
                            rows_per_split, rows_per_warp, iterations, GROUP_ROWS: gl.constexpr,
                            CHANNEL: gl.constexpr, SYMMETRIC: gl.constexpr, NT: gl.constexpr, W_K: gl.constexpr):
         # x_ptr: x as int32 [M, K / 2] (row stride stride_xm); w_ptr: int4 words [K / 8, N].
         layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W_K, 1], [0, 1])
         BLOCK_N: gl.constexpr = 32
-        n0 = gl.program_id(0) * BLOCK_N
-        block = gl.arange(0, 4 * W_K, layout=gl.SliceLayout(1, layout))  # 4 w + q
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))  # 4 r + e
-        offs_n = n0 + cols
-        n_ok = (offs_n < N)[None, :]
-        row_begin = gl.program_id(1) * rows_per_split
-        warp_begin = row_begin + (block // 4) * rows_per_warp
-        warp_end = gl.minimum(gl.minimum(warp_begin + rows_per_warp, row_begin + rows_per_split), rows_total)
-        xr = cols // 4  # the row of x this lane feeds (the B operand's column)
-        x_col = (cols % 4)[None, :]
-        first = warp_begin + block % 4  # each lane's word-row in rep 0 of iteration 0
+        n0, block, offs_n, n_ok, warp_end, xr, x_col, first = _lanes(rows_total, rows_per_split, rows_per_warp, N,
+                                                                     layout, W_K, BLOCK_N)
         acc0 = gl.zeros([4 * W_K, BLOCK_N], gl.float32, layout)
         acc1 = acc0
         acc2 = acc0
@@ -495,14 +519,8 @@ if gluon is not None:
             w1, x01, x11, s1, z1 = n1w, n1x0, n1x1, ns1, nz1
             w2, x02, x12, s2, z2 = n2w, n2x0, n2x1, ns2, nz2
             w3, x03, x13, s3, z3 = n3w, n3x0, n3x1, ns3, nz3
-        if CHANNEL:
-            zero = gl.zeros_like(acc0)
-            acc0, acc1, acc2, acc3 = _add_group(zero, zero, zero, zero, acc0, acc1, acc2, acc3, channel_scale, NT)
-        _store(acc0, 0, 0, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N)
-        _store(acc1, 1, 0, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N)
-        if NT == 2:
-            _store(acc2, 0, 1, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N)
-            _store(acc3, 1, 1, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N)
+        _finish(acc0, acc1, acc2, acc3, channel_scale, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL, NT,
+                1.0)
 
 
     @gluon.jit
@@ -553,17 +571,8 @@ if gluon is not None:
         layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W_K, 1], [0, 1])
         BLOCK_N: gl.constexpr = 32
         REPS_PER_GROUP: gl.constexpr = 2 if CHANNEL else min(2, GROUP_TILES // 4)
-        n0 = gl.program_id(0) * BLOCK_N
-        block = gl.arange(0, 4 * W_K, layout=gl.SliceLayout(1, layout))  # 4 w + q
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))  # 4 r + e
-        offs_n = n0 + cols
-        n_ok = (offs_n < N)[None, :]
-        tile_begin = gl.program_id(1) * tiles_per_split
-        warp_begin = tile_begin + (block // 4) * tiles_per_warp
-        warp_end = gl.minimum(gl.minimum(warp_begin + tiles_per_warp, tile_begin + tiles_per_split), tiles_total)
-        xr = cols // 4
-        x_col = (cols % 4)[None, :]
-        first = warp_begin + block % 4
+        n0, block, offs_n, n_ok, warp_end, xr, x_col, first = _lanes(tiles_total, tiles_per_split, tiles_per_warp,
+                                                                     N, layout, W_K, BLOCK_N)
         acc0 = gl.zeros([4 * W_K, BLOCK_N], gl.float32, layout)
         acc1 = acc0
         acc2 = acc0
@@ -610,13 +619,8 @@ if gluon is not None:
                 acc3 = b1
             e0, o0, l0, xa00, xb00, xa10, xb10 = ne0, no0, nl0, nxa00, nxb00, nxa10, nxb10
             e1, o1, l1, xa01, xb01, xa11, xb11 = ne1, no1, nl1, nxa01, nxb01, nxa11, nxb11
-        if CHANNEL:
-            acc0, acc1, acc2, acc3 = _add_group(zero, zero, zero, zero, acc0, acc1, acc2, acc3, channel_scale, NT)
-        _store(acc0, 0, 0, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
-        _store(acc1, 1, 0, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
-        if NT == 2:
-            _store(acc2, 0, 1, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
-            _store(acc3, 1, 1, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
+        _finish(acc0, acc1, acc2, acc3, channel_scale, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, CHANNEL, NT,
+                POWER)
 
 @dataclass(frozen=True)
 class MmaLaunch:
