@@ -68,12 +68,13 @@ Kernels (rules referred to in the code):
    kernel whose decoded tile goes through shared memory, so that the next step's decode overlaps the
    wgmma in flight (TMA-fed, double-buffered; see that module). 7B-70B shapes at 17-256 rows: 1.11-2.04x
    faster than rules 8/2 on an H100 (docs/benchmarks/kernels-prefill.md).
-10. int4 on Hopper with float16 x and scales: symmetric at 2 rows from 2^25 weights, 3-7 from 2^24 and
-   8-16 from 2^22 (``mma_decode.MMA_RULE``), asymmetric at 3-8 rows from 2^22 (``ASYM_MMA_RULE``),
+10. int4 on Hopper with float16 x and scales: symmetric at 2 rows from 2^22 weights, 3-7 from 2^19 and
+   8-16 on every linear (``mma_decode.MMA_RULE``), asymmetric at 2 rows from 2^22, 3 from 2^19 and 4-8
+   everywhere (``ASYM_MMA_RULE``), below 2^20 weights only where the outputs are at least the inputs,
    ``llmc.plugins.mma_decode``: the words are loaded in the register layout of ``mma.sync``'s A operand
    (Gluon), so that rule 8's pair decode feeds the tensor cores with no shared memory, and x is the B
-   operand (one to eight rows cost the same). Where it runs, 1.03-1.49x faster than rules 5/7 on an
-   H100 (symmetric; asymmetric in groups of 32 1.05-1.32x; docs/benchmarks/kernels-decode-rows.md).
+   operand (one to eight rows cost the same). Where it runs, 0.99-1.58x the speed of rules 5/7 on an
+   H100 (symmetric; asymmetric in groups of 32 0.99-1.48x; docs/benchmarks/kernels-decode-rows.md).
 """
 
 from __future__ import annotations

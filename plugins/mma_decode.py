@@ -22,8 +22,12 @@ loaded words *is* the MMA's operand layout, fixed with Gluon's explicit layouts:
 A program is 32 outputs and ``W_K`` warps, each warp a range of K in iterations of 16 word-rows
 (4 reps), the next iteration's words, x, group scales and (asymmetric) zero points loaded while this
 one's are decoded (a group's scale and zero point waited for inside the iteration made asymmetric int4
-in groups of 32 up to 2.3x slower); the warps' sums meet in the final reduction, and splits of K across
-programs in ``splitk.sum_splits`` (:func:`mma_launch`: about 2 iterations a warp). The sm_90 loop is 283
+in groups of 32 up to 2.3x slower). At the end (:func:`_finish`) the four accumulators are joined and
+permuted into [warp, row, output] and cross shared memory once, into a layout where each thread holds every
+warp's part of 4 adjacent outputs of a row: it sums them and stores them with one 8-byte store (a reduction
+per accumulator before, 480 of the 1064 sm_90 instructions of FP6 at 16 rows and 4 warps; now 672 in all).
+Splits of K across programs meet in ``splitk.sum_splits`` (:func:`mma_launch`: one iteration a warp in one
+program of up to 8 warps, else about 2 iterations a warp). The sm_90 loop is 283
 instructions for a lane's 128 weights (symmetric, groups of 128: 2.2 a weight, 16 HMMA; the decode itself
 1.1), with no shared memory, against rule 2's 3.8 a weight for one row.
 
@@ -44,10 +48,11 @@ on the 70B shape). An iteration is 2 reps of 4 tiles (128 inputs, as int4's); th
 lane's 128 weights (16 HMMA).
 
 Measured on an H100 (docs/benchmarks/kernels-decode-rows.md); it runs where it beat the other rules
-(:data:`MMA_RULE`: symmetric int4 at 2 rows from 2^25 weights, 3-7 from 2^24 and 8-16 from 2^22;
-:data:`ASYM_MMA_RULE`: asymmetric int4 at 3-8 rows from 2^22; :data:`FP6_MMA_RULE`: FP6 at one row from
-2^25 weights, 2 rows from 2^24 and 3-16 rows from 2^22). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its
-split-K finish is a programmatic dependent launch (Hopper's) and it was timed on an H100 alone.
+(:data:`MMA_RULE`: symmetric int4 at 2 rows from 2^22 weights, 3-7 from 2^19 and 8-16 everywhere;
+:data:`ASYM_MMA_RULE`: asymmetric int4 at 2 rows from 2^22, 3 from 2^19 and 4-8 everywhere; :data:`FP6_MMA_RULE`:
+FP6 at 1-16 rows; below :data:`NARROW_BELOW` weights only where the outputs are at least the inputs). sm_90
+only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its split-K finish is a programmatic
+dependent launch (Hopper's) and it was timed on an H100 alone.
 """
 
 from __future__ import annotations
@@ -66,22 +71,26 @@ except ImportError:  # no Triton (CPU-only hosts), or a Triton without Gluon
     gluon = None
 
 # Where rule 10 runs int4 (float16 x and scales, groups of 32, 64 or a multiple of 128 inputs or one scale per
-# output, sm_90): (up to rows, from weights; None: not there). Set from benchmarks/kernels_decode_rows.py on an
-# H100 (docs/benchmarks/kernels-decode-rows.md). Symmetric: 2 rows from 2^25 weights, 3-7 from 2^24, 8-16 from
-# 2^22; at 2 rows 4096x4096 lost (7.9 against 7.2 us) and the 0.5B MLP shapes (2^22) lost at 2-4 rows on 4864->896
-# (6.1 against 5.3 at 4 rows); one row lost on the 7B and 70B shapes (rule 2: 11008->4096 12.4 against 13.3 us).
-MMA_RULE = ((1, None), (2, 1 << 25), (7, 1 << 24), (16, 1 << 22))
-# Asymmetric (groups of 32 in the benchmark, two warps a program, :func:`mma_launch`): 3-8 rows from 2^22, where it
-# ran 1.05-1.32x faster than the other rules; 2 rows lost on 4096x4096 (8.9 against 8.2 us) and 4096->11008 (16.8
-# against 16.6), 16 rows on every shape from 2^22 (0.78-0.99x; two B tiles and the zero points: 8192->28672 102.5
-# against 80.1).
-ASYM_MMA_RULE = ((2, None), (8, 1 << 22))
+# output, sm_90): (up to rows, from weights; None: not there), and below NARROW_BELOW weights only where the
+# outputs are at least the inputs. Set from benchmarks/kernels_decode_rows.py on an H100 (round 15,
+# docs/benchmarks/kernels-decode-rows.md). Symmetric: 2 rows from 2^22 weights, 3-7 from 2^19, 8-16 everywhere;
+# one row lost on 4096x4096 (6.9 against 5.7 us), 11008->4096 (12.8 against 12.2) and the small shapes, 2 rows
+# on 896x896 (2.6 against 2.3) and 1536->576 (3.6 against 2.7), 3-4 rows on 576x576 (2.6 against 2.2-2.5).
+MMA_RULE = ((1, None), (2, 1 << 22), (7, 1 << 19), (16, 0))
+# Asymmetric (groups of 32 in the benchmark): 2 rows from 2^22, 3 from 2^19, 4-8 everywhere, where it ran up to
+# 1.48x faster than the other rules; 3 rows lost on 576x576 (2.8 against 2.7), 16 rows on the 7B and 70B shapes
+# (two B tiles and the zero points: 8192->28672 100.9 against 77.5 us).
+ASYM_MMA_RULE = ((1, None), (2, 1 << 22), (3, 1 << 19), (8, 0))
 # Where rule 10 runs FP6 (float16 x and scales, e3m2 or e2m3, groups of a multiple of 64 or one scale per
-# output, sm_90): one row from 2^25 weights, 2 rows from 2^24, 3-16 rows from 2^22. Set from
-# benchmarks/kernels_decode_rows.py --fp6 on an H100 (docs/benchmarks/kernels-decode-rows.md): one row lost
-# on 4096x4096 (9.2 against 8.3 us), 2 rows on 896->4864 (5.7 against 5.4), and every row count below 2^22.
-FP6_MMA_RULE = ((1, 1 << 25), (2, 1 << 24), (16, 1 << 22))
+# output, sm_90): 1-16 rows everywhere (but NARROW_BELOW). Set from benchmarks/kernels_decode_rows.py --fp6 on
+# an H100: 0.98-1.80x the other rules (4864->896 at one row: 5.6 against 5.5 us).
+FP6_MMA_RULE = ((16, 0),)
+# Below this many weights rule 10 needs as many outputs as inputs: 1536->576 has 18 blocks of 32 outputs, each
+# 12 iterations of K, and lost to the other rules at 2-3 and 16 rows of FP6 (4.7 against 4.4 us at 16) and 1-4
+# rows of symmetric int4 (3.6 against 2.6-3.3).
+NARROW_BELOW = 1 << 20
 WARPS_PER_SM = 24  # the K parallelism stops at this many warps per SM
+WIDE_WARPS_PER_SM = 16  # with two B tiles or zero points (about 128 registers a thread: 16 warps fill an SM)
 ITERATION_ROWS = 16  # word-rows a warp decodes per iteration (4 reps of 4)
 
 
@@ -412,26 +421,6 @@ if gluon is not None:
         return acc0, acc1, acc2, acc3
 
     @gluon.jit
-    def _store(acc, TILE: gl.constexpr, ROWS: gl.constexpr, y_ptr, part_ptr, n0, M, N, stride_ym,
-               W_K: gl.constexpr, BLOCK_N: gl.constexpr, POWER: gl.constexpr):
-        """Sum the warps' and reps' accumulators of tile ``TILE``, x rows ``8 ROWS ..``: element (4 w + q,
-        c = 4 r + e) holds y[8 ROWS + 2 q + e % 2][n0 + c - e + 2 TILE + e // 2]."""
-        total = gl.sum(gl.reshape(acc, (W_K, 4, BLOCK_N)), axis=0)  # [q, c]
-        layout: gl.constexpr = total.type.layout
-        q = gl.arange(0, 4, layout=gl.SliceLayout(1, layout))[:, None]
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))[None, :]
-        e = cols % 4
-        outputs = n0 + cols - e + 2 * TILE + e // 2
-        rows = 8 * ROWS + 2 * q + e % 2
-        mask = (rows < M) & (outputs < N)
-        if POWER != 1.0:  # FP6: the pairs are V * 2^(bias - 15)
-            total = total * POWER
-        if gl.num_programs(1) == 1:
-            gl.store(y_ptr + rows * stride_ym + outputs, total.to(gl.float16), mask=mask)
-        else:  # partials [split][M][N], summed by splitk.sum_splits
-            gl.store(part_ptr + gl.program_id(1) * M * N + rows * N + outputs, total, mask=mask)
-
-    @gluon.jit
     def _lanes(units_total, units_per_split, units_per_warp, N, layout: gl.constexpr, W_K: gl.constexpr,
                BLOCK_N: gl.constexpr):
         """This program's block of ``BLOCK_N`` outputs and each lane's place in it: ``block`` (4 w + q) and
@@ -454,15 +443,35 @@ if gluon is not None:
     @gluon.jit
     def _finish(acc0, acc1, acc2, acc3, channel_scale, y_ptr, part_ptr, n0, M, N, stride_ym, W_K: gl.constexpr,
                 BLOCK_N: gl.constexpr, CHANNEL: gl.constexpr, NT: gl.constexpr, POWER: gl.constexpr):
-        """The per-channel scale (loaded with the first words), then the warps' sums stored."""
+        """The per-channel scale (loaded with the first words), then the warps' sums stored. Element (4 w + q,
+        c = 4 r + e) of tile ``T``'s accumulator of rows ``8 R ..`` (``acc0``: T 0, R 0; ``acc1``: 1, 0; ``acc2``:
+        0, 1; ``acc3``: 1, 1) is warp ``w``'s part of y[8 R + 2 q + e % 2][n0 + 4 r + 2 T + e // 2]: the four
+        are joined and permuted into [warp, row, output], moved once through shared memory into a layout where
+        each thread holds every warp's part of 4 adjacent outputs of a row, and summed there."""
         if CHANNEL:
             zero = gl.zeros_like(acc0)
             acc0, acc1, acc2, acc3 = _add_group(zero, zero, zero, zero, acc0, acc1, acc2, acc3, channel_scale, NT)
-        _store(acc0, 0, 0, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
-        _store(acc1, 1, 0, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
-        if NT == 2:
-            _store(acc2, 0, 1, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
-            _store(acc3, 1, 1, y_ptr, part_ptr, n0, M, N, stride_ym, W_K, BLOCK_N, POWER)
+        ROWS: gl.constexpr = 8 * NT
+        if NT == 2:  # [4 W_K, BLOCK_N, T, R] -> [w, q, r, e // 2, e % 2, T, R] -> [w, R, q, e % 2, r, T, e // 2]
+            both = gl.join(gl.join(acc0, acc1), gl.join(acc2, acc3))
+            parts = gl.permute(gl.reshape(both, (W_K, 4, BLOCK_N // 4, 2, 2, 2, 2)), (0, 6, 1, 4, 2, 5, 3))
+        else:  # [4 W_K, BLOCK_N, T] -> [w, q, r, e // 2, e % 2, T] -> [w, q, e % 2, r, T, e // 2]
+            both = gl.join(acc0, acc1)
+            parts = gl.permute(gl.reshape(both, (W_K, 4, BLOCK_N // 4, 2, 2, 2)), (0, 1, 4, 2, 5, 3))
+        parts = gl.reshape(parts, (W_K, ROWS, BLOCK_N))
+        if W_K > 1:
+            parts = gl.convert_layout(parts, gl.BlockedLayout([W_K, 1, 4], [1, 4, 8], [1, W_K, 1], [2, 1, 0]))
+        total = gl.sum(parts, axis=0)  # [row, output]
+        if POWER != 1.0:  # FP6: the pairs are V * 2^(bias - 15)
+            total = total * POWER
+        layout: gl.constexpr = total.type.layout
+        rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))[:, None]
+        outputs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))[None, :]
+        mask = (rows < M) & (outputs < N)
+        if gl.num_programs(1) == 1:
+            gl.store(y_ptr + rows * stride_ym + outputs, total.to(gl.float16), mask=mask)
+        else:  # partials [split][M][N], summed by splitk.sum_splits
+            gl.store(part_ptr + gl.program_id(1) * M * N + rows * N + outputs, total, mask=mask)
 
     @gluon.jit
     def _mma_decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, M, N, stride_xm, stride_ym, rows_total,
@@ -658,29 +667,33 @@ def takes(w) -> bool:
 
 def mma_config(m: int, w, sms: int) -> MmaLaunch | None:
     """Rule 10's launch over ``m`` rows, or None where :data:`MMA_RULE` (symmetric int4), :data:`ASYM_MMA_RULE`
-    (asymmetric int4) or :data:`FP6_MMA_RULE` (FP6) does not take the linear."""
+    (asymmetric int4) or :data:`FP6_MMA_RULE` (FP6) does not take the linear, or where it has fewer outputs than
+    inputs and fewer than :data:`NARROW_BELOW` weights."""
     rule = FP6_MMA_RULE if _is_fp6(w) else MMA_RULE if w.symmetric else ASYM_MMA_RULE
     least = next((weights for rows, weights in rule if m <= rows), None)  # None: not at m rows
-    if least is None or w.in_features * w.out_features < least or not takes(w):
+    count = w.in_features * w.out_features
+    if least is None or count < least or not takes(w):
+        return None
+    if count < NARROW_BELOW and w.out_features < w.in_features:
         return None
     return mma_launch(m, w.in_features, w.out_features, sms, not _is_fp6(w) and not w.symmetric)
 
 
 def mma_launch(m: int, in_features: int, out_features: int, sms: int, zero_points: bool = False) -> MmaLaunch:
-    """K split ``parallel`` ways, the power of 2 that gives each warp about 2 iterations of 128 inputs (at
-    most 16, at most :data:`WARPS_PER_SM` warps per SM); over warps of one program where that is 2 or less
-    or where K is at most 8 iterations and x at most 8 rows, else over programs of one warp, or of two with
-    ``zero_points`` (asymmetric int4). H100: FP6 at 1-16 rows ran best at 1 x 16 on 4096x4096 and
-    11008->4096, 1 x 8 on 4096->11008, 2 x 1 on 8192->28672, 4 x 1 at K = 576 up to 8 rows and 1 x 4 at 16;
-    symmetric int4 at 1, 4 and 16 rows as fast as at its own earlier launch or faster on all ten benchmarked
-    shapes; asymmetric int4 in groups of 32 at 3-8 rows ran 4-21% faster at 2 warps a program than at one
-    (11008->4096 2 x 8 16.0 against 1 x 15 20.3 us, 4096x4096 9.1 against 10.7)."""
+    """K split ``parallel`` ways, the power of 2 that gives each warp one iteration of 128 inputs where that is
+    at most 8 warps, else about two (at most 32 ways), halved while the blocks of 32 outputs would take more than :data:`WARPS_PER_SM` warps per SM
+    (:data:`WIDE_WARPS_PER_SM` with two B tiles or zero points); over the warps of one program up to 8, then
+    over programs. H100 (docs/benchmarks/kernels-rounds.md, round 15): 8 x 1 at K up to 3072, 8 x 2 or 4 x 4
+    on 4096x4096 and 11008->4096, 8 x 4 on 4864->896, 4 x 1 at 16 rows of 4096->11008."""
     iterations = -(-in_features // 8 // ITERATION_ROWS)
-    parallel = min(16, 1 << (-(-iterations // 2) - 1).bit_length())  # the power of 2 >= iterations / 2
     blocks = -(-out_features // 32)
-    while parallel > 1 and blocks * parallel > WARPS_PER_SM * sms:
+    per_sm = WARPS_PER_SM if m <= 8 and not zero_points else WIDE_WARPS_PER_SM
+    parallel = 1 << (iterations - 1).bit_length()  # the power of 2 >= iterations: one iteration a warp
+    if parallel > 8:  # more than one program: about two iterations a warp
+        parallel = min(32, 1 << (-(-iterations // 2) - 1).bit_length())
+    while parallel > 1 and blocks * parallel > per_sm * sms:
         parallel //= 2
-    warps = parallel if parallel <= 2 or (iterations <= 8 and m <= 8) else 2 if zero_points else 1
+    warps = min(8, parallel)
     return _split_launch(in_features, warps, parallel // warps)
 
 
@@ -756,7 +769,7 @@ def kernel_variants() -> list:
                      rows_per_warp="i32", iterations="i32")
     aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "part_ptr", "N", "stride_xm", "stride_ym",
                "rows_per_split", "rows_per_warp")
-    launches = ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2))  # (B tiles, warps)
+    launches = tuple((nt, warps) for nt in (1, 2) for warps in (1, 2, 4, 8))  # (B tiles, warps)
     int4 = [KernelVariant(f"intn-mma{'2-8' if nt == 1 else '9-16'}-int4-{'sym-g128' if symmetric else 'asym-g32'}"
                           f"-w{warps}", _mma_decode_kernel, signature,
                           dict(GROUP_ROWS=16 if symmetric else 4, CHANNEL=False, SYMMETRIC=symmetric, NT=nt, W_K=warps),

@@ -402,36 +402,43 @@ def test_hopper_prefill_rule_and_launch():
 
 def test_mma_decode_rule_and_launch():
     """Rule 10 (mma_decode) on int4 with float16 scales in groups of 32, 64, a multiple of 128 or one per output:
-    symmetric at 2 rows from 2^25 weights, 3-7 from 2^24 and 8-16 from 2^22, asymmetric at 3-8 rows from 2^22;
-    K split for about 2 iterations a warp (at most 16 ways and WARPS_PER_SM warps per SM), over warps where
-    that is 2 or less or K is short and x has up to 8 rows, else over programs of one warp (two with zero
-    points)."""
+    symmetric at 2 rows from 2^22 weights, 3-7 from 2^19 and 8-16 everywhere, asymmetric at 2 rows from 2^22,
+    3 from 2^19 and 4-8 everywhere, below 2^20 weights only with as many outputs as inputs; K split for one
+    iteration a warp in one program of up to 8 warps, else about two, at most 32 ways and WARPS_PER_SM warps per
+    SM (WIDE_WARPS_PER_SM with two B tiles or zero points), over warps up to 8, then over programs."""
     def int4(k, n, group=128, bits=4, scale=torch.float16, symmetric=True):
         w = weights_of(k, n, bits)
         return dataclasses.replace(w, scale=w.scale.to(scale), group_size=group, symmetric=symmetric)
 
     big = int4(4096, 11008)
     assert mma_decode.mma_config(1, big, SMS) is None and mma_decode.mma_config(17, big, SMS) is None
-    assert mma_decode.mma_config(2, big, SMS) == mma_decode.mma_config(16, big, SMS) == mma_decode.MmaLaunch(
-        1, 8, 64, 64, 4)  # 32 iterations over 8 splits: 344 blocks x 16 would pass 24 warps per SM
-    assert mma_decode.mma_config(2, int4(4096, 4096), SMS) is None and mma_decode.mma_config(3, int4(4096, 4096), SMS)
-    assert mma_decode.mma_config(7, int4(896, 4864), SMS) is None and mma_decode.mma_config(8, int4(896, 4864), SMS)
-    assert mma_decode.mma_config(16, int4(576, 1536), SMS) is None  # below 2^22 weights
+    assert mma_decode.mma_config(2, big, SMS) == mma_decode.mma_config(8, big, SMS) == mma_decode.MmaLaunch(
+        8, 1, 512, 64, 4)  # 32 iterations over 8 warps: 344 blocks x 16 would pass 24 warps per SM
+    assert mma_decode.mma_config(16, big, SMS) == mma_decode.MmaLaunch(4, 1, 512, 128, 8)  # 16 warps per SM
+    assert mma_decode.mma_config(2, int4(4096, 4096), SMS) == mma_decode.MmaLaunch(8, 2, 256, 32, 2)
+    assert mma_decode.mma_config(1, int4(896, 4864), SMS) is None and mma_decode.mma_config(2, int4(896, 4864), SMS)
+    assert mma_decode.mma_config(2, int4(576, 1536), SMS) is None and mma_decode.mma_config(3, int4(576, 1536), SMS)
+    assert mma_decode.mma_config(7, int4(576, 576), SMS) is None and mma_decode.mma_config(8, int4(576, 576), SMS)
+    assert mma_decode.mma_config(16, int4(1536, 576), SMS) is None  # below 2^20 weights, fewer outputs than inputs
     for group, taken in ((32, True), (64, True), (96, False), (256, True), (4096, True)):
         assert (mma_decode.mma_config(4, int4(4096, 4096, group), SMS) is not None) == taken, group
     assert not mma_decode.takes(int4(4096, 4096, 96))
     asym = int4(896, 4864, 32, symmetric=False)
-    assert mma_decode.mma_config(2, asym, SMS) is None and mma_decode.mma_config(9, asym, SMS) is None
-    assert mma_decode.mma_config(3, asym, SMS) and mma_decode.mma_config(8, asym, SMS)
+    assert mma_decode.mma_config(1, asym, SMS) is None and mma_decode.mma_config(9, asym, SMS) is None
+    assert mma_decode.mma_config(2, asym, SMS) and mma_decode.mma_config(8, asym, SMS)
+    small = int4(576, 576, 32, symmetric=False)
+    assert mma_decode.mma_config(3, small, SMS) is None and mma_decode.mma_config(4, small, SMS)
     assert mma_decode.mma_config(16, int4(4096, 11008, symmetric=False), SMS) is None
     assert mma_decode.mma_config(4, int4(11008, 4096, 32, symmetric=False), SMS) == mma_decode.MmaLaunch(
-        2, 8, 176, 96, 6)  # asymmetric: two warps a program where the symmetric launch has one (1 x 15)
+        8, 2, 688, 96, 6)  # zero points: 16 warps per SM, so 16 ways (32 would be 4096 warps)
     assert mma_decode.mma_config(4, int4(4096, 4096, bits=8), SMS) is None
     assert mma_decode.mma_config(4, int4(4096, 4096, scale=torch.float32), SMS) is None
-    assert mma_decode.mma_launch(1, 11008, 4096, SMS) == mma_decode.MmaLaunch(1, 15, 96, 96, 6)  # 86 iterations
+    assert mma_decode.mma_launch(1, 11008, 4096, SMS) == mma_decode.MmaLaunch(8, 2, 688, 96, 6)  # 86 iterations
     assert mma_decode.mma_launch(4, 8192, 28672, SMS) == mma_decode.MmaLaunch(2, 1, 1024, 512, 32)  # 896 blocks
-    assert mma_decode.mma_launch(8, 896, 4864, SMS) == mma_decode.MmaLaunch(4, 1, 112, 32, 2)  # 7 iterations
-    assert mma_decode.mma_launch(9, 896, 4864, SMS) == mma_decode.MmaLaunch(1, 4, 32, 32, 2)
+    assert mma_decode.mma_launch(8, 896, 4864, SMS) == mma_decode.MmaLaunch(8, 1, 112, 16, 1)  # 7 iterations
+    assert mma_decode.mma_launch(16, 4864, 896, SMS) == mma_decode.MmaLaunch(8, 4, 160, 32, 2)  # 38 iterations
+    assert mma_decode.mma_launch(4, 1536, 8960, SMS) == mma_decode.MmaLaunch(8, 1, 192, 32, 2)  # 12 iterations
+    assert mma_decode.mma_launch(16, 1536, 8960, SMS) == mma_decode.MmaLaunch(4, 1, 192, 48, 3)  # 280 blocks
     for m, k, n in ((1, 576, 576), (16, 1056, 300), (4, 4864, 896), (1, 14336, 4096), (2, 256, 4096)):
         launch = mma_decode.mma_launch(m, k, n, SMS)
         assert launch.split * launch.rows_per_split >= k // 8 > (launch.split - 1) * launch.rows_per_split
@@ -441,19 +448,18 @@ def test_mma_decode_rule_and_launch():
 
 
 def test_mma_decode_fp6_rule():
-    """Rule 10 for FP6 (fp6_linear rule 8): float16 scales per output or in groups of a multiple of 64, one
-    row from 2^25 weights, 2 from 2^24 and 3-16 from 2^22, at the int4 launch."""
+    """Rule 10 for FP6 (fp6_linear rule 8): float16 scales per output or in groups of a multiple of 64, 1-16
+    rows (below 2^20 weights with as many outputs as inputs), at the int4 launch."""
     def fp6(k, n, group=None, scale=torch.float16, name="e3m2", tile=16):
         w = fp6_of(k, n)
         return dataclasses.replace(w, scale=torch.zeros(k // (group or k), n, dtype=scale), group_size=group or k,
                                    fmt=FORMATS[name], tile=tile)
 
     assert mma_decode.mma_config(1, fp6(4096, 11008), SMS) == mma_decode.mma_launch(1, 4096, 11008, SMS)
-    assert mma_decode.mma_config(16, fp6(4096, 11008), SMS) == mma_decode.mma_config(1, fp6(4096, 11008), SMS)
+    assert mma_decode.mma_config(16, fp6(4096, 11008), SMS) == mma_decode.mma_launch(16, 4096, 11008, SMS)
     assert mma_decode.mma_config(17, fp6(4096, 11008), SMS) is None
-    assert mma_decode.mma_config(1, fp6(4096, 4096), SMS) is None and mma_decode.mma_config(2, fp6(4096, 4096), SMS)
-    assert mma_decode.mma_config(2, fp6(896, 4864), SMS) is None and mma_decode.mma_config(3, fp6(896, 4864), SMS)
-    assert mma_decode.mma_config(16, fp6(576, 1536), SMS) is None
+    assert mma_decode.mma_config(1, fp6(576, 576), SMS) and mma_decode.mma_config(16, fp6(576, 1536), SMS)
+    assert mma_decode.mma_config(1, fp6(1536, 576), SMS) is None and mma_decode.mma_config(16, fp6(1536, 576), SMS) is None
     for group, taken in ((32, False), (64, True), (96, False), (128, True), (None, True)):
         assert (mma_decode.mma_config(4, fp6(4096, 4096, group), SMS) is not None) == taken, group
     assert mma_decode.mma_config(4, fp6(4096, 4096, name="e2m3"), SMS)
@@ -894,14 +900,14 @@ def test_mma_decode_fp6_launches_match_the_reference(kind, rows):
 @hopper
 @pytest.mark.parametrize("kind", ["int4", "int4-asym", "fp6"])
 def test_the_linears_take_the_mma_decode_kernel_where_its_rules_say(kind):
-    """On 4096->11008, float16 x runs rule 10 (the same output as forcing it) at 2-16 rows of symmetric int4, 3-8
-    rows of asymmetric int4 and 1-16 rows of FP6; int4 at one row, asymmetric int4 at 2 and 9 rows, FP6 at 17
-    rows, and bfloat16 x do not."""
+    """On 4096->11008, float16 x runs rule 10 (the same output as forcing it) at 2-16 rows of symmetric int4, 2-8
+    rows of asymmetric int4 and 1-16 rows of FP6; int4 at one row, asymmetric int4 at 9 rows, FP6 at 17 rows, and
+    bfloat16 x do not."""
     weight = torch.randn(11008, 4096, device="cuda") * 0.02
     if kind.startswith("int4"):
         w = intn.pack_intn(rtn_quantize(weight, 4, 32 if kind == "int4-asym" else 128, kind == "int4"))
         linear, reference = intn.intn_linear, intn.intn_reference
-        taken, not_taken = ((2, 9, 16), (1, 17)) if kind == "int4" else ((3, 8), (1, 2, 9))
+        taken, not_taken = ((2, 9, 16), (1, 17)) if kind == "int4" else ((2, 3, 8), (1, 9))
     else:
         w = fp.pack_fpx(fpx_quantize(weight, FORMATS["e3m2"], None, scale_dtype=torch.float16))
         linear, reference, taken, not_taken = fp.fpx_linear, fp.fpx_reference, (1, 4, 16), (17,)
