@@ -49,9 +49,9 @@ lane's 128 weights (16 HMMA).
 
 Measured on an H100 (docs/benchmarks/kernels-decode-rows.md); it runs where it beat the other rules
 (:data:`MMA_RULE`: symmetric int4 at 2 rows from 2^22 weights, 3-7 from 2^19 and 8-16 everywhere;
-:data:`ASYM_MMA_RULE`: asymmetric int4 at 2 rows from 2^22, 3 from 2^19 and 4-8 everywhere; :data:`FP6_MMA_RULE`:
-FP6 at 1-16 rows; below :data:`NARROW_BELOW` weights only where the outputs are at least the inputs). sm_90
-only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its split-K finish is a programmatic
+:data:`ASYM_MMA_RULE`: asymmetric int4 at 2 rows from 2^22, 3 from 2^19, 4-8 everywhere and 9-16 below 2^24;
+:data:`FP6_MMA_RULE`: FP6 at 1-16 rows; below :data:`NARROW_BELOW` weights only where the outputs are at least
+the inputs). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its split-K finish is a programmatic
 dependent launch (Hopper's) and it was timed on an H100 alone.
 """
 
@@ -71,20 +71,21 @@ except ImportError:  # no Triton (CPU-only hosts), or a Triton without Gluon
     gluon = None
 
 # Where rule 10 runs int4 (float16 x and scales, groups of 32, 64 or a multiple of 128 inputs or one scale per
-# output, sm_90): (up to rows, from weights; None: not there), and below NARROW_BELOW weights only where the
-# outputs are at least the inputs. Set from benchmarks/kernels_decode_rows.py on an H100 (round 15,
-# docs/benchmarks/kernels-decode-rows.md). Symmetric: 2 rows from 2^22 weights, 3-7 from 2^19, 8-16 everywhere;
-# one row lost on 4096x4096 (6.9 against 5.7 us), 11008->4096 (12.8 against 12.2) and the small shapes, 2 rows
-# on 896x896 (2.6 against 2.3) and 1536->576 (3.6 against 2.7), 3-4 rows on 576x576 (2.6 against 2.2-2.5).
-MMA_RULE = ((1, None), (2, 1 << 22), (7, 1 << 19), (16, 0))
-# Asymmetric (groups of 32 in the benchmark): 2 rows from 2^22, 3 from 2^19, 4-8 everywhere, where it ran up to
-# 1.48x faster than the other rules; 3 rows lost on 576x576 (2.8 against 2.7), 16 rows on the 7B and 70B shapes
-# (two B tiles and the zero points: 8192->28672 100.9 against 77.5 us).
-ASYM_MMA_RULE = ((1, None), (2, 1 << 22), (3, 1 << 19), (8, 0))
+# output, sm_90): (up to rows, from weights, below weights; from None: not there), and below NARROW_BELOW weights
+# only where the outputs are at least the inputs. Set from benchmarks/kernels_decode_rows.py on an H100 (round
+# 15, docs/benchmarks/kernels-decode-rows.md). Symmetric: 2 rows from 2^22 weights, 3-7 from 2^19, 8-16
+# everywhere; one row lost on 4096x4096 (7.1 against 5.7 us), 11008->4096 (12.7 against 12.4) and the small
+# shapes, 2 rows on 576x576 and 896x896 (2.6-2.7 against 2.2-2.3), 3-4 rows on 576x576 (2.6 against 2.2-2.5).
+MMA_RULE = ((1, None, None), (2, 1 << 22, None), (7, 1 << 19, None), (16, 0, None))
+# Asymmetric (groups of 32 in the benchmark): 2 rows from 2^22, 3 from 2^19, 4-8 everywhere, 9-16 below 2^24,
+# where it ran up to 1.70x faster than the other rules; 2-3 rows lost or tied on 576x576 (2.8 against 2.7-2.8),
+# 9-16 rows from 2^24 (two B tiles and the zero points: 4096x4096 12.4 against 10.2 us, 8192->28672 101.7
+# against 79.0).
+ASYM_MMA_RULE = ((1, None, None), (2, 1 << 22, None), (3, 1 << 19, None), (8, 0, None), (16, 0, 1 << 24))
 # Where rule 10 runs FP6 (float16 x and scales, e3m2 or e2m3, groups of a multiple of 64 or one scale per
 # output, sm_90): 1-16 rows everywhere (but NARROW_BELOW). Set from benchmarks/kernels_decode_rows.py --fp6 on
 # an H100: 0.98-1.80x the other rules (4864->896 at one row: 5.6 against 5.5 us).
-FP6_MMA_RULE = ((16, 0),)
+FP6_MMA_RULE = ((16, 0, None),)
 # Below this many weights rule 10 needs as many outputs as inputs: 1536->576 has 18 blocks of 32 outputs, each
 # 12 iterations of K, and lost to the other rules at 2-3 and 16 rows of FP6 (4.7 against 4.4 us at 16) and 1-4
 # rows of symmetric int4 (3.6 against 2.6-3.3).
@@ -678,9 +679,9 @@ def mma_config(m: int, w, sms: int) -> MmaLaunch | None:
     (asymmetric int4) or :data:`FP6_MMA_RULE` (FP6) does not take the linear, or where it has fewer outputs than
     inputs and fewer than :data:`NARROW_BELOW` weights."""
     rule = FP6_MMA_RULE if _is_fp6(w) else MMA_RULE if w.symmetric else ASYM_MMA_RULE
-    least = next((weights for rows, weights in rule if m <= rows), None)  # None: not at m rows
+    least, below = next(((least, below) for rows, least, below in rule if m <= rows), (None, None))
     count = w.in_features * w.out_features
-    if least is None or count < least or not takes(w):
+    if least is None or count < least or (below is not None and count >= below) or not takes(w):
         return None
     if count < NARROW_BELOW and w.out_features < w.in_features:
         return None
@@ -764,9 +765,9 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
 
 
 def kernel_variants() -> list:
-    """Rule 10's kernels as its rules launch them, for ``llmc.plugins.aot``: symmetric int4 in groups of 128 and
-    FP6 e3m2 per channel at 1, 2, 4 and 8 warps, 1-8 rows (one B tile) and 9-16 (two); asymmetric int4 in groups
-    of 32 at 2-8 rows, 1, 2, 4 and 8 warps; for sm_80-sm_90 (``mma.sync`` is Ampere's; the rules run them on
+    """Rule 10's kernels as its rules launch them, for ``llmc.plugins.aot``: symmetric int4 in groups of 128,
+    asymmetric int4 in groups of 32 and FP6 e3m2 per channel at 1, 2, 4 and 8 warps, 1-8 rows (one B tile) and
+    9-16 (two); for sm_80-sm_90 (``mma.sync`` is Ampere's; the rules run them on
     sm_90)."""
     from llmc.plugins.aot import KernelVariant
 
@@ -782,7 +783,7 @@ def kernel_variants() -> list:
                           f"-w{warps}", _mma_decode_kernel, signature,
                           dict(GROUP_ROWS=16 if symmetric else 4, CHANNEL=False, SYMMETRIC=symmetric, NT=nt, W_K=warps),
                           warps, 1, aligned)
-            for symmetric in (True, False) for nt, warps in launches if symmetric or nt == 1]
+            for symmetric in (True, False) for nt, warps in launches]
     fp6_signature = dict(x_ptr="*i32", hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16", y_ptr="*fp16", part_ptr="*fp32",
                          M="i32", N="i32", stride_xm="i32", stride_ym="i32", tiles_total="i32", tiles_per_split="i32",
                          tiles_per_warp="i32", iterations="i32")

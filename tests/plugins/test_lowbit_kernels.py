@@ -403,7 +403,7 @@ def test_hopper_prefill_rule_and_launch():
 def test_mma_decode_rule_and_launch():
     """Rule 10 (mma_decode) on int4 with float16 scales in groups of 32, 64, a multiple of 128 or one per output:
     symmetric at 2 rows from 2^22 weights, 3-7 from 2^19 and 8-16 everywhere, asymmetric at 2 rows from 2^22,
-    3 from 2^19 and 4-8 everywhere, below 2^20 weights only with as many outputs as inputs; K split for one
+    3 from 2^19, 4-8 everywhere and 9-16 below 2^24, below 2^20 weights only with as many outputs as inputs; K split for one
     iteration a warp in one program of up to 8 warps, else about two, at most 32 ways and WARPS_PER_SM warps per
     SM (WIDE_WARPS_PER_SM with two B tiles or zero points), over warps up to 8, then over programs."""
     def int4(k, n, group=128, bits=4, scale=torch.float16, symmetric=True):
@@ -424,10 +424,11 @@ def test_mma_decode_rule_and_launch():
         assert (mma_decode.mma_config(4, int4(4096, 4096, group), SMS) is not None) == taken, group
     assert not mma_decode.takes(int4(4096, 4096, 96))
     asym = int4(896, 4864, 32, symmetric=False)
-    assert mma_decode.mma_config(1, asym, SMS) is None and mma_decode.mma_config(9, asym, SMS) is None
-    assert mma_decode.mma_config(2, asym, SMS) and mma_decode.mma_config(8, asym, SMS)
+    assert mma_decode.mma_config(1, asym, SMS) is None and mma_decode.mma_config(17, asym, SMS) is None
+    assert all(mma_decode.mma_config(m, asym, SMS) for m in (2, 8, 9, 16))
     small = int4(576, 576, 32, symmetric=False)
     assert mma_decode.mma_config(3, small, SMS) is None and mma_decode.mma_config(4, small, SMS)
+    assert mma_decode.mma_config(9, int4(4096, 4096, symmetric=False), SMS) is None  # 9-16 rows below 2^24
     assert mma_decode.mma_config(16, int4(4096, 11008, symmetric=False), SMS) is None
     assert mma_decode.mma_config(4, int4(11008, 4096, 32, symmetric=False), SMS) == mma_decode.MmaLaunch(
         8, 2, 688, 96, 6)  # zero points: 16 warps per SM, so 16 ways (32 would be 4096 warps)
