@@ -860,13 +860,13 @@ def test_intn_linear_takes_the_hopper_prefill_kernel_where_its_rule_says():
 @pytest.mark.parametrize("kind", ["g128", "asym-g32", "asym-g64", "channel", "asym-channel", "g256"])
 def test_mma_decode_launches_match_the_reference(kind, rows):
     """Rule 10 (mma_decode) on a [300, K] weight (a partial block of outputs; K not a whole number of
-    iterations) at 1, 2 and 4 warps and 1, 2 and 3 splits (the last ones past K), on x rows K + 1
+    iterations) at 1, 2, 4 and 8 warps and 1, 2 and 3 splits (the last ones past K), on x rows K + 1
     apart, against the reference."""
     k = {"g128": 1152, "g256": 1280, "asym-g64": 1088}.get(kind, 1056)
     group = -1 if "channel" in kind else int(kind.split("g")[-1])
     packed = intn.pack_intn(rtn_quantize(weight(300, k, seed=19), 4, group, "asym" not in kind)).to("cuda")
     x = torch.randn(rows, k + 1, generator=torch.Generator().manual_seed(rows)).half().cuda()[:, 1:]
-    for warps in (1, 2, 4):
+    for warps in (1, 2, 4, 8):
         for split in (1, 2, 3):
             launch = mma_decode._split_launch(k, warps, split)
             out = torch.full((rows, 300), float("nan"), dtype=torch.float16, device="cuda")
