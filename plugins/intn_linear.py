@@ -74,8 +74,8 @@ Kernels (rules referred to in the code):
    least the inputs,
    ``llmc.plugins.mma_decode``: the words are loaded in the register layout of ``mma.sync``'s A operand
    (Gluon), so that rule 8's pair decode feeds the tensor cores with no shared memory, and x is the B
-   operand (one to eight rows cost the same). Where it runs, 0.99-1.58x the speed of rules 5/7 on an
-   H100 (symmetric; asymmetric in groups of 32 0.99-1.48x; docs/benchmarks/kernels-decode-rows.md).
+   operand (one to eight rows cost the same). Where it runs, 0.99-1.80x the speed of rules 5/7 on an
+   H100 (symmetric; asymmetric in groups of 32 0.99-1.70x; docs/benchmarks/kernels-decode-rows.md).
 """
 
 from __future__ import annotations

@@ -51,8 +51,8 @@ Measured on an H100 (docs/benchmarks/kernels-decode-rows.md); it runs where it b
 (:data:`MMA_RULE`: symmetric int4 at 2 rows from 2^22 weights, 3-7 from 2^19 and 8-16 everywhere;
 :data:`ASYM_MMA_RULE`: asymmetric int4 at 2 rows from 2^22, 3 from 2^19, 4-8 everywhere and 9-16 below 2^24;
 :data:`FP6_MMA_RULE`: FP6 at 1-16 rows; below :data:`NARROW_BELOW` weights only where the outputs are at least
-the inputs). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its split-K finish is a programmatic
-dependent launch (Hopper's) and it was timed on an H100 alone.
+the inputs). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its split-K finish
+is a programmatic dependent launch (Hopper's) and it was timed on an H100 alone.
 """
 
 from __future__ import annotations
@@ -79,16 +79,16 @@ except ImportError:  # no Triton (CPU-only hosts), or a Triton without Gluon
 MMA_RULE = ((1, None, None), (2, 1 << 22, None), (7, 1 << 19, None), (16, 0, None))
 # Asymmetric (groups of 32 in the benchmark): 2 rows from 2^22, 3 from 2^19, 4-8 everywhere, 9-16 below 2^24,
 # where it ran up to 1.70x faster than the other rules; 2-3 rows lost or tied on 576x576 (2.8 against 2.7-2.8),
-# 9-16 rows from 2^24 (two B tiles and the zero points: 4096x4096 12.4 against 10.2 us, 8192->28672 101.7
-# against 79.0).
+# 9-16 rows from 2^24 (two B tiles and the zero points: 4096x4096 12.4 against 10.2 us, 8192->28672 102.6
+# against 77.7).
 ASYM_MMA_RULE = ((1, None, None), (2, 1 << 22, None), (3, 1 << 19, None), (8, 0, None), (16, 0, 1 << 24))
 # Where rule 10 runs FP6 (float16 x and scales, e3m2 or e2m3, groups of a multiple of 64 or one scale per
 # output, sm_90): 1-16 rows everywhere (but NARROW_BELOW). Set from benchmarks/kernels_decode_rows.py --fp6 on
-# an H100: 0.98-1.80x the other rules (4864->896 at one row: 5.6 against 5.5 us).
+# an H100: 0.98-1.90x the other rules (4864->896 at one row: 5.6 against 5.5 us).
 FP6_MMA_RULE = ((16, 0, None),)
 # Below this many weights rule 10 needs as many outputs as inputs: 1536->576 has 18 blocks of 32 outputs, each
 # 12 iterations of K, and lost to the other rules at 2-3 and 16 rows of FP6 (4.7 against 4.4 us at 16) and 1-4
-# rows of symmetric int4 (3.6 against 2.6-3.3).
+# rows of symmetric int4 (3.6 against 2.6-3.4).
 NARROW_BELOW = 1 << 20
 WARPS_PER_SM = 24  # the K parallelism stops at this many warps per SM
 WIDE_WARPS_PER_SM = 16  # with two B tiles or zero points (about 128 registers a thread: 16 warps fill an SM)
@@ -690,10 +690,11 @@ def mma_config(m: int, w, sms: int) -> MmaLaunch | None:
 
 def mma_launch(m: int, in_features: int, out_features: int, sms: int, zero_points: bool = False) -> MmaLaunch:
     """K split ``parallel`` ways, the power of 2 that gives each warp one iteration of 128 inputs where that is
-    at most 8 warps, else about two (at most 32 ways), halved while the blocks of 32 outputs would take more than :data:`WARPS_PER_SM` warps per SM
-    (:data:`WIDE_WARPS_PER_SM` with two B tiles or zero points); over the warps of one program up to 8, then
-    over programs. H100 (docs/benchmarks/kernels-rounds.md, round 15): 8 x 1 at K up to 3072, 8 x 2 or 4 x 4
-    on 4096x4096 and 11008->4096, 8 x 4 on 4864->896, 4 x 1 at 16 rows of 4096->11008."""
+    at most 8 warps, else about two (at most 32 ways), halved while the blocks of 32 outputs would take more
+    than :data:`WARPS_PER_SM` warps per SM (:data:`WIDE_WARPS_PER_SM` with two B tiles or zero points); over the
+    warps of one program up to 8, then over programs. H100 (docs/benchmarks/kernels-rounds.md, round 15): 8 x 1
+    at K up to 3072, 8 x 2 or 4 x 4 on 4096x4096 and 11008->4096, 8 x 4 on 4864->896, 4 x 1 at 16 rows of
+    4096->11008."""
     iterations = -(-in_features // 8 // ITERATION_ROWS)
     blocks = -(-out_features // 32)
     per_sm = WARPS_PER_SM if m <= 8 and not zero_points else WIDE_WARPS_PER_SM
@@ -742,9 +743,10 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
         x2 = x2.clone(memory_format=torch.contiguous_format)
     n = w.out_features
     part = torch.empty(launch.split, m, n, dtype=torch.float32, device=x2.device) if launch.split > 1 else y
-    looped = launch.iterations == 1 and -(-n // 32) * launch.split <= splitk.sm_count(x2.device)
+    grid = (-(-n // 32), launch.split)
+    looped = launch.iterations == 1 and grid[0] * grid[1] <= splitk.sm_count(x2.device)
     if _is_fp6(w):  # the launch's word-rows of 8 inputs as tiles of 16
-        (_mma_fp6_loop if looped else _mma_fp6_kernel)[(-(-n // 32), launch.split)](
+        (_mma_fp6_loop if looped else _mma_fp6_kernel)[grid](
             x2.view(torch.int32), w.planes[0], w.planes[1], w.scale, y, part, m, n, x2.stride(0) // 2, y.stride(0),
             k // 16, launch.rows_per_split // 2, launch.rows_per_warp // 2, launch.iterations,
             GROUP_TILES=FP6_ITERATION_TILES if w.group_size == k else w.group_size // 16, CHANNEL=w.group_size == k,
@@ -753,7 +755,7 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
         if launch.split > 1:
             splitk.sum_splits(part, y, launch.split, m)
         return y
-    (_mma_decode_loop if looped else _mma_decode_kernel)[(-(-n // 32), launch.split)](
+    (_mma_decode_loop if looped else _mma_decode_kernel)[grid](
         x2.view(torch.int32), w.planes[0], w.scale, w.zero, y, part, m, n, x2.stride(0) // 2, y.stride(0), k // 8,
         launch.rows_per_split, launch.rows_per_warp, launch.iterations,
         GROUP_ROWS=ITERATION_ROWS if w.group_size == k else w.group_size // 8,
@@ -767,8 +769,7 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
 def kernel_variants() -> list:
     """Rule 10's kernels as its rules launch them, for ``llmc.plugins.aot``: symmetric int4 in groups of 128,
     asymmetric int4 in groups of 32 and FP6 e3m2 per channel at 1, 2, 4 and 8 warps, 1-8 rows (one B tile) and
-    9-16 (two); for sm_80-sm_90 (``mma.sync`` is Ampere's; the rules run them on
-    sm_90)."""
+    9-16 (two); for sm_80-sm_90 (``mma.sync`` is Ampere's; the rules run them on sm_90)."""
     from llmc.plugins.aot import KernelVariant
 
     if gluon is None:

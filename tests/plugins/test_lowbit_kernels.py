@@ -403,9 +403,10 @@ def test_hopper_prefill_rule_and_launch():
 def test_mma_decode_rule_and_launch():
     """Rule 10 (mma_decode) on int4 with float16 scales in groups of 32, 64, a multiple of 128 or one per output:
     symmetric at 2 rows from 2^22 weights, 3-7 from 2^19 and 8-16 everywhere, asymmetric at 2 rows from 2^22,
-    3 from 2^19, 4-8 everywhere and 9-16 below 2^24, below 2^20 weights only with as many outputs as inputs; K split for one
-    iteration a warp in one program of up to 8 warps, else about two, at most 32 ways and WARPS_PER_SM warps per
-    SM (WIDE_WARPS_PER_SM with two B tiles or zero points), over warps up to 8, then over programs."""
+    3 from 2^19, 4-8 everywhere and 9-16 below 2^24, below 2^20 weights only with as many outputs as inputs; K
+    split for one iteration a warp in one program of up to 8 warps, else about two, at most 32 ways and
+    WARPS_PER_SM warps per SM (WIDE_WARPS_PER_SM with two B tiles or zero points), over warps up to 8, then over
+    programs."""
     def int4(k, n, group=128, bits=4, scale=torch.float16, symmetric=True):
         w = weights_of(k, n, bits)
         return dataclasses.replace(w, scale=w.scale.to(scale), group_size=group, symmetric=symmetric)
