@@ -11,7 +11,8 @@ each batch of rows M in 1, 4, 16, 256, 2048:
    ``|y - ref| / |ref|`` (Frobenius) under 2e-3 (float16 output rounding is 2^-11 per element).
 2. Timing, L2-cold without flushing: each variant runs over enough copies of its weights to
    exceed four times the L2 cache (at most 512), back to back in one CUDA graph, timed with CUDA
-   events (median of 5 replays, divided by the number of calls). A flush by ``zero_()`` (what
+   events (replays queued back to back, 2 ms of them first, then the median of 9, divided by the
+   number of calls). A flush by ``zero_()`` (what
    ``do_bench`` does) leaves L2 full of dirty lines whose write-back is charged to the next
    kernel, and host launch gaps would be charged to small kernels; decode steps replayed from a
    graph over weights that do not stay in L2 have neither. Variants: the llmc kernel (int4 symmetric in groups of 128, 64 where K = 576; FP6 e3m2 and FP4 e2m1
@@ -71,6 +72,8 @@ SHAPES = [  # (model, K in, N out)
 LARGE = ("7B q/k/v/o", "7B gate/up", "7B down", "70B gate/up")
 BATCHES = (1, 4, 16, 256, 2048)
 TOLERANCE = 2e-3
+WARM_SECONDS = 2e-3  # replays before the timed ones (see _timed)
+REPLAYS = 9  # timed replays; the median is taken
 
 
 def compile_only() -> None:
@@ -353,7 +356,14 @@ def copy_bandwidth(device) -> float:
 
 
 def _timed(make_call, bytes_per_copy: int, l2_bytes: int) -> float:
-    """Seconds per call of ``make_call(i)()`` cycling over copies of the weights (L2-cold)."""
+    """Seconds per call of ``make_call(i)()`` cycling over copies of the weights (L2-cold), in a chain of graph
+    replays queued back to back.
+
+    After one replay waited for, the graph is queued for at least ``WARM_SECONDS`` (right after other work, the
+    float32 reference of a check, the first replays ran up to 10% slower for about half a millisecond), then
+    ``REPLAYS`` more with an event after each; the median interval, over the calls. Waiting for each replay
+    would charge the host's submission of the next (about 5 us) to its calls: with 3-9 copies of a large
+    linear that was 0.3-1.6 us a call."""
     import torch
 
     copies = max(1, min(512, -(-4 * l2_bytes // bytes_per_copy)))
@@ -364,17 +374,23 @@ def _timed(make_call, bytes_per_copy: int, l2_bytes: int) -> float:
     with torch.cuda.graph(graph):
         for call in calls:
             call()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(REPLAYS + 1)]
+    events[0].record()
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
+    events[1].record()
+    events[1].synchronize()
+    once = events[0].elapsed_time(events[1]) * 1e-3
+    for _ in range(int(-(-WARM_SECONDS // once))):
         graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3 / copies)
+    events[0].record()
+    for event in events[1:]:
+        graph.replay()
+        event.record()
+    events[-1].synchronize()
+    times = sorted(events[i].elapsed_time(events[i + 1]) * 1e-3 / copies for i in range(REPLAYS))
     del graph, calls
-    return sorted(times)[2]
+    return times[REPLAYS // 2]
+
 
 def _checked(call, x, w, ref, shape, what: str):
     """``call(x, y, w)`` into a NaN-poisoned ``y`` of ``shape``, compared with ``ref`` (None: not
@@ -597,7 +613,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
          "Launch shapes: llmc's own dispatch (intn_linear, fpx_linear without a launch)."),
         "",
         "Time per call in microseconds (L2-cold: weights cycled over copies exceeding 4x L2, calls "
-        "replayed from a CUDA graph, median of 5); in brackets the fraction of the copy roofline "
+        "replayed from a CUDA graph back to back, median of 9 after 2 ms of them); in brackets the fraction of the copy roofline "
         "(bytes moved / time / copy rate). int4, fp6 and fp4 are the kernels llmc's rules pick for the "
         "shape, the rows and this GPU (the Hopper rules included on sm_90; dequantize-then-cuBLAS where "
         "the rules say so).",

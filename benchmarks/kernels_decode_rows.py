@@ -91,7 +91,6 @@ def main() -> None:
             if y is None:
                 raise SystemExit("llmc's dispatch is wrong; no timing")
             forced = lambda i: (lambda: mma_decode.mma_linear(x, weights(i), launch, y))  # noqa: E731
-            _timed(forced, w.nbytes, l2)  # the first timing after the checks ran slow (up to 10%): dropped
             times = {
                 "mma": _timed(forced, w.nbytes, l2),
                 "before": _timed(lambda i: (lambda: linear(x, weights(i), config, out=y)), w.nbytes, l2),

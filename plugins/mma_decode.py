@@ -301,9 +301,23 @@ if gluon is not None:
     EXPAND_ASM = gl.constexpr(_EXPAND_ASM)
 
     @gluon.jit
-    def _load_rep(w_ptr, x_ptr, wr, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT: gl.constexpr):
+    def _load_rep(w_ptr, x_ptr, wr, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT: gl.constexpr,
+                  EVEN: gl.constexpr):
         """Rep at word-rows ``wr`` (one per row of the block): the words and the x of rows ``xr`` (and
-        ``xr + 8``); past the warp's range x is 0, so the (unread) words there add nothing."""
+        ``xr + 8``); past the warp's range x is 0, so the (unread) words there add nothing. ``EVEN`` (every
+        warp's range whole iterations, N a multiple of 32): no masks; the word-row is kept in the warp's range
+        (the prefetch after the last iteration reads its last rep again, unused) and x's row below M (columns
+        of x past M are never stored)."""
+        if EVEN:
+            wr = gl.minimum(wr, warp_end - 1)
+            words = gl.load(w_ptr + wr[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+            inputs = (wr * 4)[:, None] + x_col
+            x0 = gl.load(x_ptr + gl.minimum(xr, M - 1)[None, :] * stride_xm + inputs)
+            if NT == 2:
+                x1 = gl.load(x_ptr + gl.minimum(xr + 8, M - 1)[None, :] * stride_xm + inputs)
+            else:
+                x1 = x0
+            return words, x0, x1
         ok = (wr < warp_end)[:, None]
         words = gl.load(w_ptr + wr[:, None] * N + offs_n[None, :], mask=ok & n_ok, other=0,
                         eviction_policy="evict_first")
@@ -343,12 +357,19 @@ if gluon is not None:
 
     @gluon.jit
     def _load_group(s_ptr, z_ptr, unit, warp_end, offs_n, n_ok, N, placeholder, STARTS: gl.constexpr,
-                    GROUP_UNITS: gl.constexpr, SYMMETRIC: gl.constexpr):
+                    GROUP_UNITS: gl.constexpr, SYMMETRIC: gl.constexpr, EVEN: gl.constexpr):
         """The scales (and zero points) of the group of ``unit`` (a word-row, or an FP6 tile; one per row of
         the block) where a group ``STARTS`` at that rep; else ``placeholder``. The int4 loop loads them an
         iteration ahead of their use, the FP6 loop where it uses them, and both kernels a per-channel scale
-        with the first words."""
-        if STARTS:
+        with the first words. ``EVEN``: as :func:`_load_rep`'s."""
+        if STARTS and EVEN:
+            at = (gl.minimum(unit, warp_end - 1) // GROUP_UNITS)[:, None] * N + offs_n[None, :]
+            scale = gl.load(s_ptr + at)
+            if SYMMETRIC:
+                zero = placeholder
+            else:
+                zero = gl.load(z_ptr + at)
+        elif STARTS:
             mask = n_ok & (unit < warp_end)[:, None]
             at = (unit // GROUP_UNITS)[:, None] * N + offs_n[None, :]
             scale = gl.load(s_ptr + at, mask=mask, other=0.0)
@@ -477,7 +498,8 @@ if gluon is not None:
     @gluon.jit
     def _mma_decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, M, N, stride_xm, stride_ym, rows_total,
                            rows_per_split, rows_per_warp, iterations, GROUP_ROWS: gl.constexpr,
-                           CHANNEL: gl.constexpr, SYMMETRIC: gl.constexpr, NT: gl.constexpr, W_K: gl.constexpr):
+                           CHANNEL: gl.constexpr, SYMMETRIC: gl.constexpr, NT: gl.constexpr, W_K: gl.constexpr,
+                           EVEN: gl.constexpr):
         # x_ptr: x as int32 [M, K / 2] (row stride stride_xm); w_ptr: int4 words [K / 8, N].
         layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W_K, 1], [0, 1])
         BLOCK_N: gl.constexpr = 32
@@ -492,36 +514,43 @@ if gluon is not None:
         none = gl.zeros([4 * W_K, BLOCK_N], gl.float16, layout)
         # Per channel, the scales (and zero points) are loaded with the first words, not after the loop.
         channel_scale, channel_zero = _load_group(s_ptr, z_ptr, block * 0, warp_end, offs_n, n_ok, N, none,
-                                                  CHANNEL, 1, SYMMETRIC)
+                                                  CHANNEL, 1, SYMMETRIC, EVEN)
         if CHANNEL and not SYMMETRIC:
             zo, zc = _zero_pairs(channel_zero)
         RPG: gl.constexpr = min(4, GROUP_ROWS // 4)  # reps per group
         START: gl.constexpr = (not CHANNEL, not CHANNEL and RPG == 1, not CHANNEL and RPG <= 2,
                                not CHANNEL and RPG == 1)  # whether a group starts at rep 0-3
-        w0, x00, x10 = _load_rep(w_ptr, x_ptr, first, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
-        w1, x01, x11 = _load_rep(w_ptr, x_ptr, first + 4, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
-        w2, x02, x12 = _load_rep(w_ptr, x_ptr, first + 8, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
-        w3, x03, x13 = _load_rep(w_ptr, x_ptr, first + 12, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
-        s0, z0 = _load_group(s_ptr, z_ptr, first, warp_end, offs_n, n_ok, N, none, START[0], GROUP_ROWS, SYMMETRIC)
-        s1, z1 = _load_group(s_ptr, z_ptr, first + 4, warp_end, offs_n, n_ok, N, none, START[1], GROUP_ROWS, SYMMETRIC)
-        s2, z2 = _load_group(s_ptr, z_ptr, first + 8, warp_end, offs_n, n_ok, N, none, START[2], GROUP_ROWS, SYMMETRIC)
+        w0, x00, x10 = _load_rep(w_ptr, x_ptr, first, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT, EVEN)
+        w1, x01, x11 = _load_rep(w_ptr, x_ptr, first + 4, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT, EVEN)
+        w2, x02, x12 = _load_rep(w_ptr, x_ptr, first + 8, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT, EVEN)
+        w3, x03, x13 = _load_rep(w_ptr, x_ptr, first + 12, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT, EVEN)
+        s0, z0 = _load_group(s_ptr, z_ptr, first, warp_end, offs_n, n_ok, N, none, START[0], GROUP_ROWS,
+                             SYMMETRIC, EVEN)
+        s1, z1 = _load_group(s_ptr, z_ptr, first + 4, warp_end, offs_n, n_ok, N, none, START[1], GROUP_ROWS,
+                             SYMMETRIC, EVEN)
+        s2, z2 = _load_group(s_ptr, z_ptr, first + 8, warp_end, offs_n, n_ok, N, none, START[2], GROUP_ROWS,
+                             SYMMETRIC, EVEN)
         s3, z3 = _load_group(s_ptr, z_ptr, first + 12, warp_end, offs_n, n_ok, N, none, START[3], GROUP_ROWS,
-                             SYMMETRIC)
+                             SYMMETRIC, EVEN)
         for it in range(iterations):
             base = first + it * 16
             # The next iteration's words, x, scales and zero points are in flight while this one's are decoded.
-            n0w, n0x0, n0x1 = _load_rep(w_ptr, x_ptr, base + 16, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
-            n1w, n1x0, n1x1 = _load_rep(w_ptr, x_ptr, base + 20, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
-            n2w, n2x0, n2x1 = _load_rep(w_ptr, x_ptr, base + 24, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
-            n3w, n3x0, n3x1 = _load_rep(w_ptr, x_ptr, base + 28, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+            n0w, n0x0, n0x1 = _load_rep(w_ptr, x_ptr, base + 16, warp_end, offs_n, n_ok, N,
+                                        xr, x_col, M, stride_xm, NT, EVEN)
+            n1w, n1x0, n1x1 = _load_rep(w_ptr, x_ptr, base + 20, warp_end, offs_n, n_ok, N,
+                                        xr, x_col, M, stride_xm, NT, EVEN)
+            n2w, n2x0, n2x1 = _load_rep(w_ptr, x_ptr, base + 24, warp_end, offs_n, n_ok, N,
+                                        xr, x_col, M, stride_xm, NT, EVEN)
+            n3w, n3x0, n3x1 = _load_rep(w_ptr, x_ptr, base + 28, warp_end, offs_n, n_ok, N,
+                                        xr, x_col, M, stride_xm, NT, EVEN)
             ns0, nz0 = _load_group(s_ptr, z_ptr, base + 16, warp_end, offs_n, n_ok, N, none, START[0], GROUP_ROWS,
-                                   SYMMETRIC)
+                                   SYMMETRIC, EVEN)
             ns1, nz1 = _load_group(s_ptr, z_ptr, base + 20, warp_end, offs_n, n_ok, N, none, START[1], GROUP_ROWS,
-                                   SYMMETRIC)
+                                   SYMMETRIC, EVEN)
             ns2, nz2 = _load_group(s_ptr, z_ptr, base + 24, warp_end, offs_n, n_ok, N, none, START[2], GROUP_ROWS,
-                                   SYMMETRIC)
+                                   SYMMETRIC, EVEN)
             ns3, nz3 = _load_group(s_ptr, z_ptr, base + 28, warp_end, offs_n, n_ok, N, none, START[3], GROUP_ROWS,
-                                   SYMMETRIC)
+                                   SYMMETRIC, EVEN)
             acc0, acc1, acc2, acc3 = _iteration(w0, w1, w2, w3, x00, x01, x02, x03, x10, x11, x12, x13, acc0, acc1,
                                                 acc2, acc3, zo, zc, s0, s1, s2, s3, z0, z1, z2, z3, GROUP_ROWS,
                                                 CHANNEL, SYMMETRIC, NT)
@@ -535,9 +564,28 @@ if gluon is not None:
 
     @gluon.jit
     def _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, tile, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm,
-                      NT: gl.constexpr):
+                      NT: gl.constexpr, EVEN: gl.constexpr):
         """FP6 rep at tiles ``tile`` (one per row of the block): the even and odd 4-bit words, the 2-bit
-        words and x's 16 inputs (two tensors of 4 int32) of rows ``xr`` (and ``xr + 8``)."""
+        words and x's 16 inputs (two tensors of 4 int32) of rows ``xr`` (and ``xr + 8``). ``EVEN``: as
+        :func:`_load_rep`'s."""
+        if EVEN:
+            tile = gl.minimum(tile, warp_end - 1)
+            at = tile[:, None] * N + offs_n[None, :]
+            even = gl.load(hi_ptr + (2 * tile)[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+            odd = gl.load(hi_ptr + (2 * tile + 1)[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+            low = gl.load(lo_ptr + at, eviction_policy="evict_first")
+            inputs = (tile * 8)[:, None] + x_col
+            row0 = gl.minimum(xr, M - 1)[None, :] * stride_xm
+            xa0 = gl.load(x_ptr + row0 + inputs)
+            xb0 = gl.load(x_ptr + row0 + inputs + 4)
+            if NT == 2:
+                row1 = gl.minimum(xr + 8, M - 1)[None, :] * stride_xm
+                xa1 = gl.load(x_ptr + row1 + inputs)
+                xb1 = gl.load(x_ptr + row1 + inputs + 4)
+            else:
+                xa1 = xa0
+                xb1 = xb0
+            return even, odd, low, xa0, xb0, xa1, xb1
         ok = (tile < warp_end)[:, None]
         mask = ok & n_ok
         at = tile[:, None] * N + offs_n[None, :]
@@ -576,7 +624,7 @@ if gluon is not None:
     def _mma_fp6_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, M, N, stride_xm, stride_ym, tiles_total,
                         tiles_per_split, tiles_per_warp, iterations, GROUP_TILES: gl.constexpr,
                         CHANNEL: gl.constexpr, MANTISSA: gl.constexpr, POWER: gl.constexpr, NT: gl.constexpr,
-                        W_K: gl.constexpr):
+                        W_K: gl.constexpr, EVEN: gl.constexpr):
         # x_ptr: x as int32 [M, K / 2]; hi_ptr: the 4-bit plane [K / 8, N]; lo_ptr: the 2-bit plane [K / 16, N].
         layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W_K, 1], [0, 1])
         BLOCK_N: gl.constexpr = 32
@@ -590,19 +638,21 @@ if gluon is not None:
         zero = acc0
         none = gl.zeros([4 * W_K, BLOCK_N], gl.float16, layout)
         # Per channel, the scales are loaded with the first words, not after the loop.
-        channel_scale, _ = _load_group(s_ptr, s_ptr, block * 0, warp_end, offs_n, n_ok, N, none, CHANNEL, 1, True)
+        channel_scale, _ = _load_group(s_ptr, s_ptr, block * 0, warp_end, offs_n, n_ok, N, none, CHANNEL, 1, True, EVEN)
         e0, o0, l0, xa00, xb00, xa10, xb10 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, first, warp_end, offs_n, n_ok, N,
-                                                           xr, x_col, M, stride_xm, NT)
+                                                           xr, x_col, M, stride_xm, NT, EVEN)
         e1, o1, l1, xa01, xb01, xa11, xb11 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, first + 4, warp_end, offs_n, n_ok,
-                                                           N, xr, x_col, M, stride_xm, NT)
+                                                           N, xr, x_col, M, stride_xm, NT, EVEN)
         for it in range(iterations):
             base = first + it * 8
             # The next iteration's words and x are in flight while this one's are decoded (a group's scales
             # are loaded where they are used: loaded an iteration ahead, 16 rows of x ran up to 21% slower).
             ne0, no0, nl0, nxa00, nxb00, nxa10, nxb10 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, base + 8, warp_end,
-                                                                      offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+                                                                      offs_n, n_ok, N, xr, x_col, M, stride_xm, NT,
+                                                                      EVEN)
             ne1, no1, nl1, nxa01, nxb01, nxa11, nxb11 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, base + 12, warp_end,
-                                                                      offs_n, n_ok, N, xr, x_col, M, stride_xm, NT)
+                                                                      offs_n, n_ok, N, xr, x_col, M, stride_xm, NT,
+                                                                      EVEN)
             a0 = acc0
             a1 = acc1
             b0 = acc2
@@ -620,7 +670,7 @@ if gluon is not None:
                 a0, a1, b0, b1 = _fp6_rep(even, odd, low, xa0, xb0, xa1, xb1, a0, a1, b0, b1, MANTISSA, NT)
                 if not CHANNEL and k % REPS_PER_GROUP == REPS_PER_GROUP - 1:
                     scale, _ = _load_group(s_ptr, s_ptr, base + 4 * k, warp_end, offs_n, n_ok, N, none, True,
-                                           GROUP_TILES, True)
+                                           GROUP_TILES, True, EVEN)
                     acc0, acc1, acc2, acc3 = _add_group(acc0, acc1, acc2, acc3, a0, a1, b0, b1, scale, NT)
             if CHANNEL:
                 acc0 = a0
@@ -717,6 +767,14 @@ def _split_launch(in_features: int, warps: int, split: int) -> MmaLaunch:
     return MmaLaunch(warps, split, rows_per_split, rows_per_warp, rows_per_warp // ITERATION_ROWS)
 
 
+def _even(launch: MmaLaunch, in_features: int, out_features: int) -> bool:
+    """Whether every warp's range of K is whole iterations inside K and every block of 32 outputs is whole, so
+    that the kernel's loads need no masks (``EVEN``: 12-22% fewer instructions in the loop, and 8-40 fewer
+    registers)."""
+    return (out_features % 32 == 0 and launch.split * launch.rows_per_split == in_features // 8
+            and launch.warps * launch.rows_per_warp == launch.rows_per_split)
+
+
 def where_its_rule_runs(x2: torch.Tensor, w, out: torch.Tensor | None) -> torch.Tensor | None:
     """``x2`` [M, K] @ W.T by rule 10 into ``out`` (a new tensor if None) where :func:`mma_config` takes
     it on this GPU, with float16 x; else None, and the caller's rules run."""
@@ -745,13 +803,14 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
     part = torch.empty(launch.split, m, n, dtype=torch.float32, device=x2.device) if launch.split > 1 else y
     grid = (-(-n // 32), launch.split)
     looped = launch.iterations == 1 and grid[0] * grid[1] <= splitk.sm_count(x2.device)
+    even = _even(launch, k, n)
     if _is_fp6(w):  # the launch's word-rows of 8 inputs as tiles of 16
         (_mma_fp6_loop if looped else _mma_fp6_kernel)[grid](
             x2.view(torch.int32), w.planes[0], w.planes[1], w.scale, y, part, m, n, x2.stride(0) // 2, y.stride(0),
             k // 16, launch.rows_per_split // 2, launch.rows_per_warp // 2, launch.iterations,
             GROUP_TILES=FP6_ITERATION_TILES if w.group_size == k else w.group_size // 16, CHANNEL=w.group_size == k,
             MANTISSA=w.fmt.mantissa_bits, POWER=2.0 ** (15 - w.fmt.bias), NT=1 if m <= 8 else 2, W_K=launch.warps,
-            num_warps=launch.warps)
+            EVEN=even, num_warps=launch.warps)
         if launch.split > 1:
             splitk.sum_splits(part, y, launch.split, m)
         return y
@@ -759,7 +818,7 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
         x2.view(torch.int32), w.planes[0], w.scale, w.zero, y, part, m, n, x2.stride(0) // 2, y.stride(0), k // 8,
         launch.rows_per_split, launch.rows_per_warp, launch.iterations,
         GROUP_ROWS=ITERATION_ROWS if w.group_size == k else w.group_size // 8,
-        CHANNEL=w.group_size == k, SYMMETRIC=w.symmetric, NT=1 if m <= 8 else 2, W_K=launch.warps,
+        CHANNEL=w.group_size == k, SYMMETRIC=w.symmetric, NT=1 if m <= 8 else 2, W_K=launch.warps, EVEN=even,
         num_warps=launch.warps)
     if launch.split > 1:
         splitk.sum_splits(part, y, launch.split, m)
@@ -769,7 +828,7 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
 def kernel_variants() -> list:
     """Rule 10's kernels as its rules launch them, for ``llmc.plugins.aot``: symmetric int4 in groups of 128,
     asymmetric int4 in groups of 32 and FP6 e3m2 per channel at 1, 2, 4 and 8 warps, 1-8 rows (one B tile) and
-    9-16 (two); for sm_80-sm_90 (``mma.sync`` is Ampere's; the rules run them on sm_90)."""
+    9-16 (two), with and without masks (``EVEN``); for sm_80-sm_90 (``mma.sync`` is Ampere's; the rules run them on sm_90)."""
     from llmc.plugins.aot import KernelVariant
 
     if gluon is None:
@@ -779,19 +838,20 @@ def kernel_variants() -> list:
                      rows_per_warp="i32", iterations="i32")
     aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "part_ptr", "N", "stride_xm", "stride_ym",
                "rows_per_split", "rows_per_warp")
-    launches = tuple((nt, warps) for nt in (1, 2) for warps in (1, 2, 4, 8))  # (B tiles, warps)
+    launches = tuple((nt, warps, even) for nt in (1, 2) for warps in (1, 2, 4, 8) for even in (False, True))
     int4 = [KernelVariant(f"intn-mma{'2-8' if nt == 1 else '9-16'}-int4-{'sym-g128' if symmetric else 'asym-g32'}"
-                          f"-w{warps}", _mma_decode_kernel, signature,
-                          dict(GROUP_ROWS=16 if symmetric else 4, CHANNEL=False, SYMMETRIC=symmetric, NT=nt, W_K=warps),
-                          warps, 1, aligned)
-            for symmetric in (True, False) for nt, warps in launches]
+                          f"-w{warps}{'-even' if even else ''}", _mma_decode_kernel, signature,
+                          dict(GROUP_ROWS=16 if symmetric else 4, CHANNEL=False, SYMMETRIC=symmetric, NT=nt, W_K=warps,
+                               EVEN=even), warps, 1, aligned)
+            for symmetric in (True, False) for nt, warps, even in launches]
     fp6_signature = dict(x_ptr="*i32", hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16", y_ptr="*fp16", part_ptr="*fp32",
                          M="i32", N="i32", stride_xm="i32", stride_ym="i32", tiles_total="i32", tiles_per_split="i32",
                          tiles_per_warp="i32", iterations="i32")
     fp6_aligned = ("x_ptr", "hi_ptr", "lo_ptr", "s_ptr", "y_ptr", "part_ptr", "N", "stride_xm", "stride_ym",
                    "tiles_per_split", "tiles_per_warp")
-    fp6 = [KernelVariant(f"fpx-mma{'1-8' if nt == 1 else '9-16'}-e3m2-channel-w{warps}", _mma_fp6_kernel, fp6_signature,
-                         dict(GROUP_TILES=FP6_ITERATION_TILES, CHANNEL=True, MANTISSA=2, POWER=2.0 ** 12, NT=nt, W_K=warps),
-                         warps, 1, fp6_aligned)
-           for nt, warps in launches]
+    fp6 = [KernelVariant(f"fpx-mma{'1-8' if nt == 1 else '9-16'}-e3m2-channel-w{warps}{'-even' if even else ''}",
+                         _mma_fp6_kernel, fp6_signature,
+                         dict(GROUP_TILES=FP6_ITERATION_TILES, CHANNEL=True, MANTISSA=2, POWER=2.0 ** 12, NT=nt, W_K=warps,
+                              EVEN=even), warps, 1, fp6_aligned)
+           for nt, warps, even in launches]
     return int4 + fp6

@@ -900,6 +900,38 @@ def test_mma_decode_fp6_launches_match_the_reference(kind, rows):
 
 
 @hopper
+@pytest.mark.parametrize("rows", [1, 5, 9, 16])
+@pytest.mark.parametrize("kind", ["g128", "asym-g32", "channel", "e3m2-channel", "e3m2-g128"])
+def test_mma_decode_launches_without_masks_match_the_reference(kind, rows):
+    """Rule 10 on a [320, 1024] weight (whole blocks of outputs, K 8 iterations) at the 1-8 warp, 1-2 split
+    launches: those whose warps all get whole iterations load without masks (the prefetch after the last
+    iteration kept in the warp's range, x's rows kept below M), the others with; both against the reference,
+    on x rows K + 1 apart."""
+    k, n = 1024, 320
+    if kind.startswith("e3m2"):
+        group = None if kind.endswith("channel") else 128
+        packed = fp.pack_fpx(fpx_quantize(weight(n, k, seed=29), FORMATS["e3m2"], group,
+                                          scale_dtype=torch.float16)).to("cuda")
+        reference = fp.fpx_reference
+    else:
+        group = -1 if kind == "channel" else int(kind.split("g")[-1])
+        packed = intn.pack_intn(rtn_quantize(weight(n, k, seed=29), 4, group, "asym" not in kind)).to("cuda")
+        reference = intn.intn_reference
+    x = torch.randn(rows, k + 1, generator=torch.Generator().manual_seed(rows)).half().cuda()[:, 1:]
+    expected = reference(x, packed).float()
+    even = []
+    for warps in (1, 2, 4, 8):
+        for split in (1, 2):
+            launch = mma_decode._split_launch(k, warps, split)
+            even.append(mma_decode._even(launch, k, n))
+            out = torch.full((rows, n), float("nan"), dtype=torch.float16, device="cuda")
+            mma_decode.mma_linear(x, packed, launch, out)
+            assert bool(torch.isfinite(out).all()), launch
+            assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, launch
+    assert even == [True, True, True, True, True, True, True, False]
+
+
+@hopper
 @pytest.mark.parametrize("kind", ["int4", "int4-asym", "fp6"])
 def test_the_linears_take_the_mma_decode_kernel_where_its_rules_say(kind):
     """On 4096->11008, float16 x runs rule 10 (the same output as forcing it) at 2-16 rows of symmetric int4, 2-8
