@@ -73,15 +73,15 @@ except ImportError:  # no Triton (CPU-only hosts), or a Triton without Gluon
 # Where rule 10 runs int4 (float16 x and scales, groups of 32, 64 or a multiple of 128 inputs or one scale per
 # output, sm_90): (up to rows, from weights, below weights; from None: not there), and below NARROW_BELOW weights
 # only where the outputs are at least the inputs. Set from benchmarks/kernels_decode_rows.py on an H100 (round
-# 15, docs/benchmarks/kernels-decode-rows.md). Symmetric: 2 rows from 2^22 weights, 3-7 from 2^19, 8-16
-# everywhere; one row lost on 4096x4096 (7.1 against 5.7 us), 11008->4096 (12.7 against 12.4) and the small
-# shapes, 2 rows on 576x576 and 896x896 (2.6-2.7 against 2.2-2.3), 3-4 rows on 576x576 (2.6 against 2.2-2.5).
-MMA_RULE = ((1, None, None), (2, 1 << 22, None), (7, 1 << 19, None), (16, 0, None))
-# Asymmetric (groups of 32 in the benchmark): 2 rows from 2^22, 3 from 2^19, 4-8 everywhere, 9-16 below 2^24,
+# 15, docs/benchmarks/kernels-decode-rows.md). Symmetric: one row from 2^22 weights where the outputs are at least
+# ONE_ROW_WIDE times the inputs (round 16), 2 rows from 2^22 weights, 3-7 from 2^19, 8-16 everywhere; 2 rows lost on
+# 576x576 and 896x896 (2.6-2.7 against 2.2-2.3), 3-4 rows on 576x576 (2.6 against 2.2-2.5).
+MMA_RULE = ((1, 1 << 22, None), (2, 1 << 22, None), (7, 1 << 19, None), (16, 0, None))
+# Asymmetric (groups of 32 in the benchmark): one row as symmetric's, 2 rows from 2^22, 3 from 2^19, 4-8 everywhere, 9-16 below 2^24,
 # where it ran up to 1.70x faster than the other rules; 2-3 rows lost or tied on 576x576 (2.8 against 2.7-2.8),
 # 9-16 rows from 2^24 (two B tiles and the zero points: 4096x4096 12.4 against 10.2 us, 8192->28672 102.6
 # against 77.7).
-ASYM_MMA_RULE = ((1, None, None), (2, 1 << 22, None), (3, 1 << 19, None), (8, 0, None), (16, 0, 1 << 24))
+ASYM_MMA_RULE = ((1, 1 << 22, None), (2, 1 << 22, None), (3, 1 << 19, None), (8, 0, None), (16, 0, 1 << 24))
 # Where rule 10 runs FP6 (float16 x and scales, e3m2 or e2m3, groups of a multiple of 64 or one scale per
 # output, sm_90): 1-16 rows everywhere (but NARROW_BELOW). Set from benchmarks/kernels_decode_rows.py --fp6 on
 # an H100: 0.98-1.90x the other rules (4864->896 at one row: 5.6 against 5.5 us).
@@ -90,6 +90,11 @@ FP6_MMA_RULE = ((16, 0, None),)
 # 12 iterations of K, and lost to the other rules at 2-3 and 16 rows of FP6 (4.7 against 4.4 us at 16) and 1-4
 # rows of symmetric int4 (3.6 against 2.6-3.4).
 NARROW_BELOW = 1 << 20
+# One row of int4 runs rule 10 only where the outputs are at least this many times the inputs (round 16, with the
+# unmasked loads of EVEN launches; rule 2, the CUDA-core decode, elsewhere): symmetric 4096->11008 10.6 against
+# 11.5 us, 896->4864 3.5 against 4.0; lost on 4096x4096 (6.6 against 5.5), 11008->4096 (12.3 against 11.8) and
+# below 2^22 weights (576->1536 2.6 against 2.3); 4864->896 ran faster (4.8 against 6.1) and is not taken.
+ONE_ROW_WIDE = 2
 WARPS_PER_SM = 24  # the K parallelism stops at this many warps per SM
 WIDE_WARPS_PER_SM = 16  # with two B tiles or zero points (about 128 registers a thread: 16 warps fill an SM)
 ITERATION_ROWS = 16  # word-rows a warp decodes per iteration (4 reps of 4)
@@ -726,14 +731,17 @@ def takes(w) -> bool:
 
 def mma_config(m: int, w, sms: int) -> MmaLaunch | None:
     """Rule 10's launch over ``m`` rows, or None where :data:`MMA_RULE` (symmetric int4), :data:`ASYM_MMA_RULE`
-    (asymmetric int4) or :data:`FP6_MMA_RULE` (FP6) does not take the linear, or where it has fewer outputs than
-    inputs and fewer than :data:`NARROW_BELOW` weights."""
+    (asymmetric int4) or :data:`FP6_MMA_RULE` (FP6) does not take the linear, where it has fewer outputs than
+    inputs and fewer than :data:`NARROW_BELOW` weights, or at one row of int4 where it has fewer than
+    :data:`ONE_ROW_WIDE` outputs per input."""
     rule = FP6_MMA_RULE if _is_fp6(w) else MMA_RULE if w.symmetric else ASYM_MMA_RULE
     least, below = next(((least, below) for rows, least, below in rule if m <= rows), (None, None))
     count = w.in_features * w.out_features
     if least is None or count < least or (below is not None and count >= below) or not takes(w):
         return None
     if count < NARROW_BELOW and w.out_features < w.in_features:
+        return None
+    if m == 1 and not _is_fp6(w) and w.out_features < ONE_ROW_WIDE * w.in_features:
         return None
     return mma_launch(m, w.in_features, w.out_features, sms, not _is_fp6(w) and not w.symmetric)
 
