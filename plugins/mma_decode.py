@@ -53,7 +53,8 @@ loads carry no masks (``EVEN``: the word-row kept inside the warp's range, x's r
 
 Measured on an H100 (docs/benchmarks/kernels-decode-rows.md); it runs where it beat the other rules
 (:data:`MMA_RULE`: symmetric int4 at 2 rows from 2^22 weights, 3-7 from 2^19 and 8-16 everywhere;
-:data:`ASYM_MMA_RULE`: asymmetric int4 at 2 rows from 2^22, 3 from 2^19, 4-8 everywhere and 9-16 below 2^24;
+:data:`ASYM_MMA_RULE`: asymmetric int4 at 2 rows from 2^22, 3 from 2^19, 4-8 everywhere and 9-16 below 2^24
+or without masks;
 int4 at one row from 2^22 weights where the outputs are at least :data:`ONE_ROW_WIDE` times the inputs;
 :data:`FP6_MMA_RULE`: FP6 at 1-16 rows; below :data:`NARROW_BELOW` weights only where the outputs are at least
 the inputs). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its split-K finish
@@ -82,10 +83,10 @@ except ImportError:  # no Triton (CPU-only hosts), or a Triton without Gluon
 # ONE_ROW_WIDE times the inputs (round 16), 2 rows from 2^22 weights, 3-7 from 2^19, 8-16 everywhere; 2 rows lost on
 # 576x576 and 896x896 (2.6-2.7 against 2.2-2.3), 3-4 rows on 576x576 (2.6 against 2.2-2.5).
 MMA_RULE = ((1, 1 << 22, None), (2, 1 << 22, None), (7, 1 << 19, None), (16, 0, None))
-# Asymmetric (groups of 32 in the benchmark): one row as symmetric's, 2 rows from 2^22, 3 from 2^19, 4-8 everywhere, 9-16 below 2^24,
-# where it ran up to 1.70x faster than the other rules; 2-3 rows lost or tied on 576x576 (2.8 against 2.7-2.8),
-# 9-16 rows from 2^24 (two B tiles and the zero points: 4096x4096 12.4 against 10.2 us, 8192->28672 102.6
-# against 77.7).
+# Asymmetric (groups of 32 in the benchmark): one row as symmetric's, 2 rows from 2^22, 3 from 2^19, 4-8 everywhere,
+# 9-16 below 2^24 and, from 2^24, where the launch's loads need no masks (round 16: 4096x4096 at 9-16 rows 8.8-9.6
+# against 9.8-10.0 us, 4096->11008 16.8 against 18.1-18.9; 11008->4096, masked, 22.7-23.1 against 21.3-21.8), where
+# it ran up to 1.70x faster than the other rules; 2-3 rows lost or tied on 576x576 (2.8 against 2.7-2.8).
 ASYM_MMA_RULE = ((1, 1 << 22, None), (2, 1 << 22, None), (3, 1 << 19, None), (8, 0, None), (16, 0, 1 << 24))
 # Where rule 10 runs FP6 (float16 x and scales, e3m2 or e2m3, groups of a multiple of 64 or one scale per
 # output, sm_90): 1-16 rows everywhere (but NARROW_BELOW). Set from benchmarks/kernels_decode_rows.py --fp6 on
@@ -738,17 +739,21 @@ def mma_config(m: int, w, sms: int) -> MmaLaunch | None:
     """Rule 10's launch over ``m`` rows, or None where :data:`MMA_RULE` (symmetric int4), :data:`ASYM_MMA_RULE`
     (asymmetric int4) or :data:`FP6_MMA_RULE` (FP6) does not take the linear, where it has fewer outputs than
     inputs and fewer than :data:`NARROW_BELOW` weights, or at one row of int4 where it has fewer than
-    :data:`ONE_ROW_WIDE` outputs per input."""
+    :data:`ONE_ROW_WIDE` outputs per input. A rule's upper bound holds for launches with masked loads only
+    (:func:`_even`)."""
     rule = FP6_MMA_RULE if _is_fp6(w) else MMA_RULE if w.symmetric else ASYM_MMA_RULE
     least, below = next(((least, below) for rows, least, below in rule if m <= rows), (None, None))
     count = w.in_features * w.out_features
-    if least is None or count < least or (below is not None and count >= below) or not takes(w):
+    if least is None or count < least or not takes(w):
         return None
     if count < NARROW_BELOW and w.out_features < w.in_features:
         return None
     if m == 1 and not _is_fp6(w) and w.out_features < ONE_ROW_WIDE * w.in_features:
         return None
-    return mma_launch(m, w.in_features, w.out_features, sms, not _is_fp6(w) and not w.symmetric)
+    launch = mma_launch(m, w.in_features, w.out_features, sms, not _is_fp6(w) and not w.symmetric)
+    if below is not None and count >= below and not _even(launch, w.in_features, w.out_features):
+        return None
+    return launch
 
 
 def mma_launch(m: int, in_features: int, out_features: int, sms: int, zero_points: bool = False) -> MmaLaunch:

@@ -403,7 +403,8 @@ def test_hopper_prefill_rule_and_launch():
 def test_mma_decode_rule_and_launch():
     """Rule 10 (mma_decode) on int4 with float16 scales in groups of 32, 64, a multiple of 128 or one per output:
     one row from 2^22 weights where the outputs are at least twice the inputs, symmetric at 2 rows from 2^22 weights, 3-7 from 2^19 and 8-16 everywhere, asymmetric at 2 rows from 2^22,
-    3 from 2^19, 4-8 everywhere and 9-16 below 2^24, below 2^20 weights only with as many outputs as inputs; K
+    3 from 2^19, 4-8 everywhere and 9-16 below 2^24 or where the launch needs no masks, below 2^20 weights only
+    with as many outputs as inputs; K
     split for one iteration a warp in one program of up to 8 warps, else about two, at most 32 ways and
     WARPS_PER_SM warps per SM (WIDE_WARPS_PER_SM with two B tiles or zero points), over warps up to 8, then over
     programs."""
@@ -432,8 +433,9 @@ def test_mma_decode_rule_and_launch():
     assert mma_decode.mma_config(1, int4(4864, 896, 32, symmetric=False), SMS) is None
     small = int4(576, 576, 32, symmetric=False)
     assert mma_decode.mma_config(3, small, SMS) is None and mma_decode.mma_config(4, small, SMS)
-    assert mma_decode.mma_config(9, int4(4096, 4096, symmetric=False), SMS) is None  # 9-16 rows below 2^24
-    assert mma_decode.mma_config(16, int4(4096, 11008, symmetric=False), SMS) is None
+    assert mma_decode.mma_config(9, int4(11008, 4096, symmetric=False), SMS) is None  # 9-16 rows below 2^24, masked
+    assert mma_decode.mma_config(9, int4(4096, 4096, symmetric=False), SMS)  # or without masks (8 x 2)
+    assert mma_decode.mma_config(16, int4(4096, 11008, symmetric=False), SMS) == mma_decode.MmaLaunch(4, 1, 512, 128, 8)
     assert mma_decode.mma_config(4, int4(11008, 4096, 32, symmetric=False), SMS) == mma_decode.MmaLaunch(
         8, 2, 688, 96, 6)  # zero points: 16 warps per SM, so 16 ways (32 would be 4096 warps)
     assert mma_decode.mma_config(4, int4(4096, 4096, bits=8), SMS) is None
@@ -937,14 +939,13 @@ def test_mma_decode_launches_without_masks_match_the_reference(kind, rows):
 @hopper
 @pytest.mark.parametrize("kind", ["int4", "int4-asym", "fp6"])
 def test_the_linears_take_the_mma_decode_kernel_where_its_rules_say(kind):
-    """On 4096->11008, float16 x runs rule 10 (the same output as forcing it) at 1-16 rows of symmetric int4, 1-8
-    rows of asymmetric int4 and 1-16 rows of FP6; asymmetric int4 at 9 rows, int4 and FP6 at 17 rows, and bfloat16
-    x do not."""
+    """On 4096->11008, float16 x runs rule 10 (the same output as forcing it) at 1-16 rows of int4 (symmetric and
+    asymmetric) and FP6; 17 rows and bfloat16 x do not."""
     weight = torch.randn(11008, 4096, device="cuda") * 0.02
     if kind.startswith("int4"):
         w = intn.pack_intn(rtn_quantize(weight, 4, 32 if kind == "int4-asym" else 128, kind == "int4"))
         linear, reference = intn.intn_linear, intn.intn_reference
-        taken, not_taken = ((1, 2, 9, 16), (17,)) if kind == "int4" else ((1, 3, 8), (9,))
+        taken, not_taken = ((1, 2, 9, 16), (17,)) if kind == "int4" else ((1, 3, 8, 9), (17,))
     else:
         w = fp.pack_fpx(fpx_quantize(weight, FORMATS["e3m2"], None, scale_dtype=torch.float16))
         linear, reference, taken, not_taken = fp.fpx_linear, fp.fpx_reference, (1, 4, 16), (17,)
