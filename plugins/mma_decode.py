@@ -821,7 +821,7 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
     part = torch.empty(launch.split, m, n, dtype=torch.float32, device=x2.device) if launch.split > 1 else y
     grid = (-(-n // 32), launch.split)
     looped = launch.iterations == 1 and grid[0] * grid[1] <= splitk.sm_count(x2.device)
-    even = _even(launch, k, n)
+    even = m > 0 and _even(launch, k, n)  # x's row is clamped to M - 1 without masks
     if _is_fp6(w):  # the launch's word-rows of 8 inputs as tiles of 16
         (_mma_fp6_loop if looped else _mma_fp6_kernel)[grid](
             x2.view(torch.int32), w.planes[0], w.planes[1], w.scale, y, part, m, n, x2.stride(0) // 2, y.stride(0),

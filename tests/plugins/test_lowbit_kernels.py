@@ -961,6 +961,19 @@ def test_the_linears_take_the_mma_decode_kernel_where_its_rules_say(kind):
 
 
 @gpu
+def test_the_linears_take_x_with_no_rows():
+    """An x of no rows gives an output of no rows (on sm_90 through rule 10's dispatch, whose unmasked loads keep
+    x's row below M and so are not taken with M = 0)."""
+    weight = torch.randn(11008, 4096, device="cuda") * 0.02
+    for linear, w in ((intn.intn_linear, intn.pack_intn(rtn_quantize(weight, 4, 128, True))),
+                      (fp.fpx_linear, fp.pack_fpx(fpx_quantize(weight, FORMATS["e3m2"], None,
+                                                                scale_dtype=torch.float16)))):
+        y = linear(torch.empty(0, 4096, dtype=torch.float16, device="cuda"), w)
+        torch.cuda.synchronize()
+        assert y.shape == (0, 11008) and y.dtype == torch.float16
+
+
+@gpu
 def test_the_prefill_kernel_waits_for_its_register_operands():
     """Rule 8 on a 4096->11008 linear at 2048 rows, four fresh inputs. Without the wait for the wgmmas
     in flight (_operands_read), Triton 3.6's code for 128 x 128 blocks of 8 warps gave wrong outputs
