@@ -27,7 +27,8 @@ permuted into [warp, row, output] and cross shared memory once, into a layout wh
 warp's part of 4 adjacent outputs of a row: it sums them and stores them with one 8-byte store (a reduction
 per accumulator before, 480 of the 1064 sm_90 instructions of FP6 at 16 rows and 4 warps; now 672 in all).
 Splits of K across programs meet in ``splitk.sum_splits`` (:func:`mma_launch`: one iteration a warp in one
-program of up to 8 warps, else about 2 iterations a warp). The sm_90 loop is 283
+program of up to 8 warps, else about 2 iterations a warp), which at 1-8 rows the kernel lets start first thing
+(:func:`_launches_sum_early`). The sm_90 loop is 283
 instructions for a lane's 128 weights (symmetric, groups of 128: 2.2 a weight, 16 HMMA; the decode itself
 1.1), with no shared memory, against rule 2's 3.8 a weight for one row.
 
@@ -309,6 +310,7 @@ if gluon is not None:
     FP6_STEP_ASM = gl.constexpr(tuple(_fp6_step_asm(nt, m) for nt in (1, 2) for m in (2, 3)))
     FP6_STEP_CONSTRAINTS = gl.constexpr(tuple(_fp6_step_constraints(nt) for nt in (1, 2)))
     ZERO_ASM = gl.constexpr(_ZERO_ASM)
+    LAUNCH_DEPENDENTS_ASM = gl.constexpr("griddepcontrol.launch_dependents; mov.b32 $0, $1;")
     EXPAND_ASM = gl.constexpr(_EXPAND_ASM)
 
     @gluon.jit
@@ -474,6 +476,12 @@ if gluon is not None:
         return n0, block, offs_n, n_ok, warp_end, xr, x_col, first
 
     @gluon.jit
+    def _once_per_thread(ASM: gl.constexpr, W_K: gl.constexpr):
+        """The instruction ``ASM`` (with a dummy operand), once by every thread of the program."""
+        lane = gl.arange(0, 32 * W_K, layout=gl.BlockedLayout([1], [32], [W_K], [0]))
+        gl.inline_asm_elementwise(ASM, "=r,r", [lane], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _finish(acc0, acc1, acc2, acc3, channel_scale, y_ptr, part_ptr, n0, M, N, stride_ym, W_K: gl.constexpr,
                 BLOCK_N: gl.constexpr, CHANNEL: gl.constexpr, NT: gl.constexpr, POWER: gl.constexpr):
         """The per-channel scale (loaded with the first words), then the warps' sums stored. Element (4 w + q,
@@ -510,8 +518,10 @@ if gluon is not None:
     def _mma_decode_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, M, N, stride_xm, stride_ym, rows_total,
                            rows_per_split, rows_per_warp, iterations, GROUP_ROWS: gl.constexpr,
                            CHANNEL: gl.constexpr, SYMMETRIC: gl.constexpr, NT: gl.constexpr, W_K: gl.constexpr,
-                           EVEN: gl.constexpr):
+                           EVEN: gl.constexpr, DEPENDENTS: gl.constexpr = False):
         # x_ptr: x as int32 [M, K / 2] (row stride stride_xm); w_ptr: int4 words [K / 8, N].
+        if DEPENDENTS:  # sum_splits may start now (_launches_sum_early)
+            _once_per_thread(LAUNCH_DEPENDENTS_ASM, W_K)
         layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W_K, 1], [0, 1])
         BLOCK_N: gl.constexpr = 32
         n0, block, offs_n, n_ok, warp_end, xr, x_col, first = _lanes(rows_total, rows_per_split, rows_per_warp, N,
@@ -635,8 +645,10 @@ if gluon is not None:
     def _mma_fp6_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, M, N, stride_xm, stride_ym, tiles_total,
                         tiles_per_split, tiles_per_warp, iterations, GROUP_TILES: gl.constexpr,
                         CHANNEL: gl.constexpr, MANTISSA: gl.constexpr, POWER: gl.constexpr, NT: gl.constexpr,
-                        W_K: gl.constexpr, EVEN: gl.constexpr):
+                        W_K: gl.constexpr, EVEN: gl.constexpr, DEPENDENTS: gl.constexpr = False):
         # x_ptr: x as int32 [M, K / 2]; hi_ptr: the 4-bit plane [K / 8, N]; lo_ptr: the 2-bit plane [K / 16, N].
+        if DEPENDENTS:  # sum_splits may start now (_launches_sum_early)
+            _once_per_thread(LAUNCH_DEPENDENTS_ASM, W_K)
         layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W_K, 1], [0, 1])
         BLOCK_N: gl.constexpr = 32
         REPS_PER_GROUP: gl.constexpr = 2 if CHANNEL else min(2, GROUP_TILES // 4)
@@ -793,6 +805,15 @@ def _even(launch: MmaLaunch, in_features: int, out_features: int) -> bool:
             and launch.warps * launch.rows_per_warp == launch.rows_per_split)
 
 
+def _launches_sum_early(launch: MmaLaunch, m: int) -> bool:
+    """Whether the kernel lets :func:`splitk.sum_splits`' launch start first thing (``DEPENDENTS``:
+    ``griddepcontrol.launch_dependents``), so that its programs wait on the GPU for the partials instead of being
+    launched after the kernel ends: with split K at 1-8 rows. At 9-16 rows (two B tiles, about 128 registers a
+    thread) the waiting programs took room the kernel's own programs needed, and it ran up to 7% slower (H100,
+    docs/benchmarks/kernels-rounds.md, round 17)."""
+    return launch.split > 1 and m <= 8
+
+
 def where_its_rule_runs(x2: torch.Tensor, w, out: torch.Tensor | None) -> torch.Tensor | None:
     """``x2`` [M, K] @ W.T by rule 10 into ``out`` (a new tensor if None) where :func:`mma_config` takes
     it on this GPU, with float16 x; else None, and the caller's rules run."""
@@ -823,21 +844,21 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
     looped = launch.iterations == 1 and grid[0] * grid[1] <= splitk.sm_count(x2.device)
     even = m > 0 and _even(launch, k, n)  # x's row is clamped to M - 1 without masks
     if _is_fp6(w):  # the launch's word-rows of 8 inputs as tiles of 16
-        (_mma_fp6_loop if looped else _mma_fp6_kernel)[grid](
-            x2.view(torch.int32), w.planes[0], w.planes[1], w.scale, y, part, m, n, x2.stride(0) // 2, y.stride(0),
-            k // 16, launch.rows_per_split // 2, launch.rows_per_warp // 2, launch.iterations,
-            GROUP_TILES=FP6_ITERATION_TILES if w.group_size == k else w.group_size // 16, CHANNEL=w.group_size == k,
-            MANTISSA=w.fmt.mantissa_bits, POWER=2.0 ** (15 - w.fmt.bias), NT=1 if m <= 8 else 2, W_K=launch.warps,
-            EVEN=even, num_warps=launch.warps)
-        if launch.split > 1:
-            splitk.sum_splits(part, y, launch.split, m)
-        return y
-    (_mma_decode_loop if looped else _mma_decode_kernel)[grid](
-        x2.view(torch.int32), w.planes[0], w.scale, w.zero, y, part, m, n, x2.stride(0) // 2, y.stride(0), k // 8,
-        launch.rows_per_split, launch.rows_per_warp, launch.iterations,
-        GROUP_ROWS=ITERATION_ROWS if w.group_size == k else w.group_size // 8,
-        CHANNEL=w.group_size == k, SYMMETRIC=w.symmetric, NT=1 if m <= 8 else 2, W_K=launch.warps, EVEN=even,
-        num_warps=launch.warps)
+        kernel = _mma_fp6_loop if looped else _mma_fp6_kernel
+        args = (x2.view(torch.int32), w.planes[0], w.planes[1], w.scale, y, part, m, n, x2.stride(0) // 2,
+                y.stride(0), k // 16, launch.rows_per_split // 2, launch.rows_per_warp // 2, launch.iterations)
+        constants = dict(GROUP_TILES=FP6_ITERATION_TILES if w.group_size == k else w.group_size // 16,
+                         CHANNEL=w.group_size == k, MANTISSA=w.fmt.mantissa_bits, POWER=2.0 ** (15 - w.fmt.bias),
+                         NT=1 if m <= 8 else 2, W_K=launch.warps, EVEN=even,
+                         DEPENDENTS=_launches_sum_early(launch, m))
+    else:
+        kernel = _mma_decode_loop if looped else _mma_decode_kernel
+        args = (x2.view(torch.int32), w.planes[0], w.scale, w.zero, y, part, m, n, x2.stride(0) // 2, y.stride(0),
+                k // 8, launch.rows_per_split, launch.rows_per_warp, launch.iterations)
+        constants = dict(GROUP_ROWS=ITERATION_ROWS if w.group_size == k else w.group_size // 8,
+                         CHANNEL=w.group_size == k, SYMMETRIC=w.symmetric, NT=1 if m <= 8 else 2, W_K=launch.warps,
+                         EVEN=even, DEPENDENTS=_launches_sum_early(launch, m))
+    kernel[grid](*args, **constants, num_warps=launch.warps)
     if launch.split > 1:
         splitk.sum_splits(part, y, launch.split, m)
     return y
