@@ -396,6 +396,27 @@ if gluon is not None:
         return scale, zero
 
     @gluon.jit
+    def _load_iteration(w_ptr, x_ptr, s_ptr, z_ptr, unit, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm,
+                        placeholder, STARTS: gl.constexpr, GROUP_ROWS: gl.constexpr, SYMMETRIC: gl.constexpr,
+                        NT: gl.constexpr, EVEN: gl.constexpr):
+        """The 4 reps of the iteration whose rep 0 is at word-rows ``unit``: per rep its words, x (two B tiles)
+        and the scale and zero point of a group that ``STARTS`` there (:func:`_load_rep`, :func:`_load_group`)."""
+        w0, x00, x10 = _load_rep(w_ptr, x_ptr, unit, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT, EVEN)
+        w1, x01, x11 = _load_rep(w_ptr, x_ptr, unit + 4, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT, EVEN)
+        w2, x02, x12 = _load_rep(w_ptr, x_ptr, unit + 8, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT, EVEN)
+        w3, x03, x13 = _load_rep(w_ptr, x_ptr, unit + 12, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT,
+                                 EVEN)
+        s0, z0 = _load_group(s_ptr, z_ptr, unit, warp_end, offs_n, n_ok, N, placeholder, STARTS[0], GROUP_ROWS,
+                             SYMMETRIC, EVEN)
+        s1, z1 = _load_group(s_ptr, z_ptr, unit + 4, warp_end, offs_n, n_ok, N, placeholder, STARTS[1], GROUP_ROWS,
+                             SYMMETRIC, EVEN)
+        s2, z2 = _load_group(s_ptr, z_ptr, unit + 8, warp_end, offs_n, n_ok, N, placeholder, STARTS[2], GROUP_ROWS,
+                             SYMMETRIC, EVEN)
+        s3, z3 = _load_group(s_ptr, z_ptr, unit + 12, warp_end, offs_n, n_ok, N, placeholder, STARTS[3], GROUP_ROWS,
+                             SYMMETRIC, EVEN)
+        return w0, x00, x10, s0, z0, w1, x01, x11, s1, z1, w2, x02, x12, s2, z2, w3, x03, x13, s3, z3
+
+    @gluon.jit
     def _add_group(acc0, acc1, acc2, acc3, a0, a1, b0, b1, scale, NT: gl.constexpr):
         """One group's sums (tiles 0 and 1 of rows 0-7, ``a0``, ``a1``, and 8-15, ``b0``, ``b1``) times its
         ``scale`` (the float16 scales of a lane's 4 outputs), added to the accumulators."""
@@ -541,37 +562,15 @@ if gluon is not None:
         RPG: gl.constexpr = min(4, GROUP_ROWS // 4)  # reps per group
         START: gl.constexpr = (not CHANNEL, not CHANNEL and RPG == 1, not CHANNEL and RPG <= 2,
                                not CHANNEL and RPG == 1)  # whether a group starts at rep 0-3
-        w0, x00, x10 = _load_rep(w_ptr, x_ptr, first, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT, EVEN)
-        w1, x01, x11 = _load_rep(w_ptr, x_ptr, first + 4, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT, EVEN)
-        w2, x02, x12 = _load_rep(w_ptr, x_ptr, first + 8, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT, EVEN)
-        w3, x03, x13 = _load_rep(w_ptr, x_ptr, first + 12, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, NT, EVEN)
-        s0, z0 = _load_group(s_ptr, z_ptr, first, warp_end, offs_n, n_ok, N, none, START[0], GROUP_ROWS,
-                             SYMMETRIC, EVEN)
-        s1, z1 = _load_group(s_ptr, z_ptr, first + 4, warp_end, offs_n, n_ok, N, none, START[1], GROUP_ROWS,
-                             SYMMETRIC, EVEN)
-        s2, z2 = _load_group(s_ptr, z_ptr, first + 8, warp_end, offs_n, n_ok, N, none, START[2], GROUP_ROWS,
-                             SYMMETRIC, EVEN)
-        s3, z3 = _load_group(s_ptr, z_ptr, first + 12, warp_end, offs_n, n_ok, N, none, START[3], GROUP_ROWS,
-                             SYMMETRIC, EVEN)
+        (w0, x00, x10, s0, z0, w1, x01, x11, s1, z1, w2, x02, x12, s2, z2, w3, x03, x13, s3, z3) = _load_iteration(
+            w_ptr, x_ptr, s_ptr, z_ptr, first, warp_end, offs_n, n_ok, N, xr, x_col, M, stride_xm, none, START,
+            GROUP_ROWS, SYMMETRIC, NT, EVEN)
         for it in range(iterations):
             base = first + it * 16
             # The next iteration's words, x, scales and zero points are in flight while this one's are decoded.
-            n0w, n0x0, n0x1 = _load_rep(w_ptr, x_ptr, base + 16, warp_end, offs_n, n_ok, N,
-                                        xr, x_col, M, stride_xm, NT, EVEN)
-            n1w, n1x0, n1x1 = _load_rep(w_ptr, x_ptr, base + 20, warp_end, offs_n, n_ok, N,
-                                        xr, x_col, M, stride_xm, NT, EVEN)
-            n2w, n2x0, n2x1 = _load_rep(w_ptr, x_ptr, base + 24, warp_end, offs_n, n_ok, N,
-                                        xr, x_col, M, stride_xm, NT, EVEN)
-            n3w, n3x0, n3x1 = _load_rep(w_ptr, x_ptr, base + 28, warp_end, offs_n, n_ok, N,
-                                        xr, x_col, M, stride_xm, NT, EVEN)
-            ns0, nz0 = _load_group(s_ptr, z_ptr, base + 16, warp_end, offs_n, n_ok, N, none, START[0], GROUP_ROWS,
-                                   SYMMETRIC, EVEN)
-            ns1, nz1 = _load_group(s_ptr, z_ptr, base + 20, warp_end, offs_n, n_ok, N, none, START[1], GROUP_ROWS,
-                                   SYMMETRIC, EVEN)
-            ns2, nz2 = _load_group(s_ptr, z_ptr, base + 24, warp_end, offs_n, n_ok, N, none, START[2], GROUP_ROWS,
-                                   SYMMETRIC, EVEN)
-            ns3, nz3 = _load_group(s_ptr, z_ptr, base + 28, warp_end, offs_n, n_ok, N, none, START[3], GROUP_ROWS,
-                                   SYMMETRIC, EVEN)
+            (n0w, n0x0, n0x1, ns0, nz0, n1w, n1x0, n1x1, ns1, nz1, n2w, n2x0, n2x1, ns2, nz2, n3w, n3x0, n3x1, ns3,
+             nz3) = _load_iteration(w_ptr, x_ptr, s_ptr, z_ptr, base + 16, warp_end, offs_n, n_ok, N, xr, x_col, M,
+                                    stride_xm, none, START, GROUP_ROWS, SYMMETRIC, NT, EVEN)
             acc0, acc1, acc2, acc3 = _iteration(w0, w1, w2, w3, x00, x01, x02, x03, x10, x11, x12, x13, acc0, acc1,
                                                 acc2, acc3, zo, zc, s0, s1, s2, s3, z0, z1, z2, z3, GROUP_ROWS,
                                                 CHANNEL, SYMMETRIC, NT)
