@@ -11,7 +11,7 @@ each batch of rows M in 1, 4, 16, 256, 2048:
    ``|y - ref| / |ref|`` (Frobenius) under 2e-3 (float16 output rounding is 2^-11 per element).
 2. Timing, L2-cold without flushing: each variant runs over enough copies of its weights to
    exceed four times the L2 cache (at most 512), back to back in one CUDA graph, timed with CUDA
-   events (replays queued back to back, 2 ms of them first, then the median of 9, divided by the
+   events (replays queued back to back, 20 ms of them first, then the median of 9, divided by the
    number of calls). A flush by ``zero_()`` (what
    ``do_bench`` does) leaves L2 full of dirty lines whose write-back is charged to the next
    kernel, and host launch gaps would be charged to small kernels; decode steps replayed from a
@@ -72,7 +72,7 @@ SHAPES = [  # (model, K in, N out)
 LARGE = ("7B q/k/v/o", "7B gate/up", "7B down", "70B gate/up")
 BATCHES = (1, 4, 16, 256, 2048)
 TOLERANCE = 2e-3
-WARM_SECONDS = 2e-3  # replays before the timed ones (see _timed)
+WARM_SECONDS = 20e-3  # replays before the timed ones (see _timed)
 REPLAYS = 9  # timed replays; the median is taken
 
 
@@ -360,7 +360,8 @@ def _timed(make_call, bytes_per_copy: int, l2_bytes: int) -> float:
     replays queued back to back.
 
     After one replay waited for, the graph is queued for at least ``WARM_SECONDS`` (right after other work, the
-    float32 reference of a check, the first replays ran up to 10% slower for about half a millisecond), then
+    float32 reference of a check, the first replays ran up to 10% slower for about half a millisecond, and after
+    FP6's reference of 8192x8192 13-14% slower over a 2 ms warm-up; 20 ms removed that), then
     ``REPLAYS`` more with an event after each; the median interval, over the calls. Waiting for each replay
     would charge the host's submission of the next (about 5 us) to its calls: with 3-9 copies of a large
     linear that was 0.3-1.6 us a call."""
@@ -613,7 +614,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
          "Launch shapes: llmc's own dispatch (intn_linear, fpx_linear without a launch)."),
         "",
         "Time per call in microseconds (L2-cold: weights cycled over copies exceeding 4x L2, calls "
-        "replayed from a CUDA graph back to back, median of 9 after 2 ms of them); in brackets the fraction of the copy roofline "
+        f"replayed from a CUDA graph back to back, median of {REPLAYS} after {WARM_SECONDS * 1e3:g} ms of them); in brackets "
+        "the fraction of the copy roofline "
         "(bytes moved / time / copy rate). int4, fp6 and fp4 are the kernels llmc's rules pick for the "
         "shape, the rows and this GPU (the Hopper rules included on sm_90; dequantize-then-cuBLAS where "
         "the rules say so).",
