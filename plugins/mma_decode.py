@@ -305,12 +305,13 @@ def _fp6_step_constraints(nt: int) -> str:
 
 
 if gluon is not None:
+    from triton.language.extra.cuda import gdc_launch_dependents
+
     STEP_ASM = gl.constexpr(tuple(_step_asm(nt, bool(sym)) for nt in (1, 2) for sym in (0, 1)))
     STEP_CONSTRAINTS = gl.constexpr(tuple(_step_constraints(nt, bool(sym)) for nt in (1, 2) for sym in (0, 1)))
     FP6_STEP_ASM = gl.constexpr(tuple(_fp6_step_asm(nt, m) for nt in (1, 2) for m in (2, 3)))
     FP6_STEP_CONSTRAINTS = gl.constexpr(tuple(_fp6_step_constraints(nt) for nt in (1, 2)))
     ZERO_ASM = gl.constexpr(_ZERO_ASM)
-    LAUNCH_DEPENDENTS_ASM = gl.constexpr("griddepcontrol.launch_dependents; mov.b32 $0, $1;")
     EXPAND_ASM = gl.constexpr(_EXPAND_ASM)
 
     @gluon.jit
@@ -497,12 +498,6 @@ if gluon is not None:
         return n0, block, offs_n, n_ok, warp_end, xr, x_col, first
 
     @gluon.jit
-    def _once_per_thread(ASM: gl.constexpr, W_K: gl.constexpr):
-        """The instruction ``ASM`` (with a dummy operand), once by every thread of the program."""
-        lane = gl.arange(0, 32 * W_K, layout=gl.BlockedLayout([1], [32], [W_K], [0]))
-        gl.inline_asm_elementwise(ASM, "=r,r", [lane], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
     def _finish(acc0, acc1, acc2, acc3, channel_scale, y_ptr, part_ptr, n0, M, N, stride_ym, W_K: gl.constexpr,
                 BLOCK_N: gl.constexpr, CHANNEL: gl.constexpr, NT: gl.constexpr, POWER: gl.constexpr):
         """The per-channel scale (loaded with the first words), then the warps' sums stored. Element (4 w + q,
@@ -542,7 +537,7 @@ if gluon is not None:
                            EVEN: gl.constexpr, DEPENDENTS: gl.constexpr = False):
         # x_ptr: x as int32 [M, K / 2] (row stride stride_xm); w_ptr: int4 words [K / 8, N].
         if DEPENDENTS:  # sum_splits may start now (_launches_sum_early)
-            _once_per_thread(LAUNCH_DEPENDENTS_ASM, W_K)
+            gdc_launch_dependents()
         layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W_K, 1], [0, 1])
         BLOCK_N: gl.constexpr = 32
         n0, block, offs_n, n_ok, warp_end, xr, x_col, first = _lanes(rows_total, rows_per_split, rows_per_warp, N,
@@ -647,7 +642,7 @@ if gluon is not None:
                         W_K: gl.constexpr, EVEN: gl.constexpr, DEPENDENTS: gl.constexpr = False):
         # x_ptr: x as int32 [M, K / 2]; hi_ptr: the 4-bit plane [K / 8, N]; lo_ptr: the 2-bit plane [K / 16, N].
         if DEPENDENTS:  # sum_splits may start now (_launches_sum_early)
-            _once_per_thread(LAUNCH_DEPENDENTS_ASM, W_K)
+            gdc_launch_dependents()
         layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W_K, 1], [0, 1])
         BLOCK_N: gl.constexpr = 32
         REPS_PER_GROUP: gl.constexpr = 2 if CHANNEL else min(2, GROUP_TILES // 4)
