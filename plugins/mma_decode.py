@@ -26,8 +26,8 @@ in groups of 32 up to 2.3x slower). At the end (:func:`_finish`) the four accumu
 permuted into [warp, row, output] and cross shared memory once, into a layout where each thread holds every
 warp's part of 4 adjacent outputs of a row: it sums them and stores them with one 8-byte store (a reduction
 per accumulator before, 480 of the 1064 sm_90 instructions of FP6 at 16 rows and 4 warps; now 672 in all).
-Splits of K across programs meet in ``splitk.sum_splits`` (:func:`mma_launch`: one iteration a warp in one
-program of up to 8 warps, else about 2 iterations a warp), which at 1-8 rows the kernel lets start first thing
+Splits of K across programs meet in ``splitk.sum_splits`` (:func:`mma_launch`: one iteration a warp, as far as
+the warps stay resident), which at 1-8 rows the kernel lets start first thing
 (:func:`_launches_sum_early`). The sm_90 loop is 283
 instructions for a lane's 128 weights (symmetric, groups of 128: 2.2 a weight, 16 HMMA; the decode itself
 1.1), with no shared memory, against rule 2's 3.8 a weight for one row.
@@ -102,8 +102,13 @@ NARROW_BELOW = 1 << 20
 # 11.5 us, 896->4864 3.5 against 4.0; lost on 4096x4096 (6.6 against 5.5), 11008->4096 (12.3 against 11.8) and
 # below 2^22 weights (576->1536 2.6 against 2.3); 4864->896 ran faster (4.8 against 6.1) and is not taken.
 ONE_ROW_WIDE = 2
-WARPS_PER_SM = 24  # the K parallelism stops at this many warps per SM
-WIDE_WARPS_PER_SM = 16  # with two B tiles or zero points (about 128 registers a thread: 16 warps fill an SM)
+# A thread's registers as allocated (8 at a time, 65536 an SM), which bound the resident warps, where the K
+# parallelism stops (:func:`_resident`): one B tile with masked loads 74-80 on sm_90 (24 warps an SM), without
+# masks 67-73 (28 in programs of up to 4 warps: 8192->28672 at one row of int4 ran 4 x 1 in 42.0 us against
+# 2 x 1 in 46.6), two B tiles or zero points 94-176 (16 warps, as measured in round 15).
+REGISTERS = 80
+EVEN_REGISTERS = 72
+WIDE_REGISTERS = 128
 ITERATION_ROWS = 16  # word-rows a warp decodes per iteration (4 reps of 4)
 
 
@@ -763,22 +768,48 @@ def mma_config(m: int, w, sms: int) -> MmaLaunch | None:
 
 
 def mma_launch(m: int, in_features: int, out_features: int, sms: int, zero_points: bool = False) -> MmaLaunch:
-    """K split ``parallel`` ways, the power of 2 that gives each warp one iteration of 128 inputs where that is
-    at most 8 warps, else about two (at most 32 ways), halved while the blocks of 32 outputs would take more
-    than :data:`WARPS_PER_SM` warps per SM (:data:`WIDE_WARPS_PER_SM` with two B tiles or zero points); over the
-    warps of one program up to 8, then over programs. H100 (docs/benchmarks/kernels-rounds.md, round 15): 8 x 1
-    at K up to 3072, 8 x 2 or 4 x 4 on 4096x4096 and 11008->4096, 8 x 4 on 4864->896, 4 x 1 at 16 rows of
-    4096->11008."""
+    """K split ``parallel`` ways, the power of 2 that gives each warp one iteration of 128 inputs, halved while
+    the blocks of 32 outputs would take more warps per SM than stay resident (:func:`_resident`); over the warps
+    of one program up to 8, then over programs. Where that halving leaves K split and the loads masked
+    (:func:`_even`), the split grows to any count, in programs of 4 warps, that fills the resident warps, if that
+    shortens every warp's loop; and a split whose programs of 8 warps would leave SMs idle runs in twice the
+    programs of 4 warps. H100 (docs/benchmarks/kernels-rounds.md, round 18): 4 x 1 on 8192->28672 (896 blocks,
+    28 warps per SM), 8 x 1 on 4096->11008, 4 x 6 on 11008->4096 (8 x 2 on 14336->4096, unmasked), 4 x 4 on
+    1536->576, 8 x 8 on 4864->896."""
     iterations = -(-in_features // 8 // ITERATION_ROWS)
     blocks = -(-out_features // 32)
-    per_sm = WARPS_PER_SM if m <= 8 and not zero_points else WIDE_WARPS_PER_SM
+    wide = m > 8 or zero_points
+
+    def fits(launch: MmaLaunch) -> bool:
+        return blocks * launch.split * launch.warps <= _resident(launch, wide, in_features, out_features) * sms
+
     parallel = 1 << (iterations - 1).bit_length()  # the power of 2 >= iterations: one iteration a warp
-    if parallel > 8:  # more than one program: about two iterations a warp
-        parallel = min(32, 1 << (-(-iterations // 2) - 1).bit_length())
-    while parallel > 1 and blocks * parallel > per_sm * sms:
+    launch = _split_launch(in_features, min(8, parallel), max(1, parallel // 8))
+    halved = False
+    while parallel > 1 and not fits(launch):
         parallel //= 2
-    warps = min(8, parallel)
-    return _split_launch(in_features, warps, parallel // warps)
+        halved = True
+        launch = _split_launch(in_features, min(8, parallel), max(1, parallel // 8))
+    if halved and launch.split > 1 and not _even(launch, in_features, out_features):  # fill the resident warps
+        split = _resident(launch, wide, in_features, out_features) * sms // (blocks * 4)
+        while split > launch.split and not fits(_split_launch(in_features, 4, split)):
+            split -= 1
+        grown = _split_launch(in_features, 4, split)
+        if grown.iterations < launch.iterations and fits(grown):
+            launch = grown
+    if launch.split > 1 and launch.warps == 8 and blocks * launch.split < sms:  # SMs left idle
+        halves = _split_launch(in_features, 4, 2 * launch.split)
+        if halves.iterations <= launch.iterations and fits(halves):
+            launch = halves
+    return launch
+
+
+def _resident(launch: MmaLaunch, wide: bool, in_features: int, out_features: int) -> int:
+    """Warps per SM that stay resident at ``launch``, in whole programs: :data:`WIDE_REGISTERS` a thread with two
+    B tiles or zero points, :data:`EVEN_REGISTERS` where the loads need no masks (:func:`_even`), else
+    :data:`REGISTERS`."""
+    registers = WIDE_REGISTERS if wide else EVEN_REGISTERS if _even(launch, in_features, out_features) else REGISTERS
+    return 65536 // (registers * 32 * launch.warps) * launch.warps
 
 
 def _split_launch(in_features: int, warps: int, split: int) -> MmaLaunch:

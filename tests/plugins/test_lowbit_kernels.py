@@ -405,9 +405,10 @@ def test_mma_decode_rule_and_launch():
     one row from 2^22 weights where the outputs are at least twice the inputs, symmetric at 2 rows from 2^22 weights, 3-7 from 2^19 and 8-16 everywhere, asymmetric at 2 rows from 2^22,
     3 from 2^19, 4-8 everywhere and 9-16 below 2^24 or where the launch needs no masks, below 2^20 weights only
     with as many outputs as inputs; K
-    split for one iteration a warp in one program of up to 8 warps, else about two, at most 32 ways and
-    WARPS_PER_SM warps per SM (WIDE_WARPS_PER_SM with two B tiles or zero points), over warps up to 8, then over
-    programs."""
+    split for one iteration a warp as far as the warps stay resident (registers: 24 warps per SM with masked loads,
+    28 in programs of up to 4 warps without, 16 with two B tiles or zero points), over warps up to 8, then over
+    programs; a masked split grows to fill the resident warps where that shortens the loop, and a split that
+    leaves SMs idle runs in programs of 4 warps."""
     def int4(k, n, group=128, bits=4, scale=torch.float16, symmetric=True):
         w = weights_of(k, n, bits)
         return dataclasses.replace(w, scale=w.scale.to(scale), group_size=group, symmetric=symmetric)
@@ -440,10 +441,15 @@ def test_mma_decode_rule_and_launch():
         8, 2, 688, 96, 6)  # zero points: 16 warps per SM, so 16 ways (32 would be 4096 warps)
     assert mma_decode.mma_config(4, int4(4096, 4096, bits=8), SMS) is None
     assert mma_decode.mma_config(4, int4(4096, 4096, scale=torch.float32), SMS) is None
-    assert mma_decode.mma_launch(1, 11008, 4096, SMS) == mma_decode.MmaLaunch(8, 2, 688, 96, 6)  # 86 iterations
-    assert mma_decode.mma_launch(4, 8192, 28672, SMS) == mma_decode.MmaLaunch(2, 1, 1024, 512, 32)  # 896 blocks
+    # 86 iterations, 128 blocks: 8 x 2 (masked) grows to 4 x 6 (24 warps per SM), 6 iterations a warp to 4
+    assert mma_decode.mma_launch(1, 11008, 4096, SMS) == mma_decode.MmaLaunch(4, 6, 240, 64, 4)
+    assert mma_decode.mma_launch(1, 14336, 4096, SMS) == mma_decode.MmaLaunch(8, 2, 896, 112, 7)  # unmasked: kept
+    assert mma_decode.mma_launch(9, 11008, 4096, SMS) == mma_decode.MmaLaunch(8, 2, 688, 96, 6)  # 4 x 4: no shorter
+    assert mma_decode.mma_launch(4, 8192, 28672, SMS) == mma_decode.MmaLaunch(4, 1, 1024, 256, 16)  # 896 x 4 <= 28 x 132
+    assert mma_decode.mma_launch(9, 8192, 28672, SMS) == mma_decode.MmaLaunch(2, 1, 1024, 512, 32)  # 16 warps per SM
     assert mma_decode.mma_launch(8, 896, 4864, SMS) == mma_decode.MmaLaunch(8, 1, 112, 16, 1)  # 7 iterations
-    assert mma_decode.mma_launch(16, 4864, 896, SMS) == mma_decode.MmaLaunch(8, 4, 160, 32, 2)  # 38 iterations
+    assert mma_decode.mma_launch(16, 4864, 896, SMS) == mma_decode.MmaLaunch(8, 8, 80, 16, 1)  # 38 iterations
+    assert mma_decode.mma_launch(1, 1536, 576, SMS) == mma_decode.MmaLaunch(4, 4, 48, 16, 1)  # 18 x 2 programs of 8
     assert mma_decode.mma_launch(4, 1536, 8960, SMS) == mma_decode.MmaLaunch(8, 1, 192, 32, 2)  # 12 iterations
     assert mma_decode.mma_launch(16, 1536, 8960, SMS) == mma_decode.MmaLaunch(4, 1, 192, 48, 3)  # 280 blocks
     for m, k, n in ((1, 576, 576), (16, 1056, 300), (4, 4864, 896), (1, 14336, 4096), (2, 256, 4096)):
@@ -451,7 +457,7 @@ def test_mma_decode_rule_and_launch():
         assert launch.split * launch.rows_per_split >= k // 8 > (launch.split - 1) * launch.rows_per_split
         assert launch.warps * launch.rows_per_warp >= launch.rows_per_split
         assert launch.rows_per_warp == 16 * launch.iterations and launch.rows_per_split % 16 == 0
-        assert -(-n // 32) * launch.warps * launch.split <= max(2, mma_decode.WARPS_PER_SM * SMS)
+        assert -(-n // 32) * launch.warps * launch.split <= max(2, 28 * SMS)
 
 
 def test_mma_decode_fp6_rule():
