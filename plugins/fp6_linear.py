@@ -41,8 +41,7 @@ Decoding (rules referred to in the code):
    rule 8's kernel with rule 6's PTX as its decode. The 16 inputs of a row of the 2-bit plane come
    from 16 float16 pairs, joined in register order into the wgmma's register operand, with the same
    wait for the wgmmas in flight before the next step's decode (``intn_linear._operands_read``).
-8. On Hopper, FP6 with float16 x and scales at 1-16 rows (``mma_decode.FP6_MMA_RULE``; below 2^20
-   weights where the outputs are at least the inputs) runs ``intn_linear`` rule 10's ``mma.sync`` kernel
+8. On Hopper, FP6 with float16 x and scales at 1-16 rows (``mma_decode.FP6_MMA_RULE``) runs ``intn_linear`` rule 10's ``mma.sync`` kernel
    (``llmc.plugins.mma_decode``): inputs ``i`` and ``i + 8`` of a tile as one float16 pair built from
    the two planes in registers, 1.5 instructions a weight, handed to the MMA without shared memory.
 """

@@ -69,10 +69,10 @@ Kernels (rules referred to in the code):
    wgmma in flight (TMA-fed, double-buffered; see that module). 7B-70B shapes at 17-256 rows: 1.11-2.04x
    faster than rules 8/2 on an H100 (docs/benchmarks/kernels-prefill.md).
 10. int4 on Hopper with float16 x and scales: one row from 2^22 weights where the outputs are at least twice
-   the inputs (``mma_decode.ONE_ROW_WIDE``), symmetric at 2 rows from 2^22 weights, 3-7 from 2^19 and 8-16 on
-   every linear (``mma_decode.MMA_RULE``), asymmetric at 2 rows from 2^22, 3 from 2^19, 4-8 everywhere and 9-16
-   below 2^24 or on launches without masks (``ASYM_MMA_RULE``), below 2^20 weights only where the outputs
-   are at least the inputs,
+   the inputs (``mma_decode.ONE_ROW_WIDE``; symmetric: or the inputs twice the outputs), symmetric at 2 rows
+   from 2^22 weights, 3-7 from 2^19 and 8-16 on every linear (``mma_decode.MMA_RULE``; below 2^20 weights with
+   fewer outputs than inputs from 8 rows), asymmetric at 2 rows from 2^22, 3 from 2^19, 4-8 everywhere and
+   9-16 below 2^24 or on launches without masks (``ASYM_MMA_RULE``),
    ``llmc.plugins.mma_decode``: the words are loaded in the register layout of ``mma.sync``'s A operand
    (Gluon), so that rule 8's pair decode feeds the tensor cores with no shared memory, and x is the B
    operand (one to eight rows cost the same). Where it runs, 0.99-1.80x the speed of rules 5/7 on an

@@ -56,9 +56,9 @@ Measured on an H100 (docs/benchmarks/kernels-decode-rows.md); it runs where it b
 (:data:`MMA_RULE`: symmetric int4 at 2 rows from 2^22 weights, 3-7 from 2^19 and 8-16 everywhere;
 :data:`ASYM_MMA_RULE`: asymmetric int4 at 2 rows from 2^22, 3 from 2^19, 4-8 everywhere and 9-16 below 2^24
 or without masks;
-int4 at one row from 2^22 weights where the outputs are at least :data:`ONE_ROW_WIDE` times the inputs;
-:data:`FP6_MMA_RULE`: FP6 at 1-16 rows; below :data:`NARROW_BELOW` weights only where the outputs are at least
-the inputs). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its split-K finish
+int4 at one row from 2^22 weights where the outputs are at least :data:`ONE_ROW_WIDE` times the inputs,
+symmetric also where the inputs are that many times the outputs; :data:`FP6_MMA_RULE`: FP6 at 1-16 rows; below
+:data:`NARROW_BELOW` weights, symmetric int4 with fewer outputs than inputs from 8 rows). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its split-K finish
 is a programmatic dependent launch (Hopper's) and it was timed on an H100 alone.
 """
 
@@ -90,17 +90,19 @@ MMA_RULE = ((1, 1 << 22, None), (2, 1 << 22, None), (7, 1 << 19, None), (16, 0, 
 # it ran up to 1.70x faster than the other rules; 2-3 rows lost or tied on 576x576 (2.8 against 2.7-2.8).
 ASYM_MMA_RULE = ((1, 1 << 22, None), (2, 1 << 22, None), (3, 1 << 19, None), (8, 0, None), (16, 0, 1 << 24))
 # Where rule 10 runs FP6 (float16 x and scales, e3m2 or e2m3, groups of a multiple of 64 or one scale per
-# output, sm_90): 1-16 rows everywhere (but NARROW_BELOW). Set from benchmarks/kernels_decode_rows.py --fp6 on
+# output, sm_90): 1-16 rows everywhere. Set from benchmarks/kernels_decode_rows.py --fp6 on
 # an H100: 0.98-1.90x the other rules (4864->896 at one row: 5.6 against 5.5 us).
 FP6_MMA_RULE = ((16, 0, None),)
-# Below this many weights rule 10 needs as many outputs as inputs: 1536->576 has 18 blocks of 32 outputs, each
-# 12 iterations of K, and lost to the other rules at 2-3 and 16 rows of FP6 (4.7 against 4.4 us at 16) and 1-4
-# rows of symmetric int4 (3.6 against 2.6-3.4).
+# Below this many weights symmetric int4 with fewer outputs than inputs runs rule 10 from 8 rows: 1536->576 (18
+# blocks of 32 outputs, 4 x 4 since round 18) lost at 1-3 rows (3.1-3.2 against 2.4-2.5 us) and tied at 4, and ran
+# 1.15x faster at 8 and 16; FP6 and asymmetric int4 ran 1.07-1.38x faster at every row count their rules take.
 NARROW_BELOW = 1 << 20
-# One row of int4 runs rule 10 only where the outputs are at least this many times the inputs (round 16, with the
-# unmasked loads of EVEN launches; rule 2, the CUDA-core decode, elsewhere): symmetric 4096->11008 10.6 against
-# 11.5 us, 896->4864 3.5 against 4.0; lost on 4096x4096 (6.6 against 5.5), 11008->4096 (12.3 against 11.8) and
-# below 2^22 weights (576->1536 2.6 against 2.3); 4864->896 ran faster (4.8 against 6.1) and is not taken.
+# One row of int4 runs rule 10 only where the outputs are at least this many times the inputs, or (symmetric) the
+# inputs this many times the outputs (rounds 16 and 18; rule 2, the CUDA-core decode, elsewhere): symmetric
+# 4096->11008 10.6 against 11.5 us, 896->4864 3.5 against 4.0, 4864->896 4.4 against 6.0, 11008->4096 11.5 against
+# 11.8, 4096->1024 4.8 against 5.8, 18944->3584 15.8 against 17.0; lost on 4096x4096 (6.3 against 5.5), 8192->1024
+# (5.4 against 5.2) and below 2^22 weights (576->1536 2.6 against 2.3). Asymmetric 11008->4096 lost (19.2 against
+# 14.0).
 ONE_ROW_WIDE = 2
 # A thread's registers as allocated (8 at a time, 65536 an SM), which bound the resident warps, where the K
 # parallelism stops (:func:`_resident`): one B tile with masked loads 74-80 on sm_90 (24 warps an SM), without
@@ -748,19 +750,22 @@ def takes(w) -> bool:
 
 def mma_config(m: int, w, sms: int) -> MmaLaunch | None:
     """Rule 10's launch over ``m`` rows, or None where :data:`MMA_RULE` (symmetric int4), :data:`ASYM_MMA_RULE`
-    (asymmetric int4) or :data:`FP6_MMA_RULE` (FP6) does not take the linear, where it has fewer outputs than
-    inputs and fewer than :data:`NARROW_BELOW` weights, or at one row of int4 where it has fewer than
-    :data:`ONE_ROW_WIDE` outputs per input. A rule's upper bound holds for launches with masked loads only
-    (:func:`_even`)."""
+    (asymmetric int4) or :data:`FP6_MMA_RULE` (FP6) does not take the linear, at 1-7 rows of symmetric int4 with
+    fewer outputs than inputs and fewer than :data:`NARROW_BELOW` weights, or at one row of int4 where it has
+    fewer than :data:`ONE_ROW_WIDE` outputs per input (symmetric: nor that many inputs per output). A rule's upper
+    bound holds for launches with masked loads only (:func:`_even`)."""
     rule = FP6_MMA_RULE if _is_fp6(w) else MMA_RULE if w.symmetric else ASYM_MMA_RULE
     least, below = next(((least, below) for rows, least, below in rule if m <= rows), (None, None))
     count = w.in_features * w.out_features
     if least is None or count < least or not takes(w):
         return None
-    if count < NARROW_BELOW and w.out_features < w.in_features:
-        return None
-    if m == 1 and not _is_fp6(w) and w.out_features < ONE_ROW_WIDE * w.in_features:
-        return None
+    if not _is_fp6(w):
+        if count < NARROW_BELOW and w.symmetric and m < 8 and w.out_features < w.in_features:
+            return None
+        wide = w.out_features >= ONE_ROW_WIDE * w.in_features
+        long = w.symmetric and w.in_features >= ONE_ROW_WIDE * w.out_features
+        if m == 1 and not (wide or long):
+            return None
     launch = mma_launch(m, w.in_features, w.out_features, sms, not _is_fp6(w) and not w.symmetric)
     if below is not None and count >= below and not _even(launch, w.in_features, w.out_features):
         return None

@@ -402,9 +402,10 @@ def test_hopper_prefill_rule_and_launch():
 
 def test_mma_decode_rule_and_launch():
     """Rule 10 (mma_decode) on int4 with float16 scales in groups of 32, 64, a multiple of 128 or one per output:
-    one row from 2^22 weights where the outputs are at least twice the inputs, symmetric at 2 rows from 2^22 weights, 3-7 from 2^19 and 8-16 everywhere, asymmetric at 2 rows from 2^22,
-    3 from 2^19, 4-8 everywhere and 9-16 below 2^24 or where the launch needs no masks, below 2^20 weights only
-    with as many outputs as inputs; K
+    one row from 2^22 weights where the outputs are at least twice the inputs (symmetric: or the inputs twice the
+    outputs), symmetric at 2 rows from 2^22 weights, 3-7 from 2^19 and 8-16 everywhere, asymmetric at 2 rows from 2^22,
+    3 from 2^19, 4-8 everywhere and 9-16 below 2^24 or where the launch needs no masks, symmetric below 2^20
+    weights with fewer outputs than inputs from 8 rows; K
     split for one iteration a warp as far as the warps stay resident (registers: 24 warps per SM with masked loads,
     28 in programs of up to 4 warps without, 16 with two B tiles or zero points), over warps up to 8, then over
     programs; a masked split grows to fill the resident warps where that shortens the loop, and a split that
@@ -424,7 +425,13 @@ def test_mma_decode_rule_and_launch():
     assert mma_decode.mma_config(1, int4(960, 4096), SMS) is None  # one row from 2^22 weights
     assert mma_decode.mma_config(2, int4(576, 1536), SMS) is None and mma_decode.mma_config(3, int4(576, 1536), SMS)
     assert mma_decode.mma_config(7, int4(576, 576), SMS) is None and mma_decode.mma_config(8, int4(576, 576), SMS)
-    assert mma_decode.mma_config(16, int4(1536, 576), SMS) is None  # below 2^20 weights, fewer outputs than inputs
+    # below 2^20 weights with fewer outputs than inputs: symmetric from 8 rows, asymmetric as its rule
+    assert mma_decode.mma_config(7, int4(1536, 576), SMS) is None and mma_decode.mma_config(8, int4(1536, 576), SMS)
+    assert mma_decode.mma_config(3, int4(1536, 576, 32, symmetric=False), SMS)
+    # one row: symmetric where the inputs are at least twice the outputs too, asymmetric only the outputs
+    assert mma_decode.mma_config(1, int4(4864, 896), SMS) and mma_decode.mma_config(1, int4(11008, 4096), SMS)
+    assert mma_decode.mma_config(1, int4(11008, 4096, symmetric=False), SMS) is None
+    assert mma_decode.mma_config(1, int4(8192, 4097), SMS) is None
     for group, taken in ((32, True), (64, True), (96, False), (256, True), (4096, True)):
         assert (mma_decode.mma_config(4, int4(4096, 4096, group), SMS) is not None) == taken, group
     assert not mma_decode.takes(int4(4096, 4096, 96))
@@ -462,7 +469,7 @@ def test_mma_decode_rule_and_launch():
 
 def test_mma_decode_fp6_rule():
     """Rule 10 for FP6 (fp6_linear rule 8): float16 scales per output or in groups of a multiple of 64, 1-16
-    rows (below 2^20 weights with as many outputs as inputs), at the int4 launch."""
+    rows, at the int4 launch."""
     def fp6(k, n, group=None, scale=torch.float16, name="e3m2", tile=16):
         w = fp6_of(k, n)
         return dataclasses.replace(w, scale=torch.zeros(k // (group or k), n, dtype=scale), group_size=group or k,
@@ -472,7 +479,7 @@ def test_mma_decode_fp6_rule():
     assert mma_decode.mma_config(16, fp6(4096, 11008), SMS) == mma_decode.mma_launch(16, 4096, 11008, SMS)
     assert mma_decode.mma_config(17, fp6(4096, 11008), SMS) is None
     assert mma_decode.mma_config(1, fp6(576, 576), SMS) and mma_decode.mma_config(16, fp6(576, 1536), SMS)
-    assert mma_decode.mma_config(1, fp6(1536, 576), SMS) is None and mma_decode.mma_config(16, fp6(1536, 576), SMS) is None
+    assert mma_decode.mma_config(1, fp6(1536, 576), SMS) and mma_decode.mma_config(16, fp6(1536, 576), SMS)
     for group, taken in ((32, False), (64, True), (96, False), (128, True), (None, True)):
         assert (mma_decode.mma_config(4, fp6(4096, 4096, group), SMS) is not None) == taken, group
     assert mma_decode.mma_config(4, fp6(4096, 4096, name="e2m3"), SMS)
