@@ -79,9 +79,10 @@ except ImportError:  # no Triton (CPU-only hosts), or a Triton without Gluon
 
 # Where rule 10 runs int4 (float16 x and scales, groups of 32, 64 or a multiple of 128 inputs or one scale per
 # output, sm_90): (up to rows, from weights, below weights; from None: not there), and below NARROW_BELOW weights
-# only where the outputs are at least the inputs. Set from benchmarks/kernels_decode_rows.py on an H100 (round
-# 15, docs/benchmarks/kernels-decode-rows.md). Symmetric: one row from 2^22 weights where the outputs are at least
-# ONE_ROW_WIDE times the inputs (round 16), 2 rows from 2^22 weights, 3-7 from 2^19, 8-16 everywhere; 2 rows lost on
+# symmetric int4 with fewer outputs than inputs from 8 rows. Set from benchmarks/kernels_decode_rows.py on an H100
+# (rounds 15-18, docs/benchmarks/kernels-decode-rows.md). Symmetric: one row from 2^22 weights where the outputs, or
+# the inputs, are at least ONE_ROW_WIDE times the others (rounds 16, 18), 2 rows from 2^22 weights, 3-7 from 2^19,
+# 8-16 everywhere; 2 rows lost on
 # 576x576 and 896x896 (2.6-2.7 against 2.2-2.3), 3-4 rows on 576x576 (2.6 against 2.2-2.5).
 MMA_RULE = ((1, 1 << 22, None), (2, 1 << 22, None), (7, 1 << 19, None), (16, 0, None))
 # Asymmetric (groups of 32 in the benchmark): one row as symmetric's, 2 rows from 2^22, 3 from 2^19, 4-8 everywhere,
