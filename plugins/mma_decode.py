@@ -773,6 +773,7 @@ def mma_config(m: int, w, sms: int) -> MmaLaunch | None:
     return launch
 
 
+@functools.lru_cache(maxsize=4096)
 def mma_launch(m: int, in_features: int, out_features: int, sms: int, zero_points: bool = False) -> MmaLaunch:
     """K split ``parallel`` ways, the power of 2 that gives each warp one iteration of 128 inputs, halved while
     the blocks of 32 outputs would take more warps per SM than stay resident (:func:`_resident`); over the warps
@@ -797,12 +798,13 @@ def mma_launch(m: int, in_features: int, out_features: int, sms: int, zero_point
         halved = True
         launch = _split_launch(in_features, min(8, parallel), max(1, parallel // 8))
     if halved and launch.split > 1 and not _even(launch, in_features, out_features):  # fill the resident warps
-        split = _resident(launch, wide, in_features, out_features) * sms // (blocks * 4)
-        while split > launch.split and not fits(_split_launch(in_features, 4, split)):
-            split -= 1
-        grown = _split_launch(in_features, 4, split)
-        if grown.iterations < launch.iterations and fits(grown):
-            launch = grown
+        most = _resident(launch, wide, in_features, out_features) * sms // (blocks * 4)
+        for split in range(most, launch.split, -1):  # the most splits whose warps stay resident
+            grown = _split_launch(in_features, 4, split)
+            if fits(grown):
+                if grown.iterations < launch.iterations:
+                    launch = grown
+                break
     if launch.split > 1 and launch.warps == 8 and blocks * launch.split < sms:  # SMs left idle
         halves = _split_launch(in_features, 4, 2 * launch.split)
         if halves.iterations <= launch.iterations and fits(halves):
