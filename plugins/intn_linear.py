@@ -71,8 +71,8 @@ Kernels (rules referred to in the code):
 10. int4 on Hopper with float16 x and scales: one row from 2^22 weights where the outputs are at least twice
    the inputs (``mma_decode.ONE_ROW_WIDE``; symmetric: or the inputs twice the outputs), symmetric at 2 rows
    from 2^22 weights, 3-7 from 2^19 and 8-16 on every linear (``mma_decode.MMA_RULE``; below 2^20 weights with
-   fewer outputs than inputs from 8 rows), asymmetric at 2 rows from 2^22, 3 from 2^19, 4-8 everywhere and
-   9-16 below 2^24 or on launches without masks (``ASYM_MMA_RULE``),
+   fewer outputs than inputs from 8 rows), asymmetric at 2 rows from 2^22, 3 from 2^19 and 4-16 everywhere
+   (``ASYM_MMA_RULE``),
    ``llmc.plugins.mma_decode``: the words are loaded in the register layout of ``mma.sync``'s A operand
    (Gluon), so that rule 8's pair decode feeds the tensor cores with no shared memory, and x is the B
    operand (one to eight rows cost the same). Where it runs, 0.99-1.80x the speed of rules 5/7 on an

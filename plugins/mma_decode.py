@@ -54,8 +54,7 @@ loads carry no masks (``EVEN``: the word-row kept inside the warp's range, x's r
 
 Measured on an H100 (docs/benchmarks/kernels-decode-rows.md); it runs where it beat the other rules
 (:data:`MMA_RULE`: symmetric int4 at 2 rows from 2^22 weights, 3-7 from 2^19 and 8-16 everywhere;
-:data:`ASYM_MMA_RULE`: asymmetric int4 at 2 rows from 2^22, 3 from 2^19, 4-8 everywhere and 9-16 below 2^24
-or without masks;
+:data:`ASYM_MMA_RULE`: asymmetric int4 at 2 rows from 2^22, 3 from 2^19, 4-16 everywhere;
 int4 at one row from 2^22 weights where the outputs are at least :data:`ONE_ROW_WIDE` times the inputs,
 symmetric also where the inputs are that many times the outputs; :data:`FP6_MMA_RULE`: FP6 at 1-16 rows; below
 :data:`NARROW_BELOW` weights, symmetric int4 with fewer outputs than inputs from 8 rows). sm_90 only: the kernel compiles for sm_80-sm_90 (``mma.sync`` is Ampere's), but its split-K finish
@@ -78,22 +77,23 @@ except ImportError:  # no Triton (CPU-only hosts), or a Triton without Gluon
     gluon = None
 
 # Where rule 10 runs int4 (float16 x and scales, groups of 32, 64 or a multiple of 128 inputs or one scale per
-# output, sm_90): (up to rows, from weights, below weights; from None: not there), and below NARROW_BELOW weights
+# output, sm_90): (up to rows, from weights), and below NARROW_BELOW weights
 # symmetric int4 with fewer outputs than inputs from 8 rows. Set from benchmarks/kernels_decode_rows.py on an H100
 # (rounds 15-18, docs/benchmarks/kernels-decode-rows.md). Symmetric: one row from 2^22 weights where the outputs, or
 # the inputs, are at least ONE_ROW_WIDE times the others (rounds 16, 18), 2 rows from 2^22 weights, 3-7 from 2^19,
 # 8-16 everywhere; 2 rows lost on
 # 576x576 and 896x896 (2.6-2.7 against 2.2-2.3), 3-4 rows on 576x576 (2.6 against 2.2-2.5).
-MMA_RULE = ((1, 1 << 22, None), (2, 1 << 22, None), (7, 1 << 19, None), (16, 0, None))
-# Asymmetric (groups of 32 in the benchmark): one row as symmetric's, 2 rows from 2^22, 3 from 2^19, 4-8 everywhere,
-# 9-16 below 2^24 and, from 2^24, where the launch's loads need no masks (round 16: 4096x4096 at 9-16 rows 8.8-9.6
-# against 9.8-10.0 us, 4096->11008 16.8 against 18.1-18.9; 11008->4096, masked, 22.7-23.1 against 21.3-21.8), where
-# it ran up to 1.70x faster than the other rules; 2-3 rows lost or tied on 576x576 (2.8 against 2.7-2.8).
-ASYM_MMA_RULE = ((1, 1 << 22, None), (2, 1 << 22, None), (3, 1 << 19, None), (8, 0, None), (16, 0, 1 << 24))
+MMA_RULE = ((1, 1 << 22), (2, 1 << 22), (7, 1 << 19), (16, 0))
+# Asymmetric (groups of 32 in the benchmark): one row as symmetric's, 2 rows from 2^22, 3 from 2^19, 4-16 everywhere,
+# where it ran up to 1.70x faster than the other rules (round 16: 4096x4096 at 9-16 rows 8.8-9.6 against 9.8-10.0
+# us, 4096->11008 16.8 against 18.1-18.9); 2-3 rows lost or tied on 576x576 (2.8 against 2.7-2.8). Masked launches
+# from 2^24 weights at 9-16 rows lost until the launch counted the kernel's 168-176 registers (round 16: 11008->4096
+# at 8 x 2 22.7-23.1 against 21.3-21.8); at 4 x 3 they run 17.7-17.9 (round 19).
+ASYM_MMA_RULE = ((1, 1 << 22), (2, 1 << 22), (3, 1 << 19), (16, 0))
 # Where rule 10 runs FP6 (float16 x and scales, e3m2 or e2m3, groups of a multiple of 64 or one scale per
 # output, sm_90): 1-16 rows everywhere. Set from benchmarks/kernels_decode_rows.py --fp6 on
 # an H100: 0.98-1.90x the other rules (4864->896 at one row: 5.6 against 5.5 us).
-FP6_MMA_RULE = ((16, 0, None),)
+FP6_MMA_RULE = ((16, 0),)
 # Below this many weights symmetric int4 with fewer outputs than inputs runs rule 10 from 8 rows: 1536->576 (18
 # blocks of 32 outputs, 4 x 4 since round 18) lost at 1-3 rows (3.1-3.2 against 2.4-2.5 us) and tied at 4, and ran
 # 1.15x faster at 8 and 16; FP6 and asymmetric int4 ran 1.07-1.38x faster at every row count their rules take.
@@ -105,13 +105,10 @@ NARROW_BELOW = 1 << 20
 # (5.4 against 5.2) and below 2^22 weights (576->1536 2.6 against 2.3). Asymmetric 11008->4096 lost (19.2 against
 # 14.0).
 ONE_ROW_WIDE = 2
-# A thread's registers as allocated (8 at a time, 65536 an SM), which bound the resident warps, where the K
-# parallelism stops (:func:`_resident`): one B tile with masked loads 74-80 on sm_90 (24 warps an SM), without
-# masks 67-73 (28 in programs of up to 4 warps: 8192->28672 at one row of int4 ran 4 x 1 in 42.0 us against
-# 2 x 1 in 46.6), two B tiles or zero points 94-176 (16 warps, as measured in round 15).
-REGISTERS = 80
-EVEN_REGISTERS = 72
-WIDE_REGISTERS = 128
+# An SM's registers, allocated to a warp 8 a thread at a time, which bound the resident warps where the K parallelism
+# stops (:func:`_resident`). A thread's own count is the compiled kernel's (:func:`_registers`): 67-80 at one B tile
+# of symmetric int4 in groups of 128 or FP6 per channel, 94-176 in groups of 32 or 64 or with zero points at two.
+REGISTER_FILE = 65536
 ITERATION_ROWS = 16  # word-rows a warp decodes per iteration (4 reps of 4)
 
 
@@ -727,6 +724,27 @@ class MmaLaunch:
     iterations: int
 
 
+@dataclass(frozen=True)
+class MmaKernel:
+    """Rule 10's kernel for one weight format: its compile-time constants other than the launch's
+    (:func:`kernel_of`), as sorted pairs."""
+
+    fp6: bool
+    constants: tuple
+
+
+def kernel_of(w) -> MmaKernel:
+    """The kernel that runs ``w`` (int4 ``IntNWeights`` or FP6 ``FpxWeights`` that :func:`takes` accepts)."""
+    k = w.in_features
+    if _is_fp6(w):
+        constants = dict(GROUP_TILES=FP6_ITERATION_TILES if w.group_size == k else w.group_size // 16,
+                         CHANNEL=w.group_size == k, MANTISSA=w.fmt.mantissa_bits, POWER=2.0 ** (15 - w.fmt.bias))
+    else:
+        constants = dict(GROUP_ROWS=ITERATION_ROWS if w.group_size == k else w.group_size // 8,
+                         CHANNEL=w.group_size == k, SYMMETRIC=w.symmetric)
+    return MmaKernel(_is_fp6(w), tuple(sorted(constants.items())))
+
+
 def available(device: torch.device) -> bool:
     """Whether rule 10 can run on ``device``: Gluon imported and a compute capability 9.0 GPU."""
     return gluon is not None and device.type == "cuda" and splitk._capability(device) == (9, 0)
@@ -753,10 +771,9 @@ def mma_config(m: int, w, sms: int) -> MmaLaunch | None:
     """Rule 10's launch over ``m`` rows, or None where :data:`MMA_RULE` (symmetric int4), :data:`ASYM_MMA_RULE`
     (asymmetric int4) or :data:`FP6_MMA_RULE` (FP6) does not take the linear, at 1-7 rows of symmetric int4 with
     fewer outputs than inputs and fewer than :data:`NARROW_BELOW` weights, or at one row of int4 where it has
-    fewer than :data:`ONE_ROW_WIDE` outputs per input (symmetric: nor that many inputs per output). A rule's upper
-    bound holds for launches with masked loads only (:func:`_even`)."""
+    fewer than :data:`ONE_ROW_WIDE` outputs per input (symmetric: nor that many inputs per output)."""
     rule = FP6_MMA_RULE if _is_fp6(w) else MMA_RULE if w.symmetric else ASYM_MMA_RULE
-    least, below = next(((least, below) for rows, least, below in rule if m <= rows), (None, None))
+    least = next((least for rows, least in rule if m <= rows), None)
     count = w.in_features * w.out_features
     if least is None or count < least or not takes(w):
         return None
@@ -767,42 +784,45 @@ def mma_config(m: int, w, sms: int) -> MmaLaunch | None:
         long = w.symmetric and w.in_features >= ONE_ROW_WIDE * w.out_features
         if m == 1 and not (wide or long):
             return None
-    launch = mma_launch(m, w.in_features, w.out_features, sms, not _is_fp6(w) and not w.symmetric)
-    if below is not None and count >= below and not _even(launch, w.in_features, w.out_features):
-        return None
-    return launch
+    return mma_launch(m, w.in_features, w.out_features, sms, kernel_of(w))
 
 
 @functools.lru_cache(maxsize=4096)
-def mma_launch(m: int, in_features: int, out_features: int, sms: int, zero_points: bool = False) -> MmaLaunch:
+def mma_launch(m: int, in_features: int, out_features: int, sms: int, kernel: MmaKernel) -> MmaLaunch:
     """K split ``parallel`` ways, the power of 2 that gives each warp one iteration of 128 inputs, halved while
-    the blocks of 32 outputs would take more warps per SM than stay resident (:func:`_resident`); over the warps
-    of one program up to 8, then over programs. Where that halving leaves K split and the loads masked
-    (:func:`_even`), the split grows to any count, in programs of 4 warps, that fills the resident warps, if that
-    shortens every warp's loop; and a split whose programs of 8 warps would leave SMs idle runs in twice the
-    programs of 4 warps. H100 (docs/benchmarks/kernels-rounds.md, round 18): 4 x 1 on 8192->28672 (896 blocks,
-    28 warps per SM), 8 x 1 on 4096->11008, 4 x 6 on 11008->4096 (8 x 2 on 14336->4096, unmasked), 4 x 4 on
-    1536->576, 8 x 8 on 4864->896."""
+    the blocks of 32 outputs would take more warps per SM than stay resident (:func:`_resident`, from ``kernel``'s
+    registers; two waves for one iteration a warp without a split); over the warps of one program up to 8, then
+    over programs. Where that halving stopped, K splits (further) to the most programs of 4 warps that stay
+    resident, if that shortens every warp's loop: by an iteration where the loads are masked (:func:`_even`; two
+    where the split is new and must buy back its sum), to a third where it puts masks back. A split whose programs
+    of 8 warps would leave SMs idle runs in twice the programs of 4 warps. H100 (docs/benchmarks/kernels-rounds.md,
+    rounds 18-19), symmetric int4 in groups of 128: 4 x 1 on 8192->28672 (896 blocks, 28 warps per SM), 8 x 1 on
+    4096->11008, 4 x 6 on 11008->4096 (8 x 2 on 14336->4096, unmasked), 4 x 4 on 1536->576, 8 x 8 on 4864->896,
+    4 x 3 on 13824->5120 at 9-16 rows; zero points in groups of 32 at 9-16 rows (168-176 registers): 4 x 3 on
+    11008->4096."""
     iterations = -(-in_features // 8 // ITERATION_ROWS)
     blocks = -(-out_features // 32)
-    wide = m > 8 or zero_points
+    nt = 1 if m <= 8 else 2
 
-    def fits(launch: MmaLaunch) -> bool:
-        return blocks * launch.split * launch.warps <= _resident(launch, wide, in_features, out_features) * sms
+    def fits(launch: MmaLaunch, waves: int = 1) -> bool:
+        resident = _resident(launch, nt, kernel, in_features, out_features)
+        return blocks * launch.split * launch.warps <= waves * resident * sms
 
     parallel = 1 << (iterations - 1).bit_length()  # the power of 2 >= iterations: one iteration a warp
     launch = _split_launch(in_features, min(8, parallel), max(1, parallel // 8))
     halved = False
-    while parallel > 1 and not fits(launch):
+    while parallel > 1 and not fits(launch, 2 if launch.iterations == 1 and launch.split == 1 else 1):
         parallel //= 2
         halved = True
         launch = _split_launch(in_features, min(8, parallel), max(1, parallel // 8))
-    if halved and launch.split > 1 and not _even(launch, in_features, out_features):  # fill the resident warps
-        most = _resident(launch, wide, in_features, out_features) * sms // (blocks * 4)
-        for split in range(most, launch.split, -1):  # the most splits whose warps stay resident
+    if halved:  # fill the resident warps
+        masked = not _even(launch, in_features, out_features)
+        for split in range(64 * sms // (blocks * 4), launch.split, -1):  # the most splits whose warps stay resident
             grown = _split_launch(in_features, 4, split)
             if fits(grown):
-                if grown.iterations < launch.iterations:
+                # a new split must buy back its sum, and masks put back must cut the loop to a third
+                if (grown.iterations < launch.iterations - (launch.split == 1) if masked
+                        else 3 * grown.iterations <= launch.iterations):
                     launch = grown
                 break
     if launch.split > 1 and launch.warps == 8 and blocks * launch.split < sms:  # SMs left idle
@@ -812,12 +832,21 @@ def mma_launch(m: int, in_features: int, out_features: int, sms: int, zero_point
     return launch
 
 
-def _resident(launch: MmaLaunch, wide: bool, in_features: int, out_features: int) -> int:
-    """Warps per SM that stay resident at ``launch``, in whole programs: :data:`WIDE_REGISTERS` a thread with two
-    B tiles or zero points, :data:`EVEN_REGISTERS` where the loads need no masks (:func:`_even`), else
-    :data:`REGISTERS`."""
-    registers = WIDE_REGISTERS if wide else EVEN_REGISTERS if _even(launch, in_features, out_features) else REGISTERS
-    return 65536 // (registers * 32 * launch.warps) * launch.warps
+def _resident(launch: MmaLaunch, nt: int, kernel: MmaKernel, in_features: int, out_features: int) -> int:
+    """Warps per SM that stay resident at ``launch`` with ``nt`` B tiles, in whole programs, from the registers of
+    ``kernel`` compiled for it (:func:`_registers`, with or without masks as :func:`_even` says)."""
+    registers = _registers(kernel, nt, launch.warps, _even(launch, in_features, out_features))
+    allocated = -(-registers // 8) * 8
+    return min(REGISTER_FILE // (allocated * 32 * launch.warps), 64 // launch.warps) * launch.warps
+
+
+@functools.cache
+def _registers(kernel: MmaKernel, nt: int, warps: int, even: bool) -> int:
+    """Registers a thread of ``kernel`` at ``nt`` B tiles and ``warps`` warps a program, with or without masks,
+    compiled for sm_90 (``llmc.plugins.aot``; Triton's cache keeps the compile)."""
+    from llmc.plugins.aot import compile_kernel
+
+    return compile_kernel(_variant(kernel, nt, warps, even, "registers"), 90).registers
 
 
 def _split_launch(in_features: int, warps: int, split: int) -> MmaLaunch:
@@ -876,21 +905,16 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
     grid = (-(-n // 32), launch.split)
     looped = launch.iterations == 1 and grid[0] * grid[1] <= splitk.sm_count(x2.device)
     even = m > 0 and _even(launch, k, n)  # x's row is clamped to M - 1 without masks
+    constants = dict(kernel_of(w).constants, NT=1 if m <= 8 else 2, W_K=launch.warps, EVEN=even,
+                     DEPENDENTS=_launches_sum_early(launch, m))
     if _is_fp6(w):  # the launch's word-rows of 8 inputs as tiles of 16
         kernel = _mma_fp6_loop if looped else _mma_fp6_kernel
         args = (x2.view(torch.int32), w.planes[0], w.planes[1], w.scale, y, part, m, n, x2.stride(0) // 2,
                 y.stride(0), k // 16, launch.rows_per_split // 2, launch.rows_per_warp // 2, launch.iterations)
-        constants = dict(GROUP_TILES=FP6_ITERATION_TILES if w.group_size == k else w.group_size // 16,
-                         CHANNEL=w.group_size == k, MANTISSA=w.fmt.mantissa_bits, POWER=2.0 ** (15 - w.fmt.bias),
-                         NT=1 if m <= 8 else 2, W_K=launch.warps, EVEN=even,
-                         DEPENDENTS=_launches_sum_early(launch, m))
     else:
         kernel = _mma_decode_loop if looped else _mma_decode_kernel
         args = (x2.view(torch.int32), w.planes[0], w.scale, w.zero, y, part, m, n, x2.stride(0) // 2, y.stride(0),
                 k // 8, launch.rows_per_split, launch.rows_per_warp, launch.iterations)
-        constants = dict(GROUP_ROWS=ITERATION_ROWS if w.group_size == k else w.group_size // 8,
-                         CHANNEL=w.group_size == k, SYMMETRIC=w.symmetric, NT=1 if m <= 8 else 2, W_K=launch.warps,
-                         EVEN=even, DEPENDENTS=_launches_sum_early(launch, m))
     kernel[grid](*args, **constants, num_warps=launch.warps)
     if launch.split > 1:
         splitk.sum_splits(part, y, launch.split, m)
@@ -901,29 +925,32 @@ def kernel_variants() -> list:
     """Rule 10's kernels as its rules launch them, for ``llmc.plugins.aot``: symmetric int4 in groups of 128,
     asymmetric int4 in groups of 32 and FP6 e3m2 per channel at 1, 2, 4 and 8 warps, 1-8 rows (one B tile) and
     9-16 (two), with and without masks (``EVEN``); for sm_80-sm_90 (``mma.sync`` is Ampere's; the rules run them on sm_90)."""
-    from llmc.plugins.aot import KernelVariant
-
     if gluon is None:
         return []
+    kernels = {"int4-sym-g128": MmaKernel(False, (("CHANNEL", False), ("GROUP_ROWS", 16), ("SYMMETRIC", True))),
+               "int4-asym-g32": MmaKernel(False, (("CHANNEL", False), ("GROUP_ROWS", 4), ("SYMMETRIC", False))),
+               "e3m2-channel": MmaKernel(True, (("CHANNEL", True), ("GROUP_TILES", FP6_ITERATION_TILES),
+                                                ("MANTISSA", 2), ("POWER", 2.0 ** 12)))}
+    return [_variant(kernel, nt, warps, even, f"{'fpx' if kernel.fp6 else 'intn'}-mma"
+                     f"{('1-8' if kernel.fp6 else '2-8') if nt == 1 else '9-16'}-{name}-w{warps}{'-even' if even else ''}")
+            for name, kernel in kernels.items() for nt in (1, 2) for warps in (1, 2, 4, 8) for even in (False, True)]
+
+
+def _variant(kernel: MmaKernel, nt: int, warps: int, even: bool, name: str):
+    """``kernel`` at ``nt`` B tiles and ``warps`` warps a program, with or without masks, as ``aot`` compiles it."""
+    from llmc.plugins.aot import KernelVariant
+
+    constants = dict(kernel.constants, NT=nt, W_K=warps, EVEN=even)
+    if kernel.fp6:
+        signature = dict(x_ptr="*i32", hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16", y_ptr="*fp16", part_ptr="*fp32",
+                         M="i32", N="i32", stride_xm="i32", stride_ym="i32", tiles_total="i32", tiles_per_split="i32",
+                         tiles_per_warp="i32", iterations="i32")
+        aligned = ("x_ptr", "hi_ptr", "lo_ptr", "s_ptr", "y_ptr", "part_ptr", "N", "stride_xm", "stride_ym",
+                   "tiles_per_split", "tiles_per_warp")
+        return KernelVariant(name, _mma_fp6_kernel, signature, constants, warps, 1, aligned)
     signature = dict(x_ptr="*i32", w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", y_ptr="*fp16", part_ptr="*fp32",
                      M="i32", N="i32", stride_xm="i32", stride_ym="i32", rows_total="i32", rows_per_split="i32",
                      rows_per_warp="i32", iterations="i32")
     aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "part_ptr", "N", "stride_xm", "stride_ym",
                "rows_per_split", "rows_per_warp")
-    launches = tuple((nt, warps, even) for nt in (1, 2) for warps in (1, 2, 4, 8) for even in (False, True))
-    int4 = [KernelVariant(f"intn-mma{'2-8' if nt == 1 else '9-16'}-int4-{'sym-g128' if symmetric else 'asym-g32'}"
-                          f"-w{warps}{'-even' if even else ''}", _mma_decode_kernel, signature,
-                          dict(GROUP_ROWS=16 if symmetric else 4, CHANNEL=False, SYMMETRIC=symmetric, NT=nt, W_K=warps,
-                               EVEN=even), warps, 1, aligned)
-            for symmetric in (True, False) for nt, warps, even in launches]
-    fp6_signature = dict(x_ptr="*i32", hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16", y_ptr="*fp16", part_ptr="*fp32",
-                         M="i32", N="i32", stride_xm="i32", stride_ym="i32", tiles_total="i32", tiles_per_split="i32",
-                         tiles_per_warp="i32", iterations="i32")
-    fp6_aligned = ("x_ptr", "hi_ptr", "lo_ptr", "s_ptr", "y_ptr", "part_ptr", "N", "stride_xm", "stride_ym",
-                   "tiles_per_split", "tiles_per_warp")
-    fp6 = [KernelVariant(f"fpx-mma{'1-8' if nt == 1 else '9-16'}-e3m2-channel-w{warps}{'-even' if even else ''}",
-                         _mma_fp6_kernel, fp6_signature,
-                         dict(GROUP_TILES=FP6_ITERATION_TILES, CHANNEL=True, MANTISSA=2, POWER=2.0 ** 12, NT=nt, W_K=warps,
-                              EVEN=even), warps, 1, fp6_aligned)
-           for nt, warps, even in launches]
-    return int4 + fp6
+    return KernelVariant(name, _mma_decode_kernel, signature, constants, warps, 1, aligned)

@@ -441,26 +441,45 @@ def test_mma_decode_rule_and_launch():
     assert mma_decode.mma_config(1, int4(4864, 896, 32, symmetric=False), SMS) is None
     small = int4(576, 576, 32, symmetric=False)
     assert mma_decode.mma_config(3, small, SMS) is None and mma_decode.mma_config(4, small, SMS)
-    assert mma_decode.mma_config(9, int4(11008, 4096, symmetric=False), SMS) is None  # 9-16 rows below 2^24, masked
+    # zero points in groups of 32 at 9-16 rows: 168-176 registers a thread, 12 warps per SM in programs of 4, 8 in
+    # programs of 8: K split 3 ways in programs of 4 (8 x 2 would take two waves)
+    assert mma_decode.mma_config(9, int4(11008, 4096, 32, symmetric=False), SMS) == mma_decode.MmaLaunch(
+        4, 3, 464, 128, 8)
     assert mma_decode.mma_config(9, int4(4096, 4096, symmetric=False), SMS)  # or without masks (8 x 2)
     assert mma_decode.mma_config(16, int4(4096, 11008, symmetric=False), SMS) == mma_decode.MmaLaunch(4, 1, 512, 128, 8)
     assert mma_decode.mma_config(4, int4(11008, 4096, 32, symmetric=False), SMS) == mma_decode.MmaLaunch(
         8, 2, 688, 96, 6)  # zero points: 16 warps per SM, so 16 ways (32 would be 4096 warps)
     assert mma_decode.mma_config(4, int4(4096, 4096, bits=8), SMS) is None
     assert mma_decode.mma_config(4, int4(4096, 4096, scale=torch.float32), SMS) is None
+    G128 = mma_decode.kernel_of(int4(4096, 4096))
     # 86 iterations, 128 blocks: 8 x 2 (masked) grows to 4 x 6 (24 warps per SM), 6 iterations a warp to 4
-    assert mma_decode.mma_launch(1, 11008, 4096, SMS) == mma_decode.MmaLaunch(4, 6, 240, 64, 4)
-    assert mma_decode.mma_launch(1, 14336, 4096, SMS) == mma_decode.MmaLaunch(8, 2, 896, 112, 7)  # unmasked: kept
-    assert mma_decode.mma_launch(9, 11008, 4096, SMS) == mma_decode.MmaLaunch(8, 2, 688, 96, 6)  # 4 x 4: no shorter
-    assert mma_decode.mma_launch(4, 8192, 28672, SMS) == mma_decode.MmaLaunch(4, 1, 1024, 256, 16)  # 896 x 4 <= 28 x 132
-    assert mma_decode.mma_launch(9, 8192, 28672, SMS) == mma_decode.MmaLaunch(2, 1, 1024, 512, 32)  # 16 warps per SM
-    assert mma_decode.mma_launch(8, 896, 4864, SMS) == mma_decode.MmaLaunch(8, 1, 112, 16, 1)  # 7 iterations
-    assert mma_decode.mma_launch(16, 4864, 896, SMS) == mma_decode.MmaLaunch(8, 8, 80, 16, 1)  # 38 iterations
-    assert mma_decode.mma_launch(1, 1536, 576, SMS) == mma_decode.MmaLaunch(4, 4, 48, 16, 1)  # 18 x 2 programs of 8
-    assert mma_decode.mma_launch(4, 1536, 8960, SMS) == mma_decode.MmaLaunch(8, 1, 192, 32, 2)  # 12 iterations
-    assert mma_decode.mma_launch(16, 1536, 8960, SMS) == mma_decode.MmaLaunch(4, 1, 192, 48, 3)  # 280 blocks
+    assert mma_decode.mma_launch(1, 11008, 4096, SMS, G128) == mma_decode.MmaLaunch(4, 6, 240, 64, 4)
+    assert mma_decode.mma_launch(1, 14336, 4096, SMS, G128) == mma_decode.MmaLaunch(8, 2, 896, 112, 7)  # unmasked: kept
+    assert mma_decode.mma_launch(9, 11008, 4096, SMS, G128) == mma_decode.MmaLaunch(8, 2, 688, 96, 6)  # 4 x 4: no shorter
+    assert mma_decode.mma_launch(4, 8192, 28672, SMS, G128) == mma_decode.MmaLaunch(4, 1, 1024, 256, 16)  # 896 x 4 <= 28 x 132
+    assert mma_decode.mma_launch(9, 8192, 28672, SMS, G128) == mma_decode.MmaLaunch(2, 1, 1024, 512, 32)  # 16 warps per SM
+    assert mma_decode.mma_launch(8, 896, 4864, SMS, G128) == mma_decode.MmaLaunch(8, 1, 112, 16, 1)  # 7 iterations
+    assert mma_decode.mma_launch(16, 4864, 896, SMS, G128) == mma_decode.MmaLaunch(8, 8, 80, 16, 1)  # 38 iterations
+    assert mma_decode.mma_launch(1, 1536, 576, SMS, G128) == mma_decode.MmaLaunch(4, 4, 48, 16, 1)  # 18 x 2 programs of 8
+    assert mma_decode.mma_launch(4, 1536, 8960, SMS, G128) == mma_decode.MmaLaunch(8, 1, 192, 32, 2)  # 12 iterations
+    assert mma_decode.mma_launch(16, 1536, 8960, SMS, G128) == mma_decode.MmaLaunch(4, 1, 192, 48, 3)  # 280 blocks
+    # 108 iterations, 160 blocks, masked at 8 x 1 (14 iterations a warp): K split 3 ways in programs of 4 (9)
+    assert mma_decode.mma_launch(16, 13824, 5120, SMS, G128) == mma_decode.MmaLaunch(4, 3, 576, 144, 9)
+    # a split that saves one iteration a warp does not buy back its sum: 1536->8960 stays 8 x 1
+    assert mma_decode.mma_launch(1, 1536, 8960, SMS, G128).split == 1
+    # one iteration a warp without a split may take two waves (zero points in groups of 32: 8 warps per SM)
+    asym32 = mma_decode.kernel_of(int4(896, 4864, 32, symmetric=False))
+    assert mma_decode.mma_launch(16, 896, 4864, SMS, asym32) == mma_decode.MmaLaunch(8, 1, 112, 16, 1)
+    # the halving leaves 4 x 1 without masks at 27 iterations a warp: K split 3 ways cuts it to 9 (4 x 2, 14, would not)
+    assert mma_decode.mma_launch(16, 13824, 5120, SMS, mma_decode.kernel_of(int4(13824, 5120, 32, symmetric=False))
+                                 ) == mma_decode.MmaLaunch(4, 3, 576, 144, 9)
+    assert mma_decode.mma_launch(1, 5120, 13824, SMS, G128).split == 1  # 10 iterations to 5: kept
+    # the resident warps come from the compiled kernel's registers: two B tiles with zero points take more
+    launch = mma_decode.MmaLaunch(8, 2, 688, 96, 6)
+    assert (mma_decode._resident(launch, 2, asym32, 11008, 4096) < mma_decode._resident(launch, 2, G128, 11008, 4096)
+            <= mma_decode._resident(launch, 1, G128, 11008, 4096))
     for m, k, n in ((1, 576, 576), (16, 1056, 300), (4, 4864, 896), (1, 14336, 4096), (2, 256, 4096)):
-        launch = mma_decode.mma_launch(m, k, n, SMS)
+        launch = mma_decode.mma_launch(m, k, n, SMS, G128)
         assert launch.split * launch.rows_per_split >= k // 8 > (launch.split - 1) * launch.rows_per_split
         assert launch.warps * launch.rows_per_warp >= launch.rows_per_split
         assert launch.rows_per_warp == 16 * launch.iterations and launch.rows_per_split % 16 == 0
@@ -475,8 +494,9 @@ def test_mma_decode_fp6_rule():
         return dataclasses.replace(w, scale=torch.zeros(k // (group or k), n, dtype=scale), group_size=group or k,
                                    fmt=FORMATS[name], tile=tile)
 
-    assert mma_decode.mma_config(1, fp6(4096, 11008), SMS) == mma_decode.mma_launch(1, 4096, 11008, SMS)
-    assert mma_decode.mma_config(16, fp6(4096, 11008), SMS) == mma_decode.mma_launch(16, 4096, 11008, SMS)
+    kernel = mma_decode.kernel_of(fp6(4096, 11008))
+    assert mma_decode.mma_config(1, fp6(4096, 11008), SMS) == mma_decode.mma_launch(1, 4096, 11008, SMS, kernel)
+    assert mma_decode.mma_config(16, fp6(4096, 11008), SMS) == mma_decode.mma_launch(16, 4096, 11008, SMS, kernel)
     assert mma_decode.mma_config(17, fp6(4096, 11008), SMS) is None
     assert mma_decode.mma_config(1, fp6(576, 576), SMS) and mma_decode.mma_config(16, fp6(576, 1536), SMS)
     assert mma_decode.mma_config(1, fp6(1536, 576), SMS) and mma_decode.mma_config(16, fp6(1536, 576), SMS)
