@@ -817,7 +817,8 @@ def mma_launch(m: int, in_features: int, out_features: int, sms: int, kernel: Mm
         launch = _split_launch(in_features, min(8, parallel), max(1, parallel // 8))
     if halved:  # fill the resident warps
         masked = not _even(launch, in_features, out_features)
-        for split in range(64 * sms // (blocks * 4), launch.split, -1):  # the most splits whose warps stay resident
+        # the most splits whose warps stay resident (past one iteration a split, _split_launch gives the same launch)
+        for split in range(min(64 * sms // (blocks * 4), iterations), launch.split, -1):
             grown = _split_launch(in_features, 4, split)
             if fits(grown):
                 # a new split must buy back its sum, and masks put back must cut the loop to a third
@@ -941,16 +942,14 @@ def _variant(kernel: MmaKernel, nt: int, warps: int, even: bool, name: str):
     from llmc.plugins.aot import KernelVariant
 
     constants = dict(kernel.constants, NT=nt, W_K=warps, EVEN=even)
-    if kernel.fp6:
-        signature = dict(x_ptr="*i32", hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16", y_ptr="*fp16", part_ptr="*fp32",
-                         M="i32", N="i32", stride_xm="i32", stride_ym="i32", tiles_total="i32", tiles_per_split="i32",
-                         tiles_per_warp="i32", iterations="i32")
-        aligned = ("x_ptr", "hi_ptr", "lo_ptr", "s_ptr", "y_ptr", "part_ptr", "N", "stride_xm", "stride_ym",
-                   "tiles_per_split", "tiles_per_warp")
-        return KernelVariant(name, _mma_fp6_kernel, signature, constants, warps, 1, aligned)
-    signature = dict(x_ptr="*i32", w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", y_ptr="*fp16", part_ptr="*fp32",
-                     M="i32", N="i32", stride_xm="i32", stride_ym="i32", rows_total="i32", rows_per_split="i32",
-                     rows_per_warp="i32", iterations="i32")
-    aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "part_ptr", "N", "stride_xm", "stride_ym",
-               "rows_per_split", "rows_per_warp")
-    return KernelVariant(name, _mma_decode_kernel, signature, constants, warps, 1, aligned)
+    # the weights' pointers and K's units (FP6 tiles of 16 inputs, int4 word-rows of 8) differ, the rest is shared
+    weights = (dict(hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16") if kernel.fp6
+               else dict(w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16"))
+    unit = "tiles" if kernel.fp6 else "rows"
+    signature = dict(x_ptr="*i32", **weights, y_ptr="*fp16", part_ptr="*fp32", M="i32", N="i32", stride_xm="i32",
+                     stride_ym="i32", **{f"{unit}_total": "i32", f"{unit}_per_split": "i32", f"{unit}_per_warp": "i32"},
+                     iterations="i32")
+    aligned = ("x_ptr", *weights, "y_ptr", "part_ptr", "N", "stride_xm", "stride_ym", f"{unit}_per_split",
+               f"{unit}_per_warp")
+    return KernelVariant(name, _mma_fp6_kernel if kernel.fp6 else _mma_decode_kernel, signature, constants, warps, 1,
+                         aligned)
