@@ -77,7 +77,7 @@ def main() -> None:
         for m in (rows[0], *rows):  # the first timing of a shape ran slow (up to 2x), so it is run twice
             x = torch.randn(m, k, device=device, dtype=torch.float16)
             ref = reference(x, w).float()
-            launch = mma_decode.mma_launch(m, k, n, sms, args.asym)
+            launch = mma_decode.mma_launch(m, k, n, sms, mma_decode.kernel_of(w))
             run = lambda x, y, w: mma_decode.mma_linear(x, w, launch, y)  # noqa: E731
             y = _checked(run, x, w, ref, (m, n), f"{name} M={m} mma_decode")
             if y is None:

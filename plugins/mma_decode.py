@@ -46,7 +46,11 @@ just above its low bit; ``X`` words (the low bits from the 2-bit word, the signs
 instructions for 16 weights (1.5 a weight; e2m3 29). The scale and ``2^(15 - bias)`` multiply the float32
 sums (a group's scale is loaded where it is used: loaded an iteration ahead, 16 rows ran up to 21% slower
 on the 70B shape). An iteration is 2 reps of 4 tiles (128 inputs, as int4's); the sm_90 loop is 323 instructions for a
-lane's 128 weights (16 HMMA).
+lane's 128 weights (16 HMMA). Where one program of 8-16 warps per block is all an SM runs (:func:`mma_launch`),
+each iteration also asks L2 for the 24 lines the next one loads (``PREFETCH``: one ``prefetch.global.L2`` a lane,
+which ptxas places among the MMAs), and that made those launches 2-11% faster than splitting K. Why is not
+established: the same iteration loads those lines anyway. int4's loop with the same prefetch was not faster
+(11008->4096 at one row, 16 warps: 11.96 against 11.88 us without, and 11.50 at its split launch).
 
 Where every warp's range of K is whole iterations and the outputs whole blocks of 32 (:func:`_even`), the
 loads carry no masks (``EVEN``: the word-row kept inside the warp's range, x's row below M): the sm_90 loop is
@@ -64,6 +68,7 @@ is a programmatic dependent launch (Hopper's) and it was timed on an H100 alone.
 from __future__ import annotations
 
 import functools
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -375,6 +380,27 @@ if gluon is not None:
                                          is_pure=True, pack=4)
 
     @gluon.jit
+    def _prefetch_lanes(units_total, units_per_split, units_per_warp, W_K: gl.constexpr):
+        """For :func:`_prefetch`: each lane's warp's range of K units, ``[begin, end)``, and its lane."""
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [W_K], [0])
+        lanes = gl.arange(0, 32 * W_K, layout=layout)
+        split_begin = gl.program_id(1) * units_per_split
+        begin = split_begin + (lanes // 32) * units_per_warp
+        end = gl.minimum(gl.minimum(begin + units_per_warp, split_begin + units_per_split), units_total)
+        return begin, end, lanes % 32
+
+    @gluon.jit
+    def _prefetch(hi_ptr, lo_ptr, tile, begin, end, lane, N, n0):
+        """An L2 prefetch of the FP6 iteration whose rep 0 is at tile ``tile`` of the warp's range ``[begin, end)``:
+        lanes 0-15 one line of its 16 rows of the 4-bit plane, lanes 16-31 one of its 8 rows of the 2-bit plane
+        (twice); rows past the range are kept at its last one."""
+        hi_row = gl.minimum(2 * (begin + tile) + lane % 16, gl.maximum(2 * end - 1, 0))
+        lo_row = gl.minimum(begin + tile + lane % 8, gl.maximum(end - 1, 0))
+        lines = gl.where(lane < 16, hi_ptr + hi_row * N, lo_ptr + lo_row * N) + n0
+        gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [lines], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
     def _load_group(s_ptr, z_ptr, unit, warp_end, offs_n, n_ok, N, placeholder, STARTS: gl.constexpr,
                     GROUP_UNITS: gl.constexpr, SYMMETRIC: gl.constexpr, EVEN: gl.constexpr):
         """The scales (and zero points) of the group of ``unit`` (a word-row, or an FP6 tile; one per row of
@@ -644,7 +670,8 @@ if gluon is not None:
     def _mma_fp6_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, y_ptr, part_ptr, M, N, stride_xm, stride_ym, tiles_total,
                         tiles_per_split, tiles_per_warp, iterations, GROUP_TILES: gl.constexpr,
                         CHANNEL: gl.constexpr, MANTISSA: gl.constexpr, POWER: gl.constexpr, NT: gl.constexpr,
-                        W_K: gl.constexpr, EVEN: gl.constexpr, DEPENDENTS: gl.constexpr = False):
+                        W_K: gl.constexpr, EVEN: gl.constexpr, DEPENDENTS: gl.constexpr = False,
+                        PREFETCH: gl.constexpr = False):
         # x_ptr: x as int32 [M, K / 2]; hi_ptr: the 4-bit plane [K / 8, N]; lo_ptr: the 2-bit plane [K / 16, N].
         if DEPENDENTS:  # sum_splits may start now (_launches_sum_early)
             gdc_launch_dependents()
@@ -665,8 +692,12 @@ if gluon is not None:
                                                            xr, x_col, M, stride_xm, NT, EVEN)
         e1, o1, l1, xa01, xb01, xa11, xb11 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, first + 4, warp_end, offs_n, n_ok,
                                                            N, xr, x_col, M, stride_xm, NT, EVEN)
+        if PREFETCH:
+            begin, end, lane = _prefetch_lanes(tiles_total, tiles_per_split, tiles_per_warp, W_K)
         for it in range(iterations):
             base = first + it * 8
+            if PREFETCH:  # the lines the loads below read, asked for before this iteration's MMAs (mma_launch)
+                _prefetch(hi_ptr, lo_ptr, (it + 1) * 8, begin, end, lane, N, n0)
             # The next iteration's words and x are in flight while this one's are decoded (a group's scales
             # are loaded where they are used: loaded an iteration ahead, 16 rows of x ran up to 21% slower).
             ne0, no0, nl0, nxa00, nxb00, nxa10, nxb10 = _load_fp6_rep(hi_ptr, lo_ptr, x_ptr, base + 8, warp_end,
@@ -715,13 +746,15 @@ if gluon is not None:
 @dataclass(frozen=True)
 class MmaLaunch:
     """Rule 10's launch: ``warps`` warps per program, each ``iterations`` of 16 word-rows, and
-    ``split`` programs per block of 32 outputs, each ``rows_per_split`` word-rows."""
+    ``split`` programs per block of 32 outputs, each ``rows_per_split`` word-rows; ``prefetch`` (FP6 only):
+    each iteration asks L2 for the lines of the next one first (``PREFETCH``)."""
 
     warps: int
     split: int
     rows_per_split: int
     rows_per_warp: int
     iterations: int
+    prefetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -799,7 +832,13 @@ def mma_launch(m: int, in_features: int, out_features: int, sms: int, kernel: Mm
     rounds 18-19), symmetric int4 in groups of 128: 4 x 1 on 8192->28672 (896 blocks, 28 warps per SM), 8 x 1 on
     4096->11008, 4 x 6 on 11008->4096 (8 x 2 on 14336->4096, unmasked), 4 x 4 on 1536->576, 8 x 8 on 4864->896,
     4 x 3 on 13824->5120 at 9-16 rows; zero points in groups of 32 at 9-16 rows (168-176 registers): 4 x 3 on
-    11008->4096."""
+    11008->4096.
+
+    FP6 per channel at 1-8 rows, where the blocks number from three quarters of the SMs to one per SM and K is at
+    least 32 iterations, runs one program per block over all of K instead (16 warps from 64 iterations, else 8), each
+    iteration first asking L2 for the lines the next one loads (``prefetch``): 2-11% faster on 4096x4096,
+    11008->4096, 14336->4096, 18944->3584 and 8192->4096 (0.58, 0.76, 0.80, 0.81, 0.72 of the roofline at one row);
+    on 3584x3584 (28 iterations) 7-11% and on 8960->1536 (48 blocks) 22% slower (round 20)."""
     iterations = -(-in_features // 8 // ITERATION_ROWS)
     blocks = -(-out_features // 32)
     nt = 1 if m <= 8 else 2
@@ -807,6 +846,12 @@ def mma_launch(m: int, in_features: int, out_features: int, sms: int, kernel: Mm
     def fits(launch: MmaLaunch, waves: int = 1) -> bool:
         resident = _resident(launch, nt, kernel, in_features, out_features)
         return blocks * launch.split * launch.warps <= waves * resident * sms
+
+    if (kernel.fp6 and dict(kernel.constants)["CHANNEL"] and nt == 1 and 4 * blocks >= 3 * sms and blocks <= sms
+            and iterations >= 32):  # one program per block and SM over all of K, asking L2 for its next lines first
+        whole = dataclasses.replace(_split_launch(in_features, 16 if iterations >= 64 else 8, 1), prefetch=True)
+        if fits(whole):
+            return whole
 
     parallel = 1 << (iterations - 1).bit_length()  # the power of 2 >= iterations: one iteration a warp
     launch = _split_launch(in_features, min(8, parallel), max(1, parallel // 8))
@@ -836,18 +881,18 @@ def mma_launch(m: int, in_features: int, out_features: int, sms: int, kernel: Mm
 def _resident(launch: MmaLaunch, nt: int, kernel: MmaKernel, in_features: int, out_features: int) -> int:
     """Warps per SM that stay resident at ``launch`` with ``nt`` B tiles, in whole programs, from the registers of
     ``kernel`` compiled for it (:func:`_registers`, with or without masks as :func:`_even` says)."""
-    registers = _registers(kernel, nt, launch.warps, _even(launch, in_features, out_features))
+    registers = _registers(kernel, nt, launch.warps, _even(launch, in_features, out_features), launch.prefetch)
     allocated = -(-registers // 8) * 8
     return min(REGISTER_FILE // (allocated * 32 * launch.warps), 64 // launch.warps) * launch.warps
 
 
 @functools.cache
-def _registers(kernel: MmaKernel, nt: int, warps: int, even: bool) -> int:
-    """Registers a thread of ``kernel`` at ``nt`` B tiles and ``warps`` warps a program, with or without masks,
-    compiled for sm_90 (``llmc.plugins.aot``; Triton's cache keeps the compile)."""
+def _registers(kernel: MmaKernel, nt: int, warps: int, even: bool, prefetch: bool = False) -> int:
+    """Registers a thread of ``kernel`` at ``nt`` B tiles and ``warps`` warps a program, with or without masks
+    and (FP6) the L2 prefetch, compiled for sm_90 (``llmc.plugins.aot``; Triton's cache keeps the compile)."""
     from llmc.plugins.aot import compile_kernel
 
-    return compile_kernel(_variant(kernel, nt, warps, even, "registers"), 90).registers
+    return compile_kernel(_variant(kernel, nt, warps, even, "registers", prefetch), 90).registers
 
 
 def _split_launch(in_features: int, warps: int, split: int) -> MmaLaunch:
@@ -910,9 +955,12 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
                      DEPENDENTS=_launches_sum_early(launch, m))
     if _is_fp6(w):  # the launch's word-rows of 8 inputs as tiles of 16
         kernel = _mma_fp6_loop if looped else _mma_fp6_kernel
+        constants["PREFETCH"] = launch.prefetch
         args = (x2.view(torch.int32), w.planes[0], w.planes[1], w.scale, y, part, m, n, x2.stride(0) // 2,
                 y.stride(0), k // 16, launch.rows_per_split // 2, launch.rows_per_warp // 2, launch.iterations)
     else:
+        if launch.prefetch:
+            raise ValueError("mma_linear: the L2 prefetch is FP6's")
         kernel = _mma_decode_loop if looped else _mma_decode_kernel
         args = (x2.view(torch.int32), w.planes[0], w.scale, w.zero, y, part, m, n, x2.stride(0) // 2, y.stride(0),
                 k // 8, launch.rows_per_split, launch.rows_per_warp, launch.iterations)
@@ -925,7 +973,8 @@ def mma_linear(x2: torch.Tensor, w, launch: MmaLaunch, y: torch.Tensor) -> torch
 def kernel_variants() -> list:
     """Rule 10's kernels as its rules launch them, for ``llmc.plugins.aot``: symmetric int4 in groups of 128,
     asymmetric int4 in groups of 32 and FP6 e3m2 per channel at 1, 2, 4 and 8 warps, 1-8 rows (one B tile) and
-    9-16 (two), with and without masks (``EVEN``); for sm_80-sm_90 (``mma.sync`` is Ampere's; the rules run them on sm_90)."""
+    9-16 (two), with and without masks (``EVEN``), and FP6 per channel at 1-8 rows with the L2 prefetch at 8 and 16
+    warps; for sm_80-sm_90 (``mma.sync`` is Ampere's; the rules run them on sm_90)."""
     if gluon is None:
         return []
     kernels = {"int4-sym-g128": MmaKernel(False, (("CHANNEL", False), ("GROUP_ROWS", 16), ("SYMMETRIC", True))),
@@ -934,14 +983,17 @@ def kernel_variants() -> list:
                                                 ("MANTISSA", 2), ("POWER", 2.0 ** 12)))}
     return [_variant(kernel, nt, warps, even, f"{'fpx' if kernel.fp6 else 'intn'}-mma"
                      f"{('1-8' if kernel.fp6 else '2-8') if nt == 1 else '9-16'}-{name}-w{warps}{'-even' if even else ''}")
-            for name, kernel in kernels.items() for nt in (1, 2) for warps in (1, 2, 4, 8) for even in (False, True)]
+            for name, kernel in kernels.items() for nt in (1, 2) for warps in (1, 2, 4, 8) for even in (False, True)] + [
+        _variant(kernels["e3m2-channel"], 1, warps, even, f"fpx-mma1-8-e3m2-channel-w{warps}-prefetch"
+                 f"{'-even' if even else ''}", prefetch=True) for warps in (8, 16) for even in (False, True)]
 
 
-def _variant(kernel: MmaKernel, nt: int, warps: int, even: bool, name: str):
-    """``kernel`` at ``nt`` B tiles and ``warps`` warps a program, with or without masks, as ``aot`` compiles it."""
+def _variant(kernel: MmaKernel, nt: int, warps: int, even: bool, name: str, prefetch: bool = False):
+    """``kernel`` at ``nt`` B tiles and ``warps`` warps a program, with or without masks and (FP6) the L2 prefetch, as
+    ``aot`` compiles it."""
     from llmc.plugins.aot import KernelVariant
 
-    constants = dict(kernel.constants, NT=nt, W_K=warps, EVEN=even)
+    constants = dict(kernel.constants, NT=nt, W_K=warps, EVEN=even, **({"PREFETCH": True} if prefetch else {}))
     # the weights' pointers and K's units (FP6 tiles of 16 inputs, int4 word-rows of 8) differ, the rest is shared
     weights = (dict(hi_ptr="*i32", lo_ptr="*i32", s_ptr="*fp16") if kernel.fp6
                else dict(w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16"))

@@ -510,6 +510,18 @@ def test_mma_decode_fp6_rule():
     assert mma_decode.mma_config(4, fp6(4096, 4096, name="e2m1"), SMS) is None
     assert mma_decode.mma_config(4, fp6(4096, 4096, scale=torch.float32), SMS) is None
     assert mma_decode.mma_config(4, fp6(4096, 4096, tile=64), SMS) is None
+    # per channel at 1-8 rows, from three quarters of the SMs' worth of blocks of 32 outputs to one per SM and from
+    # 32 iterations of 128 inputs: one program a block over all of K, 16 warps from 64 iterations (8 below), asking
+    # L2 for each next iteration
+    channel = mma_decode.kernel_of(fp6(11008, 4096))
+    assert mma_decode.mma_launch(1, 11008, 4096, SMS, channel) == mma_decode.MmaLaunch(16, 1, 1376, 96, 6, True)
+    assert mma_decode.mma_launch(8, 4096, 4096, SMS, channel) == mma_decode.MmaLaunch(8, 1, 512, 64, 4, True)
+    assert mma_decode.mma_launch(1, 18944, 3584, SMS, channel).prefetch  # 112 blocks
+    assert not mma_decode.mma_launch(9, 11008, 4096, SMS, channel).prefetch  # two B tiles
+    assert not mma_decode.mma_launch(1, 8960, 1536, SMS, channel).prefetch  # 48 blocks
+    assert not mma_decode.mma_launch(1, 3584, 3584, SMS, channel).prefetch  # 28 iterations
+    assert not mma_decode.mma_launch(1, 5120, 5120, SMS, channel).prefetch  # 160 blocks
+    assert not mma_decode.mma_launch(1, 11008, 4096, SMS, mma_decode.kernel_of(fp6(11008, 4096, 128))).prefetch
 
 
 def test_mma_decode_ptx_pairs_the_fields_as_it_pairs_x():
@@ -924,21 +936,22 @@ def test_mma_decode_launches_match_the_reference(kind, rows):
 @pytest.mark.parametrize("kind", ["e3m2-channel", "e3m2-g64", "e3m2-g128", "e2m3-channel", "e2m3-g256"])
 def test_mma_decode_fp6_launches_match_the_reference(kind, rows):
     """Rule 10 on FP6 (fp6_linear rule 8) on a [300, K] weight (a partial block of outputs; K not a whole
-    number of iterations) at 1, 2, 4 and 8 warps (the last ones past K) and 1, 2 and 3 splits, on x rows K + 1
-    apart, against the reference."""
+    number of iterations) at 1, 2, 4 and 8 warps (the last ones past K) and 1, 2 and 3 splits, and with the L2
+    prefetch in one program of 8 and (1-8 rows) 16 warps, on x rows K + 1 apart, against the reference."""
     name, group = kind.split("-")
     k = {"g64": 1088, "g128": 1152, "g256": 1280}.get(group, 1040)
     packed = fp.pack_fpx(fpx_quantize(weight(300, k, seed=23), FORMATS[name], None if group == "channel" else
                                       int(group[1:]), scale_dtype=torch.float16)).to("cuda")
     x = torch.randn(rows, k + 1, generator=torch.Generator().manual_seed(rows)).half().cuda()[:, 1:]
     expected = fp.fpx_reference(x, packed).float()
-    for warps in (1, 2, 4, 8):
-        for split in (1, 2, 3):
-            launch = mma_decode._split_launch(k, warps, split)
-            out = torch.full((rows, 300), float("nan"), dtype=torch.float16, device="cuda")
-            mma_decode.mma_linear(x, packed, launch, out)
-            assert bool(torch.isfinite(out).all()), launch
-            assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, launch
+    launches = [mma_decode._split_launch(k, warps, split) for warps in (1, 2, 4, 8) for split in (1, 2, 3)]
+    launches += [dataclasses.replace(mma_decode._split_launch(k, warps, 1), prefetch=True)
+                 for warps in ((8, 16) if rows <= 8 else (8,))]
+    for launch in launches:
+        out = torch.full((rows, 300), float("nan"), dtype=torch.float16, device="cuda")
+        mma_decode.mma_linear(x, packed, launch, out)
+        assert bool(torch.isfinite(out).all()), launch
+        assert float((out.float() - expected).norm() / expected.norm()) < 2e-3, launch
 
 
 @hopper
@@ -968,6 +981,9 @@ def test_mma_decode_launches_without_masks_match_the_reference(kind, rows):
             launch_matches_the_reference(lambda x, w, c, out: mma_decode.mma_linear(x, w, c, out), reference, packed,
                                          launch, x)
     assert even == [True, True, True, True, True, True, True, False]
+    if kind == "e3m2-channel":  # with the L2 prefetch (one iteration a warp, without masks)
+        launch_matches_the_reference(lambda x, w, c, out: mma_decode.mma_linear(x, w, c, out), reference, packed,
+                                     dataclasses.replace(mma_decode._split_launch(k, 8, 1), prefetch=True), x)
 
 
 @hopper
