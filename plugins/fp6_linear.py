@@ -43,7 +43,9 @@ Decoding (rules referred to in the code):
    wait for the wgmmas in flight before the next step's decode (``intn_linear._operands_read``).
 8. On Hopper, FP6 with float16 x and scales at 1-16 rows (``mma_decode.FP6_MMA_RULE``) runs ``intn_linear`` rule 10's ``mma.sync`` kernel
    (``llmc.plugins.mma_decode``): inputs ``i`` and ``i + 8`` of a tile as one float16 pair built from
-   the two planes in registers, 1.5 instructions a weight, handed to the MMA without shared memory.
+   the two planes in registers, 1.5 instructions a weight, handed to the MMA without shared memory;
+   per channel at 1-8 rows where the blocks of 32 outputs fill most of the SMs, one program per block
+   with an L2 prefetch of each next iteration (``mma_decode.mma_launch``).
 """
 
 from __future__ import annotations
