@@ -381,12 +381,11 @@ if gluon is not None:
 
     @gluon.jit
     def _prefetch_lanes(units_total, units_per_split, units_per_warp, W_K: gl.constexpr):
-        """For :func:`_prefetch`: each lane's warp's range of K units, ``[begin, end)``, and its lane."""
+        """For :func:`_prefetch`: each lane's warp's range of K units, ``[begin, end)`` (:func:`_warp_range`), and
+        its lane."""
         layout: gl.constexpr = gl.BlockedLayout([1], [32], [W_K], [0])
         lanes = gl.arange(0, 32 * W_K, layout=layout)
-        split_begin = gl.program_id(1) * units_per_split
-        begin = split_begin + (lanes // 32) * units_per_warp
-        end = gl.minimum(gl.minimum(begin + units_per_warp, split_begin + units_per_split), units_total)
+        begin, end = _warp_range(lanes // 32, units_total, units_per_split, units_per_warp)
         return begin, end, lanes % 32
 
     @gluon.jit
@@ -509,6 +508,14 @@ if gluon is not None:
         return acc0, acc1, acc2, acc3
 
     @gluon.jit
+    def _warp_range(warp, units_total, units_per_split, units_per_warp):
+        """Warp ``warp``'s range ``[begin, end)`` of K units (int4 word-rows or FP6 tiles) in this program's split."""
+        split_begin = gl.program_id(1) * units_per_split
+        begin = split_begin + warp * units_per_warp
+        end = gl.minimum(gl.minimum(begin + units_per_warp, split_begin + units_per_split), units_total)
+        return begin, end
+
+    @gluon.jit
     def _lanes(units_total, units_per_split, units_per_warp, N, layout: gl.constexpr, W_K: gl.constexpr,
                BLOCK_N: gl.constexpr):
         """This program's block of ``BLOCK_N`` outputs and each lane's place in it: ``block`` (4 w + q) and
@@ -520,9 +527,7 @@ if gluon is not None:
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))  # 4 r + e
         offs_n = n0 + cols
         n_ok = (offs_n < N)[None, :]
-        split_begin = gl.program_id(1) * units_per_split
-        warp_begin = split_begin + (block // 4) * units_per_warp
-        warp_end = gl.minimum(gl.minimum(warp_begin + units_per_warp, split_begin + units_per_split), units_total)
+        warp_begin, warp_end = _warp_range(block // 4, units_total, units_per_split, units_per_warp)
         xr = cols // 4
         x_col = (cols % 4)[None, :]
         first = warp_begin + block % 4
