@@ -563,10 +563,9 @@ def _fpx_config(m: int, bits: int, in_features: int, out_features: int, sms: int
         return decode_config(decode, out_features, rows, sms, x_rows)
     if m > PREFILL_ROWS:
         return prefill_config(m, 6, in_features, out_features, sms) if bits == 6 else None
-    if tensor_cores is None and bits == 6:
-        return fp6_tensor_core_config(in_features, out_features, sms)
-    return tensor_core_config(tensor_cores or decode_shape(in_features * out_features, TENSOR_CORE_SHAPES_FP4),
-                              out_features, rows, sms)
+    if tensor_cores is None:
+        return fpx_tensor_core_config(in_features, out_features, bits, sms)
+    return tensor_core_config(tensor_cores, out_features, rows, sms)
 
 
 # Launch shapes by weight count as in intn_linear (picked by `benchmarks/kernels.py --explore`
@@ -597,14 +596,14 @@ DECODE_SHAPE_FP4 = (512, 2, 2, 8, False)  # not swept: FP4 is not a speed target
 MULTI_ROW_SHAPE_NARROW_FP6 = (16, 64, 8, 0, True)
 MULTI_ROW_SHAPE_SMALL_FP6 = (16, 32, 4, 0, True)
 # (block_n, block_w, num_warps, programs per SM[, evict-first[, swap[, num_stages]]]) of the 2-16
-# row tensor-core FP6 kernel by weight count. Round 3 (three probe processes,
+# row tensor-core FP6 kernel (and FP4, below) by weight count. Round 3 (three probe processes,
 # docs/benchmarks/kernels-rounds.md): num_stages 2 instead of 3 took 4096x4096 from 15.6 to 13.9 us at 4 rows
 # and 16.6 to 15.0 at 16; on the 7B MLP shapes 128 outputs x 16 rows, 4 programs per SM,
 # evict-first, 2 stages won (gate/up 32.5 -> 29.7 us at 4 rows). 8192x28672 keeps round 1's shape.
 # From 2^21 to 2^23 weights 64 x 16 rows, 2 per SM, 2 stages (round 11, with the separate split-K
 # finish, H100, at 16 rows against 32 x 16, 8 per SM: 896->4864 9.5 -> 7.4 us, 4864->896 10.4 -> 8.2,
 # 2048x2048 8.3 -> 6.5, 3584->2048 13.6 -> 9.1); below 2^21 as well where that launch keeps enough
-# programs (``fp6_tensor_core_config``).
+# programs (``fpx_tensor_core_config``).
 TENSOR_CORE_SHAPES_FPX = ((1 << 21, (32, 16, 4, 8)), (1 << 23, (64, 16, 4, 2, False, False, 2)),
                           (1 << 25, (64, 16, 4, 4, False, False, 2)), (1 << 26, (128, 16, 4, 4, True, False, 2)),
                           (None, (64, 16, 4, 4)))
@@ -616,16 +615,19 @@ TENSOR_CORE_SHAPE_FPX = TENSOR_CORE_SHAPES_FPX[-1][1]
 SMALL_TENSOR_CORE_PROGRAMS_PER_SM = 0.5
 
 
-def fp6_tensor_core_config(in_features: int, out_features: int, sms: int) -> LaunchConfig:
-    """The FP6 2-16 row launch of a [out_features, in_features] linear (see the table above)."""
-    weights, word_rows = in_features * out_features, in_features // 16
+def fpx_tensor_core_config(in_features: int, out_features: int, bits: int, sms: int) -> LaunchConfig:
+    """The FP6 (``bits`` 6) or FP4 2-16 row launch of a [out_features, in_features] linear (see the table
+    above; K in rows of the 2-bit plane, FP4's in words)."""
+    weights, word_rows = in_features * out_features, in_features // (16 if bits == 6 else 8)
     if weights < TENSOR_CORE_SHAPES_FPX[0][0]:
         wider = tensor_core_config(TENSOR_CORE_SHAPES_FPX[1][1], out_features, word_rows, sms)
         if -(-out_features // wider.block_n) * wider.split.split >= SMALL_TENSOR_CORE_PROGRAMS_PER_SM * sms:
             return wider
     return tensor_core_config(decode_shape(weights, TENSOR_CORE_SHAPES_FPX), out_features, word_rows, sms)
-# FP4 keeps the round-1 table: the round-3 shapes were measured on FP6 only.
-TENSOR_CORE_SHAPES_FP4 = ((1 << 23, (32, 16, 4, 8)), (None, (64, 16, 4, 4)))
+# FP4 takes the same table, K counted in its words of 8 inputs (round 21, H100, against round 1's 32 x 16 rows, 8
+# per SM, below 2^23 weights and 64 x 16, 4 per SM, above, at 2-16 rows: Triton 3.6 896->4864 10.0 -> 6.2 us,
+# 4864->896 11.8 -> 6.9, 11008->4096 24.0 -> 21.9, 4096->11008 23.2 -> 23.8, geometric mean over the ten shapes of
+# kernels.py 0.90; Triton 3.7.1 0.89, where round 1's table ran 14% slower than on 3.6).
 DEQUANTIZE_SHAPE_FPX = (256, 4)
 
 
@@ -761,7 +763,6 @@ def kernel_variants() -> list:
             weights = dict(x_ptr="*fp16", w_ptr="*i32", s_ptr="*fp16")
             gemv, gemm = _fp4_gemv_kernel, _fp4_gemm_kernel
             shapes = ((f"gemv-{name}-large", DECODE_SHAPE_FP4, 1),)
-        tensor_core_shapes = TENSOR_CORE_SHAPES_FPX if fmt.bits == 6 else TENSOR_CORE_SHAPES_FP4
         pointers = {**weights, **out}
         aligned = (*pointers, "N", "K", "stride_ym", "rows_per_split")
         for variant, (block_n, block_w, warps, _, prefetch), x_rows in shapes:
@@ -771,7 +772,7 @@ def kernel_variants() -> list:
                                           {**pointers, **sizes, **({"x_rows": "i32"} if x_rows > 1 else {})},
                                           {**common, "BLOCK_N": block_n, "BLOCK_W": block_w, **extra},
                                           warps, 1, aligned))
-        for size, (block_n, block_w, warps, _, *rest) in size_classes(tensor_core_shapes):
+        for size, (block_n, block_w, warps, _, *rest) in size_classes(TENSOR_CORE_SHAPES_FPX):
             extra = ({"EVICT_FIRST": bool(rest and rest[0]), "SWAP": bool(len(rest) > 1 and rest[1])}
                      if fmt.bits == 6 else {})
             variants.append(KernelVariant(

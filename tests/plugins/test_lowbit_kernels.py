@@ -208,6 +208,21 @@ def test_a_few_rows_run_the_decode_kernel_one_or_several_per_program():
     assert picks(fp.fpx_config, fp6_of(8192, 28672)) == [(1, 2), "tc", "tc", "tc", "tc"]
     fp4 = fp.pack_fpx(fpx_quantize(weight(576, 576), FORMATS["e2m1"], None, scale_dtype=torch.float16))
     assert fp.fpx_config(2, fp4, SMS).block_m == 16  # the FP4 decode kernel takes one row only
+
+    # FP4 at 2-16 rows takes FP6's tensor-core table with K in its words of 8 inputs: 64 outputs, 2 stages from
+    # 2^21 weights, and below where 64 outputs still give half as many programs as SMs (576x576: 45, 576->1536: 120)
+    def fp4_of(k, n):
+        return dataclasses.replace(fp6_of(k, n), planes=(torch.zeros(k // 8, n, dtype=torch.int32),),
+                                   fmt=FORMATS["e2m1"])
+
+    def tensor_cores(config):
+        return config.block_m, config.block_n, config.block_w, config.num_warps, config.num_stages
+
+    assert tensor_cores(fp.fpx_config(4, fp4_of(576, 576), SMS)) == (16, 32, 16, 4, 3)
+    assert tensor_cores(fp.fpx_config(16, fp4_of(576, 1536), SMS)) == (16, 64, 16, 4, 2)
+    assert tensor_cores(fp.fpx_config(2, fp4_of(896, 4864), SMS)) == (16, 64, 16, 4, 2)
+    assert tensor_cores(fp.fpx_config(8, fp4_of(11008, 4096), SMS)) == (16, 128, 16, 4, 2)
+    assert tensor_cores(fp.fpx_config(16, fp4_of(8192, 28672), SMS)) == (16, 64, 16, 4, 3)
     # Several rows per program: no split-K; 16 outputs x 128 rows of words (FP6: x 64 rows of the
     # 2-bit plane) where the outputs are at most the inputs and up to 8 rows, 32 x 64 on wider int
     # linears from 2^23 weights, else 16 x 32.
