@@ -624,7 +624,8 @@ def fpx_tensor_core_config(in_features: int, out_features: int, bits: int, sms: 
         if -(-out_features // wider.block_n) * wider.split.split >= SMALL_TENSOR_CORE_PROGRAMS_PER_SM * sms:
             return wider
     return tensor_core_config(decode_shape(weights, TENSOR_CORE_SHAPES_FPX), out_features, word_rows, sms)
-# FP4 takes the same table, K counted in its words of 8 inputs (round 21, H100, against round 1's 32 x 16 rows, 8
+# FP4 takes the same table, K counted in its words of 8 inputs; its kernel has no evict-first or swap, so those
+# fields do not apply to it (round 21, H100, against round 1's 32 x 16 rows, 8
 # per SM, below 2^23 weights and 64 x 16, 4 per SM, above, at 2-16 rows: Triton 3.6 896->4864 10.0 -> 6.2 us,
 # 4864->896 11.8 -> 6.9, 11008->4096 24.0 -> 21.9, 4096->11008 23.2 -> 23.8, geometric mean over the ten shapes of
 # kernels.py 0.90; Triton 3.7.1 0.89, where round 1's table ran 14% slower than on 3.6).
