@@ -564,7 +564,7 @@ def _fpx_config(m: int, bits: int, in_features: int, out_features: int, sms: int
     if m > PREFILL_ROWS:
         return prefill_config(m, 6, in_features, out_features, sms) if bits == 6 else None
     if tensor_cores is None:
-        return fpx_tensor_core_config(in_features, out_features, bits, sms)
+        return fpx_tensor_core_config(in_features, out_features, rows, sms)
     return tensor_core_config(tensor_cores, out_features, rows, sms)
 
 
@@ -615,10 +615,10 @@ TENSOR_CORE_SHAPE_FPX = TENSOR_CORE_SHAPES_FPX[-1][1]
 SMALL_TENSOR_CORE_PROGRAMS_PER_SM = 0.5
 
 
-def fpx_tensor_core_config(in_features: int, out_features: int, bits: int, sms: int) -> LaunchConfig:
-    """The FP6 (``bits`` 6) or FP4 2-16 row launch of a [out_features, in_features] linear (see the table
-    above; K in rows of the 2-bit plane, FP4's in words)."""
-    weights, word_rows = in_features * out_features, in_features // (16 if bits == 6 else 8)
+def fpx_tensor_core_config(in_features: int, out_features: int, word_rows: int, sms: int) -> LaunchConfig:
+    """The FP6 or FP4 2-16 row launch of a [out_features, in_features] linear of ``word_rows`` rows of K (FP6's
+    rows of the 2-bit plane, FP4's words; see the table above)."""
+    weights = in_features * out_features
     if weights < TENSOR_CORE_SHAPES_FPX[0][0]:
         wider = tensor_core_config(TENSOR_CORE_SHAPES_FPX[1][1], out_features, word_rows, sms)
         if -(-out_features // wider.block_n) * wider.split.split >= SMALL_TENSOR_CORE_PROGRAMS_PER_SM * sms:

@@ -67,8 +67,8 @@ is a programmatic dependent launch (Hopper's) and it was timed on an H100 alone.
 
 from __future__ import annotations
 
-import functools
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
