@@ -13,12 +13,13 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
 
 from llmc import __version__
-from llmc.errors import LlmcError
+from llmc.errors import EXIT_INTERNAL, LlmcError
 
 EPILOG = (
     "Exit codes: 0 ok, 1 internal error, 2 usage/config error, 3 infeasible plan, "
@@ -48,7 +49,8 @@ def _emit(as_json: bool, payload: dict, text: str | None = None) -> None:
 
 
 def _handles_errors(command):
-    """Turn an LlmcError into one line on stderr (and JSON on stdout) with its exit code."""
+    """Turn an LlmcError into one line on stderr (and JSON on stdout) with its exit code; for an
+    internal error (exit 1, a bug) the traceback of its cause goes to stderr first."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -56,6 +58,9 @@ def _handles_errors(command):
         try:
             return command(*args, **kwargs)
         except LlmcError as e:
+            if e.exit_code == EXIT_INTERNAL:
+                cause = getattr(e, "cause", None) or e
+                click.echo("".join(traceback.format_exception(cause)).rstrip(), err=True)
             if as_json:
                 click.echo(json.dumps({"status": "error", "exit_code": e.exit_code, "message": str(e)}))
             click.echo(f"llmc: error: {e}", err=True)

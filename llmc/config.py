@@ -614,7 +614,7 @@ class ClusterConfig(_Strict):
     apiVersion: Literal["llmc/v1"] = Field(description="Schema version; 'llmc/v1'.")
     kind: Literal["Cluster"] = Field(description="Always 'Cluster'.")
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="Cluster name (DNS label).")
-    nodes: list[Node] = Field(min_length=1, description="Nodes, in pipeline order.")
+    nodes: list[Node] = Field(min_length=1, description="Nodes; the planner chooses their pipeline order.")
     network: Network = Field(default_factory=Network, description="Links between nodes.")
     skus: list[CustomSku] = Field(
         default_factory=list, description="SKUs the catalog lacks, declared in full."

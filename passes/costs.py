@@ -13,7 +13,8 @@ docs/planner.md:
    context. The step is costed at the mean context because the roofline is linear in it
    wherever the memory term wins; a fused weight-only kernel reads the packed weights.
 3. Weight-only quantization computes at the fp16 rate: the int8 rate would need int8
-   activations, which llmc does not emit.
+   activations, which llmc does not emit. Weights are stored at the width the export gives
+   their codes (:func:`stored_bits`).
 4. The embedding (a gather, on the first stage) and the LM head (on the last stage, fp16, the
    last position only in prefill and every step in decode) are costed once per stage, not per
    layer.
@@ -120,13 +121,24 @@ class LayerChoice:
     quantized_params: int  # weights dequantized on the fly (0 in float)
 
 
+def stored_bits(bits: int, asymmetric: bool = False) -> int:
+    """The width a ``bits``-bit integer code is stored at in the exported graphs and engines
+    (``passes/export.py``): symmetric int2 and int3 in the int4 container behind
+    ``DequantizeLinear``, asymmetric int3 in the ``IntNLinear`` plugin's 4-bit plane (int3's own
+    two-plane layout has no kernel yet); every other width as itself (FP6 in 6 bits)."""
+    if bits == 3 or (bits == 2 and not asymmetric):
+        return 4
+    return bits
+
+
 def bytes_per_weight(bits: int, group_size: int, asymmetric: bool = False) -> float:
-    """Stored bytes per weight: the packed value, one fp16 scale per group and, for asymmetric
-    schemes, one zero point per group packed at the weight's own width."""
+    """Stored bytes per weight: the packed value at its stored width (:func:`stored_bits`), one
+    fp16 scale per group and, for asymmetric schemes, one zero point per group at that width."""
     if bits >= 16:
         return float(FP16_BYTES)
-    per_group = FP16_BYTES + (bits / 8 if asymmetric else 0.0)
-    return bits / 8 + per_group / group_size
+    width = stored_bits(bits, asymmetric) / 8
+    per_group = FP16_BYTES + (width if asymmetric else 0.0)
+    return width + per_group / group_size
 
 
 def uniform_choice(shape: LayerShape, bits: int, group_size: int = 128, asymmetric: bool = False) -> LayerChoice:

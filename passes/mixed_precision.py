@@ -7,7 +7,8 @@ are referred to by number in the code.
 1. Explicit overrides win: a linear that a ``quantization.overrides`` entry gives ``bits`` or
    ``method`` keeps what the override says and is left out of the search; its stored bits still
    count towards the average. A linear ``quantization`` keeps float is not a candidate.
-2. Stored bits (what the average counts, per quantized weight): the codes, one fp16 scale per
+2. Stored bits (what the average counts, per quantized weight): the codes at their own width (the
+   export stores int3 and symmetric int2 in 4 bits; the plan counts that, ``costs.stored_bits``), one fp16 scale per
    group, an integer zero point per group when asymmetric, and for MixLLM one int32 index per
    high-precision row (:func:`stored_bits`). 8-bit choices are symmetric with one scale per output
    channel (TensorRT's int8 weight-only layout); 6 is FP6 e3m2 (method ``fpx``: sign-magnitude

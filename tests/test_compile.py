@@ -155,3 +155,26 @@ def test_a_killed_compile_keeps_the_old_build_and_the_next_run_resumes(configs, 
     assert passes["ingest"] and passes["calibrate"] and passes["plan"] and passes["quantize-rtn"]
     assert not passes["evaluate"] and not passes["export"]
     assert (out / "SHA256SUMS").read_text() != before and verify_sums(out) == []
+
+
+def test_an_internal_error_exits_1_keeping_its_traceback():
+    import click
+
+    from llmc.cli import _handles_errors
+    from llmc.errors import PassError
+
+    def broken_pass():
+        return {}["missing"]
+
+    @click.command()
+    @_handles_errors
+    def command():
+        try:
+            broken_pass()
+        except KeyError as e:
+            raise PassError("quantize-rtn", ["ingest"], e) from e
+
+    result = CliRunner().invoke(command, [])
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "in broken_pass" in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1] == "llmc: error: 'missing' (in 'quantize-rtn' after [ingest])"

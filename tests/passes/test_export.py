@@ -248,6 +248,22 @@ def test_int3_codes_export_exactly_in_the_int4_container(symmetric):
     assert comparison.tokens_equal and comparison.max_abs_logits_diff < LOGITS_TOLERANCE, comparison
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_the_planner_costs_codes_at_the_width_the_export_stores(bits, symmetric):
+    # The plan's bytes per weight (passes/costs.py) must be what the stage graph holds: int3 and
+    # symmetric int2 take 4 bits there, not their own width.
+    from llmc.passes.costs import stored_bits
+
+    model = tiny_llama()
+    quantized = quantize_all_linears(model, bits=bits, group_size=32, symmetric=symmetric)
+    stage = build_stages(model, [(0, 4)], quantized)[0]
+    codes = [t for t in stage.graph.initializer if t.name.endswith((".qweight_T", ".planes"))]
+    assert len(codes) == len(quantized)
+    weights = sum(p.q.numel() for p in quantized.values())
+    assert sum(len(t.raw_data) for t in codes) * 8 == weights * stored_bits(bits, not symmetric)
+
+
 def test_unsupported_bits_raise_naming_the_module():
     model = tiny_llama()
     name = "model.layers.0.mlp.down_proj"

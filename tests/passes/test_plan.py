@@ -192,6 +192,9 @@ def test_bytes_per_weight_counts_group_scales():
     assert bytes_per_weight(4, 128) == pytest.approx(0.5 + 2 / 128)
     assert bytes_per_weight(4, 128, asymmetric=True) == pytest.approx(0.5 + 2.5 / 128)
     assert bytes_per_weight(8, 64) == pytest.approx(1 + 2 / 64)
+    # int3 (and symmetric int2) codes are stored in 4 bits (passes/export.py)
+    assert bytes_per_weight(3, 128) == bytes_per_weight(4, 128)
+    assert bytes_per_weight(2, 64, asymmetric=True) == pytest.approx(0.25 + 2.25 / 64)
 
 
 def test_roofline_prefill_is_compute_bound_and_decode_memory_bound():
@@ -306,9 +309,10 @@ def test_weights_that_do_not_fit_give_exit_3_with_the_shortfall():
 
 
 def test_a_quality_budget_too_small_gives_exit_3_with_the_budget_needed():
-    # The weights fit with at most two layers above 3 bits; the budget allows two at 3 bits.
+    # The weights fit with only a few layers above 4 bits; the budget allows two at 4 bits. (Not 3
+    # bits: int3 is stored in 4, so it costs 4-bit memory at a worse quality.)
     omega = tuple((1.0, 0.1, 0.0) for _ in range(8))
-    tight = instance([gpu("n0/gpu0", 69, 312, 2039)], layers=8, bits=(3, 4, 8), omega=omega, budget=2.0,
+    tight = instance([gpu("n0/gpu0", 78, 312, 2039)], layers=8, bits=(4, 8, 16), omega=omega, budget=2.0,
                      batch=1, prompt=16, generated=2)
     with pytest.raises(QualityBudgetTooSmall) as caught:
         solve_partition(tight)
@@ -317,7 +321,7 @@ def test_a_quality_budget_too_small_gives_exit_3_with_the_budget_needed():
     # With room for the weights but not for the batch's KV cache within the budget: exit 4,
     # naming both ways out.
     with pytest.raises(WorkloadDoesNotFit) as caught:
-        solve_partition(instance([gpu("n0/gpu0", 78, 312, 2039)], layers=8, bits=(3, 4, 8), omega=omega, budget=2.0))
+        solve_partition(instance([gpu("n0/gpu0", 88, 312, 2039)], layers=8, bits=(4, 8, 16), omega=omega, budget=2.0))
     assert "at most batch" in str(caught.value) and "planner.quality_budget of at least" in str(caught.value)
 
 
