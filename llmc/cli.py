@@ -90,7 +90,9 @@ def cli():
 
 def _load(model_yaml: Path, cluster_yaml: Path):
     from llmc.config import load_cluster_config, load_model_config
+    from llmc.errors import name_config_files
 
+    name_config_files(model_yaml, cluster_yaml)
     model, base = load_model_config(model_yaml)
     _, cluster = load_cluster_config(cluster_yaml)
     return model, base, cluster
@@ -102,8 +104,11 @@ def _load(model_yaml: Path, cluster_yaml: Path):
 @_json_option
 @_handles_errors
 def validate(model_yaml: Path, cluster_yaml: Path, as_json: bool):
-    """Check MODEL_YAML and CLUSTER_YAML (fast: configs and catalog only)."""
-    model, _, cluster = _load(model_yaml, cluster_yaml)
+    """Check MODEL_YAML and CLUSTER_YAML as compile does before its first pass (no model is loaded)."""
+    from llmc.passes.plan import plan_pass_from_config
+
+    model, base, cluster = _load(model_yaml, cluster_yaml)
+    plan_pass_from_config(model, base, compiling=True)
     devices = [f"{d.name} ({d.sku.name})" for d in cluster.devices]
     _emit(
         as_json,

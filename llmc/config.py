@@ -9,6 +9,7 @@ frozen dataclasses (:class:`Device`, :class:`Cluster`) with the catalog's figure
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,7 +25,9 @@ API_VERSION = "llmc/v1"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: YAML's .inf / .nan are never a sensible figure, and an infinite memory
+    # size or bandwidth would either crash the int conversion or plan with infinite figures.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- model.yaml
@@ -644,12 +647,19 @@ class Cluster:
     memory_reserve_bytes: int
 
 
-def _apply(sku: GpuSku, figures: SkuFigures, name: str | None = None) -> GpuSku:
+def _scaled(value: float, unit: float, file: str, field: str) -> float:
+    """``value * unit``, refusing figures so large that the product overflows to infinity."""
+    scaled = value * unit
+    if not math.isfinite(scaled):
+        raise ConfigError(file, field, f"{value!r} is too large to be a real figure")
+    return scaled
+
+
+def _apply(sku: GpuSku, figures: SkuFigures, file: str, where: str) -> GpuSku:
+    """``sku`` with the figures set in ``figures`` (found at ``where`` in ``file``) replacing its own."""
     from dataclasses import replace
 
     changes = {}
-    if name is not None:
-        changes["name"] = name
     scale = {
         "memory_gib": ("memory_bytes", 2**30),
         "fp16_tflops": ("fp16_flops_per_s", 1e12),
@@ -665,7 +675,8 @@ def _apply(sku: GpuSku, figures: SkuFigures, name: str | None = None) -> GpuSku:
             changes["compute_capability"] = value
         else:
             target, unit = scale[field]
-            changes[target] = int(value * unit) if target == "memory_bytes" else value * unit
+            scaled = _scaled(value, unit, file, f"{where}.{field}")
+            changes[target] = int(scaled) if target == "memory_bytes" else scaled
     return replace(sku, **changes)
 
 
@@ -673,18 +684,25 @@ def resolve_cluster(config: ClusterConfig, file: str) -> Cluster:
     """Merge catalog figures, custom SKUs and overrides into devices in pipeline order."""
     catalog = load_catalog()
     custom = {}
+    first: dict[str, int] = {}  # lower-cased custom SKU name -> its index in skus
     for i, entry in enumerate(config.skus):
         if lookup(entry.name, catalog) is not None:
             raise ConfigError(
                 file, f"skus[{i}].name", f"'{entry.name}' is already in the catalog; use overrides instead"
             )
+        if entry.name.lower() in first:
+            raise ConfigError(
+                file, f"skus[{i}].name", f"'{entry.name}' is a duplicate of skus[{first[entry.name.lower()]}] "
+                "(SKU names are case-insensitive); declare each SKU once",
+            )
+        first[entry.name.lower()] = i
         base = GpuSku(
             name=entry.name, memory_bytes=0, fp16_flops_per_s=0.0, bf16_flops_per_s=None,
             int8_ops_per_s=None, fp8_flops_per_s=None, memory_bandwidth_bytes_per_s=0.0,
             compute_capability="0.0", interconnect="custom", nvlink_bytes_per_s=None,
             pcie_bytes_per_s=32e9, aliases=(),
         )
-        custom[entry.name.lower()] = _apply(base, entry)
+        custom[entry.name.lower()] = _apply(base, entry, file, f"skus[{i}]")
 
     devices: list[tuple[str, str, GpuSku, str]] = []
     for n, node in enumerate(config.nodes):
@@ -697,7 +715,7 @@ def resolve_cluster(config: ClusterConfig, file: str) -> Cluster:
                 )
                 fix = f"did you mean '{hint}'?" if hint else "declare it under 'skus:' with its figures"
                 raise ConfigError(file, f"nodes[{n}].gpus[{g}].sku", f"unknown SKU '{group.sku}' ({fix})")
-            sku = _apply(sku, group.overrides)
+            sku = _apply(sku, group.overrides, file, f"nodes[{n}].gpus[{g}].overrides")
             for _ in range(group.count):
                 k = sum(1 for d in devices if d[1] == node.name)
                 devices.append((f"{node.name}/gpu{k}", node.name, sku, node.link))
@@ -709,12 +727,13 @@ def resolve_cluster(config: ClusterConfig, file: str) -> Cluster:
             return sku.nvlink_bytes_per_s / 2
         return sku.pcie_bytes_per_s
 
+    network_bytes_s = _scaled(config.network.bandwidth_gbs, 1e9, file, "network.bandwidth_gbs")
     resolved = []
     for i, (name, node, sku, link) in enumerate(devices):
         if i + 1 == len(devices):
             bw = None
         elif devices[i + 1][1] != node:
-            bw = config.network.bandwidth_gbs * 1e9
+            bw = network_bytes_s
         else:
             bw = min(one_way(sku, link), one_way(devices[i + 1][2], link))
         resolved.append(Device(name=name, node=node, sku=sku, link_to_next_bytes_s=bw))
@@ -727,7 +746,7 @@ def resolve_cluster(config: ClusterConfig, file: str) -> Cluster:
     return Cluster(
         name=config.name,
         devices=tuple(resolved),
-        memory_reserve_bytes=int(config.memory_reserve_gib * 2**30),
+        memory_reserve_bytes=int(_scaled(config.memory_reserve_gib, 2**30, file, "memory_reserve_gib")),
     )
 
 
@@ -744,11 +763,42 @@ def _field_path(loc: tuple) -> str:
     return path
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (safe_load keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<: *anchor' merges; keys given beside it override merged ones, as YAML says
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    line = seen.get(key)
+                except TypeError:
+                    continue  # unhashable key: SafeConstructor reports it
+                if line is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given at line {line})", key_node.start_mark
+                    )
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            str(path), f"line {line}",
+            f"not valid UTF-8 (byte 0x{raw[e.start]:02X} at offset {e.start}); save the file as UTF-8",
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # safe: a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "YAML"

@@ -6,6 +6,8 @@ traceback (exit 1). The codes are documented in the README and in ``llmc --help`
 
 from __future__ import annotations
 
+import contextvars
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -21,15 +23,33 @@ class LlmcError(Exception):
     exit_code = EXIT_INTERNAL
 
 
+# The files that the names "model.yaml" and "cluster.yaml" stand for in this run's errors. Checks that
+# see parsed fields only (a pass, the plan's options) name the file by its role; the command line
+# records the paths it read (:func:`name_config_files`), so the message names the file the user gave.
+_CONFIG_FILES: contextvars.ContextVar[dict] = contextvars.ContextVar("llmc_config_files", default={})
+
+
+def name_config_files(model_yaml, cluster_yaml) -> None:
+    """Let errors that name "model.yaml" or "cluster.yaml" name these paths instead."""
+    _CONFIG_FILES.set({"model.yaml": str(model_yaml), "cluster.yaml": str(cluster_yaml)})
+
+
 class ConfigError(LlmcError):
     """A config file is malformed: the message names the file, the field path and the fix."""
 
     exit_code = EXIT_USAGE
 
     def __init__(self, file: str, field: str, message: str):
+        file = _CONFIG_FILES.get().get(file, file)
         self.file = file
         self.field = field
         super().__init__(f"{file}: {field}: {message}" if field else f"{file}: {message}")
+
+
+class UsageError(LlmcError):
+    """A command-line option the command cannot use (the option's name starts the message)."""
+
+    exit_code = EXIT_USAGE
 
 
 class InputError(LlmcError):

@@ -24,7 +24,7 @@ from typing import ClassVar, TypeVar
 
 from pydantic import TypeAdapter
 
-from llmc.errors import LlmcError, PassError
+from llmc.errors import LlmcError, PassError, UsageError
 from llmc.ir import Program
 
 log = logging.getLogger("llmc")
@@ -200,6 +200,9 @@ def run_pipeline(
     """
     from llmc.ir import dump_program
 
+    names = [p.name for p in passes]
+    if print_after is not None and print_after not in ("all", *names):
+        raise UsageError(f"--print-after: '{print_after}' is not a pass of this run ({', '.join(names)}, or all)")
     cache_root.mkdir(parents=True, exist_ok=True)
     versions = tool_versions()
     program = program or Program()
@@ -217,6 +220,8 @@ def run_pipeline(
             timings.append(PassTiming(p.name, time.perf_counter() - start, True, summary))
             log.info("%-14s cached   %s", p.name, summary)
             history.append(p.name)
+            if print_after in (p.name, "all"):
+                print(f"# --- program after '{p.name}'\n{dump_program(program)}")
             continue
         work = cache_root / f".tmp-{entry}-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)

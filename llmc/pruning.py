@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from llmc.errors import InputError
+from llmc.errors import ConfigError
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -88,7 +88,7 @@ def pruning_rules_from_config(pruning) -> PruningRules:
 
 
 def selected(names, rules: PruningRules) -> list[str]:
-    """The names rule 1 keeps (targeted, not ignored), in order; ``InputError`` (exit 2) for a
+    """The names rule 1 keeps (targeted, not ignored), in order; ``ConfigError`` (exit 2) for a
     ``targets`` pattern or an override's ``match`` that selects no linear: a typo there would
     otherwise silently prune nothing."""
     names = list(names)
@@ -97,10 +97,8 @@ def selected(names, rules: PruningRules) -> list[str]:
     for where, pattern in checks:
         if not any(fnmatchcase(name, pattern) for name in names):
             example = f" (e.g. '{names[-1]}')" if names else ""
-            raise InputError(
-                f"model.yaml: pruning.{where}: '{pattern}' matches no linear of the model{example}; "
-                "fix the pattern or remove it"
-            )
+            raise ConfigError("model.yaml", f"pruning.{where}",
+                              f"'{pattern}' matches no linear of the model{example}; fix the pattern or remove it")
     return [
         name for name in names
         if any(fnmatchcase(name, p) for p in rules.targets) and not any(fnmatchcase(name, p) for p in rules.ignore)
@@ -110,7 +108,7 @@ def selected(names, rules: PruningRules) -> list[str]:
 def resolve_sparsity(in_features: dict[str, int], rules: PruningRules) -> dict[str, Sparsity | None]:
     """Each linear's sparsity (rules 1-3 of the module docstring), or ``None`` for dense.
 
-    ``in_features`` maps linear names to their input sizes. ``InputError`` (exit 2) for a
+    ``in_features`` maps linear names to their input sizes. ``ConfigError`` (exit 2) for a
     pattern that selects nothing and for an N:M group that does not divide an input size.
     """
     chosen = set(selected(in_features, rules))
@@ -126,8 +124,8 @@ def resolve_sparsity(in_features: dict[str, int], rules: PruningRules) -> dict[s
         if source.pattern is not None:
             sparsity = Sparsity.from_pattern(source.pattern)
             if columns % sparsity.m:
-                raise InputError(
-                    f"model.yaml: pruning.{where}: groups of {sparsity.m} do not divide the input size {columns} "
+                raise ConfigError(
+                    "model.yaml", f"pruning.{where}", f"groups of {sparsity.m} do not divide the input size {columns} "
                     f"of {name}; use an M that divides it, or an override for these linears"
                 )
         else:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 
-from llmc.errors import InputError
+from llmc.errors import ConfigError
 
 DECODER_LINEARS = ("model.layers.*",)
 # A width chosen per layer (mixed precision, the planner) of 6 bits is FP6 e3m2, method 'fpx':
@@ -94,7 +94,7 @@ def resolve_schemes(linear_names, rules: QuantizationRules) -> dict[str, Scheme 
     """Each name's scheme, or ``None`` for float (rules 1-3 of the module docstring).
 
     ``rules`` may also be a :class:`llmc.config.Quantization` (the same attribute names).
-    Raises :class:`~llmc.errors.InputError` (exit 2) for a ``targets`` pattern or an override's
+    Raises :class:`~llmc.errors.ConfigError` (exit 2) for a ``targets`` pattern or an override's
     ``match`` that selects no linear: a typo there would otherwise silently change nothing.
     """
     names = list(linear_names)
@@ -103,10 +103,8 @@ def resolve_schemes(linear_names, rules: QuantizationRules) -> dict[str, Scheme 
             if not any(fnmatchcase(name, pattern) for name in names):
                 where = f"targets[{i}]" if field == "targets" else f"overrides[{i}].match"
                 example = f" (e.g. '{names[-1]}')" if names else ""
-                raise InputError(
-                    f"model.yaml: quantization.{where}: '{pattern}' matches no linear of the model{example}; "
-                    "fix the pattern or remove it"
-                )
+                raise ConfigError("model.yaml", f"quantization.{where}",
+                                  f"'{pattern}' matches no linear of the model{example}; fix the pattern or remove it")
     schemes: dict[str, Scheme | None] = {}
     for name in names:
         # Rule 1.
@@ -149,12 +147,12 @@ def fp6_group_problem(widths, group_size: int, field: str) -> str | None:
 
 
 def effective_group(scheme: Scheme, in_features: int, name: str) -> int:
-    """Columns per group for one linear; ``InputError`` (exit 2) when the size does not divide."""
+    """Columns per group for one linear; ``ConfigError`` (exit 2) when the size does not divide."""
     if scheme.group_size == -1:
         return in_features
     if in_features % scheme.group_size:
-        raise InputError(
-            f"model.yaml: quantization.group_size {scheme.group_size} does not divide the input size "
+        raise ConfigError(
+            "model.yaml", "quantization.group_size", f"{scheme.group_size} does not divide the input size "
             f"{in_features} of {name}; use a divisor of {in_features}, -1, or an override for these linears"
         )
     return scheme.group_size

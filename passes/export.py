@@ -654,6 +654,19 @@ def run_stages_greedy(stages, input_ids: np.ndarray, max_new_tokens: int, thread
     return GreedyRun(tokens=np.stack(tokens, axis=1), first_step_logits=first_step_logits)
 
 
+def ort_greedy(stages, input_ids: np.ndarray, max_new_tokens: int) -> GreedyRun:
+    """:func:`run_stages_greedy`, with ONNX Runtime's own failures (a graph it cannot load or run)
+    raised as the toolchain failures they are (exit 5)."""
+    try:
+        return run_stages_greedy(stages, input_ids, max_new_tokens)
+    except Exception as e:
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        from llmc.errors import ToolchainError
+
+        raise ToolchainError(f"ONNX Runtime cannot run the exported stages: {str(e).strip()}") from e
+
+
 def hf_greedy_reference(model, input_ids: np.ndarray, max_new_tokens: int) -> GreedyRun:
     """The same greedy loop on the Hugging Face model with its KV cache (no generation config applied)."""
     import torch
@@ -755,7 +768,7 @@ class ExportPass(Pass):
 
         tokenizer = load_tokenizer(ctx.path(program.model.checkpoint))
         ids = np.asarray([tokenizer(self.prompt)["input_ids"]], dtype=np.int64)
-        ort_run = run_stages_greedy(paths, ids, self.new_tokens)
+        ort_run = ort_greedy(paths, ids, self.new_tokens)
         same_weights = compare_with_reference(ort_run, hf_greedy_reference(model, ids, self.new_tokens))
         protocol = (
             f"prompt {self.prompt!r} ({ids.shape[1]} tokens), {self.new_tokens} greedy tokens, "
@@ -779,7 +792,7 @@ class ExportPass(Pass):
             agree = (hf_greedy_reference(float_model, ids, self.new_tokens).tokens == ort_run.tokens).mean()
             measurements.append(
                 Measurement("export.tokens_equal_to_float_model", round(float(agree), 4), "fraction",
-                            f"same prompt; greedy tokens of the quantized stages vs the unquantized model")
+                            "same prompt; greedy tokens of the quantized stages vs the unquantized model")
             )
             summary += f"; {agree:.0%} of tokens equal to the float model's"
         kept_artifacts = tuple(a for a in program.artifacts if a.kind != "onnx")

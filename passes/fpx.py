@@ -250,7 +250,7 @@ class FpxQuantizePass(Pass, QuantizationRules):
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         from llmc.checkpoint import load_model, save_quantized
-        from llmc.errors import InputError
+        from llmc.errors import ConfigError
 
         from llmc.passes.mixed_precision import apply_precision
 
@@ -261,8 +261,8 @@ class FpxQuantizePass(Pass, QuantizationRules):
         for lin, scheme in targets:
             group = effective_group(scheme, lin.in_features, lin.name)
             if group % 16 or lin.in_features % 16:
-                raise InputError(
-                    f"model.yaml: quantization.group_size {scheme.group_size} for {lin.name}: FP weights are "
+                raise ConfigError(
+                    "model.yaml", "quantization.group_size", f"{scheme.group_size} for {lin.name}: FP weights are "
                     "packed in tiles of a multiple of 16 inputs; use 16, 32, 64, 128 or -1"
                 )
             groups[lin.name] = group

@@ -79,7 +79,10 @@ def _load_source(source: Path, dtype: str):
     config_file = source / "config.json"
     if not config_file.is_file():
         raise InputError(f"{source}: no config.json (expected a Hugging Face model directory)")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise InputError(f"{config_file}: not a JSON object ({e})") from None
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise InputError(
             f"{config_file}: model_type '{model_type}' is not supported "
@@ -103,7 +106,12 @@ class IngestPass(Pass):
             raise ValueError("ingest produced no model or no layers")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        model, tokenizer = _load_source(self.source, self.dtype)
+        try:
+            model, tokenizer = _load_source(self.source, self.dtype)
+        except InputError:
+            raise
+        except Exception as e:  # the loaders' own errors on a corrupt or truncated file: bad input, not a bug
+            raise InputError(f"model.path: {self.source}: cannot be loaded ({type(e).__name__}: {e})") from e
         if model.config.model_type not in SUPPORTED_ARCHITECTURES:
             raise InputError(
                 f"{self.source}: architecture '{model.config.model_type}' is not supported "

@@ -433,6 +433,14 @@ def plan_pass_from_config(model, base: Path, *, compiling: bool) -> PlanPass:
         if size > w.batch:
             raise ConfigError("model.yaml", f"planner.micro_batch_sizes[{i}]",
                               f"{size} is larger than workload.batch ({w.batch})")
+    if compiling:  # FP8 quantizes and evaluates, but the export has no plugin for it
+        fp8 = [("quantization.bits", q.method, q.bits)] + [
+            (f"quantization.overrides[{i}]", o.method or q.method, o.bits or q.bits) for i, o in enumerate(q.overrides)
+            if o.method is not None or o.bits is not None]
+        for field, method, bits in fp8:
+            if method == "fpx" and bits == 8:
+                raise ConfigError("model.yaml", field, "FP8 e4m3 (method fpx, bits 8) has no ONNX export, so "
+                                  "llmc compile cannot deploy it; use FP6 or FP4 (bits 6 or 4), or int8 (method rtn)")
     configured = q.bits if q.method != "none" else 16
     if compiling and planner.bits is not None and planner.bits != [configured]:
         # `llmc compile` applies the plan's per-layer widths (the mixed-precision pass, granularity

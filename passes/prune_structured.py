@@ -154,7 +154,7 @@ def sliced_linear(linear: torch.nn.Linear, rows=None, columns=None, extra_bias=N
 
 # --------------------------------------------------------------------------- the pass
 
-from llmc.errors import InputError  # noqa: E402
+from llmc.errors import ConfigError  # noqa: E402
 from llmc.ir import Program, Pruning  # noqa: E402
 from llmc.pipeline import Pass, PassContext, PassResult  # noqa: E402
 from llmc.pruning import PruningRules, selected  # noqa: E402
@@ -202,8 +202,8 @@ class StructuredPrunePass(Pass):
         attention = [i for i in range(info.num_layers) if f"model.layers.{i}.self_attn.o_proj" in chosen]
         mlp = [i for i in range(info.num_layers) if f"model.layers.{i}.mlp.down_proj" in chosen]
         if not attention and not mlp:
-            raise InputError("model.yaml: pruning.targets: structured pruning needs o_proj or down_proj linears "
-                             "among the targets (e.g. 'model.layers.*')")
+            raise ConfigError("model.yaml", "pruning.targets", "structured pruning needs o_proj or down_proj "
+                              "linears among the targets (e.g. 'model.layers.*')")
         ratio = info.num_heads // info.num_kv_heads
         group_width = ratio * info.head_dim  # o_proj inputs of one key/value group
 

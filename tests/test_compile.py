@@ -127,6 +127,20 @@ def test_plan_prints_the_report_without_changing_weights(configs):
     assert "| 0 | box-a/gpu0 |" in result.stdout and "Nothing measured" in result.stdout
 
 
+@pytest.mark.parametrize("edit,field", [
+    (("check:", "planner:\n  micro_batch_sizes: [8]\ncheck:"), "planner.micro_batch_sizes[0]"),  # plan options
+    (("symmetric: true", "symmetric: true\n  targets: ['model.layer.*']"), "quantization.targets[0]"),  # in a pass
+])
+def test_config_errors_name_the_file_given_not_model_yaml(configs, edit, field):
+    model, cluster = configs
+    renamed = model.with_name("smol-int4.yaml")
+    assert edit[0] in model.read_text()
+    renamed.write_text(model.read_text().replace(*edit))
+    result = llmc("plan", renamed, cluster, "-q", "--cache-dir", model.parent / "cache")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"llmc: error: {renamed}: {field}: ") and result.stderr.count("\n") == 1
+
+
 @pytest.mark.slow  # subprocesses: tens of seconds
 def test_a_killed_compile_keeps_the_old_build_and_the_next_run_resumes(configs, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
@@ -178,3 +192,41 @@ def test_an_internal_error_exits_1_keeping_its_traceback():
     assert result.exit_code == 1
     assert "Traceback" in result.stderr and "in broken_pass" in result.stderr
     assert result.stderr.rstrip().splitlines()[-1] == "llmc: error: 'missing' (in 'quantize-rtn' after [ingest])"
+
+
+def test_print_after_prints_a_cached_pass_too_and_refuses_an_unknown_pass(configs, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    for run in ("fresh", "cached"):
+        result = compile_(configs, out, cache, "--print-after", "plan", "-q")
+        assert result.exit_code == 0, result.output
+        assert result.stdout.count("# --- program after 'plan'") == 1, run
+    result = compile_(configs, tmp_path / "other", cache, "--print-after", "plans")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "llmc: error: --print-after: 'plans' is not a pass of this run (ingest, calibrate, plan, quantize-rtn, "
+        "evaluate, export, build-engines, manifests, report, or all)"]
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("edit,field", [
+    (("method: rtn", "method: fpx"), "quantization.bits"),
+    (("symmetric: true", "symmetric: true\n  overrides:\n    - {match: '*.down_proj', method: fpx}"),
+     "quantization.overrides[0]"),
+])
+def test_a_compile_with_fp8_linears_is_refused_before_any_pass(configs, tmp_path, edit, field):
+    model, _ = configs
+    model.write_text(model.read_text().replace("bits: 4", "bits: 8").replace(*edit))
+    result = compile_(configs, tmp_path / "out", tmp_path / "cache", "-q")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"llmc: error: {model}: {field}: FP8 e4m3 (method fpx, bits 8) has no ONNX export, so " \
+        "llmc compile cannot deploy it; use FP6 or FP4 (bits 6 or 4), or int8 (method rtn)\n"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_validate_makes_the_checks_compile_makes_before_its_first_pass(configs):
+    model, cluster = configs
+    assert llmc("validate", model, cluster).exit_code == 0
+    model.write_text(model.read_text().replace("check:", "planner:\n  micro_batch_sizes: [8]\ncheck:"))
+    result = llmc("validate", model, cluster)
+    assert result.exit_code == 2
+    assert result.stderr == f"llmc: error: {model}: planner.micro_batch_sizes[0]: 8 is larger than workload.batch (2)\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmc.errors import EXIT_USAGE, InputError
+from llmc.errors import EXIT_USAGE, ConfigError
 from llmc.schemes import Override, QuantizationRules, Scheme, describe, methods_used, resolve_schemes
 
 NAMES = [f"model.layers.{i}.{m}" for i in range(12) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
@@ -56,8 +56,8 @@ def test_a_method_named_only_in_an_override_is_used():
     (QuantizationRules(overrides=(Override("*.down_proj", bits=8), Override("*.gate_proj", bits=8))),
      "quantization.overrides[1].match"),
 ])
-def test_a_pattern_that_selects_nothing_is_an_input_error(rules, field):
-    with pytest.raises(InputError) as info:
+def test_a_pattern_that_selects_nothing_is_a_config_error(rules, field):
+    with pytest.raises(ConfigError) as info:
         resolve_schemes(NAMES, rules)
     assert info.value.exit_code == EXIT_USAGE
     assert f"{field}: " in str(info.value) and "matches no linear" in str(info.value)

@@ -200,6 +200,18 @@ def test_asymmetric_weights_export_as_intn_plugin_nodes_carrying_their_function(
         assert tensor.data_type == onnx.TensorProto.INT32 and list(tensor.dims) == [in_features // 8, out_features]
 
 
+def test_a_stage_onnx_runtime_cannot_run_is_a_toolchain_failure():
+    from llmc.errors import EXIT_TOOLCHAIN, ToolchainError
+    from llmc.passes.export import ort_greedy
+
+    model = tiny_llama()
+    stage = build_stages(model, [(0, 4)], quantize_all_linears(model, symmetric=False))[0]
+    del stage.functions[:]  # the plugin nodes without the bodies ONNX Runtime inlines
+    with pytest.raises(ToolchainError, match="ONNX Runtime cannot run the exported stages: .*IntNLinear") as info:
+        ort_greedy([stage], prompt(), 1)
+    assert info.value.exit_code == EXIT_TOOLCHAIN
+
+
 def test_fp6_weights_export_as_plugin_nodes_at_six_bits_per_weight():
     model = tiny_llama()
     quantized = fpx_all_linears(model, "e3m2")

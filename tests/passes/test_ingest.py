@@ -127,7 +127,19 @@ def _pickled_weights_only(path):
     return "pickled .bin weights are refused"
 
 
-@pytest.mark.parametrize("make", [_no_config, _unsupported_architecture, _pickled_weights_only])
+def _config_not_json(path):
+    (path / "config.json").write_text("{oops")
+    return "not a JSON object"
+
+
+def _corrupt_safetensors(path):
+    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # a header cut short
+    return "cannot be loaded"
+
+
+@pytest.mark.parametrize("make", [_no_config, _unsupported_architecture, _pickled_weights_only, _config_not_json,
+                                  _corrupt_safetensors])
 def test_unusable_directories_are_refused_with_the_path_and_exit_2(tmp_path, make):
     source = tmp_path / "model"
     source.mkdir()
@@ -138,6 +150,17 @@ def test_unusable_directories_are_refused_with_the_path_and_exit_2(tmp_path, mak
     assert info.value.pass_name == "ingest"
     assert str(source) in str(info.value)
     assert reason in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF\x03\x00\x00\x00"], ids=["empty", "truncated"])
+def test_a_corrupt_gguf_file_is_refused_with_the_path_and_exit_2(tmp_path, content):
+    pytest.importorskip("gguf")
+    source = tmp_path / "model.gguf"
+    source.write_bytes(content)
+    with pytest.raises(PassError) as info:
+        ingest(source, tmp_path / "cache")
+    assert info.value.exit_code == EXIT_USAGE
+    assert f"model.path: {source}: cannot be loaded" in str(info.value)
 
 
 def test_a_missing_source_is_refused_with_the_path_and_exit_2(tmp_path):

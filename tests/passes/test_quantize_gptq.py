@@ -275,7 +275,7 @@ def test_a_group_size_that_does_not_divide_is_a_config_error(tmp_path, tiny_mode
     with pytest.raises(PassError) as info:
         run(compile_passes(tiny_model_dir, texts, [GptqQuantizePass(group_size=256)]), tmp_path / "cache")
     assert info.value.exit_code == EXIT_USAGE
-    assert "group_size 256 does not divide the input size 64" in str(info.value)
+    assert "quantization.group_size: 256 does not divide the input size 64" in str(info.value)
 
 
 def test_an_interrupted_run_resumes_at_the_block_it_was_in(tmp_path, tiny_model_dir, texts, monkeypatch):
