@@ -65,6 +65,31 @@ CASES = [
      "quantization.overrides[0].match", "at least 1 character"),
     ("model", "  bits: 4\n  group_size: 32\n  symmetric: true\n", "  bits: 8\n  group_size: 32\n  symmetric: false\n",
      "quantization", "8-bit asymmetric is not supported"),
+    # infinite floats (YAML .inf) are refused in every float field, and so are figures whose unit
+    # conversion overflows to infinity
+    ("cluster", "      - sku: L4", "      - sku: L4\n        overrides: {memory_gib: .inf}",
+     "nodes[0].gpus[1].overrides.memory_gib", "finite number"),
+    ("cluster", "      - sku: L4", "      - sku: L4\n        overrides: {fp16_tflops: .inf}",
+     "nodes[0].gpus[1].overrides.fp16_tflops", "finite number"),
+    ("cluster", "      - sku: L4", "      - sku: L4\n        overrides: {memory_bandwidth_gbs: .inf}",
+     "nodes[0].gpus[1].overrides.memory_bandwidth_gbs", "finite number"),
+    ("cluster", "name: test-lab", "name: test-lab\nmemory_reserve_gib: .inf", "memory_reserve_gib", "finite number"),
+    ("cluster", "name: test-lab", "name: test-lab\nnetwork: {bandwidth_gbs: .inf}", "network.bandwidth_gbs", "finite number"),
+    ("model", "  max_perplexity_increase_pct: 50", "  max_perplexity_increase_pct: .inf",
+     "quality.max_perplexity_increase_pct", "finite number"),
+    ("cluster", "      - sku: L4", "      - sku: L4\n        overrides: {memory_gib: 1e300}",
+     "nodes[0].gpus[1].overrides.memory_gib", "too large"),
+    ("cluster", "name: test-lab", "name: test-lab\nnetwork: {bandwidth_gbs: 1e300}", "network.bandwidth_gbs", "too large"),
+    # a custom SKU declared twice (names are case-insensitive, as in gpus[].sku)
+    ("cluster", "name: test-lab", "name: test-lab\nskus:\n"
+     "  - {name: X9000, memory_gib: 10, fp16_tflops: 100, memory_bandwidth_gbs: 500, compute_capability: '8.9'}\n"
+     "  - {name: x9000, memory_gib: 20, fp16_tflops: 100, memory_bandwidth_gbs: 500, compute_capability: '8.9'}",
+     "skus[1].name", "duplicate of skus[0]"),
+    # a key given twice in one mapping (yaml.safe_load would keep the last silently)
+    ("model", "quality:\n", "quantization: {bits: 8}\nquality:\n", "line 18",
+     "duplicate key 'quantization' (first given at line 13)"),
+    ("cluster", "  - name: box-a\n", "  - name: box-a\n    name: box-b\n", "line 6",
+     "duplicate key 'name' (first given at line 5)"),
 ]
 
 
@@ -82,6 +107,33 @@ def test_malformed_config_exits_2_with_one_line(configs, which, old, new, field,
     assert lines[0].startswith(f"llmc: error: {path}: {field}"), lines[0]
     assert words in lines[0]
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("which,bad", [("cluster", b"\xe9"), ("model", b"\xff")])
+def test_non_utf8_config_exits_2_with_one_line(configs, which, bad):
+    model, cluster = configs
+    path = model if which == "model" else cluster
+    raw = path.read_bytes()
+    path.write_bytes(raw + b"# caf" + bad + b"\n")
+    result = validate(model, cluster)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    line = raw.count(b"\n") + 1
+    assert lines[0] == (f"llmc: error: {path}: line {line}: not valid UTF-8 "
+                        f"(byte 0x{bad[0]:02X} at offset {len(raw) + 5}); save the file as UTF-8"), lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_yaml_merge_keys_are_not_duplicates(configs):
+    _, cluster = configs
+    cluster.write_text(cluster.read_text().replace(
+        "      - sku: L4", "      - sku: L4\n        overrides:\n          <<: {memory_gib: 8, pcie_gbs: 16}\n"
+        "          memory_gib: 20"))
+    from llmc.config import load_cluster_config
+
+    devices = load_cluster_config(cluster)[1].devices
+    assert devices[1].sku.memory_bytes == 20 * 2**30 and devices[1].sku.pcie_bytes_per_s == 16e9
 
 
 def test_missing_file_is_a_usage_error(configs, tmp_path):
