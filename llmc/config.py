@@ -244,10 +244,11 @@ class Quantization(_Strict):
         "weight-only path runs natively); false adds an integer zero point per group.",
     )
     targets: list[str] = Field(
-        default_factory=lambda: ["model.layers.*"],
+        default_factory=lambda: ["*"],
         min_length=1,
-        description="fnmatch patterns of the linear module names to quantize (default: every "
-        "decoder-layer linear). A pattern that matches no linear fails the compile (exit 2).",
+        description="fnmatch patterns of the decoder-layer linears' names to quantize (default '*': "
+        "every one, whatever the architecture calls them). A pattern that matches no linear fails the "
+        "compile (exit 2).",
     )
     ignore: list[str] = Field(
         default_factory=lambda: ["lm_head"],

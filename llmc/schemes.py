@@ -23,7 +23,9 @@ from fnmatch import fnmatchcase
 
 from llmc.errors import ConfigError
 
-DECODER_LINEARS = ("model.layers.*",)
+# The names rules resolve are the decoder layers' linears (the layer table), so '*' is every one of
+# them, whatever the architecture names them (model.layers.N..., model.decoder.layers.N..., transformer.h.N...).
+DECODER_LINEARS = ("*",)
 # A width chosen per layer (mixed precision, the planner) of 6 bits is FP6 e3m2, method 'fpx':
 # integers come in 2, 3, 4 and 8 bits, and 6 bits exist only as FP6.
 FP6_BITS = 6

@@ -192,3 +192,18 @@ def test_the_planner_stores_each_width_as_the_mixed_precision_policy_does():
     # FP6 has no zero point; 8 bits is one scale per output channel, symmetric.
     assert (at_width(scheme, 6).method, at_width(scheme, 6).symmetric) == ("fpx", True)
     assert (at_width(scheme, 8).group_size, at_width(scheme, 8).symmetric) == (-1, True)
+
+
+@pytest.mark.parametrize("config", [
+    {"model_type": "opt", "hidden_size": 512, "ffn_dim": 2048, "num_hidden_layers": 8, "num_attention_heads": 8,
+     "vocab_size": 32000, "word_embed_proj_dim": 512},  # linears model.decoder.layers.N...
+    {"model_type": "bloom", "hidden_size": 512, "n_layer": 8, "n_head": 8, "vocab_size": 32000},  # transformer.h.N...
+], ids=["opt", "bloom"])
+def test_the_default_targets_quantize_every_decoder_linear_of_opt_and_bloom(plan_files, config):
+    model, cluster = plan_files()
+    (model.parent / "weights-not-downloaded" / "config.json").write_text(json.dumps(config))
+    result = plan(model, cluster, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["model"]["architecture"] == config["model_type"]
+    assert set(doc["predicted"]["layer_bits"]) == {4}  # every layer's linears quantized by the default targets
