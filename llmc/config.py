@@ -847,8 +847,12 @@ def load_model_config(path: str | Path) -> tuple[ModelConfig, Path]:
         ("calibration.path", config.calibration.path),
         ("evaluation.path", config.evaluation.path),
     ):
+        if not rel.strip():
+            raise ConfigError(str(path), field, "empty; give a path relative to model.yaml")
         if not (base / rel).exists():
             raise ConfigError(str(path), field, f"'{rel}' does not exist (relative to {base})")
+        if field != "model.path" and not (base / rel).is_file():
+            raise ConfigError(str(path), field, f"'{rel}' is not a file (expected a UTF-8 text file)")
     return config, base
 
 

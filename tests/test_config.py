@@ -38,6 +38,8 @@ CASES = [
     ("cluster", "  - name: box-a", "  - name: Box_A", "nodes[0].name", "pattern"),
     ("model", "  batch: 2", "  batch: 0", "workload.batch", "greater than or equal to 1"),
     ("model", "  path: calib.txt", "  path: missing.txt", "calibration.path", "does not exist"),
+    ("model", "  path: calib.txt", "  path: .", "calibration.path", "is not a file"),
+    ("model", "  path: eval.txt", "  path: ''", "evaluation.path", "empty"),
     ("model", "  windows: 4\nevaluation", "  windows: many\nevaluation", "calibration.windows", "integer"),
     ("cluster", "      - sku: L4", "      - sku: L4\n        overrides: {memory_gib: -8}", "nodes[0].gpus[1].overrides.memory_gib", "greater than 0"),
     ("cluster", "name: test-lab", "name: test-lab\nskus:\n  - name: X9000\n    memory_gib: 10", "skus[0]", "needs fp16_tflops"),
