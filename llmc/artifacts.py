@@ -22,12 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from llmc.errors import InputError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmc.errors import InputError, LlmcError, VerificationError
 from llmc.ir import Program
 
+PLAN = "plan.json"
 RECEIPT = "receipt.json"
 SUMS = "SHA256SUMS"
 NOT_REPRODUCIBLE = ("engines/",)  # path prefixes whose bytes differ between identical builds
@@ -42,9 +46,15 @@ def sha256_file(path: Path) -> str:
 
 
 def check_output_dir(out: Path) -> None:
-    """Refuse to replace a non-empty directory that is not an llmc build (a typo'd -o)."""
+    """Refuse to replace a non-empty directory that is not an llmc build (a typo'd -o), and a path
+    that cannot become a directory (one of its parents is a file): before any pass runs."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RECEIPT).is_file())):
         raise InputError(f"{out}: exists and is not an llmc build directory; refusing to replace it")
+    for parent in out.parents:
+        if parent.exists() or parent.is_symlink():  # the nearest existing one; above it, all are directories
+            if not parent.is_dir():
+                raise InputError(f"{out}: {parent} is not a directory, so the build directory cannot be made there")
+            break
 
 
 def _place(source: Path, target: Path) -> None:
@@ -84,18 +94,173 @@ def write_output(program: Program, out: Path, cache_root: Path, receipt: dict) -
     return files + [SUMS]
 
 
+_SUMS_LINE = re.compile(r"([0-9a-fA-F]{64})(?:  | \*)(.+)")
+
+
+def _listed_name(name: str) -> bool:
+    """A path inside the build: relative, no '..' (SHA256SUMS names no file outside it)."""
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts
+
+
+def read_sums(out: Path) -> list[tuple[str, str]]:
+    """(digest, file) of each line of SHA256SUMS; a line that is not ``<sha256>  <file>`` means the
+    build's files changed (exit 6), and the error names the line."""
+    path = out / SUMS
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise VerificationError(f"{path}: not UTF-8 text: the build's files changed; recompile it") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it: {e.strerror or e}") from None
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        match = _SUMS_LINE.fullmatch(line)
+        if match is None or not _listed_name(match[2]):
+            raise VerificationError(
+                f"{path}: line {number}: expected '<sha256>  <file in the build>', got {line[:80]!r}: "
+                "the build's files changed; recompile it"
+            )
+        entries.append((match[1].lower(), match[2]))
+    return entries
+
+
 def verify_sums(out: Path) -> list[str]:
     """Files whose content no longer matches SHA256SUMS (empty when the build is intact)."""
     bad = []
-    for line in (out / SUMS).read_text().splitlines():
-        digest, name = line.split("  ", 1)
+    for digest, name in read_sums(out):
         path = out / name
-        if not path.is_file() or sha256_file(path) != digest:
+        try:
+            same = path.is_file() and sha256_file(path) == digest
+        except OSError:  # unreadable: cannot vouch for it
+            same = False
+        if not same:
             bad.append(name)
     return bad
 
 
 def reproducible_sums(out: Path) -> str:
     """SHA256SUMS without the files that are not byte-reproducible (TensorRT engines)."""
-    lines = (out / SUMS).read_text().splitlines(keepends=True)
-    return "".join(line for line in lines if not line.split("  ", 1)[1].startswith(NOT_REPRODUCIBLE))
+    return "".join(f"{digest}  {name}\n" for digest, name in read_sums(out) if not name.startswith(NOT_REPRODUCIBLE))
+
+
+# --------------------------------------------------------------------------- reading a build back
+
+
+def check_sums(build: Path) -> None:
+    """Refuse a directory that is not an llmc build (exit 2) or whose files differ from its
+    SHA256SUMS (exit 6, naming them)."""
+    if not (build / SUMS).is_file():
+        raise InputError(f"{build}: not an llmc build directory (no {PLAN} or {SUMS})")
+    bad = verify_sums(build)
+    if bad:
+        names = [name if (build / name).is_file() else f"{name} (missing)" for name in bad]
+        raise VerificationError(f"{build}: files differ from {SUMS}: {', '.join(names)}")
+
+
+def unusable(build: Path, error: InputError) -> LlmcError:
+    """The error to raise for a build file that cannot be used: "files differ from SHA256SUMS"
+    (exit 6) when the build changed since it was written, else ``error``. Only hashes the build on
+    this failure path, so commands that do not verify it up front still say what happened."""
+    if (build / SUMS).is_file():
+        check_sums(build)
+    return error
+
+
+# What `llmc inspect` and `llmc run` read of plan.json and receipt.json (other fields pass).
+class _Read(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Stage(_Read):
+    index: int
+    device: str
+    sku: str
+    compute_capability: str
+    layer_start: int
+    layer_end: int
+
+
+class _Measured(_Read):
+    name: str
+    value: object
+    unit: str
+
+
+class _ModelRead(_Read):
+    architecture: str
+    hidden_size: int
+    vocab_size: int
+
+
+class _Quantization(_Read):
+    summary: str
+
+
+class _Predicted(_Read):
+    tokens_per_s: float
+    batch_latency_s: float
+
+
+class PlanRead(_Read):
+    model: _ModelRead
+    cluster: str
+    quantization: _Quantization
+    predicted: _Predicted
+    measured: list[_Measured]
+    stages: list[_Stage] = Field(min_length=1)
+
+
+class ReceiptRead(_Read):
+    llmc: str
+
+
+def _field_problem(doc, schema: type[BaseModel]) -> tuple[str, str] | None:
+    """(field path, problem) of the first field of ``doc`` that ``schema`` refuses, or None."""
+    try:
+        schema.model_validate(doc)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+        return where, first["msg"].lower()
+    return None
+
+
+def read_build_json(build: Path, name: str, fields: type[BaseModel], *, verified: bool = False) -> dict:
+    """A JSON file of the build, checked against ``fields``: a one-line error naming the file and the
+    field when it is missing, not JSON or lacks a field (exit 6 when the build's files changed since
+    SHA256SUMS was written, else exit 2). ``verified``: SHA256SUMS was checked already."""
+    path = build / name
+
+    def fail(message: str) -> LlmcError:
+        error = InputError(f"{path}: {message}")
+        return error if verified else unusable(build, error)
+
+    if not path.is_file():
+        if not (build / SUMS).is_file() and not (build / PLAN).is_file():
+            raise InputError(f"{build}: not an llmc build directory (no {PLAN} or {SUMS})")
+        raise fail("missing; the build is incomplete: recompile it")
+    try:
+        doc = json.loads(path.read_bytes())
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise fail(f"not valid JSON ({str(e).splitlines()[0][:120]}); recompile the build") from None
+    problem = _field_problem(doc, fields)
+    if problem:
+        field, message = problem
+        raise fail(f"{field + ': ' if field else ''}{message}; not a build of this llmc: recompile it")
+    return doc
+
+
+def read_plan(build: Path, *, verified: bool = False) -> dict:
+    """plan.json, with the fields `llmc inspect` and `llmc run` read (see :func:`read_build_json`)."""
+    return read_build_json(build, PLAN, PlanRead, verified=verified)
+
+
+def load_build(build: Path) -> tuple[dict, dict]:
+    """(plan.json, receipt.json) of a build whose files all match SHA256SUMS: ``llmc inspect``.
+
+    Checks the sums before parsing anything, so a changed file is reported as one (exit 6)."""
+    check_sums(build)
+    return read_plan(build, verified=True), read_build_json(build, RECEIPT, ReceiptRead, verified=True)

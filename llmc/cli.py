@@ -217,23 +217,17 @@ def inspect(build_dir: Path, as_json: bool):
     """
     from dataclasses import asdict
 
-    from llmc.artifacts import SUMS, verify_sums
+    from llmc.artifacts import SUMS, load_build
     from llmc.engines import format_checks, preflight
-    from llmc.errors import InputError, VerificationError
+    from llmc.errors import VerificationError
 
-    if not (build_dir / "plan.json").is_file() or not (build_dir / SUMS).is_file():
-        raise InputError(f"{build_dir}: not an llmc build directory (no plan.json or {SUMS})")
-    doc = json.loads((build_dir / "plan.json").read_text())
-    receipt = json.loads((build_dir / "receipt.json").read_text())
-    bad = verify_sums(build_dir)
+    doc, receipt = load_build(build_dir)  # SHA256SUMS first (exit 6), then the fields it reads (exit 2)
     stages = [
         f"  stage {s['index']}: {s['device']} ({s['sku']}, sm{s['compute_capability'].replace('.', '')}) "
         f"layers {s['layer_start']}-{s['layer_end'] - 1}"
         for s in doc["stages"]
     ]
     measured = [f"  {m['name']}: {m['value']} {m['unit']}".rstrip() for m in doc["measured"]]
-    if bad:
-        raise VerificationError(f"{build_dir}: files differ from {SUMS}: {', '.join(bad)}")
     checks = preflight(build_dir, doc)
     text = "\n".join(
         [

@@ -99,15 +99,16 @@ class RunResult:
 
 
 def read_build(build: Path) -> dict:
-    """plan.json of a build directory, with a one-line error when it is not one."""
-    plan = build / "plan.json"
-    if not plan.is_file():
-        raise InputError(f"{build}: not an llmc build directory (no plan.json)")
-    doc = json.loads(plan.read_text())
+    """plan.json of a build directory, with a one-line error when it is not one, or is unusable:
+    exit 6 naming the files that differ from SHA256SUMS when it changed since the compile, else
+    exit 2 naming the file and the field (see :func:`llmc.artifacts.read_plan`)."""
+    from llmc.artifacts import read_plan, unusable
+
+    doc = read_plan(build)
     for stage in doc["stages"]:
         graph = build / stage_graph(stage["index"])
         if not graph.is_file():
-            raise InputError(f"{build}: {stage_graph(stage['index'])} is missing; recompile the build")
+            raise unusable(build, InputError(f"{build}: {stage_graph(stage['index'])} is missing; recompile the build"))
     return doc
 
 
