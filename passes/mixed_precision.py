@@ -95,7 +95,10 @@ def solve_knapsack(values: list[list[float]], costs: list[list[int]], *, max_cos
         model.Add(total_value <= limit)
         model.Minimize(total_cost)
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit_s
+    # Deterministic time, as the planner's: a limit that is hit stops at the same point on any machine,
+    # so the widths, and the build's bytes, do not depend on its speed. Wall time only as a backstop.
+    solver.parameters.max_deterministic_time = time_limit_s
+    solver.parameters.max_time_in_seconds = 10 * time_limit_s + 10
     solver.parameters.random_seed = seed
     solver.parameters.num_workers = 1
     status = solver.Solve(model)
