@@ -125,6 +125,16 @@ def read_sums(out: Path) -> list[tuple[str, str]]:
     return entries
 
 
+def update_sums(out: Path, names) -> None:
+    """SHA256SUMS with the files ``names`` (relative to the build) hashed again or added, written
+    atomically: what ``llmc build-engines`` and ``llmc render`` do after writing into a build."""
+    sums = {name: digest for digest, name in read_sums(out)}
+    sums.update({name: sha256_file(out / name) for name in names})
+    tmp = out / f".{SUMS}.tmp-{os.getpid()}"
+    tmp.write_text("".join(f"{sums[name]}  {name}\n" for name in sorted(sums)))
+    tmp.replace(out / SUMS)
+
+
 def verify_sums(out: Path) -> list[str]:
     """Files whose content no longer matches SHA256SUMS (empty when the build is intact)."""
     bad = []

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmc.artifacts import SUMS, sha256_file
+from llmc.artifacts import sha256_file, update_sums
 from llmc.errors import InputError, ToolchainError
 
 STATUS_OK, STATUS_MISSING, STATUS_MISMATCH, STATUS_STALE = "ok", "missing", "wrong target", "stale"
@@ -135,7 +135,7 @@ def build_missing(build_dir: Path, plan: dict, device: str) -> list[dict]:
     workload = plan["workload"]
     profiles = optimization_profiles(workload["batch"], workload["prompt_tokens"], workload["generated_tokens"])
     sparse = {(e["stage"], e["sku"]): e["sparse_weights"] for e in plan.get("engines", [])}
-    built, sums = [], {}
+    built, written = [], []
     for stage in stages:
         cc = stage["compute_capability"]
         flavor, reason = choose_flavor(cc, flavors)
@@ -153,10 +153,7 @@ def build_missing(build_dir: Path, plan: dict, device: str) -> list[dict]:
         base = f"{engine_dir(stage['sku'], cc, flavor)}/stage_{stage['index']}"
         _write_atomically(build_dir / f"{base}.engine", data)
         _write_atomically(build_dir / f"{base}.json", (json.dumps(description, indent=1, sort_keys=True) + "\n").encode())
-        for name in (f"{base}.engine", f"{base}.json"):
-            sums[name] = sha256_file(build_dir / name)
+        written += [f"{base}.engine", f"{base}.json"]
         built.append({"path": f"{base}.engine", **description})
-    lines = {name: digest for digest, name in (line.split("  ", 1) for line in (build_dir / SUMS).read_text().splitlines())}
-    lines.update(sums)
-    _write_atomically(build_dir / SUMS, "".join(f"{lines[n]}  {n}\n" for n in sorted(lines)).encode())
+    update_sums(build_dir, written)
     return built

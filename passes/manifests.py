@@ -370,7 +370,7 @@ def render_build(build: Path, targets: tuple[str, ...], options: DeployOptions, 
     Into the build itself (its SHA256SUMS updated, so `llmc inspect` still vouches for it) or,
     with ``out``, into another directory.
     """
-    from llmc.artifacts import SUMS, sha256_file
+    from llmc.artifacts import SUMS, update_sums
 
     if not (build / VIEW_FILE).is_file():
         raise InputError(f"{build}: no {VIEW_FILE}; not an llmc build, or compiled before `llmc render` existed")
@@ -386,15 +386,7 @@ def render_build(build: Path, targets: tuple[str, ...], options: DeployOptions, 
         tmp.write_text(text)
         tmp.replace(target)
     if out is None and (build / SUMS).is_file():
-        sums = {}
-        for line in (build / SUMS).read_text().splitlines():
-            digest, name = line.split("  ", 1)
-            sums[name] = digest
-        for path in files:
-            sums[path] = sha256_file(build / path)
-        tmp = build / f".{SUMS}.tmp"
-        tmp.write_text("".join(f"{sums[name]}  {name}\n" for name in sorted(sums)))
-        tmp.replace(build / SUMS)
+        update_sums(build, files)
     return sorted(files)
 
 
