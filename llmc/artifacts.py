@@ -19,6 +19,7 @@ promise; :func:`reproducible_sums` is SHA256SUMS without them.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -65,6 +66,17 @@ def _place(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``);
+    False, changing nothing, where the C library or the file system lacks it."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def write_output(program: Program, out: Path, cache_root: Path, receipt: dict) -> list[str]:
     """Materialise ``program.artifacts`` plus receipt and sums into ``out``; returns the file list."""
     check_output_dir(out)
@@ -80,8 +92,11 @@ def write_output(program: Program, out: Path, cache_root: Path, receipt: dict) -
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         sums = "".join(f"{sha256_file(staging / f)}  {f}\n" for f in files)
         (staging / SUMS).write_text(sums)
-        # Swap: the old build stays whole until the new one is complete.
-        if out.exists():
+        # Swap: the old build stays whole until the new one is complete, and then OUT is never
+        # missing (one exchange where the system has it; else two renames, with a moment between).
+        if out.exists() and exchange(staging, out):
+            shutil.rmtree(staging, ignore_errors=True)  # the old build
+        elif out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
             staging.rename(out)

@@ -230,3 +230,15 @@ def test_validate_makes_the_checks_compile_makes_before_its_first_pass(configs):
     result = llmc("validate", model, cluster)
     assert result.exit_code == 2
     assert result.stderr == f"llmc: error: {model}: planner.micro_batch_sizes[0]: 8 is larger than workload.batch (2)\n"
+
+
+def test_a_build_replaces_the_old_one_in_one_exchange(tmp_path):
+    from llmc.artifacts import exchange
+
+    old, new = tmp_path / "out", tmp_path / ".out.tmp"
+    for d, name in ((old, "old.txt"), (new, "new.txt")):
+        d.mkdir()
+        (d / name).write_text(name)
+    assert exchange(new, old)  # Linux: renameat2(RENAME_EXCHANGE); OUT never missing
+    assert [p.name for p in old.iterdir()] == ["new.txt"] and [p.name for p in new.iterdir()] == ["old.txt"]
+    assert not exchange(tmp_path / "missing", old) and [p.name for p in old.iterdir()] == ["new.txt"]
