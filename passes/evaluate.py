@@ -94,6 +94,8 @@ class EvaluatePass(Pass):
             compressed = perplexity(load_model(program, ctx), windows, bar("compressed"))
             increase = 100 * (compressed / reference - 1)
             measurements.append(Measurement("perplexity.compressed", round(compressed, 4), "", protocol))
+            measurements.append(Measurement("perplexity.increase", round(increase, 2), "%",
+                                            f"compressed over reference; target at most {self.max_increase_pct:g}%"))
             summary += f", compressed {compressed:.3f} ({increase:+.2f}%)"
             if increase > self.max_increase_pct:
                 raise VerificationError(

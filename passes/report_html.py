@@ -43,7 +43,11 @@ def stage_rows(doc: dict, reserve: int | None) -> list[dict]:
 def render_html(doc: dict, reserve: int | None = None) -> str:
     """The report page for a plan document. ``reserve``: the per-device runtime reserve in bytes,
     used when plan.json does not record it."""
-    timeline_svg, bubbles = report_svg.timelines(doc)
+    timeline_svg, drawn = report_svg.timelines(doc)
+    # The plan's bubbles: decode tokens overlap across micro-batches, which the drawing of one
+    # isolated step does not show (its idle tail is no bubble of the steady state).
+    explanation = doc.get("explanation") or {}
+    bubbles = {phase: explanation.get(f"bubble_{phase}", drawn[phase]) for phase in ("prefill", "decode")}
     predicted = doc.get("predicted", {})
     prefill_micro, decode_micro = report_svg.micro_batches(doc)
     view = dict(

@@ -91,6 +91,9 @@ def test_after_quantization_both_perplexities_are_recorded_and_the_compressed_on
     assert program.measurement("perplexity.reference").value == pytest.approx(reference, rel=1e-6)
     assert program.measurement("perplexity.compressed").value == pytest.approx(compressed, rel=1e-6)
     assert compressed != pytest.approx(reference, rel=1e-4)
+    increase = program.measurement("perplexity.increase")
+    assert increase.unit == "%" and increase.value == pytest.approx(100 * (compressed / reference - 1), abs=0.006)
+    assert increase.protocol.endswith("target at most 10%")
 
 
 def test_a_perplexity_rise_past_the_target_fails_verification_with_exit_6(tmp_path, tiny_model_dir, text):
