@@ -11,6 +11,7 @@ keeps programs, and therefore keys, independent of where the cache lives.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -134,11 +135,41 @@ def _option_value(value):
     return value
 
 
+SOURCE_PACKAGES = ("llmc", "llmc.passes", "llmc.plugins", "llmc.templates")
+
+
+def source_digest(roots: tuple[Path, ...] | None = None) -> str:
+    """sha256 over llmc's own files (by default the packages of :data:`SOURCE_PACKAGES` wherever they
+    are installed: an editable install keeps them apart), so that a changed llmc under an unchanged
+    version number recomputes the passes instead of serving the old code's outputs from the cache."""
+    return _digest(roots) if roots else _installed_digest()
+
+
+@functools.cache
+def _installed_digest() -> str:
+    import importlib
+
+    return _digest(tuple(Path(importlib.import_module(name).__path__[0]).resolve() for name in SOURCE_PACKAGES))
+
+
+def _digest(roots: tuple[Path, ...]) -> str:
+    files = {}
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and path.suffix in (".py", ".j2", ".yaml", ".json") and "__pycache__" not in path.parts:
+                files[f"{root.name}/{path.relative_to(root).as_posix()}"] = path
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + files[name].read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def tool_versions() -> dict[str, str]:
-    """Versions of the tools whose behaviour shapes pass outputs (recorded in the receipt)."""
+    """Versions of the tools whose behaviour shapes pass outputs (recorded in the receipt), and the
+    digest of llmc's own source (:func:`source_digest`)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    found = {}
+    found = {"llmc-source": source_digest()}
     for dist in ("llmc", "torch", "transformers", "onnx", "onnxruntime", "ortools", "gguf", "tensorrt-rtx-cu13",
                  "tensorrt", "tensorrt-cu13", "tensorrt-cu12"):
         try:

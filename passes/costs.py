@@ -133,12 +133,12 @@ def stored_bits(bits: int, asymmetric: bool = False) -> int:
 
 def bytes_per_weight(bits: int, group_size: int, asymmetric: bool = False) -> float:
     """Stored bytes per weight: the packed value at its stored width (:func:`stored_bits`), one
-    fp16 scale per group and, for asymmetric schemes, one zero point per group at that width."""
+    fp16 scale per group and, for asymmetric schemes, one fp16 zero point per group (the layout
+    of llmc's int-N kernels and of the IntNLinear plugin's inputs)."""
     if bits >= 16:
         return float(FP16_BYTES)
-    width = stored_bits(bits, asymmetric) / 8
-    per_group = FP16_BYTES + (width if asymmetric else 0.0)
-    return width + per_group / group_size
+    per_group = FP16_BYTES * (2 if asymmetric else 1)
+    return stored_bits(bits, asymmetric) / 8 + per_group / group_size
 
 
 def uniform_choice(shape: LayerShape, bits: int, group_size: int = 128, asymmetric: bool = False) -> LayerChoice:

@@ -267,7 +267,10 @@ def baselines(instance: PlanInstance, tables: CostTables, solution: Solution) ->
         a, ev = result
         found.append(Baseline(
             name=name,
-            description=described[name] + " (the fewest bits that fit memory and the quality budget)",
+            description=described[name] + (" (the fewest bits that fit memory and the quality budget)"
+                                           if instance.quality_budget is not None else
+                                           " (the fewest bits that fit memory)" if len(instance.choices[0]) > 1
+                                           else ""),
             bits=Counter(row[choice].bits for row in instance.choices).most_common(1)[0][0],
             stages=tuple(f"{instance.devices[j].name}: layers {start}-{end - 1}" for j, start, end in a.ranges()),
             prefill_micro_batch_size=instance.micro_batch_sizes[a.prefill_option],

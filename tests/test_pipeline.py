@@ -69,3 +69,18 @@ def test_calibration_windows_are_seeded(tmp_path, tiny_model_dir, text):
     assert windows(0).shape == (4, 32)
     assert windows(0).equal(windows(0))
     assert not windows(0).equal(windows(1))
+
+
+def test_the_cache_key_holds_a_digest_of_llmcs_own_source(tmp_path):
+    from llmc.pipeline import source_digest, tool_versions
+
+    assert tool_versions()["llmc-source"] == source_digest()
+    a, b = tmp_path / "llmc", tmp_path / "passes"
+    for root in (a, b):
+        root.mkdir()
+        (root / "m.py").write_text("X = 1\n")
+    before = source_digest((a, b))
+    (b / "m.py").write_text("X = 2\n")  # a changed pass under the same version number
+    assert source_digest((a, b)) != before
+    (b / "notes.txt").write_text("not source")
+    assert source_digest((a, b)) == source_digest((a, b))

@@ -67,7 +67,7 @@ def test_knapsack_says_how_much_an_impossible_budget_lacks():
 def test_stored_bits_count_codes_scales_and_zero_points():
     assert stored_bits(10, 64, 4, 64, True) / 640 == 4.25
     assert stored_bits(10, 128, 4, 128, True) / 1280 == 4.125
-    assert stored_bits(10, 64, 4, 32, False) / 640 == 4 + (16 + 4) / 32
+    assert stored_bits(10, 64, 4, 32, False) / 640 == 4 + (16 + 16) / 32  # float16 scale and zero point
     assert stored_bits(10, 512, 8, -1, True) / 5120 == 8 + 16 / 512
     assert stored_bits(10, 64, 16, 64, True) / 640 == 16
 

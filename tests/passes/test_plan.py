@@ -190,11 +190,11 @@ def test_layers_of_different_shapes_match_brute_force():
 def test_bytes_per_weight_counts_group_scales():
     assert bytes_per_weight(16, 128) == 2.0
     assert bytes_per_weight(4, 128) == pytest.approx(0.5 + 2 / 128)
-    assert bytes_per_weight(4, 128, asymmetric=True) == pytest.approx(0.5 + 2.5 / 128)
+    assert bytes_per_weight(4, 128, asymmetric=True) == pytest.approx(0.5 + 4 / 128)  # fp16 zero points
     assert bytes_per_weight(8, 64) == pytest.approx(1 + 2 / 64)
     # int3 (and symmetric int2) codes are stored in 4 bits (passes/export.py)
     assert bytes_per_weight(3, 128) == bytes_per_weight(4, 128)
-    assert bytes_per_weight(2, 64, asymmetric=True) == pytest.approx(0.25 + 2.25 / 64)
+    assert bytes_per_weight(2, 64, asymmetric=True) == pytest.approx(0.25 + 4 / 64)
 
 
 def test_roofline_prefill_is_compute_bound_and_decode_memory_bound():
