@@ -6,6 +6,7 @@ passes (and later compiles) load it in a second instead of re-converting a GGUF 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,25 @@ def model_info(model, dtype: str, source_sha256: str, checkpoint: str) -> ModelI
     )
 
 
+@contextlib.contextmanager
+def _quiet_gguf_bar():
+    """transformers' GGUF loader draws its own tqdm bar, which its progress-bar switch does not reach
+    (it calls ``tqdm`` directly): turned off for the load, so ``-q`` and logs stay clean."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _load_source(source: Path, dtype: str):
     import json
 
@@ -66,7 +86,8 @@ def _load_source(source: Path, dtype: str):
 
     if source.is_file() and source.suffix == ".gguf":
         kwargs = dict(gguf_file=source.name, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(source.parent, dtype=getattr(torch, dtype), **kwargs)
+        with _quiet_gguf_bar():
+            model = AutoModelForCausalLM.from_pretrained(source.parent, dtype=getattr(torch, dtype), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source.parent, **kwargs)
         # The GGUF loader dequantized the weights; drop its quantizer so the model saves as
         # plain safetensors.
