@@ -140,14 +140,21 @@ def read_sums(out: Path) -> list[tuple[str, str]]:
     return entries
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` through a temporary file beside it, replaced in one rename: a reader
+    never sees half a file, and a kill leaves the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
 def update_sums(out: Path, names) -> None:
     """SHA256SUMS with the files ``names`` (relative to the build) hashed again or added, written
     atomically: what ``llmc build-engines`` and ``llmc render`` do after writing into a build."""
     sums = {name: digest for digest, name in read_sums(out)}
     sums.update({name: sha256_file(out / name) for name in names})
-    tmp = out / f".{SUMS}.tmp-{os.getpid()}"
-    tmp.write_text("".join(f"{sums[name]}  {name}\n" for name in sorted(sums)))
-    tmp.replace(out / SUMS)
+    write_atomically(out / SUMS, "".join(f"{sums[name]}  {name}\n" for name in sorted(sums)).encode())
 
 
 def verify_sums(out: Path) -> list[str]:
@@ -242,12 +249,13 @@ class ReceiptRead(_Read):
 
 def _field_problem(doc, schema: type[BaseModel]) -> tuple[str, str] | None:
     """(field path, problem) of the first field of ``doc`` that ``schema`` refuses, or None."""
+    from llmc.config import _field_path
+
     try:
         schema.model_validate(doc)
     except ValidationError as e:
         first = e.errors()[0]
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
-        return where, first["msg"].lower()
+        return _field_path(first["loc"]), first["msg"].lower()
     return None
 
 

@@ -13,11 +13,10 @@ and adds them to the build's ``SHA256SUMS``.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmc.artifacts import sha256_file, update_sums
+from llmc.artifacts import sha256_file, update_sums, write_atomically
 from llmc.errors import InputError, ToolchainError
 
 STATUS_OK, STATUS_MISSING, STATUS_MISMATCH, STATUS_STALE = "ok", "missing", "wrong target", "stale"
@@ -111,13 +110,6 @@ def format_checks(checks: list[EngineCheck]) -> list[str]:
 # --------------------------------------------------------------------------- build-engines
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def build_missing(build_dir: Path, plan: dict, device: str) -> list[dict]:
     """Build the engines of every stage on ``device`` (a SKU or a device name) with this host's TensorRT.
 
@@ -151,8 +143,8 @@ def build_missing(build_dir: Path, plan: dict, device: str) -> list[dict]:
             flavor, build_dir / graph, meta, profiles, sparse.get((stage["index"], stage["sku"]), False)
         )
         base = f"{engine_dir(stage['sku'], cc, flavor)}/stage_{stage['index']}"
-        _write_atomically(build_dir / f"{base}.engine", data)
-        _write_atomically(build_dir / f"{base}.json", (json.dumps(description, indent=1, sort_keys=True) + "\n").encode())
+        write_atomically(build_dir / f"{base}.engine", data)
+        write_atomically(build_dir / f"{base}.json", (json.dumps(description, indent=1, sort_keys=True) + "\n").encode())
         written += [f"{base}.engine", f"{base}.json"]
         built.append({"path": f"{base}.engine", **description})
     update_sums(build_dir, written)

@@ -234,6 +234,11 @@ def run_pipeline(
     names = [p.name for p in passes]
     if print_after is not None and print_after not in ("all", *names):
         raise UsageError(f"--print-after: '{print_after}' is not a pass of this run ({', '.join(names)}, or all)")
+
+    def show(name: str, program: Program) -> None:
+        if print_after in (name, "all"):
+            print(f"# --- program after '{name}'\n{dump_program(program)}")
+
     cache_root.mkdir(parents=True, exist_ok=True)
     versions = tool_versions()
     program = program or Program()
@@ -251,8 +256,7 @@ def run_pipeline(
             timings.append(PassTiming(p.name, time.perf_counter() - start, True, summary))
             log.info("%-14s cached   %s", p.name, summary)
             history.append(p.name)
-            if print_after in (p.name, "all"):
-                print(f"# --- program after '{p.name}'\n{dump_program(program)}")
+            show(p.name, program)
             continue
         work = cache_root / f".tmp-{entry}-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
@@ -282,8 +286,7 @@ def run_pipeline(
         timings.append(PassTiming(p.name, seconds, False, result.summary))
         log.info("%-14s %6.1fs  %s", p.name, seconds, result.summary)
         history.append(p.name)
-        if print_after in (p.name, "all"):
-            print(f"# --- program after '{p.name}'\n{dump_program(program)}")
+        show(p.name, program)
     return PipelineRun(program, timings)
 
 

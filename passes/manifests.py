@@ -370,7 +370,7 @@ def render_build(build: Path, targets: tuple[str, ...], options: DeployOptions, 
     Into the build itself (its SHA256SUMS updated, so `llmc inspect` still vouches for it) or,
     with ``out``, into another directory.
     """
-    from llmc.artifacts import SUMS, update_sums
+    from llmc.artifacts import SUMS, update_sums, write_atomically
 
     if not (build / VIEW_FILE).is_file():
         raise InputError(f"{build}: no {VIEW_FILE}; not an llmc build, or compiled before `llmc render` existed")
@@ -380,11 +380,7 @@ def render_build(build: Path, targets: tuple[str, ...], options: DeployOptions, 
         files.update(render_target(target, view, options))
     root = out or build
     for path, text in sorted(files.items()):
-        target = root / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(target)
+        write_atomically(root / path, text.encode())
     if out is None and (build / SUMS).is_file():
         update_sums(build, files)
     return sorted(files)
