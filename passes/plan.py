@@ -429,19 +429,20 @@ def plan_pass_from_config(model, base: Path, *, compiling: bool) -> PlanPass:
     """The plan pass for a validated ModelConfig; ConfigError (exit 2) for planner options that
     cannot work, before any pass runs."""
     from llmc.profiles import read_profile, read_sensitivity
-    from llmc.schemes import rules_from_config
+    from llmc.schemes import merged, rules_from_config
 
     q, w, planner = model.quantization, model.workload, model.planner
+    rules = rules_from_config(q)
     for i, size in enumerate(planner.micro_batch_sizes or ()):
         if size > w.batch:
             raise ConfigError("model.yaml", f"planner.micro_batch_sizes[{i}]",
                               f"{size} is larger than workload.batch ({w.batch})")
     if compiling:  # FP8 quantizes and evaluates, but the export has no plugin for it
-        fp8 = [("quantization.bits", q.method, q.bits)] + [
-            (f"quantization.overrides[{i}]", o.method or q.method, o.bits or q.bits) for i, o in enumerate(q.overrides)
+        schemes = [("quantization.bits", rules)] + [
+            (f"quantization.overrides[{i}]", merged(rules, o)) for i, o in enumerate(rules.overrides)
             if o.method is not None or o.bits is not None]
-        for field, method, bits in fp8:
-            if method == "fpx" and bits == 8:
+        for field, scheme in schemes:
+            if scheme.method == "fpx" and scheme.bits == 8:
                 raise ConfigError("model.yaml", field, "FP8 e4m3 (method fpx, bits 8) has no ONNX export, so "
                                   "llmc compile cannot deploy it; use FP6 or FP4 (bits 6 or 4), or int8 (method rtn)")
     configured = q.bits if q.method != "none" else 16
@@ -473,7 +474,7 @@ def plan_pass_from_config(model, base: Path, *, compiling: bool) -> PlanPass:
         reader(path)  # schema errors now, naming the file and field
         paths[field] = path
     return PlanPass(
-        quantization=rules_from_config(q),
+        quantization=rules,
         batch=w.batch, prompt_tokens=w.prompt_tokens, generated_tokens=w.generated_tokens,
         bits=tuple(sorted(planner.bits or ())),
         quality_budget=planner.quality_budget,
