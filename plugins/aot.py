@@ -127,7 +127,7 @@ def loop_instruction_mix(listing: str) -> collections.Counter:
 def kernel_variants() -> list[KernelVariant]:
     """Every kernel the plugins launch, at their shipped launch shapes."""
     require_triton()
-    from llmc.plugins import fp6_linear, intn_linear, mma_decode, wgmma_prefill
+    from llmc.plugins import fp6_linear, int3_linear, intn_linear, mma_decode, wgmma_prefill
 
-    return (intn_linear.kernel_variants() + fp6_linear.kernel_variants() + wgmma_prefill.kernel_variants()
-            + mma_decode.kernel_variants())
+    return (intn_linear.kernel_variants() + int3_linear.kernel_variants() + fp6_linear.kernel_variants()
+            + wgmma_prefill.kernel_variants() + mma_decode.kernel_variants())

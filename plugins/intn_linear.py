@@ -95,7 +95,8 @@ from llmc.plugins.splitk import (COMPILE_OPTIONS, LaunchConfig, as_rows, choose_
 if triton is not None:
     import triton.language as tl
 
-KERNEL_BITS = (2, 4, 8)  # one bit plane each; int3's two planes are packed but not yet a kernel
+KERNEL_BITS = (2, 4, 8)  # one bit plane each: this module's kernels; int3's two planes: llmc.plugins.int3_linear
+INT3 = 3
 
 
 @dataclass(frozen=True)
@@ -699,6 +700,10 @@ def intn_config(m: int, w: IntNWeights, sms: int, decode: tuple | None = None,
     programs). Memoized by value (the rules are this module's constants), as the launchers call it
     on every call.
     """
+    if w.bits == INT3:
+        from llmc.plugins.int3_linear import int3_config
+
+        return int3_config(m, w, sms, decode, tensor_cores)
     return _intn_config(m, w.bits, w.group_size, w.symmetric, w.in_features, w.out_features, sms, decode, tensor_cores)
 
 
@@ -953,11 +958,16 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: LaunchConfig | None = N
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` for float16/bfloat16 ``x`` [..., K] on a CUDA device, in ``x``'s dtype.
 
-    ``out``, if given, is a contiguous [rows, N] tensor of ``x``'s dtype to write into.
+    ``out``, if given, is a contiguous [rows, N] tensor of ``x``'s dtype to write into. 3-bit weights run
+    ``llmc.plugins.int3_linear``'s kernels.
     """
-    width = _width(w.bits)
     x2 = as_rows(x, w.in_features, "intn_linear")
     m, n, k = x2.shape[0], w.out_features, w.in_features
+    if w.bits == INT3:
+        from llmc.plugins.int3_linear import int3_linear
+
+        return int3_linear(x2, w, config, out).reshape(*x.shape[:-1], n)
+    width = _width(w.bits)
     halves = x.dtype == w.scale.dtype == torch.float16
     require_triton()
     if config is None and m > PREFILL_ROWS:
@@ -1028,6 +1038,10 @@ def intn_dequantize(w: IntNWeights, dtype: torch.dtype = torch.float16,
     Returned as the transposed view of a [K, N] tensor, which cuBLAS reads as it is.
     """
     require_triton()
+    if w.bits == INT3:
+        from llmc.plugins.int3_linear import int3_dequantize
+
+        return int3_dequantize(w, dtype, block)
     width = _width(w.bits)
     out = torch.empty(w.in_features, w.out_features, dtype=torch.float16, device=w.planes[0].device)
     block_n, block_w = block or DEQUANTIZE_SHAPE

@@ -27,7 +27,8 @@ def weight(out_features=96, in_features=256, seed=0):
     return torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) * 0.02
 
 
-@pytest.mark.parametrize("bits,symmetric,group", [(4, True, 32), (4, False, 64), (8, True, -1), (2, False, 32)])
+@pytest.mark.parametrize("bits,symmetric,group", [(4, True, 32), (4, False, 64), (8, True, -1), (2, False, 32),
+                                                  (3, True, 64), (3, False, 32)])
 def test_int_reference_is_the_packed_weight_with_float16_scales(bits, symmetric, group):
     packed = rtn_quantize(weight(), bits, group, symmetric)
     w = intn.pack_intn(packed)
@@ -126,6 +127,24 @@ def test_launch_heuristics_by_rows_and_size():
     assert (config.block_n, config.block_w, config.split.split) == fp.DECODE_SHAPE_NARROW_FP6[:2] + (1,)
     config = fp.fpx_config(1, fp6_of(8192, 28672), SMS)
     assert (config.block_n, config.block_w) == fp.DECODE_SHAPE_LARGE_FP6[1][:2] and config.split.split > 1
+
+
+def test_int3_launches_by_rows_and_size():
+    """int3 (int3_linear): one row the decode kernel; 2-4 rows below 2^21 weights the decode kernel once per
+    row; otherwise the tensor cores up to 16 rows; beyond, dequantize-then-cuBLAS. Steps count tiles of 32
+    inputs; splits hold whole steps, not whole groups (the zero point is inside the loop)."""
+    def int3_of(k, n):
+        return intn.IntNWeights((torch.zeros(k // 16, n, dtype=torch.int32), torch.zeros(k // 32, n, dtype=torch.int32)),
+                                torch.zeros(k // 128, n), torch.zeros(k // 128, n), 3, 128, True, k, n)
+
+    small, large = int3_of(576 + 64 * 3, 576), int3_of(4096, 4096)
+    assert intn.intn_config(1, small, SMS).block_m == 1 and intn.intn_config(4, small, SMS).block_m == 1
+    assert intn.intn_config(5, small, SMS).block_m == 16 and intn.intn_config(2, large, SMS).block_m == 16
+    assert intn.intn_config(16, large, SMS).block_m == 16 and intn.intn_config(17, large, SMS) is None
+    config = intn.intn_config(1, large, SMS)
+    assert config.inline_zero and config.split.split * config.split.rows_per_split >= 4096 // 32
+    forced = intn.intn_config(1, small, SMS, decode=(16, 4, 2, 8, True, True, False))
+    assert forced.split.split > 1 and forced.split.rows_per_split % 4 == 0
 
 
 def test_prefill_rows_take_the_prefill_kernel_up_to_its_bounds():
@@ -633,7 +652,8 @@ def test_kernels_compile_for_ampere_and_hopper_without_a_gpu(capability):
 
     variants = {v.name: v for v in kernel_variants()}
     for name in ("intn-gemv-int4-sym-g128-from-2^27", "fpx-gemv-e3m2-from-2^26", "fpx-gemm16-e3m2-large",
-                 "intn-gemv-int4-sym-g128-narrow", "fpx-gemm16-e3m2-<2^26", "intn-gemm16-int4-sym-g128-<2^23"):
+                 "intn-gemv-int4-sym-g128-narrow", "fpx-gemm16-e3m2-<2^26", "intn-gemm16-int4-sym-g128-<2^23",
+                 "int3-gemv-int3-asym-g32-large", "int3-gemm16-int3-sym-g128-large", "int3-dequantize-g128"):
         compiled = compile_kernel(variants[name], capability)
         assert compiled.cubin and compiled.spills == 0
         assert ".ftz" not in compiled.ptx  # the subnormal decodes need float32 subnormals kept
@@ -1025,12 +1045,62 @@ def test_the_linears_take_the_mma_decode_kernel_where_its_rules_say(kind):
     assert linear(x.bfloat16(), w).dtype == torch.bfloat16
 
 
+def int3_weights(kind: str, out_features: int, in_features: int, seed: int) -> intn.IntNWeights:
+    """int3 RTN weights of a kind such as ``asym-g32`` or ``sym-channel``, on the GPU."""
+    group = -1 if kind.endswith("channel") else int(kind.split("-g")[1])
+    packed = rtn_quantize(weight(out_features, in_features, seed=seed), 3, group, kind.startswith("sym"))
+    return intn.pack_intn(packed).to("cuda")
+
+
+@gpu
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 16, 17, 100])
+@pytest.mark.parametrize("kind", ["sym-g64", "asym-g32", "sym-channel", "asym-channel"])
+def test_int3_kernels_match_the_reference(kind, rows):
+    """llmc's own dispatch of 3-bit weights (int3_linear: the decode kernel, once per row up to 4 rows on a
+    small linear, the tensor cores up to 16 rows, dequantize-then-cuBLAS beyond) on float16 x, and on
+    bfloat16 x and x whose rows are neither contiguous nor 16-byte aligned."""
+    w = int3_weights(kind, 200, 576, seed=21)
+    generator = torch.Generator().manual_seed(rows)
+    for dtype, unaligned in ((torch.float16, False), (torch.bfloat16, False), (torch.float16, True)):
+        base = torch.randn(rows, 577, generator=generator).to(dtype).cuda()
+        x = base[:, 1:] if unaligned else base[:, :576].contiguous()
+        out = torch.full((rows, 200), float("nan"), dtype=dtype, device="cuda")
+        intn.intn_linear(x, w, out=out)
+        expected = intn.intn_reference(x, w).float()
+        assert bool(torch.isfinite(out).all())
+        assert float((out.float() - expected).norm() / expected.norm()) < (8e-3 if dtype == torch.bfloat16 else 2e-3)
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["sym-g128", "asym-g32", "asym-channel"])
+def test_every_shipped_int3_launch_matches_the_reference(kind):
+    """Each int3 launch shape, forced onto a [320, 1024] weight: the one-row classes, a split-K launch with
+    prefetch, the decode kernel once per row at 3 rows, and the tensor-core classes at 4 and 16 rows
+    (with evict-first and swap); the dequantize kernel equals the reference weight rounded to float16."""
+    from llmc.plugins import int3_linear
+
+    w = int3_weights(kind, 320, 1024, seed=22)
+    decode = [s for _, s in int3_linear.DECODE_SHAPES] + [(64, 4, 2, 16, True, True, True)]
+    launches_match_the_reference(intn.intn_linear, intn.intn_reference, w,
+                                 [intn.intn_config(1, w, SMS, decode=s) for s in decode], 1)
+    launches_match_the_reference(intn.intn_linear, intn.intn_reference, w,
+                                 [intn.intn_config(3, w, SMS, decode=s) for s in decode[:2]], 3)
+    tensor_cores = [s for _, s in int3_linear.TENSOR_CORE_SHAPES] + [(32, 16, 4, 8, True, True, 2)]
+    for rows in (4, 16):
+        launches_match_the_reference(intn.intn_linear, intn.intn_reference, w,
+                                     [intn.intn_config(rows, w, SMS, tensor_cores=s) for s in tensor_cores], rows)
+    expected = intn.intn_dequantize_reference(w).half()
+    for block in (int3_linear.DEQUANTIZE_SHAPE, (64, 16)):
+        assert torch.equal(intn.intn_dequantize(w, block=block), expected)
+
+
 @gpu
 def test_the_linears_take_x_with_no_rows():
     """An x of no rows gives an output of no rows (on sm_90 through rule 10's dispatch, whose unmasked loads keep
     x's row below M and so are not taken with M = 0)."""
     weight = torch.randn(11008, 4096, device="cuda") * 0.02
     for linear, w in ((intn.intn_linear, intn.pack_intn(rtn_quantize(weight, 4, 128, True))),
+                      (intn.intn_linear, intn.pack_intn(rtn_quantize(weight, 3, 128, True))),
                       (fp.fpx_linear, fp.pack_fpx(fpx_quantize(weight, FORMATS["e3m2"], None,
                                                                 scale_dtype=torch.float16)))):
         y = linear(torch.empty(0, 4096, dtype=torch.float16, device="cuda"), w)

@@ -1,0 +1,361 @@
+"""Group-wise int3 weight-only linear, ``y = x @ W.T``: ``llmc.plugins.intn_linear``'s math on two bit planes.
+
+Weights are an :class:`~llmc.plugins.intn_linear.IntNWeights` of 3 bits (:func:`intn_linear.pack_intn`), its
+codes in ``llmc.passes.bitplanes``' int3 layout at the kernel tile of 32 inputs: a 2-bit plane [K / 16, N]
+with the codes' two low bits, whose word-rows ``2 t`` and ``2 t + 1`` hold the even and the odd inputs of
+tile ``t`` (field ``i``: input ``32 t + 2 i`` or ``32 t + 2 i + 1``), and a 1-bit plane [K / 32, N] with
+the high bit (bit ``i`` of word-row ``t``: input ``32 t + i``). Three bits a weight in all, each plane
+aligned to 4 bytes. The math and its reference are ``intn_linear``'s (``scale * (u - zero)``, groups along
+K; :func:`intn_linear.intn_reference`). :func:`intn_linear.intn_linear` and :func:`intn_linear.intn_dequantize`
+call this module for 3-bit weights.
+
+Kernels (rules referred to in the code):
+
+1. Decode rows (one row of x; a few, once per row on a third grid axis, as ``intn_linear`` rule 5 does):
+   CUDA cores, float32, ``intn_linear`` rule 1 on a 3-bit field. The high plane shifted left by 2
+   (even inputs) or by 1 (odd inputs) puts input ``2 i``'s (or ``2 i + 1``'s) high bit at bit ``2 i + 2``,
+   just above field ``i``'s two low bits in its 2-bit word, so that one mask of each and an OR give the
+   code at bits ``2 i .. 2 i + 2``; read as a float32 it is the subnormal ``u * 2^(2 i - 149)``, and one
+   FFMA with the activation (scaled by ``2^(100 - 2 i)``) adds ``u * x * 2^-49``. Fields that would end
+   above bit 23 are read from the words shifted right by 12 (the high plane by 10 and 11), once per word.
+   Two logic operations and one FFMA a weight, where int4 takes one and one. The zero point's share,
+   ``scale * zero * sum(x)``, is subtracted per block of rows inside the loop, or once per output channel.
+   The 32 activations of a tile are four 16-byte vector loads (``intn_linear.x_words``).
+2. 2 to 16 rows: tensor cores. Each field becomes the float16 ``1024 + u`` by OR-ing 0x6400 onto the
+   3-bit code; minus ``1024 + zero``, times the scale, it is an operand of ``tl.dot`` with float32
+   accumulation, as ``intn_linear`` rule 2.
+3. Split-K as in ``llmc.plugins.splitk``; more than 16 rows of x dequantize (:func:`int3_dequantize`)
+   and call cuBLAS.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from llmc.passes.bitplanes import int_kernel_tile
+from llmc.plugins import splitk
+from llmc.plugins.splitk import (COMPILE_OPTIONS, LaunchConfig, decode_config, require_triton, tensor_core_config,
+                                 triton)
+
+if triton is not None:
+    import triton.language as tl
+
+TILE = int_kernel_tile(3)  # 32 inputs: two words of the 2-bit plane and one of the 1-bit plane
+
+
+if triton is not None:
+    from llmc.plugins.intn_linear import x_field, x_tile_fields, x_words
+    from llmc.plugins.splitk import block_offsets, finish_split, grid_row, start_sum
+
+    # Rule 1 as intn_linear rule 1: x is scaled by 2^(100 - o), the product is u * x * 2^-49.
+    _X_SCALE = tl.constexpr(2.0**100)
+    _PRODUCT_SCALE = tl.constexpr(2.0**-49)
+
+    @triton.jit
+    def _int3_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, EVICT_FIRST: tl.constexpr = False):
+        """Tile rows ``rows`` (below ``row_end``): their even and odd words of the 2-bit plane and their
+        word of the 1-bit plane, [rows, outputs] as uint32."""
+        ok = (rows < row_end)[:, None] & (offs_n < N)[None, :]
+        policy: tl.constexpr = "evict_first" if EVICT_FIRST else ""
+        even = tl.load(lo_ptr + (2 * rows)[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy=policy)
+        odd = tl.load(lo_ptr + (2 * rows + 1)[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy=policy)
+        high = tl.load(hi_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy=policy)
+        return even.to(tl.uint32, bitcast=True), odd.to(tl.uint32, bitcast=True), high.to(tl.uint32, bitcast=True)
+
+    @triton.jit
+    def _int3_fields(acc, dot, x_sum, even, odd, high, xw_low, xw_high, x_ok, CHANNEL: tl.constexpr,
+                     DTYPE: tl.constexpr):
+        """One step of the decode kernel over the 32 inputs of each tile row: the products into ``acc``
+        (per channel) or ``dot`` (per group), the activations into ``x_sum``."""
+        top_even = high << 2  # input 2 i's high bit at bit 2 i + 2
+        top_odd = high << 1  # input 2 i + 1's
+        even_s = even >> 12
+        odd_s = odd >> 12
+        top_even_s = high >> 10
+        top_odd_s = high >> 11
+        for j in tl.static_range(32):
+            if j < 16:
+                xv = x_field(xw_low, j, x_ok, DTYPE)
+            else:
+                xv = x_field(xw_high, j - 16, x_ok, DTYPE)
+            x_sum += xv
+            # Field j // 2 of the even (odd) word, its high bit at bit 2 (j // 2) + 2 of top_even (top_odd); one
+            # that would end above bit 23 is read from the words shifted right by 12.
+            if 2 * (j // 2) + 3 <= 23:
+                o = 2 * (j // 2)
+                if j % 2 == 0:
+                    bits = (even & (3 << o)) | (top_even & (4 << o))
+                else:
+                    bits = (odd & (3 << o)) | (top_odd & (4 << o))
+            else:
+                o = 2 * (j // 2) - 12
+                if j % 2 == 0:
+                    bits = (even_s & (3 << o)) | (top_even_s & (4 << o))
+                else:
+                    bits = (odd_s & (3 << o)) | (top_odd_s & (4 << o))
+            v = bits.to(tl.float32, bitcast=True)
+            if CHANNEL:
+                acc += v * (xv * (_X_SCALE / (1 << o)))
+            else:
+                dot += v * (xv * (_X_SCALE / (1 << o)))
+        return acc, dot, x_sum
+
+    @triton.jit
+    def _int3_gemv_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
+                          N, K, stride_ym, rows_per_split, n_split,
+                          GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr, CHANNEL: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr = False,
+                          EVICT_FIRST: tl.constexpr = False, ROW_GRID: tl.constexpr = False,
+                          SEPARATE: tl.constexpr = False):
+        # Rule 1 over BLOCK_W tile rows (32 inputs each) a step; rows_per_split counts tile rows.
+        start_sum(SEPARATE)
+        ROWS_PER_GROUP: tl.constexpr = GROUP // 32
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        if ROW_GRID:  # one row of (contiguous) x per grid row, with its own partials and counters
+            x_ptr, y_ptr, part_ptr, count_ptr = grid_row(x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, 1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        row_begin = pid_k * rows_per_split
+        row_end = tl.minimum(row_begin + rows_per_split, K // 32)
+        acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+        x_total = tl.zeros([BLOCK_W, 1], dtype=tl.float32)
+        if PREFETCH:
+            even_n, odd_n, high_n = _int3_load(lo_ptr, hi_ptr, row_begin + tl.arange(0, BLOCK_W), offs_n, N, row_end,
+                                               EVICT_FIRST)
+        for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
+            rows = r0 + tl.arange(0, BLOCK_W)
+            row_ok = rows < row_end
+            if PREFETCH:  # the next step's words are in flight while this step's are decoded
+                even, odd, high = even_n, odd_n, high_n
+                even_n, odd_n, high_n = _int3_load(lo_ptr, hi_ptr, rows + BLOCK_W, offs_n, N, row_end, EVICT_FIRST)
+            else:
+                even, odd, high = _int3_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, EVICT_FIRST)
+            inputs = (tl.where(row_ok, rows, 0) * 32)[:, None]
+            xw_low = x_words(x_ptr, inputs, 16)
+            xw_high = x_words(x_ptr, inputs + 16, 16)
+            dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+            x_rows = tl.zeros([BLOCK_W, 1], dtype=tl.float32)
+            acc, dot, x_rows = _int3_fields(acc, dot, x_rows, even, odd, high, xw_low, xw_high, row_ok[:, None], CHANNEL,
+                                            x_ptr.dtype.element_ty)
+            if CHANNEL:
+                x_total += x_rows
+            else:
+                ok = row_ok[:, None] & n_ok[None, :]
+                group = rows // ROWS_PER_GROUP
+                scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+                # The zero point's share of this block, per tile row (its activations' sum, scaled like the products).
+                if SYMMETRIC:
+                    dot -= x_rows * (ZERO * _PRODUCT_SCALE)
+                else:
+                    zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+                    dot -= zero * (x_rows * _PRODUCT_SCALE)
+                acc += dot * scale
+        total = tl.sum(acc, axis=0) * (1.0 / _PRODUCT_SCALE)  # undo the 2^-49
+        if CHANNEL:
+            scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            if SYMMETRIC:
+                zero = ZERO
+            else:
+                zero = tl.load(z_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            total = (total - zero * tl.sum(x_total, axis=0)) * scale
+        finish_split(total[None, :], y_ptr, part_ptr, count_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym,
+                     pid_n, pid_k, n_split, SEPARATE)
+
+    @triton.jit
+    def _int3_half(low, high, f: tl.constexpr, offset, scale, DTYPE: tl.constexpr):
+        """Rule 2: input ``f`` of a tile (field f // 2 of ``low``, its even or odd word of the 2-bit plane, and
+        bit f of ``high``) as ``scale * (u - zero)``; ``offset`` is 1024 + zero."""
+        if f <= 2:
+            top = (high << (2 - f)) & 4
+        else:
+            top = (high >> (f - 2)) & 4
+        bits16 = (((low >> (2 * (f // 2))) & 3) | top | 0x6400).to(tl.int16)
+        return ((bits16.to(tl.float16, bitcast=True) - offset) * scale).to(DTYPE)
+
+    @triton.jit
+    def _int3_gemm_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
+                          M, N, K, stride_xm, stride_ym, rows_per_split, n_split,
+                          GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                          EVICT_FIRST: tl.constexpr = False, SWAP: tl.constexpr = False, SEPARATE: tl.constexpr = False):
+        # Rule 2 over BLOCK_W tile rows a step. SWAP: accumulate (W x^T) [BLOCK_N, BLOCK_M], the decoded
+        # weight as the first operand of the product.
+        start_sum(SEPARATE)
+        ROWS_PER_GROUP: tl.constexpr = GROUP // 32
+        pid_n, pid_m, pid_k, offs_m, offs_n, m_ok, n_ok = block_offsets(M, N, BLOCK_M, BLOCK_N)
+        row_begin = pid_k * rows_per_split
+        row_end = K // 32
+        if SWAP:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
+            rows = r0 + tl.arange(0, BLOCK_W)
+            row_ok = rows < row_end
+            ok = row_ok[:, None] & n_ok[None, :]
+            even, odd, high = _int3_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, EVICT_FIRST)
+            group = rows // ROWS_PER_GROUP
+            scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+            if SYMMETRIC:
+                offset = 1024.0 + ZERO
+            else:
+                offset = 1024.0 + tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+            # Inputs 32 t + f: f < 16 from the tile's first 16 activations, the rest from the next 16.
+            x_ok = m_ok[:, None] & row_ok[None, :]
+            xs_low = x_tile_fields(x_ptr, offs_m, 2 * rows, x_ok, stride_xm, BLOCK_M, BLOCK_W, 16)
+            xs_high = x_tile_fields(x_ptr, offs_m, 2 * rows + 1, x_ok, stride_xm, BLOCK_M, BLOCK_W, 16)
+            for f in tl.static_range(32):
+                if f % 2 == 0:
+                    w = _int3_half(even, high, f, offset, scale, x_ptr.dtype.element_ty)
+                else:
+                    w = _int3_half(odd, high, f, offset, scale, x_ptr.dtype.element_ty)
+                if f < 16:
+                    xk = xs_low[f]
+                else:
+                    xk = xs_high[f - 16]
+                if SWAP:
+                    acc = tl.dot(tl.trans(w), tl.trans(xk), acc)
+                else:
+                    acc = tl.dot(xk, w, acc)
+        if SWAP:
+            acc = tl.trans(acc)
+        finish_split(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, stride_ym,
+                     pid_m * tl.num_programs(0) + pid_n, pid_k, n_split, SEPARATE)
+
+    @triton.jit
+    def _int3_dequantize_kernel(lo_ptr, hi_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        # W.T as float16 [K, N] (coalesced stores along N) for dequantize-then-matmul; BLOCK_W tile rows.
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        ok = (rows[:, None] < K // 32) & (offs_n[None, :] < N)
+        even, odd, high = _int3_load(lo_ptr, hi_ptr, rows, offs_n, N, K // 32)
+        group = rows // (GROUP // 32)
+        scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+        offset = 1024.0 + tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+        for i in tl.static_range(16):
+            w = _int3_half(even, high, 2 * i, offset, scale, tl.float16)
+            tl.store(out_ptr + (32 * rows + 2 * i)[:, None] * N + offs_n[None, :], w, mask=ok)
+            w = _int3_half(odd, high, 2 * i + 1, offset, scale, tl.float16)
+            tl.store(out_ptr + (32 * rows + 2 * i + 1)[:, None] * N + offs_n[None, :], w, mask=ok)
+
+
+# Launch shapes, by weight count (first class whose bound the weights are under; None: the rest).
+# One row: (block_n, block_w tile rows, num_warps, programs per SM, prefetch, inline zero (always), evict-first).
+DECODE_SHAPES = ((1 << 21, (16, 32, 4, 1, False, True, False)), (1 << 23, (32, 32, 4, 1, False, True, True)),
+                 (None, (16, 64, 8, 0, False, True, True)))
+# 2-16 rows: (block_n, block_w tile rows, num_warps, programs per SM, evict-first, swap, num_stages).
+TENSOR_CORE_SHAPES = ((1 << 23, (64, 16, 4, 2, False, False, 2)), (None, (128, 16, 4, 2, False, False, 2)))
+# Up to this many rows of x below ROW_GRID_WEIGHTS weights, the decode kernel runs once per row.
+ROW_GRID_ROWS = 4
+ROW_GRID_WEIGHTS = 1 << 21
+# (block_n, block_w tile rows) of the dequantize kernel.
+DEQUANTIZE_SHAPE = (256, 4)
+PREFILL_ROWS = 16
+
+
+def _check(w) -> None:
+    if w.bits != 3 or len(w.planes) != 2 or w.group_size % TILE or w.in_features % TILE:
+        raise ValueError(f"int3_linear: 3-bit weights in two planes, groups and K multiples of {TILE} "
+                         f"(got {w.bits} bits, {len(w.planes)} planes, group {w.group_size}, K {w.in_features})")
+
+
+def int3_config(m: int, w, sms: int, decode: tuple | None = None,
+                tensor_cores: tuple | None = None) -> LaunchConfig | None:
+    """The launch of ``m`` rows of x (rules 1-3), None where dequantize-then-matmul runs. ``decode`` and
+    ``tensor_cores`` override the launch shape, as in :func:`intn_linear.intn_config`."""
+    return _int3_config(m, w.in_features, w.out_features, sms, decode, tensor_cores)
+
+
+@functools.lru_cache(maxsize=4096)
+def _int3_config(m: int, in_features: int, out_features: int, sms: int, decode: tuple | None,
+                 tensor_cores: tuple | None) -> LaunchConfig | None:
+    weights, tile_rows = in_features * out_features, in_features // TILE
+    if m > PREFILL_ROWS and decode is None and tensor_cores is None:
+        return None
+    if tensor_cores is None and (m == 1 or decode is not None or m <= ROW_GRID_ROWS and weights < ROW_GRID_WEIGHTS):
+        shape = decode or next(s for limit, s in DECODE_SHAPES if limit is None or weights < limit)
+        return decode_config(shape, out_features, tile_rows, sms, 1)
+    shape = tensor_cores or next(s for limit, s in TENSOR_CORE_SHAPES if limit is None or weights < limit)
+    return tensor_core_config(shape, out_features, tile_rows, sms)
+
+
+def int3_linear(x2: torch.Tensor, w, config: LaunchConfig | None, out: torch.Tensor | None) -> torch.Tensor:
+    """``x2 @ W.T`` for ``x2`` [rows, K] (float16 or bfloat16, unit stride along K) on a CUDA device."""
+    from llmc.plugins.intn_linear import decode_rows
+
+    require_triton()
+    _check(w)
+    m, n, k = x2.shape[0], w.out_features, w.in_features
+    if m == 0:
+        return torch.empty(0, n, dtype=x2.dtype, device=x2.device) if out is None else out
+    config = config or int3_config(m, w, splitk.sm_count(x2.device))
+    if config is None:  # rule 3: dequantize, then cuBLAS
+        return torch.matmul(x2, int3_dequantize(w, x2.dtype).t(), out=out)
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device) if out is None else out
+    run = splitk.launch(config, m, n, x2.device)
+    split = config.split
+    common = dict(GROUP=w.group_size, SYMMETRIC=w.symmetric, ZERO=4.0, BLOCK_N=config.block_n, BLOCK_W=config.block_w,
+                  EVICT_FIRST=config.evict_first, num_warps=config.num_warps, num_stages=config.num_stages,
+                  SEPARATE=run.separate, **COMPILE_OPTIONS)
+    lo, hi = w.planes
+    if config.block_m == 1:
+        _int3_gemv_kernel[(run.grid_n, split.split, m)](
+            decode_rows(x2), lo, hi, w.scale, w.zero, y, run.part, run.count, n, k, y.stride(0),
+            split.rows_per_split, split.split, CHANNEL=w.group_size == k, PREFETCH=config.prefetch, ROW_GRID=m > 1,
+            **common)
+    else:
+        _int3_gemm_kernel[(run.grid_n, run.grid_m, split.split)](
+            x2, lo, hi, w.scale, w.zero, y, run.part, run.count, m, n, k, x2.stride(0), y.stride(0),
+            split.rows_per_split, split.split, BLOCK_M=config.block_m, SWAP=config.swap, **common)
+    run.finish(y)
+    return y
+
+
+def int3_dequantize(w, dtype: torch.dtype = torch.float16, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """The weight [N, K] in ``dtype`` on the GPU (the transposed view of a [K, N] tensor)."""
+    require_triton()
+    _check(w)
+    out = torch.empty(w.in_features, w.out_features, dtype=torch.float16, device=w.planes[0].device)
+    block_n, block_w = block or DEQUANTIZE_SHAPE
+    grid = (-(-w.out_features // block_n), -(-(w.in_features // TILE) // block_w))
+    _int3_dequantize_kernel[grid](*w.planes, w.scale, w.zero, out, w.out_features, w.in_features,
+                                  GROUP=w.group_size, BLOCK_N=block_n, BLOCK_W=block_w, **COMPILE_OPTIONS)
+    return (out if dtype == torch.float16 else out.to(dtype)).t()
+
+
+def kernel_variants() -> list:
+    """The int3 kernels at their shipped launch shapes, for ``llmc.plugins.aot``."""
+    from llmc.plugins.aot import KernelVariant
+
+    pointers = dict(x_ptr="*fp16", lo_ptr="*i32", hi_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", y_ptr="*fp16",
+                    part_ptr="*fp32", count_ptr="*i32")
+    aligned = (*pointers, "N", "K", "stride_ym", "rows_per_split")
+    gemv_args = {**pointers, "N": "i32", "K": "i32", "stride_ym": "i32", "rows_per_split": "i32", "n_split": "i32"}
+    gemm_args = {**pointers, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32",
+                 "rows_per_split": "i32", "n_split": "i32"}
+    variants = []
+    for symmetric, group in ((True, 128), (False, 32)):
+        tag = f"int3-{'sym' if symmetric else 'asym'}-g{group}"
+        common = dict(GROUP=group, SYMMETRIC=symmetric, ZERO=4.0)
+        for limit, (block_n, block_w, warps, _, prefetch, _, evict) in DECODE_SHAPES:
+            size = f"<2^{limit.bit_length() - 1}" if limit else "large"
+            variants.append(KernelVariant(
+                f"int3-gemv-{tag}-{size}", _int3_gemv_kernel, gemv_args,
+                {**common, "CHANNEL": False, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch,
+                 "EVICT_FIRST": evict, "ROW_GRID": False}, warps, 1, aligned))
+        for limit, (block_n, block_w, warps, _, evict, swap, stages) in TENSOR_CORE_SHAPES:
+            size = f"<2^{limit.bit_length() - 1}" if limit else "large"
+            variants.append(KernelVariant(
+                f"int3-gemm16-{tag}-{size}", _int3_gemm_kernel, gemm_args,
+                {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w, "EVICT_FIRST": evict, "SWAP": swap},
+                warps, stages, (*aligned, "stride_xm")))
+    block_n, block_w = DEQUANTIZE_SHAPE
+    variants.append(KernelVariant(
+        "int3-dequantize-g128", _int3_dequantize_kernel,
+        dict(lo_ptr="*i32", hi_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", out_ptr="*fp16", N="i32", K="i32"),
+        dict(GROUP=128, BLOCK_N=block_n, BLOCK_W=block_w), 4, 1, ("lo_ptr", "hi_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K")))
+    return variants
