@@ -29,8 +29,8 @@ from kernels import SHAPES, TOLERANCE, _checked, _copies_of, _timed, clocks_up, 
 BATCHES = (1, 4, 16, 256, 2048)
 T, F = True, False
 # --explore: (block_n, block_w tile rows, num_warps, programs per SM, prefetch, inline zero, evict-first)
-DECODE_CANDIDATES = [(16, 64, 8, 0, F, T, T), (16, 128, 8, 0, F, T, T), (32, 32, 8, 0, T, T, T), (32, 16, 8, 0, T, T, T),
-                     (16, 32, 4, 0, F, T, T), (16, 32, 4, 1, F, T, F), (32, 32, 4, 1, F, T, T), (64, 8, 2, 16, T, T, T),
+DECODE_CANDIDATES = [(16, 32, 4, 0, F, T, T), (16, 64, 8, 0, F, T, T), (32, 32, 8, 0, T, T, T), (32, 32, 4, 1, F, T, T),
+                     (16, 128, 8, 0, F, T, T), (32, 16, 8, 0, T, T, T), (16, 32, 4, 1, F, T, F), (64, 8, 2, 16, T, T, T),
                      (64, 16, 4, 4, T, T, T), (32, 16, 4, 2, F, T, T), (16, 64, 8, 0.5, F, T, T)]
 # (block_n, block_w tile rows, num_warps, programs per SM, evict-first, swap, num_stages)
 TENSOR_CORE_CANDIDATES = [(64, 16, 4, 2, F, F, 2), (128, 16, 4, 2, F, F, 2), (32, 16, 4, 4, F, F, 2), (64, 16, 4, 4, T, F, 2),
@@ -88,11 +88,11 @@ def main() -> None:
             refs[key] = lambda x, deq=deq: (x.float() @ deq)
         linear = lambda x, y, w: intn.intn_linear(x, w, out=y)  # noqa: E731
         if args.explore:
-            for m in (1, 2, 4, 16):
+            for m in (1, 2, 4, 8, 16):
                 cells = []
                 candidates = [("llmc", None)]
-                if m <= 4:
-                    candidates += [("decode", c) for c in DECODE_CANDIDATES]
+                if 1 < m <= 4:
+                    candidates += [("decode", c) for c in DECODE_CANDIDATES[:4]]
                 if m > 1:
                     candidates += [("tc", c) for c in TENSOR_CORE_CANDIDATES]
                 for kind, c in candidates:

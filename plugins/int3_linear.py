@@ -45,12 +45,41 @@ if triton is not None:
 TILE = int_kernel_tile(3)  # 32 inputs: two words of the 2-bit plane and one of the 1-bit plane
 
 
+def _word_decode_asm(parity: int, symmetric: bool) -> str:
+    """PTX of rule 2 with float16 x and scales: the 16 fields of a 2-bit plane word ($16; ``parity`` 0: the
+    even inputs of its tile, 1: the odd ones) with their high bits from the tile's 1-bit plane word ($17), as
+    float16 ``scale * (u - zero)`` in $0 .. $15 (field i, input 2 i + parity, in $i), given the scale $18 and,
+    when not ``symmetric``, the zero point $19. Fields i and i + 8 sit in the two halves of the word, and so do
+    their high bits (inputs f and f + 16) once the 1-bit word is shifted by f - 2: two ``lop3`` make the float16
+    pair ``1024 + u``."""
+    lines = ["mov.b32 s, {$18, $18};"]
+    if symmetric:
+        lines.append("mov.b32 o, 0x64046404;")  # the float16 1024 + 4
+    else:
+        lines += ["mov.b32 o, {$19, $19};", "mov.b32 t, 0x64006400;", "add.f16x2 o, o, t;"]  # 1024 + zero
+    for i in range(8):
+        f = 2 * i + parity  # the input of field i; its partner i + 8 is input f + 16
+        lines.append(f"shr.b32 t, $16, {2 * i};" if i else "mov.b32 t, $16;")
+        lines.append(f"shr.b32 h, $17, {f - 2};" if f > 2 else f"shl.b32 h, $17, {2 - f};" if f < 2 else "mov.b32 h, $17;")
+        lines += ["lop3.b32 t, t, 0x00030003, 0x64006400, 0xea;",  # (t & 3) | 1024, each half
+                  "lop3.b32 t, h, 0x00040004, t, 0xea;",  # | the high bit at bit 2: 1024 + u
+                  "sub.f16x2 t, t, o;", "mul.f16x2 t, t, s;", f"mov.b32 {{${i}, ${i + 8}}}, t;"]
+    return "{ .reg .b32 t, h, o, s; " + " ".join(lines) + " }"
+
+
+# Rule 2's PTX at [2 * parity + symmetric]
+_WORD_ASM = tuple(_word_decode_asm(parity, bool(symmetric)) for parity in (0, 1) for symmetric in (0, 1))
+_WORD_CONSTRAINTS = ",".join(["=h"] * 16) + ",r,r,h,h"
+
+
 if triton is not None:
     from llmc.plugins.intn_linear import x_field, x_tile_fields, x_words
     from llmc.plugins.splitk import block_offsets, finish_split, grid_row, start_sum
 
     # Rule 1 as intn_linear rule 1: x is scaled by 2^(100 - o), the product is u * x * 2^-49.
     _X_SCALE = tl.constexpr(2.0**100)
+    WORD_ASM = tl.constexpr(_WORD_ASM)
+    WORD_CONSTRAINTS = tl.constexpr(_WORD_CONSTRAINTS)
     _PRODUCT_SCALE = tl.constexpr(2.0**-49)
 
     @triton.jit
@@ -185,6 +214,7 @@ if triton is not None:
         # weight as the first operand of the product.
         start_sum(SEPARATE)
         ROWS_PER_GROUP: tl.constexpr = GROUP // 32
+        PAIRS: tl.constexpr = x_ptr.dtype.element_ty == tl.float16 and s_ptr.dtype.element_ty == tl.float16
         pid_n, pid_m, pid_k, offs_m, offs_n, m_ok, n_ok = block_offsets(M, N, BLOCK_M, BLOCK_N)
         row_begin = pid_k * rows_per_split
         row_end = K // 32
@@ -200,18 +230,33 @@ if triton is not None:
             group = rows // ROWS_PER_GROUP
             scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
             if SYMMETRIC:
-                offset = 1024.0 + ZERO
+                zero = scale  # unread
             else:
-                offset = 1024.0 + tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+                zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
             # Inputs 32 t + f: f < 16 from the tile's first 16 activations, the rest from the next 16.
             x_ok = m_ok[:, None] & row_ok[None, :]
             xs_low = x_tile_fields(x_ptr, offs_m, 2 * rows, x_ok, stride_xm, BLOCK_M, BLOCK_W, 16)
             xs_high = x_tile_fields(x_ptr, offs_m, 2 * rows + 1, x_ok, stride_xm, BLOCK_M, BLOCK_W, 16)
+            if SYMMETRIC:
+                offset = 1024.0 + ZERO
+            else:
+                offset = 1024.0 + zero.to(tl.float32)
+            if PAIRS:
+                ws_even = tl.inline_asm_elementwise(WORD_ASM[SYMMETRIC], WORD_CONSTRAINTS, [even, high, scale, zero],
+                                                    dtype=(tl.float16,) * 16, is_pure=True, pack=1)
+                ws_odd = tl.inline_asm_elementwise(WORD_ASM[2 + SYMMETRIC], WORD_CONSTRAINTS, [odd, high, scale, zero],
+                                                   dtype=(tl.float16,) * 16, is_pure=True, pack=1)
             for f in tl.static_range(32):
-                if f % 2 == 0:
-                    w = _int3_half(even, high, f, offset, scale, x_ptr.dtype.element_ty)
+                if PAIRS:
+                    if f % 2 == 0:
+                        w = ws_even[f // 2]
+                    else:
+                        w = ws_odd[f // 2]
                 else:
-                    w = _int3_half(odd, high, f, offset, scale, x_ptr.dtype.element_ty)
+                    if f % 2 == 0:
+                        w = _int3_half(even, high, f, offset, scale, x_ptr.dtype.element_ty)
+                    else:
+                        w = _int3_half(odd, high, f, offset, scale, x_ptr.dtype.element_ty)
                 if f < 16:
                     xk = xs_low[f]
                 else:
@@ -243,10 +288,30 @@ if triton is not None:
             tl.store(out_ptr + (32 * rows + 2 * i + 1)[:, None] * N + offs_n[None, :], w, mask=ok)
 
 
-# Launch shapes, by weight count (first class whose bound the weights are under; None: the rest).
-# One row: (block_n, block_w tile rows, num_warps, programs per SM, prefetch, inline zero (always), evict-first).
-DECODE_SHAPES = ((1 << 21, (16, 32, 4, 1, False, True, False)), (1 << 23, (32, 32, 4, 1, False, True, True)),
-                 (None, (16, 64, 8, 0, False, True, True)))
+# One row (and a few, once per row): (block_n, block_w tile rows, num_warps, programs per SM, prefetch, inline zero
+# (always), evict-first), by shape (:func:`one_row_shape`). Picked from `benchmarks/kernels_int3.py --explore` on an
+# H100 (docs/benchmarks/kernels-int3.md): no split-K except on wide linears from 2^23 weights and on those below it
+# with fewer outputs than inputs and K past 2048.
+WIDE_SMALL = (16, 32, 4, 0, False, True, True)  # below 2^23 weights, at least as many outputs as inputs
+NARROW = (16, 64, 8, 0, False, True, True)  # fewer outputs than inputs with K up to 2048, or from 2^23 weights
+NARROW_LONG = (16, 128, 8, 0, False, True, True)  # from 2^23 weights, no more outputs than inputs, K past 8192
+NARROW_SPLIT = (32, 16, 4, 2, False, True, True)  # below 2^23 weights, fewer outputs than inputs, K past 2048
+WIDE_LARGE = (32, 32, 4, 1, False, True, True)  # from 2^23 weights, more outputs than inputs
+DECODE_SHAPES = (WIDE_SMALL, NARROW, NARROW_LONG, NARROW_SPLIT, WIDE_LARGE)
+LARGE = 1 << 23
+
+
+def one_row_shape(in_features: int, out_features: int) -> tuple:
+    """The one-row launch shape of a [out_features, in_features] linear (see above)."""
+    if in_features * out_features < LARGE:
+        if out_features >= in_features:
+            return WIDE_SMALL
+        return NARROW if in_features <= 2048 else NARROW_SPLIT
+    if out_features > in_features:
+        return WIDE_LARGE
+    return NARROW_LONG if in_features > 8192 else NARROW
+
+
 # 2-16 rows: (block_n, block_w tile rows, num_warps, programs per SM, evict-first, swap, num_stages).
 TENSOR_CORE_SHAPES = ((1 << 23, (64, 16, 4, 2, False, False, 2)), (None, (128, 16, 4, 2, False, False, 2)))
 # Up to this many rows of x below ROW_GRID_WEIGHTS weights, the decode kernel runs once per row.
@@ -277,7 +342,7 @@ def _int3_config(m: int, in_features: int, out_features: int, sms: int, decode: 
     if m > PREFILL_ROWS and decode is None and tensor_cores is None:
         return None
     if tensor_cores is None and (m == 1 or decode is not None or m <= ROW_GRID_ROWS and weights < ROW_GRID_WEIGHTS):
-        shape = decode or next(s for limit, s in DECODE_SHAPES if limit is None or weights < limit)
+        shape = decode or one_row_shape(in_features, out_features)
         return decode_config(shape, out_features, tile_rows, sms, 1)
     shape = tensor_cores or next(s for limit, s in TENSOR_CORE_SHAPES if limit is None or weights < limit)
     return tensor_core_config(shape, out_features, tile_rows, sms)
@@ -341,8 +406,8 @@ def kernel_variants() -> list:
     for symmetric, group in ((True, 128), (False, 32)):
         tag = f"int3-{'sym' if symmetric else 'asym'}-g{group}"
         common = dict(GROUP=group, SYMMETRIC=symmetric, ZERO=4.0)
-        for limit, (block_n, block_w, warps, _, prefetch, _, evict) in DECODE_SHAPES:
-            size = f"<2^{limit.bit_length() - 1}" if limit else "large"
+        for size, (block_n, block_w, warps, _, prefetch, _, evict) in zip(
+                ("wide-small", "narrow", "narrow-long", "narrow-split", "wide-large"), DECODE_SHAPES, strict=True):
             variants.append(KernelVariant(
                 f"int3-gemv-{tag}-{size}", _int3_gemv_kernel, gemv_args,
                 {**common, "CHANNEL": False, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch,

@@ -382,6 +382,31 @@ def test_word_decode_is_rule_2_bit_for_bit(width, symmetric):
         assert [out[f"${i}"] for i in range(fields)] == [int(v) for v in expected.view(np.uint16)], (trial, u)
 
 
+@pytest.mark.parametrize("parity", [0, 1])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int3_word_decode_is_the_reference_bit_for_bit(parity, symmetric):
+    # int3_linear rule 2's PTX, run instruction by instruction: the 16 fields of a 2-bit plane word (the even or
+    # odd inputs of a tile, bitplanes rule 3) with their high bits from the tile's 1-bit word give
+    # float16((u - zero) * scale), field i (input 2 i + parity) in $i; every code in every field.
+    import numpy as np
+
+    from llmc.passes.bitplanes import pack_int_codes
+    from llmc.plugins import int3_linear
+
+    gen = np.random.default_rng(parity + 2 * int(symmetric))
+    asm = int3_linear._WORD_ASM[2 * parity + int(symmetric)]
+    assert asm == int3_linear._word_decode_asm(parity, symmetric)
+    for trial in range(64):
+        codes = (np.arange(32) + trial) % 8 if trial < 8 else gen.integers(0, 8, 32)
+        low, high = (int(p[parity if p.shape[0] == 2 else 0, 0]) & 0xFFFFFFFF
+                     for p in pack_int_codes(torch.as_tensor(codes)[None, :], 3, 32))
+        scale = np.float16(gen.uniform(1e-4, 0.05))
+        zero = np.float16(4 if symmetric else gen.integers(0, 8))
+        out = _run_ptx(asm, {"$16": low, "$17": high, "$18": int(scale.view(np.uint16)), "$19": int(zero.view(np.uint16))})
+        expected = ((codes[parity::2].astype(np.float32) - np.float32(zero)) * np.float32(scale)).astype(np.float16)
+        assert [out[f"${i}"] for i in range(16)] == [int(v) for v in expected.view(np.uint16)], (trial, codes)
+
+
 @pytest.mark.parametrize("name", ["e3m2", "e2m3"])
 def test_fp6_float16_pair_decode_is_rule_3_bit_for_bit(name):
     # fp6_linear rule 6's PTX, run instruction by instruction on random plane words (every code
@@ -653,7 +678,7 @@ def test_kernels_compile_for_ampere_and_hopper_without_a_gpu(capability):
     variants = {v.name: v for v in kernel_variants()}
     for name in ("intn-gemv-int4-sym-g128-from-2^27", "fpx-gemv-e3m2-from-2^26", "fpx-gemm16-e3m2-large",
                  "intn-gemv-int4-sym-g128-narrow", "fpx-gemm16-e3m2-<2^26", "intn-gemm16-int4-sym-g128-<2^23",
-                 "int3-gemv-int3-asym-g32-large", "int3-gemm16-int3-sym-g128-large", "int3-dequantize-g128"):
+                 "int3-gemv-int3-asym-g32-wide-large", "int3-gemm16-int3-sym-g128-large", "int3-dequantize-g128"):
         compiled = compile_kernel(variants[name], capability)
         assert compiled.cubin and compiled.spills == 0
         assert ".ftz" not in compiled.ptx  # the subnormal decodes need float32 subnormals kept
@@ -1080,7 +1105,7 @@ def test_every_shipped_int3_launch_matches_the_reference(kind):
     from llmc.plugins import int3_linear
 
     w = int3_weights(kind, 320, 1024, seed=22)
-    decode = [s for _, s in int3_linear.DECODE_SHAPES] + [(64, 4, 2, 16, True, True, True)]
+    decode = list(int3_linear.DECODE_SHAPES) + [(64, 4, 2, 16, True, True, True)]
     launches_match_the_reference(intn.intn_linear, intn.intn_reference, w,
                                  [intn.intn_config(1, w, SMS, decode=s) for s in decode], 1)
     launches_match_the_reference(intn.intn_linear, intn.intn_reference, w,
