@@ -33,6 +33,9 @@ DECODE_CANDIDATES = [(16, 32, 4, 0, F, T, T), (16, 64, 8, 0, F, T, T), (32, 32, 
                      (16, 128, 8, 0, F, T, T), (32, 16, 8, 0, T, T, T), (16, 32, 4, 1, F, T, F), (64, 8, 2, 16, T, T, T),
                      (64, 16, 4, 4, T, T, T), (32, 16, 4, 2, F, T, T), (16, 64, 8, 0.5, F, T, T)]
 # (block_n, block_w tile rows, num_warps, programs per SM, evict-first, swap, num_stages)
+# with an eighth field, rows of x per program
+MULTI_ROW_CANDIDATES = [(16, 32, 4, 0, F, T, T, 4), (16, 16, 4, 0, F, T, T, 4), (32, 16, 4, 0, F, T, T, 4),
+                        (16, 32, 8, 0, F, T, T, 4), (16, 16, 4, 0, F, T, T, 8), (16, 32, 4, 1, F, T, T, 4)]
 TENSOR_CORE_CANDIDATES = [(64, 16, 4, 2, F, F, 2), (128, 16, 4, 2, F, F, 2), (32, 16, 4, 4, F, F, 2), (64, 16, 4, 4, T, F, 2),
                           (64, 16, 4, 2, F, T, 2), (128, 16, 8, 2, F, F, 2), (32, 16, 4, 8, F, F, 3), (64, 16, 4, 0, F, F, 3)]
 
@@ -88,13 +91,15 @@ def main() -> None:
             refs[key] = lambda x, deq=deq: (x.float() @ deq)
         linear = lambda x, y, w: intn.intn_linear(x, w, out=y)  # noqa: E731
         if args.explore:
-            for m in (1, 2, 4, 8, 16):
+            for m in (1, 3, 4, 8, 16):
                 cells = []
                 candidates = [("llmc", None)]
-                if 1 < m <= 4:
-                    candidates += [("decode", c) for c in DECODE_CANDIDATES[:4]]
+                if m == 3:
+                    candidates += [("decode", c) for c in DECODE_CANDIDATES[:2]]
+                if m > 1 and k * n < 1 << 25:
+                    candidates += [("decode", c) for c in MULTI_ROW_CANDIDATES]
                 if m > 1:
-                    candidates += [("tc", c) for c in TENSOR_CORE_CANDIDATES]
+                    candidates += [("tc", c) for c in TENSOR_CORE_CANDIDATES[:4]]
                 for kind, c in candidates:
                     config = None if c is None else (intn.intn_config(m, w3, sms, decode=c) if kind == "decode"
                                                      else intn.intn_config(m, w3, sms, tensor_cores=c))

@@ -11,7 +11,8 @@ call this module for 3-bit weights.
 
 Kernels (rules referred to in the code):
 
-1. Decode rows (one row of x; a few, once per row on a third grid axis, as ``intn_linear`` rule 5 does):
+1. Decode rows (one row of x; two, once per row on a third grid axis; 3-16 on linears below 2^23 weights, four
+   rows of x a program, each word decoded once for all of them, as ``intn_linear`` rule 5 does):
    CUDA cores, float32, ``intn_linear`` rule 1 on a 3-bit field. The high plane shifted left by 2
    (even inputs) or by 1 (odd inputs) puts input ``2 i``'s (or ``2 i + 1``'s) high bit at bit ``2 i + 2``,
    just above field ``i``'s two low bits in its 2-bit word, so that one mask of each and an OR give the
@@ -21,7 +22,7 @@ Kernels (rules referred to in the code):
    Two logic operations and one FFMA a weight, where int4 takes one and one. The zero point's share,
    ``scale * zero * sum(x)``, is subtracted per block of rows inside the loop, or once per output channel.
    The 32 activations of a tile are four 16-byte vector loads (``intn_linear.x_words``).
-2. 2 to 16 rows: tensor cores. Each field becomes the float16 ``1024 + u`` by OR-ing 0x6400 onto the
+2. 3 to 16 rows from 2^23 weights: tensor cores. Each field becomes the float16 ``1024 + u`` by OR-ing 0x6400 onto the
    3-bit code; minus ``1024 + zero``, times the scale, it is an operand of ``tl.dot`` with float32
    accumulation, as ``intn_linear`` rule 2.
 3. Split-K as in ``llmc.plugins.splitk``; more than 16 rows of x dequantize (:func:`int3_dequantize`)
@@ -73,8 +74,8 @@ _WORD_CONSTRAINTS = ",".join(["=h"] * 16) + ",r,r,h,h"
 
 
 if triton is not None:
-    from llmc.plugins.intn_linear import x_field, x_tile_fields, x_words
-    from llmc.plugins.splitk import block_offsets, finish_split, grid_row, start_sum
+    from llmc.plugins.intn_linear import lead_rows, x_field, x_offsets, x_tile_fields, x_words
+    from llmc.plugins.splitk import block_offsets, finish_split, grid_row, row_block, start_sum
 
     # Rule 1 as intn_linear rule 1: x is scaled by 2^(100 - o), the product is u * x * 2^-49.
     _X_SCALE = tl.constexpr(2.0**100)
@@ -83,14 +84,17 @@ if triton is not None:
     _PRODUCT_SCALE = tl.constexpr(2.0**-49)
 
     @triton.jit
-    def _int3_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, EVICT_FIRST: tl.constexpr = False):
+    def _int3_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, EVICT_FIRST: tl.constexpr = False, ROWS: tl.constexpr = 1):
         """Tile rows ``rows`` (below ``row_end``): their even and odd words of the 2-bit plane and their
-        word of the 1-bit plane, [rows, outputs] as uint32."""
-        ok = (rows < row_end)[:, None] & (offs_n < N)[None, :]
+        word of the 1-bit plane, [rows, outputs] as uint32 (shaped by ``intn_linear.lead_rows``)."""
+        ok = lead_rows((rows < row_end)[:, None] & (offs_n < N)[None, :], ROWS)
         policy: tl.constexpr = "evict_first" if EVICT_FIRST else ""
-        even = tl.load(lo_ptr + (2 * rows)[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy=policy)
-        odd = tl.load(lo_ptr + (2 * rows + 1)[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy=policy)
-        high = tl.load(hi_ptr + rows[:, None] * N + offs_n[None, :], mask=ok, other=0, eviction_policy=policy)
+        even = tl.load(lead_rows(lo_ptr + (2 * rows)[:, None] * N + offs_n[None, :], ROWS), mask=ok, other=0,
+                       eviction_policy=policy)
+        odd = tl.load(lead_rows(lo_ptr + (2 * rows + 1)[:, None] * N + offs_n[None, :], ROWS), mask=ok, other=0,
+                      eviction_policy=policy)
+        high = tl.load(lead_rows(hi_ptr + rows[:, None] * N + offs_n[None, :], ROWS), mask=ok, other=0,
+                       eviction_policy=policy)
         return even.to(tl.uint32, bitcast=True), odd.to(tl.uint32, bitcast=True), high.to(tl.uint32, bitcast=True)
 
     @triton.jit
@@ -191,6 +195,71 @@ if triton is not None:
                 zero = tl.load(z_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             total = (total - zero * tl.sum(x_total, axis=0)) * scale
         finish_split(total[None, :], y_ptr, part_ptr, count_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym,
+                     pid_n, pid_k, n_split, SEPARATE)
+
+    @triton.jit
+    def _int3_gemv_rows_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
+                               N, K, stride_ym, rows_per_split, n_split, x_rows,
+                               GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ZERO: tl.constexpr, CHANNEL: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr = False,
+                               EVICT_FIRST: tl.constexpr = False, ROWS: tl.constexpr = 4, ROW_BLOCKS: tl.constexpr = False,
+                               SEPARATE: tl.constexpr = False):
+        # Rule 1 with ROWS >= 2 rows of (contiguous) x per program, each word decoded once for all of them:
+        # _int3_gemv_kernel with a leading axis of ROWS on every tensor (a block of rows per grid row with
+        # ROW_BLOCKS, each with its own partials and counters).
+        start_sum(SEPARATE)
+        ROWS_PER_GROUP: tl.constexpr = GROUP // 32
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        x_ptr, y_ptr, part_ptr, count_ptr, rows_here, x_row = row_block(
+            x_ptr, y_ptr, part_ptr, count_ptr, K, stride_ym, n_split, N, x_rows, ROWS, ROW_BLOCKS)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        row_begin = pid_k * rows_per_split
+        row_end = tl.minimum(row_begin + rows_per_split, K // 32)
+        acc = tl.zeros([ROWS, BLOCK_W, BLOCK_N], dtype=tl.float32)
+        x_total = tl.zeros([ROWS, BLOCK_W, 1], dtype=tl.float32)
+        if PREFETCH:
+            even_n, odd_n, high_n = _int3_load(lo_ptr, hi_ptr, row_begin + tl.arange(0, BLOCK_W), offs_n, N, row_end,
+                                               EVICT_FIRST, ROWS)
+        for r0 in range(row_begin, row_begin + rows_per_split, BLOCK_W):
+            rows = r0 + tl.arange(0, BLOCK_W)
+            row_ok = rows < row_end
+            if PREFETCH:
+                even, odd, high = even_n, odd_n, high_n
+                even_n, odd_n, high_n = _int3_load(lo_ptr, hi_ptr, rows + BLOCK_W, offs_n, N, row_end, EVICT_FIRST, ROWS)
+            else:
+                even, odd, high = _int3_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end, EVICT_FIRST, ROWS)
+            inputs = x_offsets(x_row, rows, row_ok, K, 32)
+            xw_low = x_words(x_ptr, inputs, 16)
+            xw_high = x_words(x_ptr, inputs + 16, 16)
+            dot = tl.zeros([ROWS, BLOCK_W, BLOCK_N], dtype=tl.float32)
+            x_sums = tl.zeros([ROWS, BLOCK_W, 1], dtype=tl.float32)
+            acc, dot, x_sums = _int3_fields(acc, dot, x_sums, even, odd, high, xw_low, xw_high,
+                                            lead_rows(row_ok[:, None], ROWS), CHANNEL, x_ptr.dtype.element_ty)
+            if CHANNEL:
+                x_total += x_sums
+            else:
+                ok = lead_rows(row_ok[:, None] & n_ok[None, :], ROWS)
+                group = rows // ROWS_PER_GROUP
+                scale = tl.load(lead_rows(s_ptr + group[:, None] * N + offs_n[None, :], ROWS), mask=ok,
+                                other=0.0).to(tl.float32)
+                if SYMMETRIC:
+                    dot -= x_sums * (ZERO * _PRODUCT_SCALE)
+                else:
+                    zero = tl.load(lead_rows(z_ptr + group[:, None] * N + offs_n[None, :], ROWS), mask=ok,
+                                   other=0.0).to(tl.float32)
+                    dot -= zero * (x_sums * _PRODUCT_SCALE)
+                acc += dot * scale
+        total = tl.sum(acc, axis=1) * (1.0 / _PRODUCT_SCALE)
+        if CHANNEL:
+            scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            if SYMMETRIC:
+                zero = ZERO
+            else:
+                zero = tl.load(z_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            total = (total - zero * tl.sum(x_total, axis=1)) * scale[None, :]
+        finish_split(total, y_ptr, part_ptr, count_ptr, tl.arange(0, ROWS), offs_n, rows_here, N, stride_ym,
                      pid_n, pid_k, n_split, SEPARATE)
 
     @triton.jit
@@ -312,11 +381,14 @@ def one_row_shape(in_features: int, out_features: int) -> tuple:
     return NARROW_LONG if in_features > 8192 else NARROW
 
 
-# 2-16 rows: (block_n, block_w tile rows, num_warps, programs per SM, evict-first, swap, num_stages).
-TENSOR_CORE_SHAPES = ((1 << 23, (64, 16, 4, 2, False, False, 2)), (None, (128, 16, 4, 2, False, False, 2)))
-# Up to this many rows of x below ROW_GRID_WEIGHTS weights, the decode kernel runs once per row.
-ROW_GRID_ROWS = 4
-ROW_GRID_WEIGHTS = 1 << 21
+# 2-16 rows. Two rows: the one-row launch once per row. More: below MULTI_ROW_WEIGHTS weights the decode kernel with
+# ROWS_PER_PROGRAM rows of x per program (each word decoded once for all of them; blocks of rows on a third grid
+# axis), MULTI_ROW_SHAPE; from there the tensor cores, TENSOR_CORE_SHAPES by weight count: (block_n, block_w tile rows,
+# num_warps, programs per SM, evict-first, swap, num_stages).
+MULTI_ROW_WEIGHTS = 1 << 23
+ROWS_PER_PROGRAM = 4
+MULTI_ROW_SHAPE = (16, 32, 4, 0, False, True, True)
+TENSOR_CORE_SHAPES = ((1 << 25, (64, 16, 4, 2, False, False, 2)), (None, (64, 16, 4, 4, True, False, 2)))
 # (block_n, block_w tile rows) of the dequantize kernel.
 DEQUANTIZE_SHAPE = (256, 4)
 PREFILL_ROWS = 16
@@ -330,8 +402,9 @@ def _check(w) -> None:
 
 def int3_config(m: int, w, sms: int, decode: tuple | None = None,
                 tensor_cores: tuple | None = None) -> LaunchConfig | None:
-    """The launch of ``m`` rows of x (rules 1-3), None where dequantize-then-matmul runs. ``decode`` and
-    ``tensor_cores`` override the launch shape, as in :func:`intn_linear.intn_config`."""
+    """The launch of ``m`` rows of x (rules 1-3; see above), None where dequantize-then-matmul runs. ``decode`` and
+    ``tensor_cores`` override the launch shape, as in :func:`intn_linear.intn_config`; ``decode`` may carry an
+    eighth field, the rows of x per program (one: once per row)."""
     return _int3_config(m, w.in_features, w.out_features, sms, decode, tensor_cores)
 
 
@@ -341,9 +414,14 @@ def _int3_config(m: int, in_features: int, out_features: int, sms: int, decode: 
     weights, tile_rows = in_features * out_features, in_features // TILE
     if m > PREFILL_ROWS and decode is None and tensor_cores is None:
         return None
-    if tensor_cores is None and (m == 1 or decode is not None or m <= ROW_GRID_ROWS and weights < ROW_GRID_WEIGHTS):
-        shape = decode or one_row_shape(in_features, out_features)
-        return decode_config(shape, out_features, tile_rows, sms, 1)
+    if tensor_cores is None and (decode is not None or m <= 2 or weights < MULTI_ROW_WEIGHTS):
+        if decode is not None:
+            rows = decode[7] if len(decode) > 7 else 1
+            shape = decode[:7]
+        else:
+            rows = 1 if m <= 2 else ROWS_PER_PROGRAM
+            shape = one_row_shape(in_features, out_features) if rows == 1 else MULTI_ROW_SHAPE
+        return decode_config(shape, out_features, tile_rows, sms, rows)
     shape = tensor_cores or next(s for limit, s in TENSOR_CORE_SHAPES if limit is None or weights < limit)
     return tensor_core_config(shape, out_features, tile_rows, sms)
 
@@ -367,11 +445,16 @@ def int3_linear(x2: torch.Tensor, w, config: LaunchConfig | None, out: torch.Ten
                   EVICT_FIRST=config.evict_first, num_warps=config.num_warps, num_stages=config.num_stages,
                   SEPARATE=run.separate, **COMPILE_OPTIONS)
     lo, hi = w.planes
-    if config.block_m == 1:
+    if config.block_m == 1 and config.rows == 1:
         _int3_gemv_kernel[(run.grid_n, split.split, m)](
             decode_rows(x2), lo, hi, w.scale, w.zero, y, run.part, run.count, n, k, y.stride(0),
             split.rows_per_split, split.split, CHANNEL=w.group_size == k, PREFETCH=config.prefetch, ROW_GRID=m > 1,
             **common)
+    elif config.block_m == 1:
+        _int3_gemv_rows_kernel[(run.grid_n, split.split, run.row_blocks)](
+            decode_rows(x2), lo, hi, w.scale, w.zero, y, run.part, run.count, n, k, y.stride(0),
+            split.rows_per_split, split.split, m, CHANNEL=w.group_size == k, PREFETCH=config.prefetch,
+            ROWS=config.rows, ROW_BLOCKS=run.row_blocks > 1, **common)
     else:
         _int3_gemm_kernel[(run.grid_n, run.grid_m, split.split)](
             x2, lo, hi, w.scale, w.zero, y, run.part, run.count, m, n, k, x2.stride(0), y.stride(0),
@@ -412,6 +495,11 @@ def kernel_variants() -> list:
                 f"int3-gemv-{tag}-{size}", _int3_gemv_kernel, gemv_args,
                 {**common, "CHANNEL": False, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch,
                  "EVICT_FIRST": evict, "ROW_GRID": False}, warps, 1, aligned))
+        block_n, block_w, warps, _, prefetch, _, evict = MULTI_ROW_SHAPE
+        variants.append(KernelVariant(
+            f"int3-gemv{ROWS_PER_PROGRAM}-{tag}", _int3_gemv_rows_kernel, {**gemv_args, "x_rows": "i32"},
+            {**common, "CHANNEL": False, "BLOCK_N": block_n, "BLOCK_W": block_w, "PREFETCH": prefetch,
+             "EVICT_FIRST": evict, "ROWS": ROWS_PER_PROGRAM, "ROW_BLOCKS": True}, warps, 1, aligned))
         for limit, (block_n, block_w, warps, _, evict, swap, stages) in TENSOR_CORE_SHAPES:
             size = f"<2^{limit.bit_length() - 1}" if limit else "large"
             variants.append(KernelVariant(

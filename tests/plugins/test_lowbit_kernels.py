@@ -130,21 +130,24 @@ def test_launch_heuristics_by_rows_and_size():
 
 
 def test_int3_launches_by_rows_and_size():
-    """int3 (int3_linear): one row the decode kernel; 2-4 rows below 2^21 weights the decode kernel once per
-    row; otherwise the tensor cores up to 16 rows; beyond, dequantize-then-cuBLAS. Steps count tiles of 32
-    inputs; splits hold whole steps, not whole groups (the zero point is inside the loop)."""
+    """int3 (int3_linear): one row the decode kernel, two rows once per row; 3-16 rows below 2^23 weights the
+    decode kernel with 4 rows of x per program, from 2^23 the tensor cores; beyond 16 rows dequantize-then-cuBLAS.
+    Steps count tiles of 32 inputs; splits hold whole steps, not whole groups (the zero point is in the loop)."""
     def int3_of(k, n):
         return intn.IntNWeights((torch.zeros(k // 16, n, dtype=torch.int32), torch.zeros(k // 32, n, dtype=torch.int32)),
                                 torch.zeros(k // 128, n), torch.zeros(k // 128, n), 3, 128, True, k, n)
 
-    small, large = int3_of(576 + 64 * 3, 576), int3_of(4096, 4096)
-    assert intn.intn_config(1, small, SMS).block_m == 1 and intn.intn_config(4, small, SMS).block_m == 1
-    assert intn.intn_config(5, small, SMS).block_m == 16 and intn.intn_config(2, large, SMS).block_m == 16
+    small, large = int3_of(768, 576), int3_of(4096, 4096)
+    for m, rows in ((1, 1), (2, 1), (3, 4), (16, 4)):
+        config = intn.intn_config(m, small, SMS)
+        assert (config.block_m, config.rows) == (1, rows)
+    assert intn.intn_config(2, large, SMS).rows == 1 and intn.intn_config(3, large, SMS).block_m == 16
     assert intn.intn_config(16, large, SMS).block_m == 16 and intn.intn_config(17, large, SMS) is None
     config = intn.intn_config(1, large, SMS)
     assert config.inline_zero and config.split.split * config.split.rows_per_split >= 4096 // 32
     forced = intn.intn_config(1, small, SMS, decode=(16, 4, 2, 8, True, True, False))
     assert forced.split.split > 1 and forced.split.rows_per_split % 4 == 0
+    assert intn.intn_config(5, small, SMS, decode=(16, 4, 2, 8, True, True, False, 8)).rows == 8
 
 
 def test_prefill_rows_take_the_prefill_kernel_up_to_its_bounds():
@@ -1100,7 +1103,8 @@ def test_int3_kernels_match_the_reference(kind, rows):
 @pytest.mark.parametrize("kind", ["sym-g128", "asym-g32", "asym-channel"])
 def test_every_shipped_int3_launch_matches_the_reference(kind):
     """Each int3 launch shape, forced onto a [320, 1024] weight: the one-row classes, a split-K launch with
-    prefetch, the decode kernel once per row at 3 rows, and the tensor-core classes at 4 and 16 rows
+    prefetch, the decode kernel once per row at 3 rows and with 4 or 8 rows per program at 3, 7 and 16 rows, and
+    the tensor-core classes at 4 and 16 rows
     (with evict-first and swap); the dequantize kernel equals the reference weight rounded to float16."""
     from llmc.plugins import int3_linear
 
@@ -1110,6 +1114,10 @@ def test_every_shipped_int3_launch_matches_the_reference(kind):
                                  [intn.intn_config(1, w, SMS, decode=s) for s in decode], 1)
     launches_match_the_reference(intn.intn_linear, intn.intn_reference, w,
                                  [intn.intn_config(3, w, SMS, decode=s) for s in decode[:2]], 3)
+    several = [(*int3_linear.MULTI_ROW_SHAPE, 4), (16, 4, 2, 8, True, True, False, 4), (16, 8, 4, 0, False, True, True, 8)]
+    for rows in (3, 7, 16):  # blocks of rows on the grid, the last partly filled; split-K
+        launches_match_the_reference(intn.intn_linear, intn.intn_reference, w,
+                                     [intn.intn_config(rows, w, SMS, decode=s) for s in several], rows)
     tensor_cores = [s for _, s in int3_linear.TENSOR_CORE_SHAPES] + [(32, 16, 4, 8, True, True, 2)]
     for rows in (4, 16):
         launches_match_the_reference(intn.intn_linear, intn.intn_reference, w,
