@@ -11,8 +11,8 @@ call this module for 3-bit weights.
 
 Kernels (rules referred to in the code):
 
-1. Decode rows (one row of x; two, once per row on a third grid axis; 3-16 on linears below 2^23 weights, four
-   rows of x a program, each word decoded once for all of them, as ``intn_linear`` rule 5 does):
+1. Decode rows (one row of x; a few, once per row on a third grid axis or four rows of x a program, each word
+   decoded once for all of them, as ``intn_linear`` rule 5 does; :func:`rows_per_program`):
    CUDA cores, float32, ``intn_linear`` rule 1 on a 3-bit field. The high plane shifted left by 2
    (even inputs) or by 1 (odd inputs) puts input ``2 i``'s (or ``2 i + 1``'s) high bit at bit ``2 i + 2``,
    just above field ``i``'s two low bits in its 2-bit word, so that one mask of each and an OR give the
@@ -22,9 +22,12 @@ Kernels (rules referred to in the code):
    Two logic operations and one FFMA a weight, where int4 takes one and one. The zero point's share,
    ``scale * zero * sum(x)``, is subtracted per block of rows inside the loop, or once per output channel.
    The 32 activations of a tile are four 16-byte vector loads (``intn_linear.x_words``).
-2. 3 to 16 rows from 2^23 weights: tensor cores. Each field becomes the float16 ``1024 + u`` by OR-ing 0x6400 onto the
-   3-bit code; minus ``1024 + zero``, times the scale, it is an operand of ``tl.dot`` with float32
-   accumulation, as ``intn_linear`` rule 2.
+2. The other rows up to 16: tensor cores. Each field becomes the float16 ``1024 + u`` (0x6400 OR the 3-bit
+   code); minus ``1024 + zero``, times the scale, it is an operand of ``tl.dot`` with float32 accumulation,
+   as ``intn_linear`` rule 2. With float16 x and scales one PTX block decodes a 2-bit word's 16 fields
+   (:func:`_word_decode_asm`): fields ``i`` and ``i + 8`` sit in the word's two halves, and so do their
+   high bits in the 1-bit word shifted by ``f - 2``, so two ``lop3`` give the float16 pair ``1024 + u``, then
+   ``sub.f16x2`` and ``mul.f16x2`` (three instructions a weight).
 3. Split-K as in ``llmc.plugins.splitk``; more than 16 rows of x dequantize (:func:`int3_dequantize`)
    and call cuBLAS.
 """
@@ -381,14 +384,29 @@ def one_row_shape(in_features: int, out_features: int) -> tuple:
     return NARROW_LONG if in_features > 8192 else NARROW
 
 
-# 2-16 rows. Two rows: the one-row launch once per row. More: below MULTI_ROW_WEIGHTS weights the decode kernel with
-# ROWS_PER_PROGRAM rows of x per program (each word decoded once for all of them; blocks of rows on a third grid
-# axis), MULTI_ROW_SHAPE; from there the tensor cores, TENSOR_CORE_SHAPES by weight count: (block_n, block_w tile rows,
-# num_warps, programs per SM, evict-first, swap, num_stages).
-MULTI_ROW_WEIGHTS = 1 << 23
+# 2-16 rows (:func:`rows_per_program`): two rows, and up to four below SMALL weights, the one-row launch once per row;
+# below 2^23 weights with at least as many outputs as inputs, up to 8 rows (16 below SMALL) the decode kernel with
+# ROWS_PER_PROGRAM rows of x per program (each word decoded once for all of them; blocks of rows on a third grid axis),
+# MULTI_ROW_SHAPE; the rest the tensor cores, TENSOR_CORE_SHAPES by weight count: (block_n, block_w tile rows,
+# num_warps, programs per SM, evict-first, swap, num_stages). From the third H100 sweep
+# (docs/benchmarks/kernels-int3.md).
+SMALL = 1 << 21
 ROWS_PER_PROGRAM = 4
 MULTI_ROW_SHAPE = (16, 32, 4, 0, False, True, True)
-TENSOR_CORE_SHAPES = ((1 << 25, (64, 16, 4, 2, False, False, 2)), (None, (64, 16, 4, 4, True, False, 2)))
+TENSOR_CORE_SHAPES = ((SMALL, (32, 16, 4, 4, False, False, 2)), (1 << 25, (64, 16, 4, 2, False, False, 2)),
+                      (None, (64, 16, 4, 4, True, False, 2)))
+
+
+def rows_per_program(m: int, in_features: int, out_features: int) -> int:
+    """Rows of x per program of the decode kernel for ``m`` rows (1-16), 0 where the tensor cores run (see above)."""
+    weights = in_features * out_features
+    if m <= 2 or m <= 4 and weights < SMALL:
+        return 1
+    if weights < LARGE and out_features >= in_features and (m <= 8 or weights < SMALL):
+        return ROWS_PER_PROGRAM
+    return 0
+
+
 # (block_n, block_w tile rows) of the dequantize kernel.
 DEQUANTIZE_SHAPE = (256, 4)
 PREFILL_ROWS = 16
@@ -414,12 +432,12 @@ def _int3_config(m: int, in_features: int, out_features: int, sms: int, decode: 
     weights, tile_rows = in_features * out_features, in_features // TILE
     if m > PREFILL_ROWS and decode is None and tensor_cores is None:
         return None
-    if tensor_cores is None and (decode is not None or m <= 2 or weights < MULTI_ROW_WEIGHTS):
+    rows = rows_per_program(m, in_features, out_features)
+    if tensor_cores is None and (decode is not None or rows):
         if decode is not None:
             rows = decode[7] if len(decode) > 7 else 1
             shape = decode[:7]
         else:
-            rows = 1 if m <= 2 else ROWS_PER_PROGRAM
             shape = one_row_shape(in_features, out_features) if rows == 1 else MULTI_ROW_SHAPE
         return decode_config(shape, out_features, tile_rows, sms, rows)
     shape = tensor_cores or next(s for limit, s in TENSOR_CORE_SHAPES if limit is None or weights < limit)

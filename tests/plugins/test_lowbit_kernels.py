@@ -130,19 +130,23 @@ def test_launch_heuristics_by_rows_and_size():
 
 
 def test_int3_launches_by_rows_and_size():
-    """int3 (int3_linear): one row the decode kernel, two rows once per row; 3-16 rows below 2^23 weights the
-    decode kernel with 4 rows of x per program, from 2^23 the tensor cores; beyond 16 rows dequantize-then-cuBLAS.
-    Steps count tiles of 32 inputs; splits hold whole steps, not whole groups (the zero point is in the loop)."""
+    """int3 (int3_linear): one row the decode kernel; two rows, and up to four below 2^21 weights, once per row;
+    below 2^23 weights with at least as many outputs as inputs up to 8 rows (16 below 2^21) four rows of x per
+    program; the rest the tensor cores; beyond 16 rows dequantize-then-cuBLAS. Steps count tiles of 32 inputs;
+    splits hold whole steps, not whole groups (the zero point is in the loop)."""
     def int3_of(k, n):
         return intn.IntNWeights((torch.zeros(k // 16, n, dtype=torch.int32), torch.zeros(k // 32, n, dtype=torch.int32)),
                                 torch.zeros(k // 128, n), torch.zeros(k // 128, n), 3, 128, True, k, n)
 
-    small, large = int3_of(768, 576), int3_of(4096, 4096)
-    for m, rows in ((1, 1), (2, 1), (3, 4), (16, 4)):
-        config = intn.intn_config(m, small, SMS)
-        assert (config.block_m, config.rows) == (1, rows)
-    assert intn.intn_config(2, large, SMS).rows == 1 and intn.intn_config(3, large, SMS).block_m == 16
-    assert intn.intn_config(16, large, SMS).block_m == 16 and intn.intn_config(17, large, SMS) is None
+    def kernel(m, w):
+        config = intn.intn_config(m, w, SMS)
+        return None if config is None else "tc" if config.block_m == 16 else config.rows
+
+    small, narrow, wide, large = int3_of(576, 1536), int3_of(1536, 576), int3_of(896, 4864), int3_of(4096, 4096)
+    assert [kernel(m, small) for m in (1, 2, 4, 5, 16, 17)] == [1, 1, 1, 4, 4, None]
+    assert [kernel(m, narrow) for m in (2, 4, 5, 16)] == [1, 1, "tc", "tc"]
+    assert [kernel(m, wide) for m in (2, 3, 8, 9)] == [1, 4, 4, "tc"]
+    assert [kernel(m, large) for m in (1, 2, 3, 16)] == [1, 1, "tc", "tc"]
     config = intn.intn_config(1, large, SMS)
     assert config.inline_zero and config.split.split * config.split.rows_per_split >= 4096 // 32
     forced = intn.intn_config(1, small, SMS, decode=(16, 4, 2, 8, True, True, False))
