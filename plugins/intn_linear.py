@@ -8,6 +8,8 @@ through :func:`pack_intn`: codes as bit planes (``llmc.passes.bitplanes`` at its
 
 ``u`` the unsigned code (a symmetric code ``q`` is stored as ``u = q + 2^(b-1)`` with zero
 ``2^(b-1)``). :func:`intn_reference` is that formula in float32 torch, the yardstick of the tests.
+The kernels below read int2, int4 and int8 (one bit plane each); 3-bit weights (two planes) run
+``llmc.plugins.int3_linear``'s, through :func:`intn_linear` and :func:`intn_dequantize` all the same.
 
 Kernels (rules referred to in the code):
 
