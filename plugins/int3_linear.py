@@ -27,9 +27,9 @@ Kernels (rules referred to in the code):
 2. The other rows up to 16: tensor cores. Each field becomes the float16 ``1024 + u`` (0x6400 OR the 3-bit
    code); minus ``1024 + zero``, times the scale, it is an operand of ``tl.dot`` with float32 accumulation,
    as ``intn_linear`` rule 2. With float16 x and scales one PTX block decodes a 2-bit word's 16 fields
-   (:func:`_word_decode_asm`): fields ``i`` and ``i + 8`` sit in the word's two halves, and so do their
-   high bits in the 1-bit word shifted by ``f - 2``, so two ``lop3`` give the float16 pair ``1024 + u``, then
-   ``sub.f16x2`` and ``mul.f16x2`` (three instructions a weight).
+   (:func:`_word_decode_asm`): rule 1's selects join the planes, fields ``i`` and ``i + 8`` sit in the two
+   halves of a joined word, and a shift and one ``lop3`` give the float16 pair ``1024 + u``, then
+   ``sub.f16x2`` and ``mul.f16x2``.
 3. Split-K as in ``llmc.plugins.splitk``; more than 16 rows of x dequantize (:func:`int3_dequantize`)
    and call cuBLAS.
 """
@@ -55,22 +55,30 @@ def _word_decode_asm(parity: int, symmetric: bool) -> str:
     """PTX of rule 2 with float16 x and scales: the 16 fields of a 2-bit plane word ($16; ``parity`` 0: the
     even inputs of its tile, 1: the odd ones) with their high bits from the tile's 1-bit plane word ($17), as
     float16 ``scale * (u - zero)`` in $0 .. $15 (field i, input 2 i + parity, in $i), given the scale $18 and,
-    when not ``symmetric``, the zero point $19. Fields i and i + 8 sit in the two halves of the word, and so do
-    their high bits (inputs f and f + 16) once the 1-bit word is shifted by f - 2: two ``lop3`` make the float16
-    pair ``1024 + u``."""
+    when not ``symmetric``, the zero point $19. As in rule 1, two bitwise selects join the planes (the even
+    fields' 3-bit codes in one word, the odd fields' in another); fields i and i + 8 then sit in the two halves
+    of one of them, and a shift and one ``lop3`` give the float16 pair ``1024 + u``. Field 15's high bit falls
+    off the top of the word, so fields 7 and 15 take the two planes one at a time."""
     lines = ["mov.b32 s, {$18, $18};"]
     if symmetric:
         lines.append("mov.b32 o, 0x64046404;")  # the float16 1024 + 4
     else:
         lines += ["mov.b32 o, {$19, $19};", "mov.b32 t, 0x64006400;", "add.f16x2 o, o, t;"]  # 1024 + zero
+    lines += [f"shl.b32 h, $17, {2 - parity};",  # input 2 i + parity's high bit at bit 2 i + 2
+              "lop3.b32 e, $16, h, 0x33333333, 0xe4;",  # even fields: (w & c) | (h & ~c)
+              "lop3.b32 d, $16, h, 0x33333333, 0xd8;"]  # odd fields: (w & ~c) | (h & c)
     for i in range(8):
-        f = 2 * i + parity  # the input of field i; its partner i + 8 is input f + 16
-        lines.append(f"shr.b32 t, $16, {2 * i};" if i else "mov.b32 t, $16;")
-        lines.append(f"shr.b32 h, $17, {f - 2};" if f > 2 else f"shl.b32 h, $17, {2 - f};" if f < 2 else "mov.b32 h, $17;")
-        lines += ["lop3.b32 t, t, 0x00030003, 0x64006400, 0xea;",  # (t & 3) | 1024, each half
-                  "lop3.b32 t, h, 0x00040004, t, 0xea;",  # | the high bit at bit 2: 1024 + u
-                  "sub.f16x2 t, t, o;", "mul.f16x2 t, t, s;", f"mov.b32 {{${i}, ${i + 8}}}, t;"]
-    return "{ .reg .b32 t, h, o, s; " + " ".join(lines) + " }"
+        if i < 7:
+            source = "e" if i % 2 == 0 else "d"
+            lines.append(f"shr.b32 t, {source}, {2 * i};" if i else f"mov.b32 t, {source};")
+            lines.append("lop3.b32 t, t, 0x00070007, 0x64006400, 0xea;")  # (t & 7) | 1024, each half
+        else:
+            f = 2 * i + parity  # input f and its partner f + 16, from the planes one at a time
+            lines += [f"shr.b32 t, $16, {2 * i};", f"shr.b32 h, $17, {f - 2};",
+                      "lop3.b32 t, t, 0x00030003, 0x64006400, 0xea;",  # (t & 3) | 1024
+                      "lop3.b32 t, h, 0x00040004, t, 0xea;"]  # | the high bit at bit 2
+        lines += ["sub.f16x2 t, t, o;", "mul.f16x2 t, t, s;", f"mov.b32 {{${i}, ${i + 8}}}, t;"]
+    return "{ .reg .b32 t, h, e, d, o, s; " + " ".join(lines) + " }"
 
 
 # Rule 2's PTX at [2 * parity + symmetric]
