@@ -2,6 +2,7 @@
 
     python benchmarks/kernels_int3.py [--out DIR]             # the table (llmc's own dispatch)
     python benchmarks/kernels_int3.py --explore [--out DIR]   # candidate launch shapes, for tuning
+    python benchmarks/kernels_int3.py --explore-prefill       # rule 4's launches at 4-256 rows, for tuning
 
 For each linear shape of ``benchmarks/kernels.py`` and each batch of rows M in 1, 4, 16, 256, 2048: int3
 RTN codes in groups of 128 (64 where K = 576), symmetric, and asymmetric in groups of 32, through
@@ -36,6 +37,8 @@ DECODE_CANDIDATES = [(16, 32, 4, 0, F, T, T), (16, 64, 8, 0, F, T, T), (32, 32, 
 # with an eighth field, rows of x per program
 MULTI_ROW_CANDIDATES = [(16, 32, 4, 0, F, T, T, 4), (16, 16, 4, 0, F, T, T, 4), (32, 16, 4, 0, F, T, T, 4),
                         (16, 32, 8, 0, F, T, T, 4), (16, 16, 4, 0, F, T, T, 8), (16, 32, 4, 1, F, T, T, 4)]
+# --explore-prefill: (block_n, block_w tile rows, num_warps, num_stages, programs per SM)
+PREFILL_CANDIDATES = [(64, 2, 4, 4, 2), (64, 4, 4, 3, 2), (128, 2, 4, 4, 2), (64, 1, 4, 4, 2), (128, 4, 8, 3, 2), (64, 2, 4, 4, 4)]
 TENSOR_CORE_CANDIDATES = [(64, 16, 4, 2, F, F, 2), (128, 16, 4, 2, F, F, 2), (32, 16, 4, 4, F, F, 2), (64, 16, 4, 4, T, F, 2),
                           (64, 16, 4, 2, F, T, 2), (128, 16, 8, 2, F, F, 2), (32, 16, 4, 8, F, F, 3), (64, 16, 4, 0, F, F, 3)]
 
@@ -44,6 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--explore", action="store_true", help="time candidate launch shapes instead of the table")
+    parser.add_argument("--explore-prefill", action="store_true",
+                        help="time int3_linear rule 4's kernel at candidate launches against llmc's dispatch")
     args = parser.parse_args()
 
     import torch
@@ -90,6 +95,27 @@ def main() -> None:
             deq = intn.intn_dequantize_reference(w).t().contiguous()
             refs[key] = lambda x, deq=deq: (x.float() @ deq)
         linear = lambda x, y, w: intn.intn_linear(x, w, out=y)  # noqa: E731
+        if args.explore_prefill:
+            from llmc.plugins import int3_linear
+
+            for m in (4, 16, 64, 256):
+                cells = []
+                for c in [None] + PREFILL_CANDIDATES:
+                    if c is None:
+                        call, name = linear, "llmc"
+                    else:
+                        config = int3_linear.prefill_launch(m, k, n, sms, c)
+                        call, name = (lambda x, y, w, config=config: intn.intn_linear(x, w, config, out=y)), f"p{list(c)}"
+                    result = measure(f"{label} M={m} {name}", call, w3, refs["int3"], m, k, n, w3.nbytes)
+                    if result is not None:
+                        cells.append((result[0], f"{name}={result[0]:.1f}"))
+                fp16 = measure(f"{label} M={m} fp16", lambda x, y, w: torch.matmul(x, w.t(), out=y), w16, None,
+                               m, k, n, 2 * n * k)
+                cells.sort()
+                line = f"{label} ({k}→{n}) M={m}: fp16 {fp16[0]:.1f}; int3 best first: " + "  ".join(t for _, t in cells[:5])
+                lines.append(line)
+                print(line, flush=True)
+            continue
         if args.explore:
             for m in (1, 3, 4, 8, 16):
                 cells = []
@@ -138,13 +164,14 @@ def main() -> None:
     header = (f"{props.name}, {sms} SMs, torch {torch.__version__}, triton {triton.__version__}, {date.today()}; "
               f"copy {copy_rate / 1e9:.0f} GB/s; largest relative error against the float32 references {worst:.1e} "
               f"(tolerance {TOLERANCE}); {time.time() - started:.0f} s\n\n")
-    if not args.explore:
+    if not (args.explore or args.explore_prefill):
         header += ("Time per call in us, in brackets the fraction of the copy roofline.\n\n"
                    "| shape (K→N) | M | int3 | int3 asym g32 | int4 | fp16 | deq+mm int3 | int3 vs fp16 | int3 vs int4 |\n"
                    "|---|---|---|---|---|---|---|---|---|\n")
     text = header + "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / ("kernels_int3_explore.md" if args.explore else "kernels_int3.md")).write_text(text)
+    name = "kernels_int3_prefill.md" if args.explore_prefill else "kernels_int3_explore.md" if args.explore else "kernels_int3.md"
+    (args.out / name).write_text(text)
     print(header)
 
 

@@ -24,14 +24,20 @@ Kernels (rules referred to in the code):
    int4's do: 46 integer operations per 32 weights, against 70 with an AND per plane. The zero point's share,
    ``scale * zero * sum(x)``, is subtracted per block of rows inside the loop, or once per output channel.
    The 32 activations of a tile are four 16-byte vector loads (``intn_linear.x_words``).
-2. The other rows up to 16: tensor cores. Each field becomes the float16 ``1024 + u`` (0x6400 OR the 3-bit
-   code); minus ``1024 + zero``, times the scale, it is an operand of ``tl.dot`` with float32 accumulation,
-   as ``intn_linear`` rule 2. With float16 x and scales one PTX block decodes a 2-bit word's 16 fields
-   (:func:`_word_decode_asm`): rule 1's selects join the planes, fields ``i`` and ``i + 8`` sit in the two
-   halves of a joined word, and a shift and one ``lop3`` give the float16 pair ``1024 + u``, then
-   ``sub.f16x2`` and ``mul.f16x2``.
-3. Split-K as in ``llmc.plugins.splitk``; more than 16 rows of x dequantize (:func:`int3_dequantize`)
-   and call cuBLAS.
+2. 3-16 rows with bfloat16 x or float32 scales (and forced launches): tensor cores. Each field becomes the
+   float16 ``1024 + u`` (0x6400 OR the 3-bit code); minus ``1024 + zero``, times the scale, it is an operand of
+   ``tl.dot`` with float32 accumulation, as ``intn_linear`` rule 2, one product per field. With float16 x and
+   scales one PTX block decodes a 2-bit word's 16 fields (:func:`_word_decode_asm`): rule 1's selects join the
+   planes, fields ``i`` and ``i + 8`` sit in the two halves of a joined word, and a shift and one ``lop3`` give
+   the float16 pair ``1024 + u``, then ``sub.f16x2`` and ``mul.f16x2``.
+3. Split-K as in ``llmc.plugins.splitk``; more rows than rule 4 takes (and more than 16 without float16) dequantize
+   (:func:`int3_dequantize`) and call cuBLAS.
+4. 3-64 rows with float16 x and scales (:func:`_int3_prefill_kernel`): rule 2's PTX decodes a step's tile rows,
+   and their 32 inputs join in input order (``tl.join``, :func:`_tree16`) into the first operand of one product
+   with K = 32 inputs a tile row, ``intn_linear`` rule 8's prefill step (on Hopper a wgmma reading that operand
+   from registers, with rule 8's wait for the wgmmas in flight). One long product a step instead of 32 short
+   ones in a chain: faster than rule 2 on every shape measured at 3-16 rows, and than dequantize-then-cuBLAS at
+   64 (docs/benchmarks/kernels-int3.md).
 """
 
 from __future__ import annotations
@@ -87,7 +93,7 @@ _WORD_CONSTRAINTS = ",".join(["=h"] * 16) + ",r,r,h,h"
 
 
 if triton is not None:
-    from llmc.plugins.intn_linear import lead_rows, x_field, x_offsets, x_tile_fields, x_words
+    from llmc.plugins.intn_linear import lead_rows, prefill_step, prefill_x, x_field, x_offsets, x_tile_fields, x_words
     from llmc.plugins.splitk import block_offsets, finish_split, grid_row, row_block, start_sum
 
     # Rule 1 as intn_linear rule 1: x is scaled by 2^(100 - o), the product is u * x * 2^-49.
@@ -377,6 +383,50 @@ if triton is not None:
                      pid_m * tl.num_programs(0) + pid_n, pid_k, n_split, SEPARATE)
 
     @triton.jit
+    def _tree16(t):
+        """Rule 4: 16 tensors [rows, outputs] as one [rows, outputs, 16] in index order. tl.join adds its axis
+        last, so the first join (i and i + 8) is the slowest axis of the result."""
+        return tl.join(tl.join(tl.join(tl.join(t[0], t[8]), tl.join(t[4], t[12])),
+                               tl.join(tl.join(t[2], t[10]), tl.join(t[6], t[14]))),
+                       tl.join(tl.join(tl.join(t[1], t[9]), tl.join(t[5], t[13])),
+                               tl.join(tl.join(t[3], t[11]), tl.join(t[7], t[15]))))
+
+    @triton.jit
+    def _int3_prefill_kernel(x_ptr, lo_ptr, hi_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr,
+                             M, N, K, stride_xm, stride_ym, rows_per_split, n_split,
+                             GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SEPARATE: tl.constexpr = False):
+        # Rule 4 (float16 x and scales): rule 2's PTX decodes a step's BLOCK_W tile rows, whose 32 inputs join
+        # in input order into the first operand of one product with K = 32 BLOCK_W (intn_linear rule 8's
+        # prefill step, with its wait for the wgmmas in flight); accumulates (W x^T) [BLOCK_N, BLOCK_M].
+        start_sum(SEPARATE)
+        ROWS_PER_GROUP: tl.constexpr = GROUP // 32
+        pid_n, pid_m, pid_k, offs_m, offs_n, m_ok, n_ok = block_offsets(M, N, BLOCK_M, BLOCK_N)
+        row_begin = pid_k * rows_per_split
+        row_end = tl.minimum(row_begin + rows_per_split, K // 32)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for r0 in range(row_begin, row_end, BLOCK_W):
+            rows = r0 + tl.arange(0, BLOCK_W)
+            x = prefill_x(x_ptr, offs_m, m_ok, stride_xm, r0, row_end, BLOCK_W, 32)
+            even, odd, high = _int3_load(lo_ptr, hi_ptr, rows, offs_n, N, row_end)
+            ok = (rows < row_end)[:, None] & n_ok[None, :]
+            group = rows // ROWS_PER_GROUP
+            scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+            if SYMMETRIC:
+                zero = scale  # unread
+            else:
+                zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+            ws_even = tl.inline_asm_elementwise(WORD_ASM[SYMMETRIC], WORD_CONSTRAINTS, [even, high, scale, zero],
+                                                dtype=(tl.float16,) * 16, is_pure=True, pack=1)
+            ws_odd = tl.inline_asm_elementwise(WORD_ASM[2 + SYMMETRIC], WORD_CONSTRAINTS, [odd, high, scale, zero],
+                                               dtype=(tl.float16,) * 16, is_pure=True, pack=1)
+            # Input 2 i + p is field i of parity p: the last join makes p the fastest axis.
+            w = tl.reshape(tl.join(_tree16(ws_even), _tree16(ws_odd)), (BLOCK_W, BLOCK_N, 32))
+            acc = prefill_step(acc, w, x)
+        finish_split(tl.trans(acc), y_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, stride_ym,
+                     pid_m * tl.num_programs(0) + pid_n, pid_k, n_split, SEPARATE)
+
+    @triton.jit
     def _int3_dequantize_kernel(lo_ptr, hi_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
         # W.T as float16 [K, N] (coalesced stores along N) for dequantize-then-matmul; BLOCK_W tile rows.
@@ -418,25 +468,31 @@ def one_row_shape(in_features: int, out_features: int) -> tuple:
     return NARROW_LONG if in_features > 8192 else NARROW
 
 
-# 2-16 rows (:func:`rows_per_program`): two rows, and up to four below SMALL weights, the one-row launch once per row;
-# below 2^23 weights with at least as many outputs as inputs, up to 8 rows (16 below SMALL) the decode kernel with
-# ROWS_PER_PROGRAM rows of x per program (each word decoded once for all of them; blocks of rows on a third grid axis),
-# MULTI_ROW_SHAPE; the rest the tensor cores, TENSOR_CORE_SHAPES by weight count: (block_n, block_w tile rows,
-# num_warps, programs per SM, evict-first, swap, num_stages). From the third H100 sweep
-# (docs/benchmarks/kernels-int3.md).
+# 2-64 rows (:func:`rows_per_program`): two rows, and up to four below SMALL weights, the one-row launch once per row.
+# The rest with float16 x and scales: up to FUSED_ROWS rows rule 4's kernel, PREFILL_SHAPE (block_n, block_w tile rows,
+# num_warps, num_stages, programs per SM; blocks of 16, 64 or 128 rows of x), which beat the tensor-core kernel of
+# rule 2 on every shape from 3 to 16 rows (H100; 4096→11008 at 16 rows 22.4 against 28.7 us, 896→4864 5.4 against
+# 8.6) and dequantize-then-cuBLAS at 64 rows; beyond, dequantize-then-cuBLAS. With bfloat16 x or float32 scales, up
+# to 16 rows: below 2^23 weights with at least as many outputs as inputs up to 8 rows (16 below SMALL) the decode
+# kernel with ROWS_PER_PROGRAM rows of x per program (each word decoded once for all of them), MULTI_ROW_SHAPE, else
+# rule 2's kernel, TENSOR_CORE_SHAPES by weight count: (block_n, block_w tile rows, num_warps, programs per SM,
+# evict-first, swap, num_stages). From the H100 sweeps in docs/benchmarks/kernels-int3.md.
 SMALL = 1 << 21
+FUSED_ROWS = 64
+PREFILL_SHAPE = (64, 4, 4, 3, 2)
 ROWS_PER_PROGRAM = 4
 MULTI_ROW_SHAPE = (16, 32, 4, 0, False, True, True)
 TENSOR_CORE_SHAPES = ((SMALL, (32, 16, 4, 4, False, False, 2)), (1 << 25, (64, 16, 4, 2, False, False, 2)),
                       (None, (64, 16, 4, 4, True, False, 2)))
 
 
-def rows_per_program(m: int, in_features: int, out_features: int) -> int:
-    """Rows of x per program of the decode kernel for ``m`` rows (1-16), 0 where the tensor cores run (see above)."""
+def rows_per_program(m: int, in_features: int, out_features: int, halves: bool = True) -> int:
+    """Rows of x per program of the decode kernel for ``m`` rows, 0 where a tensor-core kernel runs (see above);
+    ``halves``: float16 x and scales."""
     weights = in_features * out_features
     if m <= 2 or m <= 4 and weights < SMALL:
         return 1
-    if weights < LARGE and out_features >= in_features and (m <= 8 or weights < SMALL):
+    if not halves and m <= PREFILL_ROWS and weights < LARGE and out_features >= in_features and (m <= 8 or weights < SMALL):
         return ROWS_PER_PROGRAM
     return 0
 
@@ -453,20 +509,19 @@ def _check(w) -> None:
 
 
 def int3_config(m: int, w, sms: int, decode: tuple | None = None,
-                tensor_cores: tuple | None = None) -> LaunchConfig | None:
-    """The launch of ``m`` rows of x (rules 1-3; see above), None where dequantize-then-matmul runs. ``decode`` and
-    ``tensor_cores`` override the launch shape, as in :func:`intn_linear.intn_config`; ``decode`` may carry an
-    eighth field, the rows of x per program (one: once per row)."""
-    return _int3_config(m, w.in_features, w.out_features, sms, decode, tensor_cores)
+                tensor_cores: tuple | None = None, halves: bool = True) -> LaunchConfig | None:
+    """The launch of ``m`` rows of x (see above), None where dequantize-then-matmul runs; ``halves``: float16 x and
+    scales. ``decode`` and ``tensor_cores`` (rule 2's kernel) override the launch shape, as in
+    :func:`intn_linear.intn_config`; ``decode`` may carry an eighth field, the rows of x per program (one: once per
+    row)."""
+    return _int3_config(m, w.in_features, w.out_features, sms, decode, tensor_cores, halves)
 
 
 @functools.lru_cache(maxsize=4096)
 def _int3_config(m: int, in_features: int, out_features: int, sms: int, decode: tuple | None,
-                 tensor_cores: tuple | None) -> LaunchConfig | None:
+                 tensor_cores: tuple | None, halves: bool) -> LaunchConfig | None:
     weights, tile_rows = in_features * out_features, in_features // TILE
-    if m > PREFILL_ROWS and decode is None and tensor_cores is None:
-        return None
-    rows = rows_per_program(m, in_features, out_features)
+    rows = rows_per_program(m, in_features, out_features, halves)
     if tensor_cores is None and (decode is not None or rows):
         if decode is not None:
             rows = decode[7] if len(decode) > 7 else 1
@@ -474,8 +529,22 @@ def _int3_config(m: int, in_features: int, out_features: int, sms: int, decode: 
         else:
             shape = one_row_shape(in_features, out_features) if rows == 1 else MULTI_ROW_SHAPE
         return decode_config(shape, out_features, tile_rows, sms, rows)
+    if tensor_cores is None and halves:
+        return prefill_launch(m, in_features, out_features, sms) if m <= FUSED_ROWS else None
+    if tensor_cores is None and m > PREFILL_ROWS:
+        return None
     shape = tensor_cores or next(s for limit, s in TENSOR_CORE_SHAPES if limit is None or weights < limit)
     return tensor_core_config(shape, out_features, tile_rows, sms)
+
+
+def prefill_launch(m: int, in_features: int, out_features: int, sms: int, shape: tuple = PREFILL_SHAPE) -> LaunchConfig:
+    """Rule 4's launch over ``m`` rows of x at ``shape`` (block_n, block_w tile rows, num_warps, num_stages, programs
+    per SM): blocks of 16 rows of x up to 16, 64 up to 64, else 128; split-K to about the programs per SM."""
+    block_n, block_w, warps, stages, per_sm = shape
+    block_m = 16 if m <= 16 else 64 if m <= 64 else 128
+    blocks = -(-m // block_m) * -(-out_features // block_n)
+    split = splitk.choose_split(blocks, in_features // TILE, block_w, per_sm * sms)
+    return LaunchConfig(block_m, block_n, block_w, warps, stages, split, joined=True)
 
 
 def int3_linear(x2: torch.Tensor, w, config: LaunchConfig | None, out: torch.Tensor | None) -> torch.Tensor:
@@ -487,7 +556,8 @@ def int3_linear(x2: torch.Tensor, w, config: LaunchConfig | None, out: torch.Ten
     m, n, k = x2.shape[0], w.out_features, w.in_features
     if m == 0:
         return torch.empty(0, n, dtype=x2.dtype, device=x2.device) if out is None else out
-    config = config or int3_config(m, w, splitk.sm_count(x2.device))
+    halves = x2.dtype == w.scale.dtype == torch.float16
+    config = config or int3_config(m, w, splitk.sm_count(x2.device), halves=halves)
     if config is None:  # rule 3: dequantize, then cuBLAS
         return torch.matmul(x2, int3_dequantize(w, x2.dtype).t(), out=out)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device) if out is None else out
@@ -497,7 +567,15 @@ def int3_linear(x2: torch.Tensor, w, config: LaunchConfig | None, out: torch.Ten
                   EVICT_FIRST=config.evict_first, num_warps=config.num_warps, num_stages=config.num_stages,
                   SEPARATE=run.separate, **COMPILE_OPTIONS)
     lo, hi = w.planes
-    if config.block_m == 1 and config.rows == 1:
+    if config.joined:
+        if not halves:
+            raise ValueError("int3_linear: rule 4's kernel takes float16 x and float16 scales")
+        _int3_prefill_kernel[(run.grid_n, run.grid_m, split.split)](
+            x2, lo, hi, w.scale, w.zero, y, run.part, run.count, m, n, k, x2.stride(0), y.stride(0),
+            split.rows_per_split, split.split, GROUP=w.group_size, SYMMETRIC=w.symmetric, BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n, BLOCK_W=config.block_w, num_warps=config.num_warps, num_stages=config.num_stages,
+            SEPARATE=run.separate, **COMPILE_OPTIONS)
+    elif config.block_m == 1 and config.rows == 1:
         _int3_gemv_kernel[(run.grid_n, split.split, m)](
             decode_rows(x2), lo, hi, w.scale, w.zero, y, run.part, run.count, n, k, y.stride(0),
             split.rows_per_split, split.split, CHANNEL=w.group_size == k, PREFETCH=config.prefetch, ROW_GRID=m > 1,
@@ -558,6 +636,12 @@ def kernel_variants() -> list:
                 f"int3-gemm16-{tag}-{size}", _int3_gemm_kernel, gemm_args,
                 {**common, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_W": block_w, "EVICT_FIRST": evict, "SWAP": swap},
                 warps, stages, (*aligned, "stride_xm")))
+        block_n, block_w, warps, stages, _ = PREFILL_SHAPE
+        for block_m in (16, 64):
+            variants.append(KernelVariant(
+                f"int3-joined{block_m}-{tag}", _int3_prefill_kernel, gemm_args,
+                dict(GROUP=group, SYMMETRIC=symmetric, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w), warps,
+                stages, (*aligned, "stride_xm")))
     block_n, block_w = DEQUANTIZE_SHAPE
     variants.append(KernelVariant(
         "int3-dequantize-g128", _int3_dequantize_kernel,

@@ -108,6 +108,7 @@ class LaunchConfig:
     evict_first: bool = False  # weight words loaded with the evict-first L2 policy
     swap: bool = False  # tensor cores: the decoded weight is the first operand of tl.dot
     rows: int = 1
+    joined: bool = False  # int3_linear rule 4: the decoded tile joined into one operand of the product
 
 
 def decode_config(shape: tuple, out_features: int, word_rows: int, sms: int, rows: int,

@@ -131,22 +131,31 @@ def test_launch_heuristics_by_rows_and_size():
 
 def test_int3_launches_by_rows_and_size():
     """int3 (int3_linear): one row the decode kernel; two rows, and up to four below 2^21 weights, once per row;
-    below 2^23 weights with at least as many outputs as inputs up to 8 rows (16 below 2^21) four rows of x per
-    program; the rest the tensor cores; beyond 16 rows dequantize-then-cuBLAS. Steps count tiles of 32 inputs;
-    splits hold whole steps, not whole groups (the zero point is in the loop)."""
+    the rest up to 64 rows rule 4's joined-operand kernel (float16 x and scales), beyond dequantize-then-cuBLAS.
+    Without float16, up to 16 rows: four rows of x per decode program below 2^23 weights where the outputs are
+    at least the inputs (up to 8 rows; 16 below 2^21), else rule 2's tensor cores. Steps count tiles of 32
+    inputs; decode splits hold whole steps, not whole groups (the zero point is in the loop)."""
+    from llmc.plugins import int3_linear
+
     def int3_of(k, n):
         return intn.IntNWeights((torch.zeros(k // 16, n, dtype=torch.int32), torch.zeros(k // 32, n, dtype=torch.int32)),
                                 torch.zeros(k // 128, n), torch.zeros(k // 128, n), 3, 128, True, k, n)
 
-    def kernel(m, w):
-        config = intn.intn_config(m, w, SMS)
-        return None if config is None else "tc" if config.block_m == 16 else config.rows
+    def kernel(m, w, halves=True):
+        config = int3_linear.int3_config(m, w, SMS, halves=halves)
+        return None if config is None else f"joined{config.block_m}" if config.joined else \
+            "tc" if config.block_m == 16 else config.rows
 
     small, narrow, wide, large = int3_of(576, 1536), int3_of(1536, 576), int3_of(896, 4864), int3_of(4096, 4096)
-    assert [kernel(m, small) for m in (1, 2, 4, 5, 16, 17)] == [1, 1, 1, 4, 4, None]
-    assert [kernel(m, narrow) for m in (2, 4, 5, 16)] == [1, 1, "tc", "tc"]
-    assert [kernel(m, wide) for m in (2, 3, 8, 9)] == [1, 4, 4, "tc"]
-    assert [kernel(m, large) for m in (1, 2, 3, 16)] == [1, 1, "tc", "tc"]
+    assert [kernel(m, small) for m in (1, 2, 4, 5, 16, 17, 64, 65)] == [1, 1, 1, "joined16", "joined16", "joined64",
+                                                                       "joined64", None]
+    assert [kernel(m, large) for m in (1, 2, 3, 16)] == [1, 1, "joined16", "joined16"]
+    assert [kernel(m, small, False) for m in (4, 5, 16, 17)] == [1, 4, 4, None]
+    assert [kernel(m, narrow, False) for m in (5, 16)] == ["tc", "tc"]
+    assert [kernel(m, wide, False) for m in (3, 8, 9)] == [4, 4, "tc"]
+    assert intn.intn_config(16, large, SMS) == int3_linear.int3_config(16, large, SMS)
+    joined = int3_linear.int3_config(16, large, SMS)
+    assert joined.block_w == int3_linear.PREFILL_SHAPE[1] and joined.split.split * joined.split.rows_per_split >= 128
     config = intn.intn_config(1, large, SMS)
     assert config.inline_zero and config.split.split * config.split.rows_per_split >= 4096 // 32
     forced = intn.intn_config(1, small, SMS, decode=(16, 4, 2, 8, True, True, False))
@@ -685,7 +694,8 @@ def test_kernels_compile_for_ampere_and_hopper_without_a_gpu(capability):
     variants = {v.name: v for v in kernel_variants()}
     for name in ("intn-gemv-int4-sym-g128-from-2^27", "fpx-gemv-e3m2-from-2^26", "fpx-gemm16-e3m2-large",
                  "intn-gemv-int4-sym-g128-narrow", "fpx-gemm16-e3m2-<2^26", "intn-gemm16-int4-sym-g128-<2^23",
-                 "int3-gemv-int3-asym-g32-wide-large", "int3-gemm16-int3-sym-g128-large", "int3-dequantize-g128"):
+                 "int3-gemv-int3-asym-g32-wide-large", "int3-gemm16-int3-sym-g128-large", "int3-dequantize-g128",
+                 "int3-joined64-int3-asym-g32"):
         compiled = compile_kernel(variants[name], capability)
         assert compiled.cubin and compiled.spills == 0
         assert ".ftz" not in compiled.ptx  # the subnormal decodes need float32 subnormals kept
@@ -1107,8 +1117,8 @@ def test_int3_kernels_match_the_reference(kind, rows):
 @pytest.mark.parametrize("kind", ["sym-g128", "asym-g32", "asym-channel"])
 def test_every_shipped_int3_launch_matches_the_reference(kind):
     """Each int3 launch shape, forced onto a [320, 1024] weight: the one-row classes, a split-K launch with
-    prefetch, the decode kernel once per row at 3 rows and with 4 or 8 rows per program at 3, 7 and 16 rows, and
-    the tensor-core classes at 4 and 16 rows
+    prefetch, the decode kernel once per row at 3 rows and with 4 or 8 rows per program at 3, 7 and 16 rows, rule
+    2's tensor-core classes at 4 and 16 rows, rule 4 at 3-100 rows
     (with evict-first and swap); the dequantize kernel equals the reference weight rounded to float16."""
     from llmc.plugins import int3_linear
 
@@ -1126,6 +1136,12 @@ def test_every_shipped_int3_launch_matches_the_reference(kind):
     for rows in (4, 16):
         launches_match_the_reference(intn.intn_linear, intn.intn_reference, w,
                                      [intn.intn_config(rows, w, SMS, tensor_cores=s) for s in tensor_cores], rows)
+    # Rule 4 at its three blocks of rows, with split-K (both finishes on sm_90) and without, partial last blocks.
+    for rows in (3, 16, 40, 64, 100):
+        configs = [int3_linear.prefill_launch(rows, 1024, 320, SMS, s) for s in
+                   (int3_linear.PREFILL_SHAPE, (64, 2, 4, 4, 8), (128, 4, 8, 3, 0), (64, 1, 4, 4, 32))]
+        assert any(c.split.split > 2 for c in configs) and any(c.split.split == 1 for c in configs)
+        launches_match_the_reference(intn.intn_linear, intn.intn_reference, w, configs, rows)
     expected = intn.intn_dequantize_reference(w).half()
     for block in (int3_linear.DEQUANTIZE_SHAPE, (64, 16)):
         assert torch.equal(intn.intn_dequantize(w, block=block), expected)
