@@ -4,7 +4,7 @@
     python benchmarks/kernels_int3.py --explore [--out DIR]   # candidate launch shapes, for tuning
     python benchmarks/kernels_int3.py --explore-prefill       # rule 4's launches at 4-256 rows, for tuning
 
-For each linear shape of ``benchmarks/kernels.py`` and each batch of rows M in 1, 4, 16, 256, 2048: int3
+For each linear shape of ``benchmarks/kernels.py`` and each batch of rows M in 1, 4, 16, 64, 256, 2048: int3
 RTN codes in groups of 128 (64 where K = 576), symmetric, and asymmetric in groups of 32, through
 ``intn_linear`` (llmc's dispatch); int4 symmetric in groups of 128 (64) the same way; ``torch.matmul`` on
 the float16 weight (cuBLAS); and int3 dequantize-then-matmul. Correctness first (a fresh ``x``, a
@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import SHAPES, TOLERANCE, _checked, _copies_of, _timed, clocks_up, copy_bandwidth
 
-BATCHES = (1, 4, 16, 256, 2048)
+BATCHES = (1, 4, 16, 64, 256, 2048)  # the issue's, and 64 (the top of rule 4)
 T, F = True, False
 # --explore: (block_n, block_w tile rows, num_warps, programs per SM, prefetch, inline zero, evict-first)
 DECODE_CANDIDATES = [(16, 32, 4, 0, F, T, T), (16, 64, 8, 0, F, T, T), (32, 32, 8, 0, T, T, T), (32, 32, 4, 1, F, T, T),
