@@ -15,13 +15,12 @@ Kernels (rules referred to in the code):
    decoded once for all of them, as ``intn_linear`` rule 5 does; :func:`rows_per_program`):
    CUDA cores, float32, ``intn_linear`` rule 1 on a 3-bit field. The high plane shifted left by 2
    (even inputs) or by 1 (odd inputs) puts input ``2 i``'s (or ``2 i + 1``'s) high bit at bit ``2 i + 2``,
-   just above field ``i``'s two low bits in its 2-bit word, so that one mask of each and an OR give the
-   code at bits ``2 i .. 2 i + 2``; read as a float32 it is the subnormal ``u * 2^(2 i - 149)``, and one
-   FFMA with the activation (scaled by ``2^(100 - 2 i)``) adds ``u * x * 2^-49``. Fields that would end
-   above bit 23 are read from the words shifted right by 12 (the high plane by 10 and 11), once per word.
-   One bitwise select per word, parity of the field and shift first joins the two planes (the even fields'
-   codes in one word, the odd fields' in another), so that each weight then costs one AND and one FFMA as
-   int4's do: 46 integer operations per 32 weights, against 70 with an AND per plane. The zero point's share,
+   just above field ``i``'s two low bits in its 2-bit word. One bitwise select per word and parity of the
+   field joins the two (the even fields' codes in one word, the odd fields' in another); then one AND gives
+   field ``i``'s code at bits ``2 i .. 2 i + 2``, read as a float32 the subnormal ``u * 2^(2 i - 149)``, and one
+   FFMA with the activation (scaled by ``2^(100 - 2 i)``) adds ``u * x * 2^-49``: one AND and one FFMA a weight,
+   as int4's, and 46 integer operations per 32 weights in all, against 70 with an AND per plane. Fields that
+   would end above bit 23 are read from words shifted right by 12 (the high plane by 10 and 11). The zero point's share,
    ``scale * zero * sum(x)``, is subtracted per block of rows inside the loop, or once per output channel.
    The 32 activations of a tile are four 16-byte vector loads (``intn_linear.x_words``).
 2. 3-16 rows with bfloat16 x or float32 scales (and forced launches): tensor cores. Each field becomes the
@@ -492,14 +491,14 @@ def rows_per_program(m: int, in_features: int, out_features: int, halves: bool =
     weights = in_features * out_features
     if m <= 2 or m <= 4 and weights < SMALL:
         return 1
-    if not halves and m <= PREFILL_ROWS and weights < LARGE and out_features >= in_features and (m <= 8 or weights < SMALL):
+    if not halves and m <= TENSOR_CORE_ROWS and weights < LARGE and out_features >= in_features and (m <= 8 or weights < SMALL):
         return ROWS_PER_PROGRAM
     return 0
 
 
+TENSOR_CORE_ROWS = 16  # without float16 x and scales, the most rows rules 1-2 take
 # (block_n, block_w tile rows) of the dequantize kernel.
 DEQUANTIZE_SHAPE = (256, 4)
-PREFILL_ROWS = 16
 
 
 def _check(w) -> None:
@@ -531,7 +530,7 @@ def _int3_config(m: int, in_features: int, out_features: int, sms: int, decode: 
         return decode_config(shape, out_features, tile_rows, sms, rows)
     if tensor_cores is None and halves:
         return prefill_launch(m, in_features, out_features, sms) if m <= FUSED_ROWS else None
-    if tensor_cores is None and m > PREFILL_ROWS:
+    if tensor_cores is None and m > TENSOR_CORE_ROWS:
         return None
     shape = tensor_cores or next(s for limit, s in TENSOR_CORE_SHAPES if limit is None or weights < limit)
     return tensor_core_config(shape, out_features, tile_rows, sms)
