@@ -25,18 +25,18 @@ Kernels (rules referred to in the code):
    The 32 activations of a tile are four 16-byte vector loads (``intn_linear.x_words``).
 2. 3-16 rows with bfloat16 x or float32 scales (and forced launches): tensor cores. Each field becomes the
    float16 ``1024 + u`` (0x6400 OR the 3-bit code); minus ``1024 + zero``, times the scale, it is an operand of
-   ``tl.dot`` with float32 accumulation, as ``intn_linear`` rule 2, one product per field. With float16 x and
-   scales one PTX block decodes a 2-bit word's 16 fields (:func:`_word_decode_asm`): rule 1's selects join the
-   planes, fields ``i`` and ``i + 8`` sit in the two halves of a joined word, and a shift and one ``lop3`` give
-   the float16 pair ``1024 + u``, then ``sub.f16x2`` and ``mul.f16x2``.
+   ``tl.dot`` with float32 accumulation, as ``intn_linear`` rule 2, one product per field.
 3. Split-K as in ``llmc.plugins.splitk``; more rows than rule 4 takes (and more than 16 without float16) dequantize
    (:func:`int3_dequantize`) and call cuBLAS.
-4. 3-64 rows with float16 x and scales (:func:`_int3_prefill_kernel`): rule 2's PTX decodes a step's tile rows,
-   and their 32 inputs join in input order (``tl.join``, :func:`_tree16`) into the first operand of one product
-   with K = 32 inputs a tile row, ``intn_linear`` rule 8's prefill step (on Hopper a wgmma reading that operand
-   from registers, with rule 8's wait for the wgmmas in flight). One long product a step instead of 32 short
-   ones in a chain: faster than rule 2 on every shape measured at 3-16 rows, and than dequantize-then-cuBLAS at
-   64 (docs/benchmarks/kernels-int3.md).
+4. 3-64 rows with float16 x and scales (:func:`_int3_prefill_kernel`): one PTX block decodes a 2-bit word's 16
+   fields (:func:`_word_decode_asm`): rule 1's selects join the planes, fields ``i`` and ``i + 8`` sit in the two
+   halves of a joined word, and a shift and one ``lop3`` give the float16 pair ``1024 + u``, then ``sub.f16x2``
+   and ``mul.f16x2`` (rule 2's float16 bit for bit). A step's 32 inputs a tile row join in input order
+   (``tl.join``, :func:`_tree16`) into the first operand of one product with K = 32 inputs a tile row,
+   ``intn_linear`` rule 8's prefill step (on Hopper a wgmma reading that operand from registers, with rule 8's
+   wait for the wgmmas in flight). One long product a step instead of 32 short ones in a chain: faster than
+   rule 2 on every shape measured at 3-16 rows, and than dequantize-then-cuBLAS at 64
+   (docs/benchmarks/kernels-int3.md).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ TILE = int_kernel_tile(3)  # 32 inputs: two words of the 2-bit plane and one of 
 
 
 def _word_decode_asm(parity: int, symmetric: bool) -> str:
-    """PTX of rule 2 with float16 x and scales: the 16 fields of a 2-bit plane word ($16; ``parity`` 0: the
+    """PTX of rule 4 (rule 2's decode in float16 pairs): the 16 fields of a 2-bit plane word ($16; ``parity`` 0: the
     even inputs of its tile, 1: the odd ones) with their high bits from the tile's 1-bit plane word ($17), as
     float16 ``scale * (u - zero)`` in $0 .. $15 (field i, input 2 i + parity, in $i), given the scale $18 and,
     when not ``symmetric``, the zero point $19. As in rule 1, two bitwise selects join the planes (the even
@@ -86,7 +86,7 @@ def _word_decode_asm(parity: int, symmetric: bool) -> str:
     return "{ .reg .b32 t, h, e, d, o, s; " + " ".join(lines) + " }"
 
 
-# Rule 2's PTX at [2 * parity + symmetric]
+# Rule 4's PTX at [2 * parity + symmetric]
 _WORD_ASM = tuple(_word_decode_asm(parity, bool(symmetric)) for parity in (0, 1) for symmetric in (0, 1))
 _WORD_CONSTRAINTS = ",".join(["=h"] * 16) + ",r,r,h,h"
 
@@ -142,33 +142,21 @@ if triton is not None:
         even_hi_s = (even_s & HIGH) | (top_even_s & LOW)
         odd_lo_s = (odd_s & LOW) | (top_odd_s & HIGH)
         odd_hi_s = (odd_s & HIGH) | (top_odd_s & LOW)
+        joined = (even_lo, odd_lo, even_hi, odd_hi)  # input j's word: joined[j % 4]
+        joined_s = (even_lo_s, odd_lo_s, even_hi_s, odd_hi_s)
         for j in tl.static_range(32):
             if j < 16:
                 xv = x_field(xw_low, j, x_ok, DTYPE)
             else:
                 xv = x_field(xw_high, j - 16, x_ok, DTYPE)
             x_sum += xv
-            # Input j: field j // 2 of the even (j even) or odd word.
+            # Input j: field j // 2 of the even (j even) or odd word, in the joined word of its parities.
             if 2 * (j // 2) + 3 <= 23:
                 o = 2 * (j // 2)
-                if j % 4 == 0:
-                    word = even_lo
-                elif j % 4 == 1:
-                    word = odd_lo
-                elif j % 4 == 2:
-                    word = even_hi
-                else:
-                    word = odd_hi
+                word = joined[j % 4]
             else:
                 o = 2 * (j // 2) - 12
-                if j % 4 == 0:
-                    word = even_lo_s
-                elif j % 4 == 1:
-                    word = odd_lo_s
-                elif j % 4 == 2:
-                    word = even_hi_s
-                else:
-                    word = odd_hi_s
+                word = joined_s[j % 4]
             bits = word & (7 << o)
             v = bits.to(tl.float32, bitcast=True)
             if CHANNEL:
@@ -325,7 +313,6 @@ if triton is not None:
         # weight as the first operand of the product.
         start_sum(SEPARATE)
         ROWS_PER_GROUP: tl.constexpr = GROUP // 32
-        PAIRS: tl.constexpr = x_ptr.dtype.element_ty == tl.float16 and s_ptr.dtype.element_ty == tl.float16
         pid_n, pid_m, pid_k, offs_m, offs_n, m_ok, n_ok = block_offsets(M, N, BLOCK_M, BLOCK_N)
         row_begin = pid_k * rows_per_split
         row_end = K // 32
@@ -341,33 +328,18 @@ if triton is not None:
             group = rows // ROWS_PER_GROUP
             scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
             if SYMMETRIC:
-                zero = scale  # unread
+                offset = 1024.0 + ZERO
             else:
-                zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+                offset = 1024.0 + tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
             # Inputs 32 t + f: f < 16 from the tile's first 16 activations, the rest from the next 16.
             x_ok = m_ok[:, None] & row_ok[None, :]
             xs_low = x_tile_fields(x_ptr, offs_m, 2 * rows, x_ok, stride_xm, BLOCK_M, BLOCK_W, 16)
             xs_high = x_tile_fields(x_ptr, offs_m, 2 * rows + 1, x_ok, stride_xm, BLOCK_M, BLOCK_W, 16)
-            if SYMMETRIC:
-                offset = 1024.0 + ZERO
-            else:
-                offset = 1024.0 + zero.to(tl.float32)
-            if PAIRS:
-                ws_even = tl.inline_asm_elementwise(WORD_ASM[SYMMETRIC], WORD_CONSTRAINTS, [even, high, scale, zero],
-                                                    dtype=(tl.float16,) * 16, is_pure=True, pack=1)
-                ws_odd = tl.inline_asm_elementwise(WORD_ASM[2 + SYMMETRIC], WORD_CONSTRAINTS, [odd, high, scale, zero],
-                                                   dtype=(tl.float16,) * 16, is_pure=True, pack=1)
             for f in tl.static_range(32):
-                if PAIRS:
-                    if f % 2 == 0:
-                        w = ws_even[f // 2]
-                    else:
-                        w = ws_odd[f // 2]
+                if f % 2 == 0:
+                    w = _int3_half(even, high, f, offset, scale, x_ptr.dtype.element_ty)
                 else:
-                    if f % 2 == 0:
-                        w = _int3_half(even, high, f, offset, scale, x_ptr.dtype.element_ty)
-                    else:
-                        w = _int3_half(odd, high, f, offset, scale, x_ptr.dtype.element_ty)
+                    w = _int3_half(odd, high, f, offset, scale, x_ptr.dtype.element_ty)
                 if f < 16:
                     xk = xs_low[f]
                 else:
@@ -395,7 +367,7 @@ if triton is not None:
                              M, N, K, stride_xm, stride_ym, rows_per_split, n_split,
                              GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SEPARATE: tl.constexpr = False):
-        # Rule 4 (float16 x and scales): rule 2's PTX decodes a step's BLOCK_W tile rows, whose 32 inputs join
+        # Rule 4 (float16 x and scales): the PTX (_word_decode_asm) decodes a step's BLOCK_W tile rows, whose 32 inputs join
         # in input order into the first operand of one product with K = 32 BLOCK_W (intn_linear rule 8's
         # prefill step, with its wait for the wgmmas in flight); accumulates (W x^T) [BLOCK_N, BLOCK_M].
         start_sum(SEPARATE)

@@ -401,7 +401,7 @@ def test_word_decode_is_rule_2_bit_for_bit(width, symmetric):
 @pytest.mark.parametrize("parity", [0, 1])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int3_word_decode_is_the_reference_bit_for_bit(parity, symmetric):
-    # int3_linear rule 2's PTX, run instruction by instruction: the 16 fields of a 2-bit plane word (the even or
+    # int3_linear rule 4's PTX, run instruction by instruction: the 16 fields of a 2-bit plane word (the even or
     # odd inputs of a tile, bitplanes rule 3) with their high bits from the tile's 1-bit word give
     # float16((u - zero) * scale), field i (input 2 i + parity) in $i; every code in every field.
     import numpy as np
