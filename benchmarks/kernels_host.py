@@ -11,8 +11,9 @@ call:
 
 - ``intn_linear`` (int4 symmetric, groups of 128, 64 where K = 576) and ``fpx_linear`` (FP6 e3m2
   per channel), eager and from a graph;
-- the int4 plugin's enqueue body (``intn_linear_plugin.enqueue_buffers``: TensorRT's raw
-  pointers and stream, asymmetric int4), eager;
+- the plugins' enqueue bodies on TensorRT's raw pointers and stream: ``IntNLinear`` on asymmetric int4
+  (``intn_linear_plugin.enqueue_buffers``) and ``Int3Linear`` on asymmetric int3 in the same groups
+  (``int3_enqueue_buffers``), eager and from a graph (the float32 interface's conversions included);
 - ``torch.matmul`` in float16 (cuBLAS), eager and from a graph.
 
 Eager: the fastest of 9 trials of 200 back-to-back calls each, then a synchronize, the trials
@@ -71,6 +72,14 @@ def graph_us(call, calls: int = 100, replays: int = 5) -> float:
     return (time.perf_counter() - start) / (replays * calls) * 1e6
 
 
+def enqueue(body, x, node, y, fields: dict):
+    """A plugin's enqueue body as TensorRT calls it (raw pointers), on the stream current at the call (so that a
+    graph captures it)."""
+    dims = [tuple(x.shape), *(tuple(t.shape) for t in node)]
+    pointers = [x.data_ptr(), *(t.data_ptr() for t in node)]
+    return lambda: body(dims, pointers, [y.data_ptr()], torch.cuda.current_stream().cuda_stream, fields)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
@@ -88,9 +97,9 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     lines = [f"Device: {props.name}, torch {torch.__version__}, {os.cpu_count()} host cores; "
              f"{time.strftime('%Y-%m-%d')}. us per call.", "",
-             "| shape (K→N) | M | int4 eager | int4 graph | fp6 eager | fp6 graph | int4 plugin enqueue, eager "
-             "| fp16 matmul eager | fp16 matmul graph |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| shape (K→N) | M | int4 eager | int4 graph | fp6 eager | fp6 graph | int4 plugin eager "
+             "| int4 plugin graph | int3 plugin eager | int3 plugin graph | fp16 matmul eager | fp16 matmul graph |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     cells = []  # (shape, rows, [(eager or graph, call) per column], [us per column])
     for k, n in SHAPES:
@@ -98,23 +107,23 @@ def main() -> None:
         group = 64 if k % 128 else 128
         int4 = intn.pack_intn(rtn_quantize(w, 4, group, True)).to("cuda")
         fp6 = fp.pack_fpx(fpx_quantize(w, FORMATS["e3m2"], None, scale_dtype=torch.float16)).to("cuda")
-        planes, scale, zero = (torch.as_tensor(a).cuda() for a in plugin.node_inputs(rtn_quantize(w, 4, group, False)))
+        int4_node = [torch.as_tensor(a).cuda() for a in plugin.node_inputs(rtn_quantize(w, 4, group, False))]
+        int3_node = [torch.as_tensor(a).cuda() for a in plugin.int3_node_inputs(rtn_quantize(w, 3, group, False))]
         w16 = w.half().cuda()
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             x32 = x.float()
             y = torch.empty(m, n, device="cuda", dtype=torch.float16)
             y32 = torch.empty(m, n, device="cuda")
-            dims = [(m, k), tuple(planes.shape), tuple(scale.shape), tuple(zero.shape)]
-            pointers = [x32.data_ptr(), planes.data_ptr(), scale.data_ptr(), zero.data_ptr()]
-            stream = torch.cuda.current_stream().cuda_stream
             int4_call = functools.partial(intn.intn_linear, x, int4, out=y)
             fp6_call = functools.partial(fp.fpx_linear, x, fp6, out=y)
-            enqueue = functools.partial(plugin.enqueue_buffers, dims, pointers, [y32.data_ptr()], stream,
-                                        {"width": (4,), "group_size": (group,)})
+            int4_enqueue = enqueue(plugin.enqueue_buffers, x32, int4_node, y32, {"width": (4,), "group_size": (group,)})
+            int3_enqueue = enqueue(plugin.int3_enqueue_buffers, x32, int3_node, y32,
+                                   {"group_size": (group,), "symmetric": (0,)})
             fp16_call = functools.partial(torch.matmul, x, w16.t(), out=y)
             columns = [("eager", int4_call), ("graph", int4_call), ("eager", fp6_call), ("graph", fp6_call),
-                       ("eager", enqueue), ("eager", fp16_call), ("graph", fp16_call)]
+                       ("eager", int4_enqueue), ("graph", int4_enqueue), ("eager", int3_enqueue), ("graph", int3_enqueue),
+                       ("eager", fp16_call), ("graph", fp16_call)]
             cells.append((f"{k}→{n}", m, columns, [graph_us(call) if how == "graph" else float("inf")
                                                      for how, call in columns]))
     for _ in range(PASSES):

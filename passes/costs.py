@@ -123,10 +123,9 @@ class LayerChoice:
 
 def stored_bits(bits: int, asymmetric: bool = False) -> int:
     """The width a ``bits``-bit integer code is stored at in the exported graphs and engines
-    (``passes/export.py``): symmetric int2 and int3 in the int4 container behind
-    ``DequantizeLinear``, asymmetric int3 in the ``IntNLinear`` plugin's 4-bit plane (the export has not
-    moved to the two-plane layout of ``llmc.plugins.int3_linear``); every other width as itself (FP6 in 6 bits)."""
-    if bits == 3 or (bits == 2 and not asymmetric):
+    (``passes/export.py``): symmetric int2 in the int4 container behind ``DequantizeLinear``; every
+    other width as itself (int3 in the ``Int3Linear`` plugin's two planes, FP6 in 6 bits)."""
+    if bits == 2 and not asymmetric:
         return 4
     return bits
 

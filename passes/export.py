@@ -4,20 +4,23 @@ The graphs are written node by node with ``onnx.helper`` rather than traced, so 
 ours and stable and quantized weights stay packed as integer initializers. Opset 21, float32
 activations. A quantized linear is lowered by its format (:func:`linear_lowering`):
 
-1. symmetric int8, int4, and int3/int2 (whose codes fit int4 exactly): ``DequantizeLinear``
+1. symmetric int8, int4, and int2 (whose codes fit int4 exactly): ``DequantizeLinear``
    (zero point 0, blocks along the input dimension) + ``MatMul``, which TensorRT runs natively
    with the weights packed;
-2. asymmetric int2/3/4: an ``llmc.IntNLinear`` node, the TensorRT plugin of
+2. asymmetric int2/4: an ``llmc.IntNLinear`` node, the TensorRT plugin of
    :mod:`llmc.plugins.intn_linear_plugin` (TensorRT rejects a non-zero int4 zero point), its
-   weights in the Triton kernel's bit-plane layout (int3 in a 4-bit plane). The model carries
-   the op's ONNX function body, which ONNX Runtime inlines, so the file the engines are built
-   from is the file the checker runs.
-3. FP6 (e3m2, e2m3) and FP4 (e2m1) weights (``method: fpx``): an ``llmc.Fp6Linear`` or
+   weights in the Triton kernel's bit-plane layout. The model carries the op's ONNX function
+   body, which ONNX Runtime inlines, so the file the engines are built from is the file the
+   checker runs.
+3. int3, symmetric or not: an ``llmc.Int3Linear`` node (same module; TensorRT has no 3-bit
+   type), its codes in 3 bits a weight (a 2-bit and a 1-bit plane, the int3 kernels' layout),
+   float16 scales, and its function body in the model as for rule 2.
+4. FP6 (e3m2, e2m3) and FP4 (e2m1) weights (``method: fpx``): an ``llmc.Fp6Linear`` or
    ``llmc.Fp4Linear`` node, the plugins of :mod:`llmc.plugins.fpx_linear_plugin` (TensorRT has
    no 6-bit type), the codes at their own width in the kernels' bit planes, float16 scales, and
    the ops' function bodies in the model as for rule 2. FP8 e4m3 is not exported.
-4. a MixLLM output-feature mix (:class:`llmc.packed.MixedRowLinear`): its low rows and its
-   8-bit rows each lowered by rule 1 or 2 into their own MatMul, the two outputs concatenated
+5. a MixLLM output-feature mix (:class:`llmc.packed.MixedRowLinear`): its low rows and its
+   8-bit rows each lowered by rule 1, 2 or 3 into their own product, the two outputs concatenated
    along the features and put back in output order by one ``Gather`` with the inverse row order.
 
 Stage interface (layers ``[layer_start, layer_end)``):
@@ -418,7 +421,7 @@ def _rms_norm(g, x, module: str, weights, eps: float) -> str:
 
 
 def linear_lowering(packed) -> str:
-    """How a quantized linear is exported (rules 1-3 of the module docstring): "dq", "plugin" or "fpx"."""
+    """How a quantized linear is exported (rules 1-4 of the module docstring): "dq", "plugin", "int3" or "fpx"."""
     if getattr(packed, "fmt", None) is not None:  # llmc.passes.fpx.FpxLinear
         from llmc.plugins.fpx_linear_plugin import op_for
 
@@ -431,6 +434,8 @@ def linear_lowering(packed) -> str:
         raise NotImplementedError(
             f"{packed.bits}-bit weights cannot be exported to ONNX (2, 3, 4 and 8 bits are supported)"
         )
+    if packed.bits == 3:
+        return "int3"
     return "plugin" if not packed.symmetric and packed.bits <= 4 else "dq"
 
 
@@ -441,15 +446,10 @@ def _linear(g, x, module: str, weights, quantized, output: str | None = None) ->
     packed = quantized.get(module)
     if packed is not None and hasattr(packed, "high_rows"):
         y = _mixed_row_linear(g, x, module, packed, outputs)
-    elif packed is not None and _lowering(module, packed) == "plugin":
-        y = _plugin_linear(g, x, module, packed, outputs)
-    elif packed is not None and _lowering(module, packed) == "fpx":
-        y = _fpx_linear(g, x, module, packed, outputs)
+    elif packed is not None:
+        y = _quantized_linear(g, x, module, packed, outputs)
     else:
-        if packed is not None:
-            weight_t = _dequantized_weight(g, module, packed)
-        else:
-            weight_t = g.initializer(f"{module}.weight_T", _float32(weights[f"{module}.weight"]).T)
+        weight_t = g.initializer(f"{module}.weight_T", _float32(weights[f"{module}.weight"]).T)
         y = g.op("MatMul", [x, weight_t], f"{module}/MatMul", outputs=outputs)
     if bias is not None:
         bias_name = g.initializer(f"{module}.bias", _float32(bias))
@@ -457,17 +457,24 @@ def _linear(g, x, module: str, weights, quantized, output: str | None = None) ->
     return y
 
 
+def _quantized_linear(g, x, name: str, packed, outputs) -> str:
+    """x @ W.T for packed weights, lowered by rules 1-4."""
+    lowering = _lowering(name, packed)
+    if lowering == "plugin":
+        return _plugin_linear(g, x, name, packed, outputs)
+    if lowering == "int3":
+        return _int3_linear(g, x, name, packed, outputs)
+    if lowering == "fpx":
+        return _fpx_linear(g, x, name, packed, outputs)
+    return g.op("MatMul", [x, _dequantized_weight(g, name, packed)], f"{name}/MatMul", outputs=outputs)
+
+
 def _mixed_row_linear(g, x, module: str, packed, outputs) -> str:
-    """Rule 4: both parts' products, concatenated, gathered back into output order."""
+    """Rule 5: both parts' products, concatenated, gathered back into output order."""
     import torch
 
-    parts = []
-    for part, rows in (("low", packed.low), ("high", packed.high)):
-        name = f"{module}.{part}"
-        if _lowering(name, rows) == "plugin":
-            parts.append(_plugin_linear(g, x, name, rows, None))
-        else:
-            parts.append(g.op("MatMul", [x, _dequantized_weight(g, name, rows)], f"{name}/MatMul"))
+    parts = [_quantized_linear(g, x, f"{module}.{part}", rows, None)
+             for part, rows in (("low", packed.low), ("high", packed.high))]
     joined = g.op("Concat", parts, f"{module}/concat_rows", axis=-1)
     inverse = torch.argsort(torch.cat([packed.low_rows(), packed.high_rows.long()]))
     return g.op("Gather", [joined, g.int64s(f"{module}.row_order", inverse.tolist())], f"{module}/scatter_rows",
@@ -491,7 +498,7 @@ def _check_groups(module: str, packed) -> None:
 
 
 def _plugin_linear(g, x, module: str, packed, outputs) -> str:
-    """Asymmetric codes -> ``llmc.IntNLinear`` (rule 2): the kernels' bit plane, scales and zero points."""
+    """Asymmetric int2/int4 codes -> ``llmc.IntNLinear`` (rule 2): the kernels' bit plane, scales and zero points."""
     from llmc.plugins import intn_linear_plugin as plugin
 
     _check_groups(module, packed)
@@ -509,8 +516,23 @@ def _plugin_linear(g, x, module: str, packed, outputs) -> str:
                 **plugin.node_attributes(packed.bits, packed.group_size))
 
 
+def _int3_linear(g, x, module: str, packed, outputs) -> str:
+    """3-bit codes -> ``llmc.Int3Linear`` (rule 3): the int3 kernels' two planes, float16 scales and zero points."""
+    from llmc.plugins import intn_linear_plugin as plugin
+
+    _check_groups(module, packed)
+    try:
+        arrays = plugin.int3_node_inputs(packed)
+    except ValueError as e:
+        raise ValueError(f"{module}: {e}") from None
+    inputs = [x] + [g.initializer(f"{module}.{name}", array)
+                    for name, array in zip(("planes_low", "planes_high", "scale_T", "zero_T"), arrays, strict=True)]
+    return g.op(plugin.INT3_NAME, inputs, f"{module}/{plugin.INT3_NAME}", outputs=outputs, domain=plugin.NAMESPACE,
+                **plugin.int3_node_attributes(packed.group_size, packed.symmetric))
+
+
 def _fpx_linear(g, x, module: str, packed, outputs) -> str:
-    """FP6/FP4 codes -> ``llmc.Fp6Linear`` / ``llmc.Fp4Linear`` (rule 3): the kernels' bit planes
+    """FP6/FP4 codes -> ``llmc.Fp6Linear`` / ``llmc.Fp4Linear`` (rule 4): the kernels' bit planes
     and float16 scales."""
     from llmc.plugins import fpx_linear_plugin as plugin
 
@@ -530,7 +552,7 @@ def _dequantized_weight(g, module: str, packed) -> str:
 
     _check_groups(module, packed)
     if packed.symmetric:
-        # int2/int3 codes lie inside int4's range: the int4 container keeps them exact.
+        # int2 codes lie inside int4's range: the int4 container keeps them exact.
         code_type = ml_dtypes.int4 if packed.bits <= 4 else np.int8
         low, high = -(2 ** (packed.bits - 1)), 2 ** (packed.bits - 1) - 1
     else:

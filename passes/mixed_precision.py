@@ -8,7 +8,7 @@ are referred to by number in the code.
    ``method`` keeps what the override says and is left out of the search; its stored bits still
    count towards the average. A linear ``quantization`` keeps float is not a candidate.
 2. Stored bits (what the average counts, per quantized weight): the codes at their own width (the
-   export stores int3 and symmetric int2 in 4 bits; the plan counts that, ``costs.stored_bits``), one fp16 scale per
+   export stores symmetric int2 in 4 bits; the plan counts that, ``costs.stored_bits``), one fp16 scale per
    group, an fp16 zero point per group when asymmetric (as the kernels store both), and for MixLLM one int32 index per
    high-precision row (:func:`stored_bits`). 8-bit choices are symmetric with one scale per output
    channel (TensorRT's int8 weight-only layout); 6 is FP6 e3m2 (method ``fpx``: sign-magnitude
@@ -33,6 +33,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from llmc.passes.costs import stored_bits as code_width
+
 INDEX_BITS = 32  # MixLLM: one int32 row index per high-precision output feature
 HIGH_BITS = 8
 
@@ -44,7 +46,7 @@ def stored_bits(out_features: int, in_features: int, bits: int, group_size: int,
         return params * 16
     group = in_features if group_size == -1 else group_size
     groups = out_features * (in_features // group)
-    return params * bits + groups * 16 * (1 if symmetric else 2)  # float16 scales and zero points
+    return params * code_width(bits, not symmetric) + groups * 16 * (1 if symmetric else 2)  # float16 scales and zero points
 
 
 def mixed_row_bits(out_features: int, in_features: int, low_bits: int, group_size: int, symmetric: bool,

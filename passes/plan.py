@@ -32,7 +32,8 @@ from llmc.passes.partition import CostTables, PartitionNotSolved, PlanInstance, 
 from llmc.passes.partition import heuristic_plans
 from llmc.passes.partition_sat import Solution, solve_partition
 from llmc.pipeline import Pass, PassContext, PassResult
-from llmc.schemes import QuantizationRules, at_width, effective_group, fp6_group_problem, resolve_schemes
+from llmc.schemes import (QuantizationRules, at_width, effective_group, fp6_group_problem, int3_group_problem,
+                          resolve_schemes)
 
 MAX_DEFAULT_MICRO_BATCH_SIZES = 8
 
@@ -445,6 +446,18 @@ def plan_pass_from_config(model, base: Path, *, compiling: bool) -> PlanPass:
             if scheme.method == "fpx" and scheme.bits == 8:
                 raise ConfigError("model.yaml", field, "FP8 e4m3 (method fpx, bits 8) has no ONNX export, so "
                                   "llmc compile cannot deploy it; use FP6 or FP4 (bits 6 or 4), or int8 (method rtn)")
+        # int3 is exported in tiles of 32 inputs: the groups of every linear that may get 3 bits must hold whole tiles.
+        mixed = q.mixed_precision
+        per_layer = (planner.bits or []) + (mixed.bits if mixed and mixed.granularity == "layer" else [])
+        for i, o in enumerate([None, *rules.overrides]):
+            scheme = merged(rules, o) if o else rules
+            free = o is None or (o.bits is None and o.method is None)  # a per-layer policy may give it 3 bits
+            may_be_int3 = scheme.bits == 3 or (3 in per_layer and free)
+            problem = scheme.method in ("rtn", "gptq") and may_be_int3 and int3_group_problem(scheme.group_size)
+            if problem:
+                field = ("quantization.group_size" if o is None or o.group_size is None
+                         else f"quantization.overrides[{i - 1}].group_size")
+                raise ConfigError("model.yaml", field, problem)
     configured = q.bits if q.method != "none" else 16
     if compiling and planner.bits is not None and planner.bits != [configured]:
         # `llmc compile` applies the plan's per-layer widths (the mixed-precision pass, granularity

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from llmc.plugins import fpx_linear_plugin, intn_linear_plugin
 from llmc.plugins.linear_plugin import make_creator
 
-PLUGINS = (intn_linear_plugin.OP, fpx_linear_plugin.FP6, fpx_linear_plugin.FP4)
+PLUGINS = (intn_linear_plugin.OP, intn_linear_plugin.INT3, fpx_linear_plugin.FP6, fpx_linear_plugin.FP4)
 
 # TensorRT's registry keeps a raw pointer to each creator; the Python objects must outlive it.
 _CREATORS: dict[tuple[str, str, str, str], object] = {}

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -220,6 +219,26 @@ def test_a_compile_with_fp8_linears_is_refused_before_any_pass(configs, tmp_path
     assert result.exit_code == 2, result.output
     assert result.stderr == f"llmc: error: {model}: {field}: FP8 e4m3 (method fpx, bits 8) has no ONNX export, so " \
         "llmc compile cannot deploy it; use FP6 or FP4 (bits 6 or 4), or int8 (method rtn)\n"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("edit,field", [
+    (("bits: 4\n  group_size: 32", "bits: 3\n  group_size: 16"), "quantization.group_size"),
+    (("symmetric: true", "symmetric: true\n  overrides:\n    - {match: '*.down_proj', bits: 3, group_size: 8}"),
+     "quantization.overrides[0].group_size"),
+    (("group_size: 32", "group_size: 16"), "quantization.group_size"),  # with planner.bits [3, 4] below
+])
+def test_a_compile_with_int3_groups_that_split_a_tile_is_refused_before_any_pass(configs, tmp_path, edit, field):
+    model, _ = configs
+    text = model.read_text().replace(*edit)
+    if field == "quantization.group_size" and "bits: 3" not in text:
+        text = text.replace("check:", "planner:\n  bits: [3, 4]\ncheck:")
+    model.write_text(text)
+    result = compile_(configs, tmp_path / "out", tmp_path / "cache", "-q")
+    assert result.exit_code == 2, result.output
+    size = 8 if "overrides" in field else 16
+    assert result.stderr == f"llmc: error: {model}: {field}: {size} does not fit int3, whose export packs codes in " \
+        "tiles of 32 inputs; use a multiple of 32, or -1\n"
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 

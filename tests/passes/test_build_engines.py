@@ -139,6 +139,20 @@ def test_fpx_engines_hold_their_plugin_and_the_codes_at_their_own_width(tmp_path
     assert meta["network"]["constant_bytes"]["HALF"] >= weights / 32 * 2
 
 
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_int3_engines_hold_the_int3_plugin_and_three_bits_a_weight(tmp_path, symmetric):
+    model = tiny_llama(num_hidden_layers=LAYERS)
+    quantized = quantize_all_linears(model, bits=3, group_size=32, symmetric=symmetric)
+    program, ctx = compiled_program(tmp_path, model, quantized, [("L4", "8.9")])
+    (record,) = run_pass(program, ctx).engines
+    assert record.status == "built" and record.plugins == (f"llmc::Int3Linear v1 x{len(quantized)}",)
+    meta = metadata(ctx, record)
+    assert meta["network"]["plugin_layers"] == len(quantized)
+    # The two planes: 3 bits per weight in int32 words (the int4 container took 4).
+    weights = sum(q.q.numel() for q in quantized.values())
+    assert abs(meta["network"]["constant_bytes"]["INT32"] - weights * 3 / 8) < 64
+
+
 def test_h100_is_a_recorded_skip_with_the_command_that_builds_it(tmp_path, asymmetric):
     model, quantized = asymmetric
     program, ctx = compiled_program(tmp_path, model, quantized, [("L4", "8.9"), ("H100-80G", "9.0")])

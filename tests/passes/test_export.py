@@ -247,12 +247,13 @@ def test_fp8_weights_are_refused_naming_the_module():
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
-def test_int3_codes_export_exactly_in_the_int4_container(symmetric):
+def test_int3_codes_export_exactly_to_the_int3_plugin(symmetric):
     model = tiny_llama()
     quantized = quantize_all_linears(model, bits=3, group_size=32, symmetric=symmetric)
     stage = build_stages(model, [(0, 4)], quantized)[0]
-    ops = {n.op_type for n in stage.graph.node}
-    assert ("IntNLinear" in ops) != symmetric and ("DequantizeLinear" in ops) == symmetric
+    ops = [n.op_type for n in stage.graph.node]
+    assert ops.count("Int3Linear") == len(quantized) and not {"IntNLinear", "DequantizeLinear"} & set(ops)
+    assert [f.name for f in stage.functions] == ["Int3Linear"]
     reference = with_dequantized_weights(tiny_llama, quantized)
     ids = prompt()
     result = run_stages_greedy([stage], ids, NEW_TOKENS)
@@ -263,15 +264,15 @@ def test_int3_codes_export_exactly_in_the_int4_container(symmetric):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
 def test_the_planner_costs_codes_at_the_width_the_export_stores(bits, symmetric):
-    # The plan's bytes per weight (passes/costs.py) must be what the stage graph holds: int3 and
-    # symmetric int2 take 4 bits there, not their own width.
+    # The plan's bytes per weight (passes/costs.py) must be what the stage graph holds: symmetric
+    # int2 takes 4 bits there, not its own width; int3 takes 3.
     from llmc.passes.costs import stored_bits
 
     model = tiny_llama()
     quantized = quantize_all_linears(model, bits=bits, group_size=32, symmetric=symmetric)
     stage = build_stages(model, [(0, 4)], quantized)[0]
-    codes = [t for t in stage.graph.initializer if t.name.endswith((".qweight_T", ".planes"))]
-    assert len(codes) == len(quantized)
+    codes = [t for t in stage.graph.initializer if t.name.endswith((".qweight_T", ".planes", ".planes_low", ".planes_high"))]
+    assert len(codes) == len(quantized) * (2 if bits == 3 else 1)
     weights = sum(p.q.numel() for p in quantized.values())
     assert sum(len(t.raw_data) for t in codes) * 8 == weights * stored_bits(bits, not symmetric)
     zeros = [t for t in stage.graph.initializer if t.name.endswith(".zero_T")]

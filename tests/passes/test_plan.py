@@ -192,8 +192,9 @@ def test_bytes_per_weight_counts_group_scales():
     assert bytes_per_weight(4, 128) == pytest.approx(0.5 + 2 / 128)
     assert bytes_per_weight(4, 128, asymmetric=True) == pytest.approx(0.5 + 4 / 128)  # fp16 zero points
     assert bytes_per_weight(8, 64) == pytest.approx(1 + 2 / 64)
-    # int3 (and symmetric int2) codes are stored in 4 bits (passes/export.py)
-    assert bytes_per_weight(3, 128) == bytes_per_weight(4, 128)
+    # int3 codes are stored in 3 bits (the Int3Linear plugin), symmetric int2 in 4 (passes/export.py)
+    assert bytes_per_weight(3, 128) == pytest.approx(3 / 8 + 2 / 128)
+    assert bytes_per_weight(2, 64) == bytes_per_weight(4, 64)
     assert bytes_per_weight(2, 64, asymmetric=True) == pytest.approx(0.25 + 4 / 64)
 
 
@@ -309,8 +310,7 @@ def test_weights_that_do_not_fit_give_exit_3_with_the_shortfall():
 
 
 def test_a_quality_budget_too_small_gives_exit_3_with_the_budget_needed():
-    # The weights fit with only a few layers above 4 bits; the budget allows two at 4 bits. (Not 3
-    # bits: int3 is stored in 4, so it costs 4-bit memory at a worse quality.)
+    # The weights fit with only a few layers above 4 bits; the budget allows two at 4 bits.
     omega = tuple((1.0, 0.1, 0.0) for _ in range(8))
     tight = instance([gpu("n0/gpu0", 78, 312, 2039)], layers=8, bits=(4, 8, 16), omega=omega, budget=2.0,
                      batch=1, prompt=16, generated=2)
