@@ -122,7 +122,8 @@ def main() -> None:
                                    {"group_size": (group,), "symmetric": (0,)})
             fp16_call = functools.partial(torch.matmul, x, w16.t(), out=y)
             columns = [("eager", int4_call), ("graph", int4_call), ("eager", fp6_call), ("graph", fp6_call),
-                       ("eager", int4_enqueue), ("graph", int4_enqueue), ("eager", int3_enqueue), ("graph", int3_enqueue),
+                       ("eager", int4_enqueue), ("graph", int4_enqueue),
+                       ("eager", int3_enqueue), ("graph", int3_enqueue),
                        ("eager", fp16_call), ("graph", fp16_call)]
             cells.append((f"{k}→{n}", m, columns, [graph_us(call) if how == "graph" else float("inf")
                                                      for how, call in columns]))

@@ -148,15 +148,15 @@ def fp6_group_problem(widths, group_size: int, field: str) -> str | None:
     return None
 
 
-INT3_TILE = 32  # inputs per tile of the int3 planes (llmc.passes.bitplanes), which the export writes
-
-
 def int3_group_problem(group_size: int) -> str | None:
     """Why ``group_size`` cannot be exported at 3 bits, or None: the ``Int3Linear`` plugin packs the codes in
     tiles of 32 inputs, and a group must hold whole tiles (-1, one group per channel, is checked per linear)."""
-    if group_size != -1 and group_size % INT3_TILE:
-        return (f"{group_size} does not fit int3, whose export packs codes in tiles of {INT3_TILE} inputs; "
-                f"use a multiple of {INT3_TILE}, or -1")
+    from llmc.passes.bitplanes import int_kernel_tile
+
+    tile = int_kernel_tile(3)
+    if group_size != -1 and group_size % tile:
+        return (f"{group_size} does not fit int3, whose export packs codes in tiles of {tile} inputs; "
+                f"use a multiple of {tile}, or -1")
     return None
 
 

@@ -40,6 +40,7 @@ import functools
 
 import numpy as np
 
+from llmc.passes.bitplanes import int_kernel_tile
 from llmc.plugins.linear_plugin import FunctionBody, LinearOp, device_tensor, external_stream, function, rows_and_features
 
 NAME = "IntNLinear"
@@ -177,7 +178,7 @@ OP = LinearOp(NAME, VERSION, NAMESPACE,
 
 INT3_NAME = "Int3Linear"
 INT3_VERSION = "1"
-INT3_TILE = 32  # inputs per tile of both planes (llmc.passes.bitplanes.int_kernel_tile(3))
+INT3_TILE = int_kernel_tile(3)  # 32 inputs per tile of both planes
 SYMMETRIC_ZERO = 4  # symmetric codes q in [-4, 3] are stored as q + 4, zero point 4
 
 
