@@ -92,7 +92,8 @@ _WORD_CONSTRAINTS = ",".join(["=h"] * 16) + ",r,r,h,h"
 
 
 if triton is not None:
-    from llmc.plugins.intn_linear import lead_rows, prefill_step, prefill_x, x_field, x_offsets, x_tile_fields, x_words
+    from llmc.plugins.intn_linear import (add_group_block, lead_rows, prefill_step, prefill_x, x_field, x_offsets,
+                                          x_tile_fields, x_words)
     from llmc.plugins.splitk import block_offsets, finish_split, grid_row, row_block, start_sum
 
     # Rule 1 as intn_linear rule 1: x is scaled by 2^(100 - o), the product is u * x * 2^-49.
@@ -208,14 +209,7 @@ if triton is not None:
             else:
                 ok = row_ok[:, None] & n_ok[None, :]
                 group = rows // ROWS_PER_GROUP
-                scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
-                # The zero point's share of this block, per tile row (its activations' sum, scaled like the products).
-                if SYMMETRIC:
-                    dot -= x_rows * (ZERO * _PRODUCT_SCALE)
-                else:
-                    zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
-                    dot -= zero * (x_rows * _PRODUCT_SCALE)
-                acc += dot * scale
+                acc = add_group_block(acc, dot, x_rows, s_ptr, z_ptr, group, offs_n, N, ok, 1, SYMMETRIC, ZERO)
         total = tl.sum(acc, axis=0) * (1.0 / _PRODUCT_SCALE)  # undo the 2^-49
         if CHANNEL:
             scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -272,15 +266,7 @@ if triton is not None:
             else:
                 ok = lead_rows(row_ok[:, None] & n_ok[None, :], ROWS)
                 group = rows // ROWS_PER_GROUP
-                scale = tl.load(lead_rows(s_ptr + group[:, None] * N + offs_n[None, :], ROWS), mask=ok,
-                                other=0.0).to(tl.float32)
-                if SYMMETRIC:
-                    dot -= x_sums * (ZERO * _PRODUCT_SCALE)
-                else:
-                    zero = tl.load(lead_rows(z_ptr + group[:, None] * N + offs_n[None, :], ROWS), mask=ok,
-                                   other=0.0).to(tl.float32)
-                    dot -= zero * (x_sums * _PRODUCT_SCALE)
-                acc += dot * scale
+                acc = add_group_block(acc, dot, x_sums, s_ptr, z_ptr, group, offs_n, N, ok, ROWS, SYMMETRIC, ZERO)
         total = tl.sum(acc, axis=1) * (1.0 / _PRODUCT_SCALE)
         if CHANNEL:
             scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)

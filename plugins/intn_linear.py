@@ -244,6 +244,23 @@ if triton is not None:
             return t
 
     @triton.jit
+    def add_group_block(acc, dot, x_sums, s_ptr, z_ptr, group, offs_n, N, ok, ROWS: tl.constexpr,
+                        SYMMETRIC: tl.constexpr, ZERO: tl.constexpr, INLINE_ZERO: tl.constexpr = True):
+        """``acc`` plus a block's products ``dot`` (``u * x * 2^-49`` per row of words) times the scales of its rows'
+        ``group`` (see lead_rows), less, with ``INLINE_ZERO``, the zero point's share: its rows' x sums ``x_sums``,
+        scaled like the products (no pass over the groups after the loop)."""
+        scale = tl.load(lead_rows(s_ptr + group[:, None] * N + offs_n[None, :], ROWS), mask=ok,
+                        other=0.0).to(tl.float32)
+        if INLINE_ZERO:
+            if SYMMETRIC:
+                dot -= x_sums * (ZERO * _PRODUCT_SCALE)
+            else:
+                zero = tl.load(lead_rows(z_ptr + group[:, None] * N + offs_n[None, :], ROWS), mask=ok,
+                               other=0.0).to(tl.float32)
+                dot -= zero * (x_sums * _PRODUCT_SCALE)
+        return acc + dot * scale
+
+    @triton.jit
     def _load_words(w_ptr, rows, offs_n, row_end, n_ok, N, EVICT_FIRST: tl.constexpr, ROWS: tl.constexpr = 1):
         # A [rows, outputs] block of words (see lead_rows); EVICT_FIRST marks the lines as streamed (read once).
         ptrs = lead_rows(w_ptr + rows[:, None] * N + offs_n[None, :], ROWS)
@@ -411,16 +428,8 @@ if triton is not None:
             acc, dot, x_rows = _int_fields(acc, dot, x_rows, words, high, xw, row_ok[:, None], WIDTH, CHANNEL, INLINE_ZERO,
                                            x_ptr.dtype.element_ty)
             if not CHANNEL:
-                scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
-                if INLINE_ZERO:
-                    # The zero point's share of this block, per row of words (its x values'
-                    # sum, scaled like the products): no pass over the groups after the loop.
-                    if SYMMETRIC:
-                        dot -= x_rows * (ZERO * _PRODUCT_SCALE)
-                    else:
-                        zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
-                        dot -= zero * (x_rows * _PRODUCT_SCALE)
-                acc += dot * scale
+                acc = add_group_block(acc, dot, x_rows, s_ptr, z_ptr, group, offs_n, N, ok, 1, SYMMETRIC, ZERO,
+                                      INLINE_ZERO)
         # sum over k of u * x * 2^-49 (times the scale per group): undo the 2^-49.
         total = tl.sum(acc, axis=0) * (1.0 / _PRODUCT_SCALE)
         # The zero point's share, scale * zero * sum(x), off the hot loop: per group of the
@@ -494,16 +503,8 @@ if triton is not None:
             acc, dot, x_sums = _int_fields(acc, dot, x_sums, words, high, xw, lead_rows(row_ok[:, None], ROWS), WIDTH,
                                            CHANNEL, INLINE_ZERO, x_ptr.dtype.element_ty)
             if not CHANNEL:
-                scale = tl.load(lead_rows(s_ptr + group[:, None] * N + offs_n[None, :], ROWS), mask=ok, other=0.0).to(tl.float32)
-                if INLINE_ZERO:
-                    # The zero point's share of this block, per row of words (its x values'
-                    # sum, scaled like the products): no pass over the groups after the loop.
-                    if SYMMETRIC:
-                        dot -= x_sums * (ZERO * _PRODUCT_SCALE)
-                    else:
-                        zero = tl.load(lead_rows(z_ptr + group[:, None] * N + offs_n[None, :], ROWS), mask=ok, other=0.0).to(tl.float32)
-                        dot -= zero * (x_sums * _PRODUCT_SCALE)
-                acc += dot * scale
+                acc = add_group_block(acc, dot, x_sums, s_ptr, z_ptr, group, offs_n, N, ok, ROWS, SYMMETRIC, ZERO,
+                                      INLINE_ZERO)
         # sum over k of u * x * 2^-49 (times the scale per group): undo the 2^-49.
         total = tl.sum(acc, axis=1) * (1.0 / _PRODUCT_SCALE)
         # The zero point's share, scale * zero * sum(x), off the hot loop: per group of the
