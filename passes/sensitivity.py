@@ -4,8 +4,10 @@ Computed on the calibration windows with the unquantized model; the indicators a
 functions on tensors, the pass glue is below them. The rules are referred to by number.
 
 1. Per linear and candidate bit-width ``b``, ``δ_b = W - Q_b(W)`` with ``Q_b`` round-to-nearest
-   on the linear's configured grid (group size, symmetry; :func:`~llmc.passes.quantize_rtn.rtn_quantize`)
-   at ``b`` bits. RTN, not GPTQ: the indicators rank layers, they do not predict GPTQ's error.
+   (:func:`~llmc.passes.quantize_rtn.rtn_quantize`) at ``b`` bits on the grid the linear would be stored at
+   (:func:`llmc.schemes.at_width`: its configured group size and symmetry, but 8 bits symmetric with one
+   scale per output channel, as the planner and the mixed-precision pass store them). RTN, not GPTQ: the
+   indicators rank layers, they do not predict GPTQ's error.
    A width of 6 is FP6 e3m2 (:func:`~llmc.passes.fpx.fpx_quantize`, float16 scales per group,
    what the ``fpx`` quantizer stores), the one 6-bit format llmc has.
 2. LLM-PQ's variance indicator (Zhao et al., "LLM-PQ", PPoPP 2024): rounding adds to each
@@ -114,7 +116,7 @@ from pathlib import Path  # noqa: E402
 
 from llmc.ir import LinearSensitivity, Program, Sensitivity  # noqa: E402
 from llmc.pipeline import Pass, PassContext, PassResult  # noqa: E402
-from llmc.schemes import QuantizationRules, effective_group, resolve_schemes  # noqa: E402
+from llmc.schemes import QuantizationRules, at_width, effective_group, resolve_schemes  # noqa: E402
 
 log = logging.getLogger("llmc.sensitivity")
 WINDOWS_PER_BATCH = 8
@@ -220,8 +222,13 @@ class SensitivityPass(Pass, QuantizationRules):
         names = [lin.name for layer in program.layers for lin in layer.linears]
         schemes = resolve_schemes(names, rules)
         shapes = {lin.name: lin for layer in program.layers for lin in layer.linears}
-        grids = {n: (effective_group(s, shapes[n].in_features, n), s.symmetric) for n, s in schemes.items() if s}
-        blocks = [[lin.name for lin in layer.linears if lin.name in grids] for layer in program.layers]
+
+        def grid(name: str, bits: int) -> tuple[int, bool]:
+            """(group size, symmetric) of ``name`` stored at ``bits`` (rule 1; 16: the configured grid, unused)."""
+            stored = at_width(schemes[name], bits) or schemes[name]
+            return effective_group(stored, shapes[name].in_features, name), stored.symmetric
+
+        blocks = [[lin.name for lin in layer.linears if schemes[lin.name]] for layer in program.layers]
 
         model = load_model(program, ctx, quantized=False)
         modules = dict(model.named_modules())
@@ -233,14 +240,14 @@ class SensitivityPass(Pass, QuantizationRules):
         with full_float32_matmul():
             for layer_names in blocks:
                 for name in layer_names:
-                    weight, (group, symmetric) = modules[name].weight, grids[name]
+                    weight = modules[name].weight
                     statistics = stats.pop(name)
                     hessian, variance = statistics.hessian(), statistics.variance()
                     per_linear.append(LinearSensitivity(
                         module=name,
                         params=weight.numel(),
-                        hessian_trace=tuple(hessian_indicator(weight, hessian, b, group, symmetric) for b in candidates),
-                        variance=tuple(variance_indicator(weight, variance, b, group, symmetric) for b in candidates),
+                        hessian_trace=tuple(hessian_indicator(weight, hessian, b, *grid(name, b)) for b in candidates),
+                        variance=tuple(variance_indicator(weight, variance, b, *grid(name, b)) for b in candidates),
                     ))
         omega = layer_omega(per_linear, [layer.index for layer in program.layers], self.indicator, len(candidates))
 
@@ -249,8 +256,8 @@ class SensitivityPass(Pass, QuantizationRules):
             wanted = [n for layer_names in blocks for n in layer_names]
             window_batches = list(tokens[: self.gradient_windows].split(WINDOWS_PER_BATCH))
             gradients = weight_gradients(model, wanted, window_batches)
-            scores = {n: feature_salience(modules[n].weight, gradients[n], self.feature_bits, *grids[n]).contiguous()
-                      for n in wanted}
+            scores = {n: feature_salience(modules[n].weight, gradients[n], self.feature_bits,
+                                          *grid(n, self.feature_bits)).contiguous() for n in wanted}
             save_file(scores, ctx.workdir / SALIENCE_FILE)
             salience_ref = ctx.ref(SALIENCE_FILE)
 

@@ -153,3 +153,21 @@ def test_the_variance_indicator_can_be_omega_and_the_pass_declines_without_calib
     assert s.omega[0][0] == pytest.approx(layer0)
     with pytest.raises(ValueError, match="calibrate"):
         SensitivityPass().requires(run.program.__class__(model=run.program.model, layers=run.program.layers))
+
+
+def test_eight_bits_is_costed_per_channel_symmetric_as_it_is_stored_whatever_the_grid(tmp_path, loud_layer_model):
+    # The planner and the mixed-precision pass store 8-bit choices symmetric with one scale per output channel
+    # (llmc.schemes.at_width), so omega at 8 bits does not depend on the configured grid; an asymmetric 8-bit grid
+    # does not exist (RTN refuses it), and the pass used to ask for one.
+    text = loud_layer_model.parent / "calib.txt"
+    by_grid = {}
+    for symmetric in (False, True):
+        run = run_pipeline(tiny_passes(loud_layer_model, text, symmetric=symmetric, candidates=(4, 8)),
+                           cache_root=tmp_path / f"cache-{symmetric}", seed=0, show_progress=False)
+        by_grid[symmetric] = {e.module: e for e in run.program.sensitivity.linears}
+    asymmetric, symmetric = by_grid[False], by_grid[True]
+    assert asymmetric.keys() == symmetric.keys() and len(asymmetric) == 28
+    for name, entry in asymmetric.items():
+        assert entry.hessian_trace[1] == symmetric[name].hessian_trace[1] > 0
+        assert entry.variance[1] == symmetric[name].variance[1] > 0
+        assert entry.hessian_trace[0] != symmetric[name].hessian_trace[0]  # 4 bits keeps the configured grid
