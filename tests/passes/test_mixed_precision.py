@@ -282,8 +282,9 @@ def compile_with(configs, tmp_path, quantization: str = "", planner: str = ""):
     return result, out
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["dq", "intn-plugin"])
-def test_mixed_rows_export_as_two_matmuls_and_a_gather_that_onnx_runtime_runs(symmetric):
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (3, True)],
+                         ids=["dq", "intn-plugin", "int3-plugin"])
+def test_mixed_rows_export_as_two_matmuls_and_a_gather_that_onnx_runtime_runs(bits, symmetric):
     from llmc.passes.export import (build_stage_graph, compare_with_reference, decoder_spec_from_model,
                                     hf_greedy_reference, run_stages_greedy)
     from llmc.testing import tiny_llama
@@ -293,7 +294,7 @@ def test_mixed_rows_export_as_two_matmuls_and_a_gather_that_onnx_runtime_runs(sy
     for k, (name, module) in enumerate(n for n in model.named_modules() if n[0].startswith("model.layers.")):
         if isinstance(module, torch.nn.Linear):
             rows = torch.arange(k % 3, module.out_features, 5, dtype=torch.int32)  # scattered rows
-            quantized[name] = quantize_rows(module.weight, rows, lambda w: rtn_quantize(w, 4, 32, symmetric))
+            quantized[name] = quantize_rows(module.weight, rows, lambda w: rtn_quantize(w, bits, 32, symmetric))
     reference = tiny_llama()
     with torch.no_grad():
         for name, packed in quantized.items():
@@ -301,6 +302,8 @@ def test_mixed_rows_export_as_two_matmuls_and_a_gather_that_onnx_runtime_runs(sy
     spec, weights = decoder_spec_from_model(model), model.state_dict()  # float weights: codes must be used
     stages = [build_stage_graph(spec, weights, a, b, quantized) for a, b in ((0, 1), (1, 4))]
     assert sum(n.op_type == "Gather" and n.name.endswith("/scatter_rows") for n in stages[0].graph.node) == 7
+    low_ops = {"DequantizeLinear"} if bits == 4 and symmetric else {"IntNLinear" if bits == 4 else "Int3Linear"}
+    assert low_ops <= {n.op_type for n in stages[0].graph.node}
     ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(0)).numpy()
     comparison = compare_with_reference(run_stages_greedy(stages, ids, 6), hf_greedy_reference(reference, ids, 6))
     assert comparison.tokens_equal and comparison.max_abs_logits_diff < 1e-4, comparison
