@@ -61,8 +61,8 @@ from llmc.plugins.intn_linear import (NO_SPLIT_WEIGHTS, PREFILL_ROWS, PREFILL_SH
                                      decode_rows, decode_shape, multi_row_shape, no_split_rows, one_row_shape,
                                      prefill_config, rows_per_program, several_rows, size_classes)
 from llmc.plugins import splitk
-from llmc.plugins.splitk import (COMPILE_OPTIONS, LaunchConfig, as_rows, decode_config, require_triton, sm_count,
-                                 tensor_core_config, triton)
+from llmc.plugins.splitk import (COMPILE_OPTIONS, LaunchConfig, as_rows, decode_config, matmul_into, require_triton,
+                                 sm_count, tensor_core_config, triton)
 
 
 def _fp6_pair_decode_asm(mantissa: int, bias: int, field: int, second_half: int) -> str:
@@ -645,7 +645,8 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: LaunchConfig | None = Non
                out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` for float16/bfloat16 ``x`` [..., K] on a CUDA device, in ``x``'s dtype.
 
-    ``out``, if given, is a contiguous [rows, N] tensor of ``x``'s dtype to write into.
+    ``out``, if given, is a contiguous [rows, N] tensor of ``x``'s dtype or float32 to write into (see
+    :func:`llmc.plugins.intn_linear.intn_linear`).
     """
     require_triton()
     _check_tile(w)
@@ -667,7 +668,7 @@ def fpx_linear(x: torch.Tensor, w: FpxWeights, config: LaunchConfig | None = Non
     if config is None and m > PREFILL_ROWS:
         config = fpx_config(m, w, sm_count(x.device)) if halves else None
         if config is None:  # dequantize, then cuBLAS
-            y = torch.matmul(x2, fpx_dequantize(w, x.dtype).t(), out=out)
+            y = matmul_into(x2, fpx_dequantize(w, x.dtype).t(), out)
             return y.reshape(*x.shape[:-1], n)
     config = config or fpx_config(m, w, sm_count(x.device))
     if config.block_m > 16 and not (halves and w.fmt.bits == 6):

@@ -155,11 +155,11 @@ def reference(x, planes, scale, fmt: FpFormat, group_size: int, tile: int):
 def launch(x, planes, scale, fmt: FpFormat, group_size: int, tile: int, out) -> None:
     """``out = x @ W`` on CUDA tensors, on the current stream: ``x`` float32 [M, K], the planes
     int32, ``scale`` float16 [K / group_size, N], ``out`` float32 [M, N]. The kernel reads
-    float16 activations and writes float16."""
+    float16 activations and stores its float32 sums in ``out``."""
     from llmc.plugins.fp6_linear import FpxWeights, fpx_linear
 
     weights = FpxWeights(tuple(planes), scale, fmt, group_size, tile, x.shape[1], out.shape[1])
-    out.copy_(fpx_linear(x.half(), weights))
+    fpx_linear(x.half(), weights, out=out)
 
 
 def _enqueue(input_dims, inputs, outputs, stream: int, fields: dict) -> None:

@@ -47,8 +47,8 @@ import torch
 
 from llmc.passes.bitplanes import int_kernel_tile
 from llmc.plugins import splitk
-from llmc.plugins.splitk import (COMPILE_OPTIONS, LaunchConfig, decode_config, require_triton, tensor_core_config,
-                                 triton)
+from llmc.plugins.splitk import (COMPILE_OPTIONS, LaunchConfig, decode_config, matmul_into, require_triton,
+                                 tensor_core_config, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -516,7 +516,7 @@ def int3_linear(x2: torch.Tensor, w, config: LaunchConfig | None, out: torch.Ten
     halves = x2.dtype == w.scale.dtype == torch.float16
     config = config or int3_config(m, w, splitk.sm_count(x2.device), halves=halves)
     if config is None:  # rule 3: dequantize, then cuBLAS
-        return torch.matmul(x2, int3_dequantize(w, x2.dtype).t(), out=out)
+        return matmul_into(x2, int3_dequantize(w, x2.dtype).t(), out)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device) if out is None else out
     run = splitk.launch(config, m, n, x2.device)
     split = config.split

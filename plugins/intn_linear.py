@@ -91,8 +91,8 @@ import torch
 from llmc.packed import PackedLinear
 from llmc.passes.bitplanes import INT_PLANE_WIDTHS, fields_per_word, int_kernel_tile, pack_int_codes, unpack_int_codes
 from llmc.plugins import splitk
-from llmc.plugins.splitk import (COMPILE_OPTIONS, LaunchConfig, as_rows, choose_split, decode_config, pow2_at_least,
-                                 require_triton, sm_count, tensor_core_config, triton)
+from llmc.plugins.splitk import (COMPILE_OPTIONS, LaunchConfig, as_rows, choose_split, decode_config, matmul_into,
+                                 pow2_at_least, require_triton, sm_count, tensor_core_config, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -961,7 +961,8 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: LaunchConfig | None = N
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` for float16/bfloat16 ``x`` [..., K] on a CUDA device, in ``x``'s dtype.
 
-    ``out``, if given, is a contiguous [rows, N] tensor of ``x``'s dtype to write into. 3-bit weights run
+    ``out``, if given, is a contiguous [rows, N] tensor of ``x``'s dtype or float32 to write into (the kernels
+    store their float32 sums in ``out``'s dtype; the TensorRT plugins' float32 outputs). 3-bit weights run
     ``llmc.plugins.int3_linear``'s kernels.
     """
     x2 = as_rows(x, w.in_features, "intn_linear")
@@ -981,7 +982,7 @@ def intn_linear(x: torch.Tensor, w: IntNWeights, config: LaunchConfig | None = N
             return y.reshape(*x.shape[:-1], n)
         config = intn_config(m, w, sm_count(x.device))
         if config is None or config.block_m > 16 and not halves:  # dequantize, then cuBLAS
-            y = torch.matmul(x2, intn_dequantize(w, x.dtype).t(), out=out)
+            y = matmul_into(x2, intn_dequantize(w, x.dtype).t(), out)
             return y.reshape(*x.shape[:-1], n)
     if config is None and 0 < m <= PREFILL_ROWS and halves:
         from llmc.plugins import mma_decode

@@ -124,7 +124,7 @@ def launch(x, planes, scale, zero, width: int, group_size: int, out) -> None:
 
     ``x`` float32 [M, K], ``planes`` int32 [K / F, N], ``scale`` float32 and ``zero`` float16
     [K / g, N], ``out`` float32 [M, N]. The kernel reads float16 activations, scales and zero
-    points (its documented interface) and writes float16.
+    points (its documented interface) and stores its float32 sums in ``out``.
     """
     import torch
 
@@ -134,7 +134,7 @@ def launch(x, planes, scale, zero, width: int, group_size: int, out) -> None:
         planes=(planes,), scale=scale.to(torch.float16), zero=zero, bits=width, group_size=group_size,
         symmetric=False, in_features=x.shape[1], out_features=out.shape[1],
     )
-    out.copy_(intn_linear(x.to(torch.float16), weights))
+    intn_linear(x.to(torch.float16), weights, out=out)
 
 
 def enqueue_buffers(input_dims, inputs, outputs, stream: int, fields: dict) -> None:
@@ -253,8 +253,8 @@ def _symmetric_zero(shape: tuple[int, int], device):
 
 def int3_launch(x, low, high, scale, zero, group_size: int, symmetric: bool, out) -> None:
     """``out = x @ W`` on CUDA tensors, on the current stream: ``x`` float32 [M, K], the node's planes, float32
-    scale, float16 zero point, ``out`` float32 [M, N]. The kernels read float16 activations and scales and write
-    float16."""
+    scale, float16 zero point, ``out`` float32 [M, N]. The kernels read float16 activations and scales and store
+    their float32 sums in ``out``."""
     import torch
 
     from llmc.plugins.intn_linear import IntNWeights, intn_linear
@@ -265,7 +265,7 @@ def int3_launch(x, low, high, scale, zero, group_size: int, symmetric: bool, out
         planes=(low, high), scale=scale.to(torch.float16), zero=zero, bits=3, group_size=group_size, symmetric=symmetric,
         in_features=x.shape[1], out_features=out.shape[1],
     )
-    out.copy_(intn_linear(x.to(torch.float16), weights))
+    intn_linear(x.to(torch.float16), weights, out=out)
 
 
 def int3_enqueue_buffers(input_dims, inputs, outputs, stream: int, fields: dict) -> None:

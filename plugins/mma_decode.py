@@ -562,7 +562,7 @@ if gluon is not None:
         outputs = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))[None, :]
         mask = (rows < M) & (outputs < N)
         if gl.num_programs(1) == 1:
-            gl.store(y_ptr + rows * stride_ym + outputs, total.to(gl.float16), mask=mask)
+            gl.store(y_ptr + rows * stride_ym + outputs, total.to(y_ptr.dtype.element_ty), mask=mask)
         else:  # partials [split][M][N], summed by splitk.sum_splits
             gl.store(part_ptr + gl.program_id(1) * M * N + rows * N + outputs, total, mask=mask)
 

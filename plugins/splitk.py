@@ -144,6 +144,14 @@ def as_rows(x: torch.Tensor, in_features: int, name: str) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``a @ b`` (cuBLAS) into ``out``, or a new tensor of ``a``'s dtype if None; an ``out`` of another dtype (the
+    plugins' float32) takes a copy of the product in ``a``'s dtype, as the kernels store their output in ``out``'s."""
+    if out is None or out.dtype == a.dtype:
+        return torch.matmul(a, b, out=out)
+    return out.copy_(torch.matmul(a, b))
+
+
 @dataclass(frozen=True)
 class Launch:
     """The grid and split-K workspace of one launch (:func:`launch`)."""

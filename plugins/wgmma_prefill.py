@@ -245,7 +245,7 @@ if gluon is not None:
         on = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
         mask = (om < M)[:, None] & (on < N)[None, :]
         if gl.num_programs(2) == 1:
-            gl.store(y_ptr + om[:, None] * stride_ym + on[None, :], acc.to(gl.float16), mask=mask)
+            gl.store(y_ptr + om[:, None] * stride_ym + on[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
         else:  # partials [split][M][N], summed by splitk.sum_splits
             gl.store(part_ptr + gl.program_id(2) * M * N + om[:, None] * N + on[None, :], acc, mask=mask)
 

@@ -1161,6 +1161,30 @@ def test_the_linears_take_x_with_no_rows():
         assert y.shape == (0, 11008) and y.dtype == torch.float16
 
 
+FLOAT32_OUT_KINDS = ["int4-sym-g128", "int4-asym-g32", "int3-sym-g128", "int3-asym-g32", "fp6", "fp4"]
+
+
+@gpu
+@pytest.mark.parametrize("kind", FLOAT32_OUT_KINDS)
+def test_a_float32_out_holds_the_float16_result_before_its_rounding(kind):
+    """The TensorRT plugins pass their float32 output as ``out``: every rule stores its float32 sums there (cuBLAS's
+    float16 product is copied), so rounded to float16 they are the float16 call's output bit for bit. 4096x4096 takes
+    on sm_90 the Hopper rules too (rule 10 at 2-16 rows, rule 9 at 17-256), 300 rows dequantize-then-cuBLAS."""
+    weight = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(5)).cuda() * 0.02
+    if kind.startswith("int"):
+        bits, group = int(kind[3]), 32 if "g32" in kind else 128
+        w, linear = intn.pack_intn(rtn_quantize(weight, bits, group, "asym" not in kind)), intn.intn_linear
+    else:
+        fmt = FORMATS["e2m1" if kind == "fp4" else "e3m2"]
+        w, linear = fp.pack_fpx(fpx_quantize(weight, fmt, None, scale_dtype=torch.float16)), fp.fpx_linear
+    for rows in (1, 2, 4, 16, 40, 100, 300):
+        x = torch.randn(rows, 4096, generator=torch.Generator().manual_seed(rows)).half().cuda()
+        half = linear(x, w)
+        wide = torch.full((rows, 4096), float("nan"), device="cuda")
+        assert linear(x, w, out=wide) is not None
+        assert torch.equal(wide.half(), half), (kind, rows)
+
+
 @gpu
 def test_the_prefill_kernel_waits_for_its_register_operands():
     """Rule 8 on a 4096->11008 linear at 2048 rows, four fresh inputs. Without the wait for the wgmmas
