@@ -30,7 +30,8 @@ either unchanged. The rules below are referred to by number in the code.
    and a group whose largest magnitude is negative uses code -8. (RTN keeps the narrower
    [-7, 7]; GPTQ's error feedback makes the extra level worth having.) Asymmetric: RTN's grid
    (range widened to include 0, integer zero point, codes in ``[0, 2^b - 1]``). A zero scale
-   becomes 1.
+   becomes 1. Scales are float16 values, raised to the nearest one at or above the fit (RTN's rule 6,
+   :func:`~llmc.passes.quantize_rtn.float16_scale`): the kernels read float16 scales.
 9. The dequantized value the loop uses for error feedback is computed exactly as
    ``PackedLinear.dequantize()`` computes it, so what export reads is what GPTQ optimised.
 
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from llmc.packed import PackedLinear
+from llmc.passes.quantize_rtn import float16_scale
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 MAX_DAMP = 10.0  # fraction of mean(diag H); past this the Hessian is not a Hessian (inf/NaN inputs)
@@ -137,13 +139,13 @@ def fit_grid(weights: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.T
     if symmetric:
         top, bottom = 2 ** (bits - 1) - 1, 2 ** (bits - 1)
         scale = torch.maximum(weights.amax(dim=1).clamp(min=0) / top, (-weights.amin(dim=1)).clamp(min=0) / bottom)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = float16_scale(torch.where(scale > 0, scale, torch.ones_like(scale)))
         return scale, torch.zeros_like(scale)
     qmax = 2**bits - 1
     low = weights.amin(dim=1).clamp(max=0.0)
     high = weights.amax(dim=1).clamp(min=0.0)
     scale = (high - low) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = float16_scale(torch.where(scale > 0, scale, torch.ones_like(scale)))
     return scale, torch.round(-low / scale).clamp(0, qmax)
 
 

@@ -22,6 +22,10 @@ Grid rules (the numbers refer to the code below):
    its codes are all the zero point and it dequantizes to exact zeros, with no division by 0.
 5. Every error is at most ``scale / 2`` per element: codes are clamped to the range only to
    absorb float rounding at the group's extremes, never to clip.
+6. Scales are float16 values (:func:`float16_scale`): the scale of rules 2-3 raised to the nearest
+   float16 at or above it (and to at least float16's smallest normal number), because llmc's
+   kernels and plugins read float16 scales: what the ``evaluate`` pass and the export's check
+   measure is then what the deployment computes. Raising a scale keeps every code in its range.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def rtn_quantize(
     if symmetric:
         # Rule 2.
         qmax = 2 ** (bits - 1) - 1
-        scale = _nonzero_scale(w.abs().amax(dim=-1) / qmax)
+        scale = float16_scale(_nonzero_scale(w.abs().amax(dim=-1) / qmax))
         q = torch.round(w / scale[..., None]).clamp(-qmax, qmax)
         zero = None
     else:
@@ -78,7 +82,7 @@ def rtn_quantize(
         qmax = 2**bits - 1
         low = w.amin(dim=-1).clamp(max=0.0)
         high = w.amax(dim=-1).clamp(min=0.0)
-        scale = _nonzero_scale((high - low) / qmax)
+        scale = float16_scale(_nonzero_scale((high - low) / qmax))
         zero = torch.round(-low / scale).clamp(0, qmax)
         q = (torch.round(w / scale[..., None]) + zero[..., None]).clamp(0, qmax)
         zero = zero.to(torch.int8)
@@ -167,3 +171,16 @@ class RtnQuantizePass(Pass, QuantizationRules):
             save_quantized(program, ctx, packed, decisions),
             f"{len(decisions)} linears {describe(s for _, s in targets)}, relative weight error {relative:.4f}",
         )
+
+
+def float16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Rule 6: positive float32 ``scale`` raised to the nearest float16 at or above it, and to at least
+    float16's smallest normal number, returned as float32. Raises ``ValueError`` past float16's range."""
+    info = torch.finfo(torch.float16)
+    if bool((scale > info.max).any()):
+        raise ValueError(f"a group's scale {float(scale.max()):.3g} exceeds float16's range (the kernels' scale type); "
+                         "the weight is too large to quantize")
+    wanted = scale.clamp(min=info.smallest_normal)
+    half = wanted.to(torch.float16)
+    raised = (half.view(torch.int16) + 1).view(torch.float16)  # the next float16 up (positive values)
+    return torch.where(half.float() < wanted, raised, half).float()
