@@ -12,8 +12,9 @@ call:
 - ``intn_linear`` (int4 symmetric, groups of 128, 64 where K = 576) and ``fpx_linear`` (FP6 e3m2
   per channel), eager and from a graph;
 - the plugins' enqueue bodies on TensorRT's raw pointers and stream: ``IntNLinear`` on asymmetric int4
-  (``intn_linear_plugin.enqueue_buffers``) and ``Int3Linear`` on asymmetric int3 in the same groups
-  (``int3_enqueue_buffers``), eager and from a graph (the float32 interface's conversions included);
+  (``intn_linear_plugin.enqueue_buffers``), ``Int3Linear`` on asymmetric int3 in the same groups
+  (``int3_enqueue_buffers``) and ``Fp6Linear`` on the FP6 weights above (``fpx_linear_plugin``), eager and from
+  a graph (the float32 interface's conversions included);
 - ``torch.matmul`` in float16 (cuBLAS), eager and from a graph.
 
 Eager: the fastest of 9 trials of 200 back-to-back calls each, then a synchronize, the trials
@@ -91,6 +92,7 @@ def main() -> None:
     from llmc.passes.quantize_rtn import rtn_quantize
     from llmc.plugins import fp6_linear as fp
     from llmc.plugins import intn_linear as intn
+    from llmc.plugins import fpx_linear_plugin as fpx_plugin
     from llmc.plugins import intn_linear_plugin as plugin
 
     torch.manual_seed(0)
@@ -98,8 +100,9 @@ def main() -> None:
     lines = [f"Device: {props.name}, torch {torch.__version__}, {os.cpu_count()} host cores; "
              f"{time.strftime('%Y-%m-%d')}. us per call.", "",
              "| shape (K→N) | M | int4 eager | int4 graph | fp6 eager | fp6 graph | int4 plugin eager "
-             "| int4 plugin graph | int3 plugin eager | int3 plugin graph | fp16 matmul eager | fp16 matmul graph |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| int4 plugin graph | int3 plugin eager | int3 plugin graph | fp6 plugin eager | fp6 plugin graph "
+             "| fp16 matmul eager | fp16 matmul graph |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     cells = []  # (shape, rows, [(eager or graph, call) per column], [us per column])
     for k, n in SHAPES:
@@ -109,6 +112,11 @@ def main() -> None:
         fp6 = fp.pack_fpx(fpx_quantize(w, FORMATS["e3m2"], None, scale_dtype=torch.float16)).to("cuda")
         int4_node = [torch.as_tensor(a).cuda() for a in plugin.node_inputs(rtn_quantize(w, 4, group, False))]
         int3_node = [torch.as_tensor(a).cuda() for a in plugin.int3_node_inputs(rtn_quantize(w, 3, group, False))]
+        fp6_packed = fpx_quantize(w, FORMATS["e3m2"], None, scale_dtype=torch.float16)
+        fp6_weights, fp6_arrays = fpx_plugin.node_inputs(fp6_packed)
+        fp6_node = [torch.as_tensor(a).cuda() for a in fp6_arrays]
+        fp6_fields = {key: tuple(value) if isinstance(value, (tuple, list)) else (value,)
+                      for key, value in fpx_plugin.node_attributes(fp6_weights).items() if key in fpx_plugin.FP6.fields}
         w16 = w.half().cuda()
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -120,10 +128,12 @@ def main() -> None:
             int4_enqueue = enqueue(plugin.enqueue_buffers, x32, int4_node, y32, {"width": (4,), "group_size": (group,)})
             int3_enqueue = enqueue(plugin.int3_enqueue_buffers, x32, int3_node, y32,
                                    {"group_size": (group,), "symmetric": (0,)})
+            fp6_enqueue = enqueue(fpx_plugin.FP6.enqueue, x32, fp6_node, y32, fp6_fields)
             fp16_call = functools.partial(torch.matmul, x, w16.t(), out=y)
             columns = [("eager", int4_call), ("graph", int4_call), ("eager", fp6_call), ("graph", fp6_call),
                        ("eager", int4_enqueue), ("graph", int4_enqueue),
                        ("eager", int3_enqueue), ("graph", int3_enqueue),
+                       ("eager", fp6_enqueue), ("graph", fp6_enqueue),
                        ("eager", fp16_call), ("graph", fp16_call)]
             cells.append((f"{k}→{n}", m, columns, [graph_us(call) if how == "graph" else float("inf")
                                                      for how, call in columns]))

@@ -10,14 +10,15 @@ The operators, as the ONNX node and the TensorRT plugin see them (``y = x @ W``,
 - ``IntNLinear`` (asymmetric int2 and int4). Inputs: ``x`` float32 [..., K]; ``planes`` int32 [K / F, N],
   the unsigned codes as one bit plane of ``width`` bits (``F = 32 / width`` fields per word) in the kernels'
   layout (:mod:`llmc.passes.bitplanes` at its kernel tile: word-row ``j`` holds inputs ``F j .. F j + F - 1``);
-  ``scale`` float32 [K / group_size, N]; ``zero`` float16 [K / group_size, N] (integers, exact in float16).
+  ``scale`` float16 [K / group_size, N] (llmc's quantizers make every scale a float16 value, what the kernels
+  read); ``zero`` float16 [K / group_size, N] (integers, exact in float16).
   Attributes: ``bits`` (2 or 4: the codes' range), ``width`` (the plane holding them, equal to ``bits``),
   ``group_size``.
 - ``Int3Linear`` (int3, three bits a weight). Inputs: ``x`` float32 [..., K]; ``low`` int32 [K / 16, N], the
   codes' two low bits as a 2-bit plane, and ``high`` int32 [K / 32, N], their high bit as a 1-bit plane, both
   at the int3 kernel tile of 32 inputs (``bitplanes`` rule 3: word-rows ``2 t`` and ``2 t + 1`` of ``low``
   hold the even and the odd inputs of tile ``t``, bit ``i`` of word-row ``t`` of ``high`` input ``32 t + i``);
-  ``scale`` float32 [K / group_size, N] (as ``IntNLinear``'s; the kernels read it as float16); ``zero`` float16: the
+  ``scale`` float16 [K / group_size, N] (as ``IntNLinear``'s); ``zero`` float16: the
   zero points [K / group_size, N] when asymmetric, [1, 1] holding 4 when ``symmetric`` (codes ``q + 4``, as
   the kernels store symmetric codes; broadcast over every group). Attributes: ``group_size``, ``symmetric``.
 - output: float32 [..., N], ``W[k, n] = scale[k // group_size, n] * (code[k, n] - zero[k // group_size, n])``.
@@ -44,7 +45,7 @@ from llmc.passes.bitplanes import int_kernel_tile
 from llmc.plugins.linear_plugin import FunctionBody, LinearOp, device_tensor, external_stream, function, rows_and_features
 
 NAME = "IntNLinear"
-VERSION = "2"  # 2: word-row j holds inputs F j .. F j + F - 1 (1: tiles of a group)
+VERSION = "3"  # 3: float16 scales (2: float32; from 2, word-row j holds inputs F j .. F j + F - 1; 1: tiles of a group)
 NAMESPACE = "llmc"  # also the ONNX domain of the node
 PLANE_WIDTH = {2: 2, 4: 4}  # code bits -> plane width (3-bit codes: Int3Linear)
 
@@ -85,8 +86,20 @@ def node_attributes(bits: int, group_size: int) -> dict:
             "plugin_version": VERSION, "plugin_namespace": NAMESPACE}
 
 
+def float16_scales(packed) -> np.ndarray:
+    """``packed``'s scales transposed to [K / g, N] as float16, which they must hold exactly (llmc's RTN and GPTQ
+    make them float16 values: the kernels read float16, and ONNX Runtime's check must compute what they do)."""
+    import torch
+
+    scale = packed.scale.t().contiguous()
+    half = scale.to(torch.float16)
+    if not torch.equal(half.to(scale.dtype), scale):
+        raise ValueError("scales must be float16 values (llmc's rtn and gptq quantizers make them so)")
+    return half.numpy()
+
+
 def node_inputs(packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(planes int32 [K / F, N], scale float32 [K / g, N], zero float16 [K / g, N]) of an asymmetric PackedLinear."""
+    """(planes int32 [K / F, N], scale float16 [K / g, N], zero float16 [K / g, N]) of an asymmetric PackedLinear."""
     import torch
 
     from llmc.passes.bitplanes import kernel_tile, pack_plane
@@ -100,8 +113,7 @@ def node_inputs(packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise ValueError(f"codes and zero points must lie in [0, {high}] for {packed.bits}-bit")
     width = PLANE_WIDTH[packed.bits]
     planes = pack_plane(codes, width, kernel_tile((width,)))
-    return (planes.numpy(), packed.scale.t().contiguous().float().numpy(),
-            packed.zero.t().contiguous().to(torch.float16).numpy())
+    return planes.numpy(), float16_scales(packed), packed.zero.t().contiguous().to(torch.float16).numpy()
 
 
 def reference(x, planes, scale, zero, width: int, group_size: int):
@@ -122,7 +134,7 @@ def reference(x, planes, scale, zero, width: int, group_size: int):
 def launch(x, planes, scale, zero, width: int, group_size: int, out) -> None:
     """``out = x @ W`` on CUDA tensors, on the current stream.
 
-    ``x`` float32 [M, K], ``planes`` int32 [K / F, N], ``scale`` float32 and ``zero`` float16
+    ``x`` float32 [M, K], ``planes`` int32 [K / F, N], ``scale`` and ``zero`` float16
     [K / g, N], ``out`` float32 [M, N]. The kernel reads float16 activations, scales and zero
     points (its documented interface) and stores its float32 sums in ``out``.
     """
@@ -131,7 +143,7 @@ def launch(x, planes, scale, zero, width: int, group_size: int, out) -> None:
     from llmc.plugins.intn_linear import IntNWeights, intn_linear
 
     weights = IntNWeights(
-        planes=(planes,), scale=scale.to(torch.float16), zero=zero, bits=width, group_size=group_size,
+        planes=(planes,), scale=scale, zero=zero, bits=width, group_size=group_size,
         symmetric=False, in_features=x.shape[1], out_features=out.shape[1],
     )
     intn_linear(x.to(torch.float16), weights, out=out)
@@ -152,7 +164,7 @@ def enqueue_buffers(input_dims, inputs, outputs, stream: int, fields: dict) -> N
         launch(
             device_tensor(inputs[0], (rows, in_features), "<f4"),
             device_tensor(inputs[1], plane_dims, "<i4"),
-            device_tensor(inputs[2], group_dims, "<f4"),
+            device_tensor(inputs[2], group_dims, "<f2"),
             device_tensor(inputs[3], group_dims, "<f2"),
             fields["width"][0], fields["group_size"][0],
             device_tensor(outputs[0], (rows, plane_dims[1]), "<f4"),
@@ -170,7 +182,7 @@ def check_fields(fields: dict) -> None:
 
 
 OP = LinearOp(NAME, VERSION, NAMESPACE,
-              (("x", "float32"), ("planes", "int32"), ("scale", "float32"), ("zero", "float16")),
+              (("x", "float32"), ("planes", "int32"), ("scale", "float16"), ("zero", "float16")),
               ("bits", "width", "group_size"), check_fields, enqueue_buffers, onnx_function)
 
 
@@ -201,7 +213,7 @@ def int3_node_attributes(group_size: int, symmetric: bool) -> dict:
 
 
 def int3_node_inputs(packed) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(low int32 [K / 16, N], high int32 [K / 32, N], scale float32 [K / g, N], zero float16) of a 3-bit
+    """(low int32 [K / 16, N], high int32 [K / 32, N], scale float16 [K / g, N], zero float16) of a 3-bit
     PackedLinear, in the int3 kernels' layout (``intn_linear.pack_intn``)."""
     import torch
 
@@ -219,11 +231,9 @@ def int3_node_inputs(packed) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     if int(codes.min()) < low_code or int(codes.max()) > high_code or not zero_ok:
         raise ValueError(f"codes{'' if packed.symmetric else ' and zero points'} must lie in [{low_code}, {high_code}] "
                          f"for {'symmetric' if packed.symmetric else 'asymmetric'} 3-bit")
-    weights = pack_intn(packed, torch.float32)
-    scale = weights.scale.numpy()
-    if not np.isfinite(scale.astype(np.float16)).all():
-        raise ValueError("a scale overflows float16, which the kernels read")
-    zero = np.full((1, 1), SYMMETRIC_ZERO, np.float16) if packed.symmetric else weights.zero.numpy().astype(np.float16)
+    scale = float16_scales(packed)
+    weights = pack_intn(packed)
+    zero = np.full((1, 1), SYMMETRIC_ZERO, np.float16) if packed.symmetric else weights.zero.numpy()
     low, high = (plane.numpy() for plane in weights.planes)
     return low, high, scale, zero
 
@@ -252,8 +262,8 @@ def _symmetric_zero(shape: tuple[int, int], device):
 
 
 def int3_launch(x, low, high, scale, zero, group_size: int, symmetric: bool, out) -> None:
-    """``out = x @ W`` on CUDA tensors, on the current stream: ``x`` float32 [M, K], the node's planes, float32
-    scale, float16 zero point, ``out`` float32 [M, N]. The kernels read float16 activations and scales and store
+    """``out = x @ W`` on CUDA tensors, on the current stream: ``x`` float32 [M, K], the node's planes, float16
+    scale and zero point, ``out`` float32 [M, N]. The kernels read float16 activations and scales and store
     their float32 sums in ``out``."""
     import torch
 
@@ -262,7 +272,7 @@ def int3_launch(x, low, high, scale, zero, group_size: int, symmetric: bool, out
     if symmetric:
         zero = _symmetric_zero(tuple(scale.shape), scale.device)
     weights = IntNWeights(
-        planes=(low, high), scale=scale.to(torch.float16), zero=zero, bits=3, group_size=group_size, symmetric=symmetric,
+        planes=(low, high), scale=scale, zero=zero, bits=3, group_size=group_size, symmetric=symmetric,
         in_features=x.shape[1], out_features=out.shape[1],
     )
     intn_linear(x.to(torch.float16), weights, out=out)
@@ -280,7 +290,7 @@ def int3_enqueue_buffers(input_dims, inputs, outputs, stream: int, fields: dict)
             device_tensor(inputs[0], (rows, in_features), "<f4"),
             device_tensor(inputs[1], low_dims, "<i4"),
             device_tensor(inputs[2], high_dims, "<i4"),
-            device_tensor(inputs[3], scale_dims, "<f4"),
+            device_tensor(inputs[3], scale_dims, "<f2"),
             device_tensor(inputs[4], zero_dims, "<f2"),
             fields["group_size"][0], bool(fields["symmetric"][0]),
             device_tensor(outputs[0], (rows, low_dims[1]), "<f4"),
@@ -295,5 +305,5 @@ def int3_check_fields(fields: dict) -> None:
 
 
 INT3 = LinearOp(INT3_NAME, INT3_VERSION, NAMESPACE,
-                (("x", "float32"), ("low", "int32"), ("high", "int32"), ("scale", "float32"), ("zero", "float16")),
+                (("x", "float32"), ("low", "int32"), ("high", "int32"), ("scale", "float16"), ("zero", "float16")),
                 ("group_size", "symmetric"), int3_check_fields, int3_enqueue_buffers, int3_onnx_function)

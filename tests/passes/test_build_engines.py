@@ -110,9 +110,9 @@ def test_engines_for_sm80_and_sm86_hold_the_plugin_and_the_packed_weights(tmp_pa
         assert meta["compute_capability"] == record.compute_capability and meta["sku"] == sku
         assert meta["tensorrt"] == {"flavor": "tensorrt_rtx", "version": trt.__version__}
         # The engine holds one plugin layer per plugin node of the ONNX it was built from.
-        assert meta["plugins"] == [{"name": "IntNLinear", "namespace": "llmc", "version": "2", "layers": len(nodes)}]
+        assert meta["plugins"] == [{"name": "IntNLinear", "namespace": "llmc", "version": "3", "layers": len(nodes)}]
         assert meta["network"]["plugin_layers"] == len(nodes) > 0
-        assert record.plugins == (f"llmc::IntNLinear v2 x{len(nodes)}",)
+        assert record.plugins == (f"llmc::IntNLinear v3 x{len(nodes)}",)
         assert meta["onnx"]["sha256"] == sha256_file(tmp_path / "export" / f"stage_{record.stage}.onnx")
         assert meta["engine"]["bytes"] == (ctx.workdir / record.path).stat().st_size
         assert [i["name"] for i in meta["inputs"]] == [i.name for i in graph.graph.input]

@@ -47,18 +47,19 @@ def build_stages(model, splits, quantized=None):
 
 
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> PackedLinear:
-    """Round-to-nearest group quantization, just enough to feed the exporter real codes."""
+    """Round-to-nearest group quantization, just enough to feed the exporter real codes (float16 scales, as llmc's
+    quantizers make them)."""
     out_features, in_features = weight.shape
     groups = weight.reshape(out_features, in_features // group_size, group_size)
     if symmetric:
         high = 2 ** (bits - 1) - 1
-        scale = groups.abs().amax(dim=-1).clamp(min=1e-8) / high
+        scale = (groups.abs().amax(dim=-1).clamp(min=1e-4) / high).half().float()
         q = torch.round(groups / scale[..., None]).clamp(-high - 1, high)
         zero = None
     else:
         high = 2**bits - 1
         low_value, high_value = groups.amin(dim=-1), groups.amax(dim=-1)
-        scale = (high_value - low_value).clamp(min=1e-8) / high
+        scale = ((high_value - low_value).clamp(min=1e-4) / high).half().float()
         zero = torch.round(-low_value / scale).clamp(0, high)
         q = torch.round(groups / scale[..., None] + zero[..., None]).clamp(0, high)
         zero = zero.to(torch.int8)
@@ -188,7 +189,7 @@ def test_asymmetric_weights_export_as_intn_plugin_nodes_carrying_their_function(
     assert {n.op_type for n in plugin_nodes} == {"IntNLinear"} and len(plugin_nodes) == len(quantized)
     assert not any(n.op_type == "DequantizeLinear" for n in stage.graph.node)
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in plugin_nodes[0].attribute}
-    assert attributes == {"bits": 4, "width": 4, "group_size": 32, "plugin_version": b"2", "plugin_namespace": b"llmc"}
+    assert attributes == {"bits": 4, "width": 4, "group_size": 32, "plugin_version": b"3", "plugin_namespace": b"llmc"}
     # The ONNX Runtime equivalent travels in the file: one function body per plugin op.
     assert [(f.domain, f.name) for f in stage.functions] == [("llmc", "IntNLinear")]
     assert ("llmc", 1) in [(o.domain, o.version) for o in stage.opset_import]
@@ -278,6 +279,9 @@ def test_the_planner_costs_codes_at_the_width_the_export_stores(bits, symmetric)
     zeros = [t for t in stage.graph.initializer if t.name.endswith(".zero_T")]
     if not symmetric and bits < 8:  # the plugin's zero points: float16, as the plan counts them
         assert {t.data_type for t in zeros} == {onnx.TensorProto.FLOAT16} and len(zeros) == len(quantized)
+    scales = [t for t in stage.graph.initializer if t.name.endswith(".scale_T")]
+    plugin = bits == 3 or (not symmetric and bits < 8)  # the plugins' scales: float16, as the plan counts them
+    assert {t.data_type for t in scales} == {onnx.TensorProto.FLOAT16 if plugin else onnx.TensorProto.FLOAT}
 
 
 def test_unsupported_bits_raise_naming_the_module():
