@@ -740,6 +740,28 @@ def test_the_mma_decode_kernel_compiles_to_register_operand_mmas(capability):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("capability", [80, 90])
+def test_the_plugins_float32_outputs_compile_for_ampere_and_hopper(capability):
+    """The TensorRT plugins pass their float32 output as ``out``: the kernels then store float32 (a variant of each
+    epilogue: Triton's finish, rule 10's Gluon one, int3's), which must compile for every target without spills."""
+    pytest.importorskip("triton")
+    from llmc.plugins.aot import compile_kernel, kernel_variants
+
+    variants = {v.name: v for v in kernel_variants()}
+    names = ["intn-gemv-int4-sym-g128-narrow", "intn-gemm16-int4-sym-g128-<2^23", "int3-gemv-int3-asym-g32-wide-large",
+             "fpx-gemv-e3m2-from-2^26"]
+    names += [n for n in variants if n.startswith("intn-mma2-8-int4-sym-g128-w4")][:1]
+    names += [n for n in variants if n.startswith("fpx-mma1-8-e3m2-channel-w8")][:1]
+    assert len(names) == 6
+    for name in names:
+        variant = variants[name]
+        wide = dataclasses.replace(variant, signature={**variant.signature, "y_ptr": "*fp32"})
+        compiled = compile_kernel(wide, capability)
+        assert compiled.cubin and compiled.spills == 0, name
+        assert compiled.ptx != compile_kernel(variant, capability).ptx, name  # its own store, not float16's
+
+
+@pytest.mark.slow
 def test_the_separate_finish_compiles_to_a_dependent_launch_for_hopper():
     """With SEPARATE, a split launch lets the sum kernel start (griddepcontrol.launch_dependents) and
     has no atomic; the sum kernel waits for it (griddepcontrol.wait)."""
