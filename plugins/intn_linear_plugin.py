@@ -254,8 +254,8 @@ def int3_reference(x, low, high, scale, zero, group_size: int):
 
 @functools.lru_cache(maxsize=64)
 def _symmetric_zero(shape: tuple[int, int], device):
-    # IntNWeights carry a zero point per group (4 when symmetric; only the references read it): one tensor per
-    # shape for the process, not one allocation per call.
+    # IntNWeights carry a zero point per group, 4 when symmetric (the dequantize kernel of more than 64 rows and the
+    # references read it; the node holds one): one tensor per shape for the process, not one allocation per call.
     import torch
 
     return torch.full(shape, float(SYMMETRIC_ZERO), dtype=torch.float16, device=device)
