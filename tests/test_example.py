@@ -108,3 +108,32 @@ def test_the_example_in_fp6_compiles_through_its_plugin(assets, tmp_path):
         assert engine["plugins"] == [f"llmc::Fp6Linear v2 x{7 * layers}"]
         # Six bits per weight inside the engine, in int32 words.
         assert abs(meta["network"]["constant_bytes"]["INT32"] - layers * layer_weights * 6 / 8) < 1024
+
+
+def test_the_example_with_the_planners_widths_mixes_int3_int4_and_int8(assets, tmp_path):
+    # The example's commented `planner:` section, with 3 bits among the widths: the planner picks a width per layer,
+    # sensitivity costs 8 bits per channel (the example is asymmetric), and int3 layers export through Int3Linear.
+    import yaml
+
+    config = yaml.safe_load((EXAMPLE / "model.yaml").read_text())
+    for section in ("model", "calibration", "evaluation"):
+        config[section]["path"] = str(EXAMPLE / config[section]["path"])
+    config["planner"] = {"bits": [3, 4, 8, 16]}
+    config["quality"] = {"max_perplexity_increase_pct": 200}
+    model_yaml = tmp_path / "model.yaml"
+    model_yaml.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    result, seconds = _compile(out, tmp_path / "cache", model_yaml)
+    print(f"\ncold mixed-width compile of the example: {seconds:.1f} s")
+    plan = json.loads((out / "plan.json").read_text())
+    measured = {m["name"]: m["value"] for m in plan["measured"]}
+    assert measured["export.greedy_tokens_match"] == 1.0 and measured["export.max_abs_logits_diff"] <= 1e-3
+    widths = {bits for stage in plan["stages"] for bits in stage["layer_bits"]}
+    assert 3 in widths and len(widths) > 1, widths
+    built = [e for e in plan["engines"] if e["status"] == "built"]
+    assert built
+    for engine in built:
+        stage = plan["stages"][engine["stage"]]
+        int3_layers = stage["layer_bits"].count(3)
+        expected = [f"llmc::Int3Linear v1 x{7 * int3_layers}"] if int3_layers else []
+        assert [p for p in engine["plugins"] if p.startswith("llmc::Int3Linear")] == expected, engine["plugins"]
