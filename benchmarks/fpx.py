@@ -36,12 +36,11 @@ SETTINGS = [  # (label, pass, rules)
 
 
 def bits_per_weight(decisions, linears: dict) -> float:
-    """Stored bits per quantized weight: codes plus float16 (FPx) or float32 (RTN) scales."""
+    """Stored bits per quantized weight: codes plus float16 scales (FPx and RTN alike)."""
     total = weights = 0
     for d in decisions:
         out_features, in_features = linears[d.module]
-        scale_bits = 16 if d.method == "fpx" else 32
-        total += out_features * in_features * d.bits + out_features * (in_features // d.group_size) * scale_bits
+        total += out_features * in_features * d.bits + out_features * (in_features // d.group_size) * 16
         weights += out_features * in_features
     return total / weights
 
@@ -107,9 +106,9 @@ def main() -> None:
         "LM head stays float), reads back the weights file the pass wrote, and measures perplexity on",
         f"{protocol}. Float32 reference: **{reference:.3f}**.",
         "",
-        "FPx scales are float16 (the kernels' format), one per output channel or per group of 32",
-        "inputs, `absmax / max_normal`; codes round to nearest even (`passes/fpx.py`). Bits per weight",
-        "count the codes and the scales.",
+        "Scales are float16 (the kernels' format), one per output channel or per group of 32 inputs:",
+        "FPx `absmax / max_normal`, codes rounded to nearest even (`passes/fpx.py`); RTN's fit raised to",
+        "a float16 value (`passes/quantize_rtn.py` rule 6). Bits per weight count the codes and the scales.",
         "",
         "| setting | linears | bits per weight | relative weight error | perplexity | vs float |",
         "|---|---|---|---|---|---|",
