@@ -109,11 +109,12 @@ def main() -> None:
         w = torch.randn(n, k) * 0.02
         group = 64 if k % 128 else 128
         int4 = intn.pack_intn(rtn_quantize(w, 4, group, True)).to("cuda")
-        fp6 = fp.pack_fpx(fpx_quantize(w, FORMATS["e3m2"], None, scale_dtype=torch.float16)).to("cuda")
+        # FP6 weights as the kernel and the plugin node hold them (one pack for both)
+        fp6_weights, fp6_arrays = fpx_plugin.node_inputs(fpx_quantize(w, FORMATS["e3m2"], None,
+                                                                      scale_dtype=torch.float16))
+        fp6 = fp6_weights.to("cuda")
         int4_node = [torch.as_tensor(a).cuda() for a in plugin.node_inputs(rtn_quantize(w, 4, group, False))]
         int3_node = [torch.as_tensor(a).cuda() for a in plugin.int3_node_inputs(rtn_quantize(w, 3, group, False))]
-        fp6_packed = fpx_quantize(w, FORMATS["e3m2"], None, scale_dtype=torch.float16)
-        fp6_weights, fp6_arrays = fpx_plugin.node_inputs(fp6_packed)
         fp6_node = [torch.as_tensor(a).cuda() for a in fp6_arrays]
         fp6_fields = {key: tuple(value) if isinstance(value, (tuple, list)) else (value,)
                       for key, value in fpx_plugin.node_attributes(fp6_weights).items() if key in fpx_plugin.FP6.fields}

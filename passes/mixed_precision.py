@@ -46,7 +46,8 @@ def stored_bits(out_features: int, in_features: int, bits: int, group_size: int,
         return params * 16
     group = in_features if group_size == -1 else group_size
     groups = out_features * (in_features // group)
-    return params * code_width(bits, not symmetric) + groups * 16 * (1 if symmetric else 2)  # float16 scales and zero points
+    # float16 scales, and zero points when asymmetric
+    return params * code_width(bits, not symmetric) + groups * 16 * (1 if symmetric else 2)
 
 
 def mixed_row_bits(out_features: int, in_features: int, low_bits: int, group_size: int, symmetric: bool,

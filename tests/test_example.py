@@ -38,6 +38,19 @@ def _compile(out: Path, cache: Path, model_yaml: Path = EXAMPLE / "model.yaml") 
     return json.loads(result.stdout), seconds
 
 
+def _example_with(tmp_path: Path, **sections) -> Path:
+    """The example's model.yaml with its paths made absolute and ``sections`` replaced, written under ``tmp_path``."""
+    import yaml
+
+    config = yaml.safe_load((EXAMPLE / "model.yaml").read_text())
+    for section in ("model", "calibration", "evaluation"):
+        config[section]["path"] = str(EXAMPLE / config[section]["path"])
+    config.update(sections)
+    model_yaml = tmp_path / "model.yaml"
+    model_yaml.write_text(yaml.safe_dump(config))
+    return model_yaml
+
+
 def test_example_compiles_reproducibly_and_its_stages_reproduce_the_model(assets, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     result, seconds = _compile(out, cache)
@@ -82,14 +95,8 @@ def test_example_compiles_reproducibly_and_its_stages_reproduce_the_model(assets
 
 
 def test_the_example_in_fp6_compiles_through_its_plugin(assets, tmp_path):
-    import yaml
-
-    config = yaml.safe_load((EXAMPLE / "model.yaml").read_text())
-    for section in ("model", "calibration", "evaluation"):
-        config[section]["path"] = str(EXAMPLE / config[section]["path"])
-    config["quantization"] = {"method": "fpx", "bits": 6, "group_size": -1, "ignore": ["lm_head"]}
-    model_yaml = tmp_path / "model.yaml"
-    model_yaml.write_text(yaml.safe_dump(config))
+    model_yaml = _example_with(tmp_path, quantization={"method": "fpx", "bits": 6, "group_size": -1,
+                                                       "ignore": ["lm_head"]})
     out = tmp_path / "out"
     result, seconds = _compile(out, tmp_path / "cache", model_yaml)
     print(f"\ncold FP6 compile of the example: {seconds:.1f} s")
@@ -113,15 +120,7 @@ def test_the_example_in_fp6_compiles_through_its_plugin(assets, tmp_path):
 def test_the_example_with_the_planners_widths_mixes_int3_int4_and_int8(assets, tmp_path):
     # The example's commented `planner:` section, with 3 bits among the widths: the planner picks a width per layer,
     # sensitivity costs 8 bits per channel (the example is asymmetric), and int3 layers export through Int3Linear.
-    import yaml
-
-    config = yaml.safe_load((EXAMPLE / "model.yaml").read_text())
-    for section in ("model", "calibration", "evaluation"):
-        config[section]["path"] = str(EXAMPLE / config[section]["path"])
-    config["planner"] = {"bits": [3, 4, 8, 16]}
-    config["quality"] = {"max_perplexity_increase_pct": 200}
-    model_yaml = tmp_path / "model.yaml"
-    model_yaml.write_text(yaml.safe_dump(config))
+    model_yaml = _example_with(tmp_path, planner={"bits": [3, 4, 8, 16]}, quality={"max_perplexity_increase_pct": 200})
     out = tmp_path / "out"
     result, seconds = _compile(out, tmp_path / "cache", model_yaml)
     print(f"\ncold mixed-width compile of the example: {seconds:.1f} s")
